@@ -1,0 +1,197 @@
+-- admit.lua: decide and consume, in one atomic step, everything one request needs.
+--
+-- Checks the key (exists, not revoked, not expired), releases holds whose TTL passed
+-- (a gateway died mid-request), then tests every limit of every scope and the account's
+-- balance. Only when all pass does it consume: one request from each rpm bucket, the token
+-- estimate from each tpm bucket, a concurrency lease per scope, and a balance hold.
+-- A rejected request writes nothing but the expired-hold sweep. Mode "peek" computes the
+-- same state and writes nothing at all (headers for requests rejected before admission).
+--
+-- KEYS (all under the account's hash tag, so one cluster slot):
+--   1 account hash      2 key hash
+--   3 account rpm bucket   4 account tpm bucket   5 key rpm bucket   6 key tpm bucket
+--   7 account leases (zset request_id -> expiry ms)   8 key leases (same)
+--   9 in-flight zset (request_id -> hold expiry ms)  10 holds hash (request_id -> record)
+--  11 ledger stream
+-- ARGV:
+--   1 mode ("admit" | "peek")   2 request_id   3 key_id
+--   4 estimated tokens (integer)   5 hold, nano-USD (integer)   6 lease/hold TTL, ms
+-- Reply (fixed shape; integers, -1 = no such limit):
+--   {allowed, reason, retry_after_ms, hit_limit,
+--    rpm_limit, rpm_remaining, rpm_reset_ms, tpm_limit, tpm_remaining, tpm_reset_ms,
+--    concurrency_limit, concurrency_in_use, available_nano (string, "" if not prepaid),
+--    holds_expired, account_rpm}
+-- Buckets are hashes {level, ts}: level is a float of units, ts the Redis time in ms of
+-- the last update. A limit of N per minute holds N and refills N/60000 per ms.
+
+local account_key, key_key = KEYS[1], KEYS[2]
+local mode, request_id, key_id = ARGV[1], ARGV[2], ARGV[3]
+local estimated_tokens = tonumber(ARGV[4])
+local hold_nano = tonumber(ARGV[5])
+local ttl_ms = tonumber(ARGV[6])
+local writing = mode == 'admit'
+local MAX_SWEEP = 25
+
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local function reply_rejected(reason)
+  return {0, reason, 0, -1, -1, -1, -1, -1, -1, -1, -1, -1, '', 0, -1}
+end
+
+local key = redis.call('HMGET', key_key, 'created_ms', 'revoked', 'expires_ms', 'rpm', 'tpm', 'concurrency')
+if not key[1] then return reply_rejected('invalid_key') end
+if key[2] == '1' then return reply_rejected('key_revoked') end
+if key[3] and tonumber(key[3]) <= now_ms then return reply_rejected('key_expired') end
+
+local acct = redis.call('HMGET', account_key, 'created_ms', 'rpm', 'tpm', 'concurrency',
+  'rpm_policy', 'rpm_override', 'balance_nano', 'held_nano', 'topped_up_nano', 'prepaid')
+if not acct[1] then return reply_rejected('invalid_key') end
+
+-- Release holds whose request outlived its TTL: the gateway holding them is gone.
+local swept = 0
+if writing then
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', now_ms, 'LIMIT', 0, MAX_SWEEP)
+  for _, rid in ipairs(expired) do
+    local record = redis.call('HGET', KEYS[10], rid)
+    if record then
+      local kid, held = string.match(record, '^([^|]*)|(%d+)|')
+      redis.call('HINCRBY', account_key, 'held_nano', '-' .. held)
+      redis.call('HDEL', KEYS[10], rid)
+      redis.call('XADD', KEYS[11], '*', 'type', 'hold_expired', 'request_id', rid,
+        'key_id', kid, 'hold_nano', held, 'cost_nano', '0')
+      redis.call('HINCRBY', account_key, 'holds_expired', 1)
+      swept = swept + 1
+    end
+    redis.call('ZREM', KEYS[9], rid)
+  end
+  if swept > 0 then acct[8] = redis.call('HGET', account_key, 'held_nano') end
+end
+
+local balance = tonumber(acct[7] or '0')
+local held = tonumber(acct[8] or '0')
+local topped_up = tonumber(acct[9] or '0')
+
+-- §4 RPM policies: an override wins; else the policy computes the account's rpm.
+local account_rpm = tonumber(acct[2])
+local policy = acct[5] or 'fixed'
+if acct[6] then
+  account_rpm = tonumber(acct[6])
+elseif policy == 'balance' then
+  if topped_up <= 0 then
+    account_rpm = 6
+  else
+    account_rpm = math.min(math.max(math.floor(balance * 3 / 1e9), 30), 1800)
+  end
+elseif policy == 'tier' then
+  local usd = topped_up / 1e9
+  if usd >= 1000 then account_rpm = 600
+  elseif usd >= 250 then account_rpm = 300
+  elseif usd >= 50 then account_rpm = 120
+  elseif usd >= 5 then account_rpm = 30
+  else account_rpm = 6 end
+end
+
+-- {bucket key, capacity, cost, kind}
+local buckets = {
+  {KEYS[3], account_rpm, 1, 'rpm'},
+  {KEYS[4], tonumber(acct[3]), estimated_tokens, 'tpm'},
+  {KEYS[5], tonumber(key[4]), 1, 'rpm'},
+  {KEYS[6], tonumber(key[5]), estimated_tokens, 'tpm'},
+}
+if not writing then
+  for _, b in ipairs(buckets) do b[3] = 0 end
+end
+
+local reason, wait_ms, hit_limit = nil, 0, -1
+local levels = {}
+for i, b in ipairs(buckets) do
+  local capacity = b[2]
+  if capacity then
+    local state = redis.call('HMGET', b[1], 'level', 'ts')
+    local level = capacity
+    if state[1] then
+      local elapsed = math.max(now_ms - tonumber(state[2]), 0)
+      level = math.min(capacity, tonumber(state[1]) + elapsed * capacity / 60000)
+    end
+    levels[i] = level
+    if b[3] > capacity then
+      -- Waiting can never cure this one: report it above any other reason.
+      if reason ~= 'request_exceeds_limit' then
+        reason, wait_ms, hit_limit = 'request_exceeds_limit', 0, capacity
+      end
+    elseif level < b[3] and reason ~= 'request_exceeds_limit' then
+      local need_ms = math.ceil((b[3] - level) * 60000 / capacity)
+      if need_ms > wait_ms or not reason then
+        reason, wait_ms, hit_limit = b[4] .. '_exceeded', need_ms, capacity
+      end
+    end
+  end
+end
+
+local prepaid = acct[10] == '1'
+local available = balance - held
+if writing and prepaid and hold_nano > available and reason ~= 'request_exceeds_limit' then
+  reason, wait_ms, hit_limit = 'balance_exceeded', 0, -1
+end
+
+-- Concurrency leases expire on their own, so a dead gateway cannot keep its slots.
+local lease_sets = {{KEYS[7], tonumber(acct[4])}, {KEYS[8], tonumber(key[6])}}
+local conc_limit, conc_in_use = -1, -1
+for _, s in ipairs(lease_sets) do
+  if s[2] then
+    if writing then redis.call('ZREMRANGEBYSCORE', s[1], '-inf', now_ms) end
+    local in_use = redis.call('ZCOUNT', s[1], '(' .. now_ms, '+inf')
+    if conc_limit < 0 or s[2] - in_use < conc_limit - conc_in_use then
+      conc_limit, conc_in_use = s[2], in_use
+    end
+    if writing and in_use >= s[2] and not reason then
+      -- No refill time exists for a slot; a second is the smallest honest hint.
+      reason, wait_ms, hit_limit = 'concurrency_exceeded', 1000, s[2]
+    end
+  end
+end
+
+local allowed = writing and not reason
+if allowed then
+  for i, b in ipairs(buckets) do
+    if b[2] then
+      levels[i] = levels[i] - b[3]
+      redis.call('HSET', b[1], 'level', tostring(levels[i]), 'ts', now_ms)
+      redis.call('PEXPIRE', b[1], 120000)
+    end
+  end
+  for _, s in ipairs(lease_sets) do
+    if s[2] then
+      redis.call('ZADD', s[1], now_ms + ttl_ms, request_id)
+      redis.call('PEXPIRE', s[1], ttl_ms + 60000)
+    end
+  end
+  if conc_limit >= 0 then conc_in_use = conc_in_use + 1 end
+  redis.call('HSET', KEYS[10], request_id,
+    key_id .. '|' .. ARGV[5] .. '|' .. ARGV[4] .. '|' .. string.format('%d', now_ms + ttl_ms))
+  redis.call('ZADD', KEYS[9], now_ms + ttl_ms, request_id)
+  if hold_nano > 0 then
+    redis.call('HINCRBY', account_key, 'held_nano', ARGV[5])
+    available = available - hold_nano
+  end
+end
+
+-- Report the tightest bucket of each kind: the one with the least left.
+local report = {rpm = {-1, -1, -1}, tpm = {-1, -1, -1}}
+for i, b in ipairs(buckets) do
+  if b[2] then
+    local left = math.max(math.floor(levels[i]), 0)
+    local r = report[b[4]]
+    if r[1] < 0 or left < r[2] then
+      r[1], r[2], r[3] = b[2], left, math.ceil((b[2] - levels[i]) * 60000 / b[2])
+    end
+  end
+end
+
+local available_text = ''
+if prepaid then available_text = string.format('%.0f', available) end
+if allowed then reason = 'ok' end
+return {allowed and 1 or 0, reason or 'ok', wait_ms, hit_limit,
+  report.rpm[1], report.rpm[2], report.rpm[3], report.tpm[1], report.tpm[2], report.tpm[3],
+  conc_limit, conc_in_use, available_text, swept, account_rpm or -1}

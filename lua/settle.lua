@@ -1,0 +1,95 @@
+-- settle.lua: finish one admitted request exactly once.
+--
+-- Releases its hold and concurrency leases, corrects every tpm bucket from the estimate
+-- charged at admission to the real usage (a refund, or an extra debit that may take a
+-- bucket below zero, from which it refills), charges the real cost and appends one ledger
+-- entry. A request id already settled changes nothing (a retried settlement never charges
+-- twice). A hold that already expired was released by admit.lua; the cost is still charged.
+--
+-- KEYS (one hash tag):
+--   1 account hash   2 key hash   3 account tpm bucket   4 key tpm bucket
+--   5 account leases   6 key leases   7 in-flight zset   8 holds hash   9 ledger stream
+--  10 settled zset (request_id -> settle time ms; entries older than a day are trimmed)
+-- ARGV:
+--   1 request_id   2 key_id   3 estimated tokens charged at admission   4 actual tokens
+--   5 cost, nano-USD (integer)   6 model   7 input tokens   8 output tokens
+--   9 outcome ("ok", "upstream_error", "client_disconnect", ...)
+-- Reply: {settled (1, or 0 for a duplicate), overrun (1 if the balance went below zero),
+--         balance_nano after (string), hold released, nano-USD (string)}
+
+local account_key = KEYS[1]
+local request_id, key_id = ARGV[1], ARGV[2]
+local estimated_tokens, actual_tokens = tonumber(ARGV[3]), tonumber(ARGV[4])
+local cost_nano = ARGV[5]
+local SETTLED_RETENTION_MS = 86400000
+
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+if redis.call('ZSCORE', KEYS[10], request_id) then
+  return {0, 0, redis.call('HGET', account_key, 'balance_nano') or '0', '0'}
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', now_ms - SETTLED_RETENTION_MS)
+redis.call('ZADD', KEYS[10], now_ms, request_id)
+
+local released = '0'
+local record = redis.call('HGET', KEYS[8], request_id)
+if record then
+  local held, estimate = string.match(record, '^[^|]*|(%d+)|(%d+)|')
+  released = held
+  estimated_tokens = tonumber(estimate)
+  redis.call('HINCRBY', account_key, 'held_nano', '-' .. held)
+  redis.call('HDEL', KEYS[8], request_id)
+end
+redis.call('ZREM', KEYS[7], request_id)
+redis.call('ZREM', KEYS[5], request_id)
+redis.call('ZREM', KEYS[6], request_id)
+
+-- Correct the token buckets to what was really used.
+local delta = estimated_tokens - actual_tokens
+if delta ~= 0 then
+  local caps = {
+    {KEYS[3], tonumber(redis.call('HGET', account_key, 'tpm'))},
+    {KEYS[4], tonumber(redis.call('HGET', KEYS[2], 'tpm'))},
+  }
+  for _, b in ipairs(caps) do
+    local bucket, capacity = b[1], b[2]
+    if capacity then
+      local state = redis.call('HMGET', bucket, 'level', 'ts')
+      local level = capacity
+      if state[1] then
+        local elapsed = math.max(now_ms - tonumber(state[2]), 0)
+        level = math.min(capacity, tonumber(state[1]) + elapsed * capacity / 60000)
+      end
+      level = math.min(capacity, level + delta)
+      redis.call('HSET', bucket, 'level', tostring(level), 'ts', now_ms)
+      redis.call('PEXPIRE', bucket, 120000)
+    end
+  end
+end
+
+local prepaid = redis.call('HGET', account_key, 'prepaid') == '1'
+local balance
+if prepaid then
+  balance = redis.call('HINCRBY', account_key, 'balance_nano', '-' .. cost_nano)
+else
+  balance = tonumber(redis.call('HGET', account_key, 'balance_nano') or '0')
+end
+redis.call('HINCRBY', account_key, 'spent_nano', cost_nano)
+
+local balance_text = string.format('%.0f', balance)
+local entry_type = 'charge'
+if tonumber(cost_nano) == 0 then entry_type = 'release' end
+redis.call('XADD', KEYS[9], '*', 'type', entry_type, 'request_id', request_id,
+  'key_id', key_id, 'model', ARGV[6], 'input_tokens', ARGV[7], 'output_tokens', ARGV[8],
+  'cost_nano', cost_nano, 'balance_nano', balance_text, 'outcome', ARGV[9])
+
+local overrun = 0
+if prepaid and balance < 0 then
+  -- Only an upstream that ignored the output cap gets here (holds cover the worst case).
+  overrun = 1
+  redis.call('HINCRBY', account_key, 'overruns', 1)
+  redis.call('XADD', KEYS[9], '*', 'type', 'overrun', 'request_id', request_id,
+    'key_id', key_id, 'cost_nano', '0', 'balance_nano', balance_text)
+end
+return {1, overrun, balance_text, released}

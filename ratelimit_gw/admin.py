@@ -1,0 +1,178 @@
+"""The admin API (§12): accounts, keys, top-ups and the ledger, behind one bearer token.
+
+Off unless ``RLGW_ADMIN_TOKEN`` is set; the token is compared in constant time. USD amounts
+travel as decimal strings, never floats.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from .accounts import AccountError, AccountStore, RpmPolicy
+from .errors import GatewayError
+from .money import MoneyError, parse_usd
+from .services import SERVICES
+
+T = TypeVar("T")
+
+
+class CreateAccountBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    id: str
+    balance_usd: str | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    rpm_policy: RpmPolicy = "fixed"
+    rpm_override: int | None = None
+
+
+class TopupBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    amount_usd: str
+    idempotency_key: str
+
+
+class CreateKeyBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    account: str
+    name: str = ""
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    models: list[str] | None = None
+    expires_at: str | None = None
+
+
+def _decode(request_body: bytes, kind: type[T]) -> T:
+    try:
+        return msgspec.json.decode(request_body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise GatewayError(400, "invalid_request", str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise GatewayError(400, "invalid_json", f"Request body is not valid JSON: {exc}") from None
+
+
+def _usd(text: str, *, positive: bool = False) -> int:
+    try:
+        return parse_usd(text, allow_zero=not positive)
+    except MoneyError as exc:
+        raise GatewayError(400, "invalid_amount", str(exc)) from None
+
+
+def _json(document: object, status: int = 200) -> web.Response:
+    return web.Response(
+        body=msgspec.json.encode(document), status=status, content_type="application/json"
+    )
+
+
+Handler = Callable[[web.Request, AccountStore], Awaitable[web.Response]]
+
+
+def _admin(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def guarded(request: web.Request) -> web.Response:
+        svc = request.app[SERVICES]
+        token = svc.settings.admin_token
+        if token is None:
+            raise GatewayError(
+                404, "admin_disabled", "The admin API is disabled (RLGW_ADMIN_TOKEN is not set)."
+            )
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            presented.strip().encode(), token.encode()
+        ):
+            raise GatewayError(401, "invalid_admin_token", "Invalid admin token.")
+        try:
+            return await handler(request, svc.accounts)
+        except AccountError as exc:
+            raise GatewayError(exc.status, exc.reason, exc.message) from None
+
+    return guarded
+
+
+async def create_account(request: web.Request, accounts: AccountStore) -> web.Response:
+    body = _decode(await request.read(), CreateAccountBody)
+    account = await accounts.create_account(
+        body.id,
+        balance_nano=None if body.balance_usd is None else _usd(body.balance_usd),
+        rpm=body.rpm,
+        tpm=body.tpm,
+        concurrency=body.concurrency,
+        rpm_policy=body.rpm_policy,
+        rpm_override=body.rpm_override,
+    )
+    return _json(account, status=201)
+
+
+async def list_accounts(request: web.Request, accounts: AccountStore) -> web.Response:
+    return _json({"data": await accounts.list_accounts()})
+
+
+async def show_account(request: web.Request, accounts: AccountStore) -> web.Response:
+    return _json(await accounts.get_account(request.match_info["id"]))
+
+
+async def update_account(request: web.Request, accounts: AccountStore) -> web.Response:
+    changes = _decode(await request.read(), dict[str, Any])
+    return _json(await accounts.update_account(request.match_info["id"], changes))
+
+
+async def topup(request: web.Request, accounts: AccountStore) -> web.Response:
+    body = _decode(await request.read(), TopupBody)
+    account_id = request.match_info["id"]
+    credited = await accounts.topup(
+        account_id, _usd(body.amount_usd, positive=True), body.idempotency_key
+    )
+    account = await accounts.get_account(account_id)
+    return _json({"credited": credited, "account": account})
+
+
+async def ledger(request: web.Request, accounts: AccountStore) -> web.Response:
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        raise GatewayError(400, "invalid_request", "limit must be an integer") from None
+    entries = await accounts.ledger(request.match_info["id"], max(1, min(limit, 10_000)))
+    return _json({"data": entries})
+
+
+async def create_key(request: web.Request, accounts: AccountStore) -> web.Response:
+    body = _decode(await request.read(), CreateKeyBody)
+    created = await accounts.create_key(
+        body.account,
+        name=body.name,
+        models=body.models,
+        rpm=body.rpm,
+        tpm=body.tpm,
+        concurrency=body.concurrency,
+        expires_at=body.expires_at,
+    )
+    document = msgspec.to_builtins(created.record)
+    document["key"] = created.key  # the only time the key is ever shown
+    return _json(document, status=201)
+
+
+async def list_keys(request: web.Request, accounts: AccountStore) -> web.Response:
+    account_id = request.query.get("account")
+    if not account_id:
+        raise GatewayError(400, "invalid_request", "the account query parameter is required")
+    return _json({"data": await accounts.list_keys(account_id)})
+
+
+async def revoke_key(request: web.Request, accounts: AccountStore) -> web.Response:
+    return _json(await accounts.revoke_key(request.match_info["id"]))
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/admin/accounts", _admin(create_account))
+    r.add_get("/admin/accounts", _admin(list_accounts))
+    r.add_get("/admin/accounts/{id}", _admin(show_account))
+    r.add_patch("/admin/accounts/{id}", _admin(update_account))
+    r.add_post("/admin/accounts/{id}/topup", _admin(topup))
+    r.add_get("/admin/accounts/{id}/ledger", _admin(ledger))
+    r.add_post("/admin/keys", _admin(create_key))
+    r.add_get("/admin/keys", _admin(list_keys))
+    r.add_delete("/admin/keys/{id}", _admin(revoke_key))

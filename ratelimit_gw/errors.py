@@ -1,0 +1,61 @@
+"""The error catalog: one typed exception every layer raises, rendered per protocol in one place.
+
+Each protocol module turns a :class:`GatewayError` into its own envelope
+(``protocols.<name>.error_body``); :mod:`ratelimit_gw.middleware` is the only place that
+catches it and writes the response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ERROR_TYPE_BY_STATUS: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "insufficient_balance",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "api_error",
+    504: "api_error",
+    529: "overloaded_error",
+}
+
+
+@dataclass(frozen=True)
+class RateLimitInfo:
+    """The limits in force for the caller, echoed in 429 bodies (§7)."""
+
+    rpm: int | None
+    tpm: int | None
+
+
+@dataclass
+class GatewayError(Exception):
+    """A request the gateway answers itself, with a typed body in the caller's protocol.
+
+    ``reason`` is the machine-readable cause (§7); ``retry_after_ms`` is set on 429/503 and
+    becomes ``retry-after``/``retry-after-ms``; ``should_retry=False`` adds
+    ``x-should-retry: false`` for errors waiting cannot cure.
+    """
+
+    status: int
+    reason: str
+    message: str
+    retry_after_ms: int | None = None
+    should_retry: bool | None = None
+    rate_limit: RateLimitInfo | None = None
+    param: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    @property
+    def type(self) -> str:
+        return ERROR_TYPE_BY_STATUS.get(self.status, "api_error")

@@ -1,0 +1,72 @@
+"""Turn a limiter Decision into response headers (§6): one function, every route."""
+
+from __future__ import annotations
+
+import math
+import time
+from datetime import UTC, datetime
+
+from .limiter import BucketReport, Decision
+
+
+def go_duration(ms: int) -> str:
+    """Milliseconds → the OpenAI header form of a duration: "250ms", "1s", "6m0s", "1h2m3.5s"."""
+    if ms < 1000:
+        return f"{max(ms, 0)}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{seconds}s"
+    if minutes:
+        return f"{minutes}m{seconds}s"
+    return f"{seconds}s"
+
+
+def rfc3339_in(ms: int) -> str:
+    moment = datetime.fromtimestamp(time.time() + ms / 1000, UTC).replace(microsecond=0)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def _openai_trio(out: dict[str, str], kind: str, bucket: BucketReport) -> None:
+    out[f"x-ratelimit-limit-{kind}"] = str(bucket.limit)
+    out[f"x-ratelimit-remaining-{kind}"] = str(bucket.remaining)
+    out[f"x-ratelimit-reset-{kind}"] = go_duration(bucket.reset_ms)
+
+
+def rate_limit_headers(decision: Decision, protocol: str) -> dict[str, str]:
+    """Headers describing the tightest bucket of each kind, in every form clients read."""
+    out: dict[str, str] = {}
+    policies: list[str] = []
+    states: list[str] = []
+    for kind, name, bucket in (
+        ("requests", "rpm", decision.requests),
+        ("tokens", "tpm", decision.tokens),
+    ):
+        if bucket is None:
+            continue
+        _openai_trio(out, kind, bucket)
+        if protocol == "anthropic":
+            out[f"anthropic-ratelimit-{kind}-limit"] = str(bucket.limit)
+            out[f"anthropic-ratelimit-{kind}-remaining"] = str(bucket.remaining)
+            out[f"anthropic-ratelimit-{kind}-reset"] = rfc3339_in(bucket.reset_ms)
+        policies.append(f'"{name}";q={bucket.limit};w=60')
+        states.append(f'"{name}";r={bucket.remaining};t={math.ceil(bucket.reset_ms / 1000)}')
+    if decision.concurrency_limit is not None and decision.concurrency_in_use is not None:
+        left = max(decision.concurrency_limit - decision.concurrency_in_use, 0)
+        policies.append(f'"concurrency";q={decision.concurrency_limit};qu="concurrent-requests"')
+        states.append(f'"concurrency";r={left}')
+    if policies:
+        out["RateLimit-Policy"] = ", ".join(policies)
+        out["RateLimit"] = ", ".join(states)
+    return out
+
+
+def retry_headers(retry_after_ms: int | None, should_retry: bool | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if retry_after_ms is not None and retry_after_ms > 0:
+        out["retry-after"] = str(max(1, math.ceil(retry_after_ms / 1000)))
+        out["retry-after-ms"] = str(retry_after_ms)
+    if should_retry is not None:
+        out["x-should-retry"] = "true" if should_retry else "false"
+    return out

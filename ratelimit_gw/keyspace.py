@@ -1,0 +1,104 @@
+"""Every Redis key the gateway uses, in one place.
+
+Everything one admission or settlement touches lives under the account's hash tag
+``{a:<account>}``, so a Redis Cluster keeps each script in one slot. Only the two lookup
+indexes (key hash → key, key id → account) and the account list live outside it: they are
+read before the account is known.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "rlgw"
+ACCOUNTS_SET = f"{PREFIX}:accounts"
+# Account and key ids appear inside key names and hash tags: keep them plain.
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+def key_by_hash(key_sha256_hex: str) -> str:
+    return f"{PREFIX}:keyhash:{key_sha256_hex}"
+
+
+def key_account(key_id: str) -> str:
+    return f"{PREFIX}:keyid:{key_id}"
+
+
+class AccountKeys:
+    """Key names of one account (and, for request scripts, one of its API keys)."""
+
+    __slots__ = ("base",)
+
+    def __init__(self, account_id: str) -> None:
+        self.base = f"{PREFIX}:{{a:{account_id}}}"
+
+    @property
+    def account(self) -> str:
+        return f"{self.base}:account"
+
+    @property
+    def key_ids(self) -> str:
+        return f"{self.base}:keys"
+
+    @property
+    def inflight(self) -> str:
+        return f"{self.base}:inflight"
+
+    @property
+    def holds(self) -> str:
+        return f"{self.base}:holds"
+
+    @property
+    def ledger(self) -> str:
+        return f"{self.base}:ledger"
+
+    @property
+    def settled(self) -> str:
+        return f"{self.base}:settled"
+
+    @property
+    def topups(self) -> str:
+        return f"{self.base}:topups"
+
+    def key(self, key_id: str) -> str:
+        return f"{self.base}:key:{key_id}"
+
+    def bucket(self, scope: str, kind: str) -> str:
+        """``scope`` is ``account`` or ``key:<id>``; ``kind`` is ``rpm`` or ``tpm``."""
+        return f"{self.base}:bucket:{scope}:{kind}"
+
+    def leases(self, scope: str) -> str:
+        return f"{self.base}:leases:{scope}"
+
+    def admit_keys(self, key_id: str) -> list[str]:
+        """KEYS of admit.lua, in the order its header states."""
+        key_scope = f"key:{key_id}"
+        return [
+            self.account,
+            self.key(key_id),
+            self.bucket("account", "rpm"),
+            self.bucket("account", "tpm"),
+            self.bucket(key_scope, "rpm"),
+            self.bucket(key_scope, "tpm"),
+            self.leases("account"),
+            self.leases(key_scope),
+            self.inflight,
+            self.holds,
+            self.ledger,
+        ]
+
+    def settle_keys(self, key_id: str) -> list[str]:
+        """KEYS of settle.lua, in the order its header states."""
+        key_scope = f"key:{key_id}"
+        return [
+            self.account,
+            self.key(key_id),
+            self.bucket("account", "tpm"),
+            self.bucket(key_scope, "tpm"),
+            self.leases("account"),
+            self.leases(key_scope),
+            self.inflight,
+            self.holds,
+            self.ledger,
+            self.settled,
+        ]

@@ -1,0 +1,138 @@
+"""admit() / settle(): the limit and balance decisions, as typed values. Knows no HTTP.
+
+Each call is one script run in storage (one round trip); the scripts in ``lua/`` hold the
+whole algorithm so that every gateway process shares one truth and one clock (Redis TIME).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .keyspace import AccountKeys
+from .storage import Storage
+
+
+@dataclass(frozen=True, slots=True)
+class BucketReport:
+    """The tightest bucket of one kind, as rate-limit headers describe it."""
+
+    limit: int
+    remaining: int
+    reset_ms: int  # until the bucket is full again
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: str  # "ok" or a §7 reason
+    retry_after_ms: int
+    hit_limit: int | None  # capacity of the bucket that rejected the request
+    requests: BucketReport | None
+    tokens: BucketReport | None
+    concurrency_limit: int | None
+    concurrency_in_use: int | None
+    available_nano: int | None  # balance − live holds; None when the account is not prepaid
+    holds_expired: int  # stale holds this call released
+    account_rpm: int | None  # the account's rpm after its policy (§4)
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionRequest:
+    account_id: str
+    key_id: str
+    request_id: str
+    estimated_tokens: int
+    hold_nano: int
+    ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    account_id: str
+    key_id: str
+    request_id: str
+    estimated_tokens: int
+    input_tokens: int
+    output_tokens: int
+    cost_nano: int
+    model: str
+    outcome: str  # "ok", "upstream_error", "client_disconnect", ...
+
+
+@dataclass(frozen=True, slots=True)
+class SettleResult:
+    settled: bool  # False: this request id was settled before; nothing changed
+    overrun: bool  # the balance went below zero
+    balance_nano: int
+    released_nano: int
+
+
+def _bucket(limit: Any, remaining: Any, reset_ms: Any) -> BucketReport | None:
+    if int(limit) < 0:
+        return None
+    return BucketReport(int(limit), int(remaining), max(int(reset_ms), 0))
+
+
+def _optional(value: Any) -> int | None:
+    number = int(value)
+    return None if number < 0 else number
+
+
+def _decision(reply: list[Any]) -> Decision:
+    return Decision(
+        allowed=int(reply[0]) == 1,
+        reason=str(reply[1]),
+        retry_after_ms=int(reply[2]),
+        hit_limit=_optional(reply[3]),
+        requests=_bucket(reply[4], reply[5], reply[6]),
+        tokens=_bucket(reply[7], reply[8], reply[9]),
+        concurrency_limit=_optional(reply[10]),
+        concurrency_in_use=_optional(reply[11]),
+        available_nano=int(reply[12]) if reply[12] != "" else None,
+        holds_expired=int(reply[13]),
+        account_rpm=_optional(reply[14]),
+    )
+
+
+class Limiter:
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+
+    async def admit(self, request: AdmissionRequest) -> Decision:
+        keys = AccountKeys(request.account_id).admit_keys(request.key_id)
+        args = [
+            "admit",
+            request.request_id,
+            request.key_id,
+            request.estimated_tokens,
+            request.hold_nano,
+            request.ttl_ms,
+        ]
+        return _decision(await self._storage.run("admit", keys, args))
+
+    async def peek(self, account_id: str, key_id: str) -> Decision:
+        """The current state of the caller's buckets, consuming and writing nothing."""
+        keys = AccountKeys(account_id).admit_keys(key_id)
+        return _decision(await self._storage.run("admit", keys, ["peek", "", key_id, 0, 0, 0]))
+
+    async def settle(self, s: Settlement) -> SettleResult:
+        keys = AccountKeys(s.account_id).settle_keys(s.key_id)
+        args = [
+            s.request_id,
+            s.key_id,
+            s.estimated_tokens,
+            s.input_tokens + s.output_tokens,
+            s.cost_nano,
+            s.model,
+            s.input_tokens,
+            s.output_tokens,
+            s.outcome,
+        ]
+        reply = await self._storage.run("settle", keys, args)
+        return SettleResult(
+            settled=int(reply[0]) == 1,
+            overrun=int(reply[1]) == 1,
+            balance_nano=int(reply[2]),
+            released_nano=int(reply[3]),
+        )

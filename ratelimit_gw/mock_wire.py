@@ -1,0 +1,478 @@
+"""Wire-format builders for the mock upstream: OpenAI, Anthropic and Gemini bodies and frames.
+
+Everything here is a pure function of a :class:`Reply` and returns ready-to-send bytes, so
+:mod:`ratelimit_gw.mock_upstream` only decides *when* to write them. Shapes follow
+``/work/shared/reference/protocol-notes.md`` §1.3, §1.4, §2.3, §3.2 and §6.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+import msgspec
+
+Protocol = Literal["openai", "anthropic", "gemini"]
+
+_encode = msgspec.json.Encoder().encode
+
+# Where prompt text lives in each protocol's request: top-level fields, then the keys that lead
+# to text inside them (OpenAI messages/content, Responses input/instructions, Anthropic
+# system/messages, Gemini contents/systemInstruction/parts). Roles, ids and tool schemas are
+# deliberately not counted, so the formula stays simple to state and to check.
+_TEXT_ROOTS = ("messages", "system", "input", "instructions", "contents", "systemInstruction")
+_TEXT_KEYS = ("text", "content", "parts")
+
+# Real providers answer with fixed creation stamps for models; any constant will do.
+_MODEL_CREATED_S = 1_700_000_000
+
+
+def _text_chars(node: object) -> int:
+    if isinstance(node, str):
+        return len(node)
+    if isinstance(node, list):
+        return sum(_text_chars(item) for item in node)
+    if isinstance(node, dict):
+        return sum(_text_chars(node[key]) for key in _TEXT_KEYS if key in node)
+    return 0
+
+
+def count_input_tokens(body: dict[str, Any]) -> int:
+    """``max(1, ceil(chars / 4))`` over every text string in the request's prompt fields."""
+    chars = sum(_text_chars(body[key]) for key in _TEXT_ROOTS if key in body)
+    return max(1, -(-chars // 4))
+
+
+@lru_cache(maxsize=512)
+def _pieces(n_tokens: int, tokens_per_chunk: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    # One word is one token ("tok0 tok1 ..."); later words carry their leading space the way
+    # BPE tokens do, so the concatenated pieces read as plain space-separated text.
+    pieces: list[str] = []
+    counts: list[int] = []
+    for start in range(0, n_tokens, tokens_per_chunk):
+        stop = min(start + tokens_per_chunk, n_tokens)
+        pieces.append("".join(f" tok{j}" if j else "tok0" for j in range(start, stop)))
+        counts.append(stop - start)
+    return tuple(pieces), tuple(counts)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One generated answer: its text split into stream pieces and its exact usage."""
+
+    seq: int
+    model: str
+    created_s: int
+    input_tokens: int
+    pieces: tuple[str, ...]
+    piece_tokens: tuple[int, ...]
+    output_tokens: int
+    truncated: bool  # stopped by the request's output-token cap
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+def plan_reply(
+    *,
+    seq: int,
+    model: str,
+    created_s: int,
+    input_tokens: int,
+    chunks: int,
+    tokens_per_chunk: int,
+    cap_tokens: int | None,
+    ignore_cap: bool,
+) -> Reply:
+    full_tokens = chunks * tokens_per_chunk
+    truncated = cap_tokens is not None and cap_tokens < full_tokens and not ignore_cap
+    n_tokens = max(0, cap_tokens) if truncated and cap_tokens is not None else full_tokens
+    pieces, counts = _pieces(n_tokens, tokens_per_chunk)
+    return Reply(seq, model, created_s, input_tokens, pieces, counts, n_tokens, truncated)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFrames:
+    """A stream as three parts: ``head`` and ``tail`` frames around one frame per text piece."""
+
+    head: bytes
+    chunks: tuple[bytes, ...]
+    tail: bytes
+
+
+def _sse_data(obj: object) -> bytes:
+    return b"data: " + _encode(obj) + b"\n\n"
+
+
+def _sse_event(name: str, obj: object) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + _encode(obj) + b"\n\n"
+
+
+# --- OpenAI chat completions (§1.3) -----------------------------------------------------------
+
+
+def _chat_usage(r: Reply) -> dict[str, Any]:
+    return {
+        "prompt_tokens": r.input_tokens,
+        "completion_tokens": r.output_tokens,
+        "total_tokens": r.input_tokens + r.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
+
+
+def chat_completion(r: Reply) -> bytes:
+    message = {"role": "assistant", "content": r.text, "refusal": None}
+    choice = {
+        "index": 0,
+        "message": message,
+        "logprobs": None,
+        "finish_reason": "length" if r.truncated else "stop",
+    }
+    return _encode(
+        {
+            "id": f"chatcmpl-mock{r.seq}",
+            "object": "chat.completion",
+            "created": r.created_s,
+            "model": r.model,
+            "system_fingerprint": "fp_mock",
+            "choices": [choice],
+            "usage": _chat_usage(r),
+        }
+    )
+
+
+def chat_stream(r: Reply, include_usage: bool) -> StreamFrames:
+    base: dict[str, Any] = {
+        "id": f"chatcmpl-mock{r.seq}",
+        "object": "chat.completion.chunk",
+        "created": r.created_s,
+        "model": r.model,
+        "system_fingerprint": "fp_mock",
+    }
+    # With include_usage every chunk but the extra last one carries "usage": null.
+    null_usage = {"usage": None} if include_usage else {}
+
+    def frame(delta: dict[str, Any], finish_reason: str | None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return _sse_data({**base, "choices": [choice], **null_usage})
+
+    head = frame({"role": "assistant", "content": ""}, None)
+    chunks = tuple(frame({"content": piece}, None) for piece in r.pieces)
+    tail = frame({}, "length" if r.truncated else "stop")
+    if include_usage:
+        tail += _sse_data({**base, "choices": [], "usage": _chat_usage(r)})
+    return StreamFrames(head, chunks, tail + b"data: [DONE]\n\n")
+
+
+# --- OpenAI responses (§1.4) ------------------------------------------------------------------
+
+
+def _response_message(r: Reply, text: str, status: str) -> dict[str, Any]:
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    return {
+        "type": "message",
+        "id": f"msg_mock{r.seq}",
+        "status": status,
+        "role": "assistant",
+        "content": [part] if status != "in_progress" else [],
+    }
+
+
+def _response(r: Reply, status: str) -> dict[str, Any]:
+    done = status != "in_progress"
+    usage = {
+        "input_tokens": r.input_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": r.output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": r.input_tokens + r.output_tokens,
+    }
+    return {
+        "id": f"resp_mock{r.seq}",
+        "object": "response",
+        "created_at": r.created_s,
+        "status": status,
+        "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if r.truncated else None,
+        "instructions": None,
+        "metadata": {},
+        "model": r.model,
+        "output": [_response_message(r, r.text, status)] if done else [],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": usage if done else None,
+    }
+
+
+def _final_status(r: Reply) -> str:
+    # A cap-truncated answer is "incomplete" in the Responses API, and its stream ends with
+    # response.incomplete (still carrying usage) instead of response.completed.
+    return "incomplete" if r.truncated else "completed"
+
+
+def response(r: Reply) -> bytes:
+    return _encode(_response(r, _final_status(r)))
+
+
+def response_stream(r: Reply) -> StreamFrames:
+    seq = 0
+
+    def event(name: str, **fields: Any) -> bytes:
+        nonlocal seq
+        frame = _sse_event(name, {"type": name, "sequence_number": seq, **fields})
+        seq += 1
+        return frame
+
+    item_id = f"msg_mock{r.seq}"
+    at = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    status = _final_status(r)
+    empty_part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+    head = b"".join(
+        (
+            event("response.created", response=_response(r, "in_progress")),
+            event("response.in_progress", response=_response(r, "in_progress")),
+            event(
+                "response.output_item.added",
+                output_index=0,
+                item=_response_message(r, "", "in_progress"),
+            ),
+            event("response.content_part.added", **at, part=empty_part),
+        )
+    )
+    chunks = tuple(
+        event("response.output_text.delta", **at, delta=piece, logprobs=[]) for piece in r.pieces
+    )
+    message = _response_message(r, r.text, status)
+    tail = b"".join(
+        (
+            event("response.output_text.done", **at, text=r.text, logprobs=[]),
+            event("response.content_part.done", **at, part=message["content"][0]),
+            event("response.output_item.done", output_index=0, item=message),
+            event(f"response.{status}", response=_response(r, status)),
+        )
+    )
+    return StreamFrames(head, chunks, tail)
+
+
+# --- Anthropic messages (§2.3) ----------------------------------------------------------------
+
+
+def _anthropic_message(r: Reply, content: list[Any], stop: str | None, out: int) -> dict[str, Any]:
+    return {
+        "id": f"msg_mock{r.seq}",
+        "type": "message",
+        "role": "assistant",
+        "model": r.model,
+        "content": content,
+        "stop_reason": stop,
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": r.input_tokens,
+            "output_tokens": out,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+        },
+    }
+
+
+def _stop_reason(r: Reply) -> str:
+    return "max_tokens" if r.truncated else "end_turn"
+
+
+def anthropic_message(r: Reply) -> bytes:
+    content = [{"type": "text", "text": r.text}]
+    return _encode(_anthropic_message(r, content, _stop_reason(r), r.output_tokens))
+
+
+def anthropic_stream(r: Reply) -> StreamFrames:
+    # message_start reports a placeholder output_tokens of 1, as the real API does; the true
+    # cumulative count only arrives in message_delta.
+    start = {"type": "message_start", "message": _anthropic_message(r, [], None, 1)}
+    block_start = {
+        "type": "content_block_start",
+        "index": 0,
+        "content_block": {"type": "text", "text": ""},
+    }
+    head = b"".join(
+        (
+            _sse_event("message_start", start),
+            _sse_event("ping", {"type": "ping"}),
+            _sse_event("content_block_start", block_start),
+        )
+    )
+    chunks = tuple(
+        _sse_event(
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": piece},
+            },
+        )
+        for piece in r.pieces
+    )
+    delta = {
+        "type": "message_delta",
+        "delta": {"stop_reason": _stop_reason(r), "stop_sequence": None},
+        "usage": {"output_tokens": r.output_tokens},
+    }
+    tail = b"".join(
+        (
+            _sse_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            _sse_event("message_delta", delta),
+            _sse_event("message_stop", {"type": "message_stop"}),
+        )
+    )
+    return StreamFrames(head, chunks, tail)
+
+
+# --- Gemini generateContent (§3.2) ------------------------------------------------------------
+
+
+def _gemini_chunk(r: Reply, text: str, candidates_tokens: int, last: bool) -> dict[str, Any]:
+    candidate: dict[str, Any] = {
+        "content": {"role": "model", "parts": [{"text": text}]},
+        "index": 0,
+    }
+    if last:
+        candidate["finishReason"] = "MAX_TOKENS" if r.truncated else "STOP"
+    return {
+        "candidates": [candidate],
+        "usageMetadata": {
+            "promptTokenCount": r.input_tokens,
+            "candidatesTokenCount": candidates_tokens,
+            "totalTokenCount": r.input_tokens + candidates_tokens,
+        },
+        "modelVersion": r.model,
+        "responseId": f"mock{r.seq}",
+    }
+
+
+def gemini_response(r: Reply) -> bytes:
+    return _encode(_gemini_chunk(r, r.text, r.output_tokens, last=True))
+
+
+def _gemini_chunks(r: Reply) -> list[dict[str, Any]]:
+    # usageMetadata carries running totals, so the last chunk holds the final counts. An empty
+    # answer still needs one chunk to deliver the finish reason and usage.
+    pieces = r.pieces or ("",)
+    counts = r.piece_tokens or (0,)
+    out: list[dict[str, Any]] = []
+    so_far = 0
+    for i, (piece, count) in enumerate(zip(pieces, counts, strict=True)):
+        so_far += count
+        out.append(_gemini_chunk(r, piece, so_far, last=i == len(pieces) - 1))
+    return out
+
+
+def gemini_sse_stream(r: Reply) -> StreamFrames:
+    return StreamFrames(b"", tuple(_sse_data(c) for c in _gemini_chunks(r)), b"")
+
+
+def gemini_array_stream(r: Reply) -> StreamFrames:
+    # Without alt=sse Gemini streams one JSON array, element by element.
+    encoded = [_encode(c) for c in _gemini_chunks(r)]
+    chunks = (encoded[0], *(b",\r\n" + e for e in encoded[1:]))
+    return StreamFrames(b"[", chunks, b"]")
+
+
+# --- Model lists (§3.3, §6) -------------------------------------------------------------------
+
+
+def openai_models(models: tuple[str, ...]) -> bytes:
+    data = [
+        {"id": m, "object": "model", "created": _MODEL_CREATED_S, "owned_by": "mock-upstream"}
+        for m in models
+    ]
+    return _encode({"object": "list", "data": data})
+
+
+def anthropic_models(models: tuple[str, ...]) -> bytes:
+    data = [
+        {"type": "model", "id": m, "display_name": m, "created_at": "2023-11-14T22:13:20Z"}
+        for m in models
+    ]
+    return _encode(
+        {
+            "data": data,
+            "has_more": False,
+            "first_id": models[0] if models else None,
+            "last_id": models[-1] if models else None,
+        }
+    )
+
+
+def gemini_models(models: tuple[str, ...]) -> bytes:
+    data = [
+        {
+            "name": f"models/{m}",
+            "version": "001",
+            "displayName": m,
+            "description": "mock upstream model",
+            "inputTokenLimit": 1_048_576,
+            "outputTokenLimit": 65_536,
+            "supportedGenerationMethods": ["generateContent", "streamGenerateContent"],
+        }
+        for m in models
+    ]
+    return _encode({"models": data})
+
+
+# --- Error bodies (§1.1, §2.1, §3.1) ----------------------------------------------------------
+
+_OPENAI_ERRORS: dict[int, tuple[str, str | None]] = {
+    401: ("invalid_request_error", "invalid_api_key"),
+    404: ("invalid_request_error", "model_not_found"),
+    429: ("requests", "rate_limit_exceeded"),
+}
+_ANTHROPIC_ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+_GEMINI_ERRORS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    402: "RESOURCE_EXHAUSTED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    409: "ABORTED",
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    500: "INTERNAL",
+    501: "UNIMPLEMENTED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+@lru_cache(maxsize=256)
+def error_body(protocol: Protocol, status: int, message: str) -> bytes:
+    server = status >= 500
+    if protocol == "openai":
+        default = ("server_error", None) if server else ("invalid_request_error", None)
+        kind, code = _OPENAI_ERRORS.get(status, default)
+        return _encode({"error": {"message": message, "type": kind, "param": None, "code": code}})
+    if protocol == "anthropic":
+        kind = _ANTHROPIC_ERRORS.get(status, "api_error" if server else "invalid_request_error")
+        return _encode(
+            {
+                "type": "error",
+                "error": {"type": kind, "message": message},
+                "request_id": "req_mock",
+            }
+        )
+    rpc_status = _GEMINI_ERRORS.get(status, "INTERNAL" if server else "FAILED_PRECONDITION")
+    return _encode({"error": {"code": status, "message": message, "status": rpc_status}})

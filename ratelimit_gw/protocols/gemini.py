@@ -1,0 +1,227 @@
+"""Gemini protocol: `models/{model}:generateContent` and `:streamGenerateContent`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import msgspec
+
+from ratelimit_gw.errors import GatewayError
+from ratelimit_gw.protocols.base import (
+    MaxTokens,
+    ProtocolAdapter,
+    RequestInfo,
+    Route,
+    SseStreamTap,
+    StreamTap,
+    Usage,
+    bearer_token,
+    decode_view,
+    encode_json,
+    header_value,
+    rate_limit_body,
+    require_model,
+    sse_event_fields,
+)
+
+
+class _GenerationConfig(msgspec.Struct):
+    max_output_tokens: MaxTokens | None = msgspec.field(default=None, name="maxOutputTokens")
+    # Proto3 JSON parsers, Google's included, also accept the original snake_case name.
+    max_output_tokens_snake: MaxTokens | None = msgspec.field(
+        default=None, name="max_output_tokens"
+    )
+
+
+class _GenerateRequest(msgspec.Struct):
+    generation_config: _GenerationConfig | None = msgspec.field(
+        default=None, name="generationConfig"
+    )
+    generation_config_snake: _GenerationConfig | None = msgspec.field(
+        default=None, name="generation_config"
+    )
+
+
+class _UsageMetadata(msgspec.Struct, rename="camel"):
+    prompt_token_count: int | None = None
+    candidates_token_count: int | None = None
+    thoughts_token_count: int | None = None
+    tool_use_prompt_token_count: int | None = None
+
+
+class _Part(msgspec.Struct):
+    text: str | None = None
+
+
+class _Content(msgspec.Struct):
+    parts: list[_Part] | None = None
+
+
+class _Candidate(msgspec.Struct):
+    content: _Content | None = None
+
+
+class _Response(msgspec.Struct, rename="camel"):
+    candidates: list[_Candidate] | None = None
+    usage_metadata: _UsageMetadata | None = None
+
+
+_GENERATE_REQUEST = msgspec.json.Decoder(_GenerateRequest)
+# One answer object, or the JSON array `:streamGenerateContent` sends without `?alt=sse`.
+_ANSWER = msgspec.json.Decoder(_Response | list[_Response])
+_RESPONSE = msgspec.json.Decoder(_Response)
+
+_STATUS_BY_CODE = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    402: "RESOURCE_EXHAUSTED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    405: "INVALID_ARGUMENT",
+    413: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    502: "INTERNAL",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+    529: "UNAVAILABLE",
+}
+_ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
+_RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
+
+
+def _usage(meta: _UsageMetadata) -> Usage:
+    # Per the API, total = prompt + candidates + toolUsePrompt + thoughts: tool-use prompt
+    # tokens are billed as input, thinking tokens as output.
+    return Usage(
+        (meta.prompt_token_count or 0) + (meta.tool_use_prompt_token_count or 0),
+        (meta.candidates_token_count or 0) + (meta.thoughts_token_count or 0),
+    )
+
+
+def _text_chars(response: _Response) -> int:
+    chars = 0
+    for candidate in response.candidates or ():
+        if candidate.content is not None:
+            chars += sum(len(part.text or "") for part in candidate.content.parts or ())
+    return chars
+
+
+def _last_usage(responses: Sequence[_Response]) -> Usage | None:
+    # usageMetadata repeats running totals; a chunk without it does not reset them.
+    for response in reversed(responses):
+        if response.usage_metadata is not None:
+            return _usage(response.usage_metadata)
+    return None
+
+
+def retry_delay(retry_after_ms: int) -> str:
+    """A protobuf Duration string: "12s", or "0.250s" when there are milliseconds."""
+    seconds, millis = divmod(max(0, retry_after_ms), 1000)
+    return f"{seconds}.{millis:03d}s" if millis else f"{seconds}s"
+
+
+class GeminiSseTap(SseStreamTap):
+    """`?alt=sse`: every event is a GenerateContentResponse."""
+
+    def on_event(self, event: bytes) -> bool:
+        _, data = sse_event_fields(event)
+        if data is None:
+            return True
+        try:
+            response = _RESPONSE.decode(data)
+        except msgspec.DecodeError:
+            return True
+        self.output_chars += _text_chars(response)
+        if response.usage_metadata is not None:
+            self.usage = _usage(response.usage_metadata)
+        return True
+
+
+class GeminiArrayTap(StreamTap):
+    """Without `?alt=sse` the answer is one JSON array sent in pieces, with no event
+    boundaries to read at: forward each piece at once and parse the whole at the end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._received: list[bytes] = []
+
+    def feed(self, data: bytes) -> bytes:
+        self._received.append(data)
+        return data
+
+    def flush(self) -> bytes:
+        text = b"".join(self._received).strip()
+        self._received.clear()
+        responses = _decode_array(text)
+        if responses is None:
+            # A stream cut between elements still holds whole elements: close the array.
+            responses = _decode_array(text.rstrip(b",\r\n\t ") + b"]")
+        if responses:
+            self.output_chars = sum(_text_chars(response) for response in responses)
+            self.usage = _last_usage(responses)
+        return b""
+
+
+def _decode_array(text: bytes) -> list[_Response] | None:
+    try:
+        answer = _ANSWER.decode(text)
+    except msgspec.DecodeError:
+        return None
+    return [answer] if isinstance(answer, _Response) else answer
+
+
+class GeminiAdapter(ProtocolAdapter):
+    name = "gemini"
+
+    def credential(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+        return (
+            header_value(headers, "x-goog-api-key")
+            or header_value(query, "key")
+            or bearer_token(headers)
+        )
+
+    def parse_request(self, route: Route, body: bytes, path_model: str | None) -> RequestInfo:
+        request = decode_view(_GENERATE_REQUEST, body)
+        config = request.generation_config or request.generation_config_snake
+        max_output_tokens = None
+        if config is not None:
+            max_output_tokens = (
+                config.max_output_tokens
+                if config.max_output_tokens is not None
+                else config.max_output_tokens_snake
+            )
+        return RequestInfo(
+            model=require_model(path_model),
+            stream=route is Route.STREAM_GENERATE,
+            max_output_tokens=max_output_tokens,
+            input_chars=len(body),
+            wants_usage_chunk=False,
+        )
+
+    def usage_from_body(self, route: Route, body: bytes) -> Usage | None:
+        responses = _decode_array(body)
+        return _last_usage(responses) if responses else None
+
+    def new_stream_tap(
+        self, route: Route, strip_usage_chunk: bool, *, sse: bool = True
+    ) -> StreamTap:
+        return GeminiSseTap() if sse else GeminiArrayTap()
+
+    def error_body(self, err: GatewayError, request_id: str) -> bytes:
+        details: list[dict[str, str]] = [
+            {"@type": _ERROR_INFO, "reason": err.reason, "domain": "ratelimit-gw"}
+        ]
+        if err.status == 429 and err.retry_after_ms is not None:
+            details.append({"@type": _RETRY_INFO, "retryDelay": retry_delay(err.retry_after_ms)})
+        error: dict[str, object] = {
+            "code": err.status,
+            "status": _STATUS_BY_CODE.get(err.status, "UNKNOWN"),
+            "message": err.message,
+            "type": err.type,
+            "reason": err.reason,
+        }
+        if err.status == 429:
+            error["rate_limit"] = rate_limit_body(err)
+        error["details"] = details
+        return encode_json({"error": error})

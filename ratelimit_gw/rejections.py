@@ -1,0 +1,70 @@
+"""Why a request was refused, in words a caller can act on: Decision → GatewayError."""
+
+from __future__ import annotations
+
+from .errors import GatewayError, RateLimitInfo
+from .headers import go_duration
+from .limiter import Decision
+from .money import affordable_output_tokens, format_usd
+from .settings import Model
+
+_KEY_MESSAGES = {
+    "invalid_key": "Invalid API key.",
+    "key_revoked": "This API key has been revoked.",
+    "key_expired": "This API key has expired.",
+}
+
+
+def rejection_error(
+    decision: Decision, model: Model, input_tokens: int, output_cap: int, hold_nano: int
+) -> GatewayError:
+    reason = decision.reason
+    estimate = input_tokens + output_cap
+    if reason in _KEY_MESSAGES:
+        return GatewayError(401, reason, _KEY_MESSAGES[reason])
+    if reason == "balance_exceeded":
+        available = decision.available_nano or 0
+        input_cost = -(-input_tokens * model.input_nano_usd_per_mtok // 1_000_000)
+        affordable = affordable_output_tokens(available, input_cost, model.output_nano_usd_per_mtok)
+        return GatewayError(
+            402,
+            reason,
+            f"Insufficient balance: ${format_usd(max(available, 0))} available, but this "
+            f"request may cost up to ${format_usd(hold_nano)} ({input_tokens} estimated input "
+            f"tokens + {output_cap} output tokens on {model.id}). The balance can pay for at "
+            f"most {affordable} output tokens: lower max_tokens or top up the account.",
+            should_retry=False,
+        )
+    limits = RateLimitInfo(
+        rpm=decision.requests.limit if decision.requests else None,
+        tpm=decision.tokens.limit if decision.tokens else None,
+    )
+    limit = decision.hit_limit or 0
+    if reason == "request_exceeds_limit":
+        return GatewayError(
+            429,
+            reason,
+            f"This request needs an estimated {estimate} tokens ({input_tokens} input + "
+            f"{output_cap} max output), more than your limit of {limit} tokens per minute "
+            "can ever allow. Lower max_tokens or shorten the input.",
+            should_retry=False,
+            rate_limit=limits,
+        )
+    wait = f" Please try again in {go_duration(decision.retry_after_ms)}."
+    if reason == "rpm_exceeded":
+        message = (
+            f"Rate limit exceeded. Your current limit is {limit} requests per minute "
+            f"(approximately {limit / 60:.3g} requests per second).{wait}"
+        )
+    elif reason == "tpm_exceeded":
+        message = (
+            f"Rate limit exceeded. Your current limit is {limit} tokens per minute; this "
+            f"request needs an estimated {estimate} tokens.{wait}"
+        )
+    else:
+        message = (
+            f"Too many concurrent requests. Your current limit is {limit} requests in flight.{wait}"
+        )
+    return GatewayError(
+        429, reason, message, retry_after_ms=max(decision.retry_after_ms, 1), rate_limit=limits
+    )

@@ -1,0 +1,190 @@
+"""The upstream call: credentials swapped, bytes forwarded, answers buffered or streamed.
+
+One pooled ``ClientSession`` per process. The relay never decides limits; it reports what
+happened (a :class:`RelayResult`) and the gateway settles from that. Streams go to the client
+event by event as they arrive while a protocol tap reads the usage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .errors import GatewayError
+from .protocols import StreamTap, Usage
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "expect",
+    }
+)
+# Whatever a client sends to prove who it is must never reach the upstream (§8).
+CLIENT_CREDENTIALS = frozenset(
+    {"authorization", "proxy-authorization", "x-api-key", "x-goog-api-key", "api-key", "cookie"}
+)
+# Compression is negotiated per hop: the session decompresses, the gateway sends plain bytes.
+_DROP_REQUEST = HOP_BY_HOP | CLIENT_CREDENTIALS | {"accept-encoding"}
+_DROP_RESPONSE = HOP_BY_HOP | {
+    "content-encoding",
+    "set-cookie",
+    "x-request-id",
+    "request-id",
+    "ratelimit",
+    "ratelimit-policy",
+    "date",
+    "server",
+}
+_DROP_RESPONSE_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
+MAX_ERROR_BODY_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCall:
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: bytes
+    connect_timeout_s: float
+    total_timeout_s: float
+
+
+@dataclass(slots=True)
+class RelayResult:
+    """What the upstream produced; filled in as the relay goes, read by settlement."""
+
+    outcome: str = "pending"  # ok | upstream_error | client_disconnect | upstream_cut
+    status: int = 0
+    usage: Usage | None = None
+    output_chars: int = 0
+    sent_upstream: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def upstream_request_headers(
+    client_headers: Mapping[str, str], provider_headers: Mapping[str, str]
+) -> dict[str, str]:
+    headers = {k: v for k, v in client_headers.items() if k.lower() not in _DROP_REQUEST}
+    headers.update(provider_headers)
+    return headers
+
+
+def client_response_headers(
+    upstream: Mapping[str, str], own: Mapping[str, str]
+) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lower = name.lower()
+        if lower in _DROP_RESPONSE or lower.startswith(_DROP_RESPONSE_PREFIXES):
+            continue
+        out.add(name, value)
+    for name, value in own.items():
+        out[name] = value
+    return out
+
+
+class Relay:
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+
+    async def forward(
+        self,
+        request: web.Request,
+        call: UpstreamCall,
+        result: RelayResult,
+        own_headers: Mapping[str, str],
+        parse_usage: Callable[[bytes], Usage | None],
+        new_tap: Callable[[], StreamTap] | None,
+    ) -> web.StreamResponse:
+        """Call the upstream; stream when ``new_tap`` is given and the answer is a 2xx stream."""
+        timeout = aiohttp.ClientTimeout(total=call.total_timeout_s, connect=call.connect_timeout_s)
+        try:
+            async with self._session.request(
+                call.method, call.url, data=call.body, headers=call.headers, timeout=timeout
+            ) as upstream:
+                result.sent_upstream = True
+                result.status = upstream.status
+                headers = client_response_headers(upstream.headers, own_headers)
+                if upstream.status >= 400 or new_tap is None:
+                    return await self._buffered(upstream, headers, result, parse_usage)
+                return await self._streamed(request, upstream, headers, result, new_tap())
+        except TimeoutError:
+            result.outcome = "upstream_error"
+            raise GatewayError(
+                504, "upstream_timeout", "The upstream did not answer in time.", retry_after_ms=1000
+            ) from None
+        except aiohttp.ClientConnectorError:
+            result.outcome = "upstream_error"
+            raise GatewayError(
+                502, "upstream_unreachable", "The upstream could not be reached."
+            ) from None
+        except aiohttp.ClientError as exc:
+            result.outcome = "upstream_error"
+            raise GatewayError(
+                502,
+                "upstream_unreachable",
+                f"The upstream connection failed ({type(exc).__name__}).",
+            ) from None
+
+    async def _buffered(
+        self,
+        upstream: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        result: RelayResult,
+        parse_usage: Callable[[bytes], Usage | None],
+    ) -> web.Response:
+        body = await upstream.read()
+        if upstream.status < 400:
+            result.outcome = "ok"
+            result.usage = parse_usage(body)
+        else:
+            # The provider's own error body is already in the route's protocol (§7).
+            result.outcome = "upstream_error"
+            body = body[:MAX_ERROR_BODY_BYTES]
+        return web.Response(status=upstream.status, body=body, headers=headers)
+
+    async def _streamed(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        result: RelayResult,
+        tap: StreamTap,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        await response.prepare(request)
+        result.outcome = "upstream_cut"
+        try:
+            async for chunk in upstream.content.iter_any():
+                out = tap.feed(chunk)
+                if out:
+                    await response.write(out)
+            rest = tap.flush()
+            if rest:
+                await response.write(rest)
+            result.outcome = "ok"
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            result.outcome = "client_disconnect"
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
+            result.outcome = "upstream_cut"  # the status line is sent: end the stream short
+        finally:
+            result.usage = tap.usage
+            result.output_chars = tap.output_chars
+        if result.outcome != "client_disconnect":
+            try:
+                await response.write_eof()
+            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                result.outcome = "client_disconnect"
+        return response

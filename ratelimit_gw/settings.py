@@ -1,0 +1,257 @@
+"""The typed, validated configuration (§12) and the only reader of ``os.environ``.
+
+A TOML file is decoded into msgspec Structs (unknown fields are errors), then checked for
+what a schema cannot express: references between sections, ranges, env references. Every
+failure is a :class:`ConfigError` whose message starts with the path of the bad field, so an
+operator can fix the file without reading code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from .money import MoneyError, parse_usd
+
+PROTOCOLS = ("openai", "anthropic", "gemini")
+STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+cluster", "redis+sentinel")
+# Headers that carry credentials: their values must come from the environment.
+CREDENTIAL_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "x-api-key", "x-goog-api-key", "api-key"}
+)
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the offending field."""
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    max_body_bytes: PositiveInt = 32 * 1024 * 1024
+
+
+class StorageSettings(_Section):
+    url: str = "memory://"
+    on_error: Literal["reject", "allow"] = "reject"
+    connect_timeout_s: PositiveFloat = 1.0
+    command_timeout_s: PositiveFloat = 1.0
+    # How long a gateway may reuse a key lookup. Revocation does not wait for it: the
+    # admission script reads the key's revoked flag from storage on every request (§2).
+    key_cache_ttl_s: Annotated[float, msgspec.Meta(ge=0, le=300)] = 30.0
+
+
+class ProviderSettings(_Section):
+    name: str
+    protocol: Literal["openai", "anthropic", "gemini"]
+    base_url: str
+    api_key_env: str | None = None
+    headers: dict[str, str] = {}
+    rpm: PositiveInt | None = None
+    tpm: PositiveInt | None = None
+    timeout_s: PositiveFloat = 600.0
+    connect_timeout_s: PositiveFloat = 10.0
+
+
+class ModelSettings(_Section):
+    id: str
+    provider: str
+    upstream_id: str | None = None
+    display_name: str | None = None
+    input_per_mtok: Annotated[float, msgspec.Meta(ge=0)] | str = 0.0
+    output_per_mtok: Annotated[float, msgspec.Meta(ge=0)] | str = 0.0
+    default_max_output: PositiveInt = 4096
+    created: int = 0
+
+
+class AdminSettings(_Section):
+    token_env: str = "RLGW_ADMIN_TOKEN"
+
+
+class FileSettings(_Section):
+    """The file as written; :func:`load_settings` turns it into :class:`Settings`."""
+
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
+    admin: AdminSettings = msgspec.field(default_factory=AdminSettings)
+    providers: list[ProviderSettings] = []
+    models: list[ModelSettings] = []
+
+
+class Provider(msgspec.Struct, frozen=True, kw_only=True):
+    """A provider with its secrets resolved: what the relay uses."""
+
+    name: str
+    protocol: str
+    base_url: str
+    upstream_headers: dict[str, str]
+    rpm: int | None
+    tpm: int | None
+    timeout_s: float
+    connect_timeout_s: float
+
+
+class Model(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    provider: Provider
+    upstream_id: str
+    display_name: str
+    input_nano_usd_per_mtok: int
+    output_nano_usd_per_mtok: int
+    default_max_output: int
+    created: int
+
+    @property
+    def protocol(self) -> str:
+        return self.provider.protocol
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    server: ServerSettings
+    storage: StorageSettings
+    providers: dict[str, Provider]
+    models: dict[str, Model]
+    admin_token: str | None
+
+
+def usd_to_nano(value: float | str, path: str) -> int:
+    """A price from the file → integer nano-USD; floats go through their shortest repr."""
+    try:
+        return parse_usd(str(value))
+    except MoneyError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def expand_env(value: str, path: str, environ: Mapping[str, str]) -> str:
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in environ:
+            raise ConfigError(f"{path}: environment variable {name} is not set")
+        return environ[name]
+
+    return _ENV_REF.sub(replace, value)
+
+
+def _check_url(url: str, path: str, schemes: tuple[str, ...]) -> None:
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme not in schemes:
+        raise ConfigError(f"{path}: {url!r} must start with one of {', '.join(schemes)}://")
+
+
+def _resolve_provider(p: ProviderSettings, i: int, environ: Mapping[str, str]) -> Provider:
+    path = f"providers[{i}]"
+    _check_url(p.base_url, f"{path}.base_url", ("http", "https"))
+    headers: dict[str, str] = {}
+    for name, value in p.headers.items():
+        hpath = f"{path}.headers.{name}"
+        if name.lower() in CREDENTIAL_HEADERS and not _ENV_REF.search(value):
+            raise ConfigError(f"{hpath}: credentials must be an env reference like ${{NAME}}")
+        headers[name] = expand_env(value, hpath, environ)
+    if p.api_key_env is not None:
+        if p.api_key_env not in environ:
+            raise ConfigError(
+                f"{path}.api_key_env: environment variable {p.api_key_env} is not set"
+            )
+        key = environ[p.api_key_env]
+        # Each protocol's upstream expects its credential in its own header.
+        if p.protocol == "anthropic":
+            headers.setdefault("x-api-key", key)
+        elif p.protocol == "gemini":
+            headers.setdefault("x-goog-api-key", key)
+        else:
+            headers.setdefault("Authorization", f"Bearer {key}")
+    return Provider(
+        name=p.name,
+        protocol=p.protocol,
+        base_url=p.base_url.rstrip("/"),
+        upstream_headers=headers,
+        rpm=p.rpm,
+        tpm=p.tpm,
+        timeout_s=p.timeout_s,
+        connect_timeout_s=p.connect_timeout_s,
+    )
+
+
+def _msgspec_path(exc: msgspec.ValidationError) -> str:
+    text = str(exc)
+    message, sep, where = text.rpartition(" - at `$")
+    if not sep:
+        return text
+    return f"{where.rstrip('`').lstrip('.')}: {message}"
+
+
+def build_settings(raw: dict[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """Validate a decoded TOML document; raise ConfigError naming the first bad field."""
+    env = os.environ if environ is None else environ
+    try:
+        file = msgspec.convert(raw, FileSettings)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_msgspec_path(exc)) from None
+    _check_url(file.storage.url, "storage.url", STORAGE_SCHEMES)
+
+    providers: dict[str, Provider] = {}
+    for i, p in enumerate(file.providers):
+        if p.name in providers:
+            raise ConfigError(f"providers[{i}].name: duplicate provider {p.name!r}")
+        providers[p.name] = _resolve_provider(p, i, env)
+
+    models: dict[str, Model] = {}
+    for i, m in enumerate(file.models):
+        path = f"models[{i}]"
+        if m.id in models:
+            raise ConfigError(f"{path}.id: duplicate model {m.id!r}")
+        if m.provider not in providers:
+            known = ", ".join(sorted(providers)) or "none defined"
+            raise ConfigError(f"{path}.provider: unknown provider {m.provider!r} ({known})")
+        models[m.id] = Model(
+            id=m.id,
+            provider=providers[m.provider],
+            upstream_id=m.upstream_id or m.id,
+            display_name=m.display_name or m.id,
+            input_nano_usd_per_mtok=usd_to_nano(m.input_per_mtok, f"{path}.input_per_mtok"),
+            output_nano_usd_per_mtok=usd_to_nano(m.output_per_mtok, f"{path}.output_per_mtok"),
+            default_max_output=m.default_max_output,
+            created=m.created,
+        )
+    return Settings(
+        server=file.server,
+        storage=file.storage,
+        providers=providers,
+        models=models,
+        admin_token=env.get(file.admin.token_env) or None,
+    )
+
+
+def parse_settings(text: str, environ: Mapping[str, str] | None = None) -> Settings:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML: {exc}") from None
+    return build_settings(raw, environ)
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Load ``path``, else ``$RLGW_CONFIG``; with neither, an empty config (no models)."""
+    chosen = path or os.environ.get("RLGW_CONFIG")
+    if not chosen:
+        return build_settings({})
+    try:
+        text = Path(chosen).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {chosen}: {exc.strerror}") from None
+    return parse_settings(text)

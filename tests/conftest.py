@@ -1,0 +1,157 @@
+"""Shared fixtures: a private redis-server per session, storage on every backend, a mock
+upstream, and a gateway on a real loopback socket.
+
+Behaviour tests take the ``storage`` fixture, which is parametrised over ``memory://`` and a
+real Redis, so the same assertions run on both backends.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from ratelimit_gw.accounts import AccountStore
+from ratelimit_gw.app import create_app
+from ratelimit_gw.mock_upstream import MOCK_STATE, MockSettings, MockState, start_mock_upstream
+from ratelimit_gw.serve import make_runner
+from ratelimit_gw.settings import Settings, StorageSettings, build_settings
+from ratelimit_gw.storage import Storage, open_storage
+
+from .redis_process import RedisProcess, start_redis
+
+BACKENDS = ["memory", "redis"]
+UPSTREAM_KEY = "sk-upstream-secret-0123456789"
+
+# name, protocol, input USD per Mtok, output USD per Mtok
+MODELS = (
+    ("gpt-4o-mini", "openai", "0.15", "0.60"),
+    ("gpt-4o", "openai", "2.50", "10.00"),
+    ("claude-sonnet-4-6", "anthropic", "3.00", "15.00"),
+    ("gemini-2.5-flash", "gemini", "0.30", "2.50"),
+)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisProcess]:
+    server = start_redis()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=BACKENDS)
+def storage_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "memory":
+        return "memory://"
+    server: RedisProcess = request.getfixturevalue("redis_server")
+    return server.url
+
+
+@pytest.fixture
+async def storage(storage_url: str) -> AsyncIterator[Storage]:
+    store = open_storage(StorageSettings(url=storage_url))
+    await store.call("FLUSHALL")
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+def accounts(storage: Storage) -> AccountStore:
+    return AccountStore(storage)
+
+
+@dataclass
+class Upstream:
+    url: str
+    state: MockState
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    runner, url = await start_mock_upstream("127.0.0.1", 0, MockSettings())
+    try:
+        yield Upstream(url, runner.app[MOCK_STATE])
+    finally:
+        await runner.cleanup()
+
+
+def gateway_config(upstream_url: str, storage_url: str, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "storage": {"url": storage_url},
+        "providers": [
+            {"name": f"mock-{protocol}", "protocol": protocol, "base_url": upstream_url,
+             "api_key_env": "RLGW_TEST_UPSTREAM_KEY", "timeout_s": 30}
+            for protocol in ("openai", "anthropic", "gemini")
+        ],
+        "models": [
+            {"id": model, "provider": f"mock-{protocol}", "input_per_mtok": inp,
+             "output_per_mtok": out, "default_max_output": 1000}
+            for model, protocol, inp, out in MODELS
+        ],
+    }
+    config.update(overrides)
+    return config
+
+
+@dataclass
+class Gateway:
+    url: str
+    settings: Settings
+    storage: Storage
+    accounts: AccountStore
+    upstream: Upstream
+    app: web.Application
+
+    async def new_key(self, account: str = "acme", *, create_account: bool = True,
+                      balance_usd: str | None = None, **limits: Any) -> str:
+        """Create (if asked) an account and a key on it; account limits go in ``account_*``."""
+        from ratelimit_gw.money import parse_usd
+
+        if create_account:
+            account_limits = {k[len("account_"):]: v for k, v in limits.items()
+                              if k.startswith("account_")}
+            await self.accounts.create_account(
+                account,
+                balance_nano=None if balance_usd is None else parse_usd(balance_usd),
+                **account_limits,
+            )
+        key_limits = {k: v for k, v in limits.items() if not k.startswith("account_")}
+        created = await self.accounts.create_key(account, **key_limits)
+        return created.key
+
+
+async def start_gateway(
+    upstream: Upstream, storage: Storage, environ: dict[str, str] | None = None, **overrides: Any
+) -> tuple[web.AppRunner, Gateway]:
+    env = {"RLGW_TEST_UPSTREAM_KEY": UPSTREAM_KEY, **(environ or {})}
+    settings = build_settings(gateway_config(upstream.url, storage.url, **overrides), env)
+    app = create_app(settings, storage)
+    runner = make_runner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, Gateway(f"http://127.0.0.1:{port}", settings, storage,
+                           AccountStore(storage), upstream, app)
+
+
+@pytest.fixture
+async def gateway(upstream: Upstream, storage: Storage) -> AsyncIterator[Gateway]:
+    runner, gw = await start_gateway(upstream, storage, {"RLGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    try:
+        yield gw
+    finally:
+        await runner.cleanup()
+
+
+ADMIN_TOKEN = "admin-token-for-tests"
+os.environ.pop("RLGW_CONFIG", None)
