@@ -7,6 +7,7 @@ revoked key stops working on the very next request on every instance, cache or n
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 
@@ -24,21 +25,39 @@ class KeyCache:
         self._accounts = accounts
         self._ttl_s = ttl_s
         self._entries: dict[str, tuple[float, KeyRecord | None]] = {}
+        # One storage lookup per secret at a time: a burst on a cold cache waits for it.
+        self._lookups: dict[str, asyncio.Future[KeyRecord | None]] = {}
 
     async def authenticate(self, secret: str | None) -> KeyRecord:
         if not secret:
             raise GatewayError(401, "missing_key", "No API key provided.")
         digest = hashlib.sha256(secret.encode()).hexdigest()
-        now = time.monotonic()
         cached = self._entries.get(digest)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > time.monotonic():
             record = cached[1]
         else:
-            record = await self._accounts.find_key(secret)
-            if len(self._entries) >= MAX_ENTRIES:
-                self._entries.clear()
-            ttl = self._ttl_s if record is not None else min(self._ttl_s, NEGATIVE_TTL_S)
-            self._entries[digest] = (now + ttl, record)
+            record = await self._lookup(digest, secret)
         if record is None:
             raise GatewayError(401, "invalid_key", "Invalid API key.")
+        return record
+
+    async def _lookup(self, digest: str, secret: str) -> KeyRecord | None:
+        pending = self._lookups.get(digest)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[KeyRecord | None] = asyncio.get_running_loop().create_future()
+        self._lookups[digest] = future
+        try:
+            record = await self._accounts.find_key(secret)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved here, so an unwaited future logs nothing
+            raise
+        finally:
+            del self._lookups[digest]
+        future.set_result(record)
+        if len(self._entries) >= MAX_ENTRIES:
+            self._entries.clear()
+        ttl = self._ttl_s if record is not None else min(self._ttl_s, NEGATIVE_TTL_S)
+        self._entries[digest] = (time.monotonic() + ttl, record)
         return record

@@ -20,8 +20,10 @@ def parse_usd(text: str | int, *, allow_zero: bool = True) -> int:
         amount = Decimal(str(text).strip())
     except InvalidOperation:
         raise MoneyError(f"{text!r} is not a decimal amount") from None
+    if not amount.is_finite():  # before any arithmetic: "sNaN" would raise InvalidOperation
+        raise MoneyError(f"{text!r} is not a decimal amount")
     nano = amount * NANO_PER_USD
-    if not amount.is_finite() or nano != nano.to_integral_value():
+    if nano != nano.to_integral_value():
         raise MoneyError(f"{text!r} must have at most 9 decimal places")
     if amount < 0 or (amount == 0 and not allow_zero):
         raise MoneyError(f"{text!r} must be {'≥' if allow_zero else '>'} 0")

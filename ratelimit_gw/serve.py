@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 
 from aiohttp import web
 
@@ -36,7 +37,12 @@ async def serve_forever(settings: Settings) -> None:
         runner.addresses[0][1],
         settings.storage.url.split("@")[-1],
     )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
+        # Closes the listener, lets in-flight requests finish, then drains settlements.
         await runner.cleanup()

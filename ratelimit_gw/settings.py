@@ -48,9 +48,11 @@ class ServerSettings(_Section):
 
 class StorageSettings(_Section):
     url: str = "memory://"
-    on_error: Literal["reject", "allow"] = "reject"
+    # What to do when storage fails: only "reject" (503 storage_unavailable) so far.
+    on_error: Literal["reject"] = "reject"
     connect_timeout_s: PositiveFloat = 1.0
     command_timeout_s: PositiveFloat = 1.0
+    max_connections: PositiveInt = 64  # per gateway process
     # How long a gateway may reuse a key lookup. Revocation does not wait for it: the
     # admission script reads the key's revoked flag from storage on every request (§2).
     key_cache_ttl_s: Annotated[float, msgspec.Meta(ge=0, le=300)] = 30.0
@@ -150,7 +152,8 @@ def expand_env(value: str, path: str, environ: Mapping[str, str]) -> str:
 def _check_url(url: str, path: str, schemes: tuple[str, ...]) -> None:
     scheme, sep, _ = url.partition("://")
     if not sep or scheme not in schemes:
-        raise ConfigError(f"{path}: {url!r} must start with one of {', '.join(schemes)}://")
+        expected = ", ".join(f"{s}://" for s in schemes)
+        raise ConfigError(f"{path}: {url!r} must start with one of {expected}")
 
 
 def _resolve_provider(p: ProviderSettings, i: int, environ: Mapping[str, str]) -> Provider:
@@ -187,12 +190,40 @@ def _resolve_provider(p: ProviderSettings, i: int, environ: Mapping[str, str]) -
     )
 
 
+_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(.+)`")
+_MISSING_FIELD = re.compile(r"Object missing required field `(.+)`")
+_BAD_ENUM = re.compile(r"Invalid enum value (.+)")
+
+
+def _type_at(path: str) -> msgspec.inspect.Type:
+    """The schema node at a msgspec error path like ``providers[0]``."""
+    node: msgspec.inspect.Type = msgspec.inspect.type_info(FileSettings)
+    for part in re.findall(r"[^.\[\]]+", path):
+        if isinstance(node, msgspec.inspect.ListType):
+            node = node.item_type
+        elif isinstance(node, msgspec.inspect.StructType):
+            node = next((f.type for f in node.fields if f.name == part), node)
+    return node
+
+
 def _msgspec_path(exc: msgspec.ValidationError) -> str:
-    text = str(exc)
-    message, sep, where = text.rpartition(" - at `$")
-    if not sep:
-        return text
-    return f"{where.rstrip('`').lstrip('.')}: {message}"
+    """msgspec's "<problem> - at `$.a[0]`" → "a[0].field: <problem>", naming what is allowed."""
+    message, _, where = str(exc).rpartition(" - at `$")
+    if not message:
+        message, where = str(exc), ""
+    path = where.rstrip("`").lstrip(".")
+    node = _type_at(path)
+    field_path = f"{path}." if path else ""
+    if (found := _UNKNOWN_FIELD.fullmatch(message)) and isinstance(
+        node, msgspec.inspect.StructType
+    ):
+        allowed = ", ".join(f.name for f in node.fields)
+        return f"{field_path}{found[1]}: unknown field (allowed: {allowed})"
+    if found := _MISSING_FIELD.fullmatch(message):
+        return f"{field_path}{found[1]}: required field is missing"
+    if (found := _BAD_ENUM.fullmatch(message)) and isinstance(node, msgspec.inspect.LiteralType):
+        return f"{path}: {found[1]} is not one of {', '.join(map(str, node.values))}"
+    return f"{path}: {message}" if path else message
 
 
 def build_settings(raw: dict[str, Any], environ: Mapping[str, str] | None = None) -> Settings:

@@ -77,13 +77,18 @@ def open_storage(settings: StorageSettings) -> Storage:
     if scheme == "memory":
         client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=True)
     elif scheme in ("redis", "rediss", "unix"):
-        client = aioredis.Redis.from_url(
+        # A bounded pool that makes callers wait for a free connection (up to the command
+        # timeout) rather than fail when a burst needs more connections than it holds.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=settings.max_connections,
+            timeout=settings.command_timeout_s,
             decode_responses=True,
             socket_connect_timeout=settings.connect_timeout_s,
             socket_timeout=settings.command_timeout_s,
             health_check_interval=30,
         )
+        client = aioredis.Redis.from_pool(pool)  # the client owns and closes the pool
     else:
         raise ConfigError(f"storage.url: {scheme}:// is not supported by this build yet")
     return Storage(client, url, settings.command_timeout_s)
