@@ -56,7 +56,7 @@ if writing then
     local record = redis.call('HGET', KEYS[10], rid)
     if record then
       local kid, held = string.match(record, '^([^|]*)|(%d+)|')
-      redis.call('HINCRBY', account_key, 'held_nano', '-' .. held)
+      if held ~= '0' then redis.call('HINCRBY', account_key, 'held_nano', '-' .. held) end
       redis.call('HDEL', KEYS[10], rid)
       redis.call('XADD', KEYS[11], '*', 'type', 'hold_expired', 'request_id', rid,
         'key_id', kid, 'hold_nano', held, 'cost_nano', '0')

@@ -38,7 +38,8 @@ if record then
   local held, estimate = string.match(record, '^[^|]*|(%d+)|(%d+)|')
   released = held
   estimated_tokens = tonumber(estimate)
-  redis.call('HINCRBY', account_key, 'held_nano', '-' .. held)
+  -- Integers go to HINCRBY as strings: Lua would print large numbers as 1e+15.
+  if held ~= '0' then redis.call('HINCRBY', account_key, 'held_nano', '-' .. held) end
   redis.call('HDEL', KEYS[8], request_id)
 end
 redis.call('ZREM', KEYS[7], request_id)
@@ -69,13 +70,13 @@ if delta ~= 0 then
 end
 
 local prepaid = redis.call('HGET', account_key, 'prepaid') == '1'
-local balance
-if prepaid then
-  balance = redis.call('HINCRBY', account_key, 'balance_nano', '-' .. cost_nano)
-else
-  balance = tonumber(redis.call('HGET', account_key, 'balance_nano') or '0')
+local balance = tonumber(redis.call('HGET', account_key, 'balance_nano') or '0')
+if cost_nano ~= '0' then
+  if prepaid then
+    balance = redis.call('HINCRBY', account_key, 'balance_nano', '-' .. cost_nano)
+  end
+  redis.call('HINCRBY', account_key, 'spent_nano', cost_nano)
 end
-redis.call('HINCRBY', account_key, 'spent_nano', cost_nano)
 
 local balance_text = string.format('%.0f', balance)
 local entry_type = 'charge'

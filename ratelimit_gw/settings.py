@@ -171,13 +171,16 @@ def _resolve_provider(p: ProviderSettings, i: int, environ: Mapping[str, str]) -
                 f"{path}.api_key_env: environment variable {p.api_key_env} is not set"
             )
         key = environ[p.api_key_env]
-        # Each protocol's upstream expects its credential in its own header.
+        # Each protocol's upstream expects its credential in its own header; one written in
+        # `headers` wins, whatever its letter case (two would both be sent).
         if p.protocol == "anthropic":
-            headers.setdefault("x-api-key", key)
+            credential = ("x-api-key", key)
         elif p.protocol == "gemini":
-            headers.setdefault("x-goog-api-key", key)
+            credential = ("x-goog-api-key", key)
         else:
-            headers.setdefault("Authorization", f"Bearer {key}")
+            credential = ("Authorization", f"Bearer {key}")
+        if credential[0].lower() not in {name.lower() for name in headers}:
+            headers[credential[0]] = credential[1]
     return Provider(
         name=p.name,
         protocol=p.protocol,
@@ -285,4 +288,8 @@ def load_settings(path: str | Path | None = None) -> Settings:
         text = Path(chosen).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {chosen}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"cannot read config file {chosen}: not UTF-8 text (byte {exc.start})"
+        ) from None
     return parse_settings(text)

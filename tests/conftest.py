@@ -88,13 +88,23 @@ def gateway_config(upstream_url: str, storage_url: str, **overrides: Any) -> dic
         "server": {"host": "127.0.0.1", "port": 0},
         "storage": {"url": storage_url},
         "providers": [
-            {"name": f"mock-{protocol}", "protocol": protocol, "base_url": upstream_url,
-             "api_key_env": "RLGW_TEST_UPSTREAM_KEY", "timeout_s": 30}
+            {
+                "name": f"mock-{protocol}",
+                "protocol": protocol,
+                "base_url": upstream_url,
+                "api_key_env": "RLGW_TEST_UPSTREAM_KEY",
+                "timeout_s": 30,
+            }
             for protocol in ("openai", "anthropic", "gemini")
         ],
         "models": [
-            {"id": model, "provider": f"mock-{protocol}", "input_per_mtok": inp,
-             "output_per_mtok": out, "default_max_output": 1000}
+            {
+                "id": model,
+                "provider": f"mock-{protocol}",
+                "input_per_mtok": inp,
+                "output_per_mtok": out,
+                "default_max_output": 1000,
+            }
             for model, protocol, inp, out in MODELS
         ],
     }
@@ -111,14 +121,21 @@ class Gateway:
     upstream: Upstream
     app: web.Application
 
-    async def new_key(self, account: str = "acme", *, create_account: bool = True,
-                      balance_usd: str | None = None, **limits: Any) -> str:
+    async def new_key(
+        self,
+        account: str = "acme",
+        *,
+        create_account: bool = True,
+        balance_usd: str | None = None,
+        **limits: Any,
+    ) -> str:
         """Create (if asked) an account and a key on it; account limits go in ``account_*``."""
         from ratelimit_gw.money import parse_usd
 
         if create_account:
-            account_limits = {k[len("account_"):]: v for k, v in limits.items()
-                              if k.startswith("account_")}
+            account_limits = {
+                k[len("account_") :]: v for k, v in limits.items() if k.startswith("account_")
+            }
             await self.accounts.create_account(
                 account,
                 balance_nano=None if balance_usd is None else parse_usd(balance_usd),
@@ -140,8 +157,9 @@ async def start_gateway(
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    return runner, Gateway(f"http://127.0.0.1:{port}", settings, storage,
-                           AccountStore(storage), upstream, app)
+    return runner, Gateway(
+        f"http://127.0.0.1:{port}", settings, storage, AccountStore(storage), upstream, app
+    )
 
 
 @pytest.fixture

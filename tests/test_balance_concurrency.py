@@ -33,8 +33,11 @@ UPSTREAM_LATENCY_MS = 3000
 
 
 async def _fire(urls: list[str], key: str, count: int) -> list[int]:
-    headers = {"Authorization": f"Bearer {key}", "content-type": "application/json",
-               "x-mock-latency-ms": str(UPSTREAM_LATENCY_MS)}
+    headers = {
+        "Authorization": f"Bearer {key}",
+        "content-type": "application/json",
+        "x-mock-latency-ms": str(UPSTREAM_LATENCY_MS),
+    }
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
 
@@ -126,9 +129,19 @@ def two_gateway_processes(
     with (tmp_path / "gateways.log").open("wb") as log:
         processes = [
             subprocess.Popen(
-                [sys.executable, "-m", "ratelimit_gw", "serve", "--config", str(config),
-                 "--port", str(port)],
-                env=env, stdout=log, stderr=log,
+                [
+                    sys.executable,
+                    "-m",
+                    "ratelimit_gw",
+                    "serve",
+                    "--config",
+                    str(config),
+                    "--port",
+                    str(port),
+                ],
+                env=env,
+                stdout=log,
+                stderr=log,
             )
             for port in ports
         ]
