@@ -13,7 +13,6 @@ from typing import Any
 
 import aiohttp
 import anthropic
-
 import openai
 import pytest
 from google import genai
