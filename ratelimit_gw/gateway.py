@@ -6,6 +6,7 @@ import asyncio
 import math
 import uuid
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import msgspec
 from aiohttp import web
@@ -53,7 +54,7 @@ def _upstream_url(request: web.Request, route: Route, model: Model) -> str:
     url = f"{base}/{version}/models/{model.upstream_id}:{action}"
     query = [(k, v) for k, v in request.query.items() if k != "key"]  # never forward a key
     if query:
-        url += "?" + "&".join(f"{k}={v}" for k, v in query)
+        url += "?" + urlencode(query, quote_via=quote)  # re-encode what aiohttp decoded
     return url
 
 

@@ -18,9 +18,10 @@ async def _authenticated(request: web.Request) -> KeyRecord:
     """Authenticate and read the caller's bucket state (for headers) without consuming."""
     svc = request.app[SERVICES]
     ctx = context(request)
-    key = await svc.keys.authenticate(
-        ADAPTERS[ctx.protocol].credential(request.headers, request.query)
-    )
+    # GET /v1/models is shared by the OpenAI SDK (Bearer) and the Anthropic SDK (x-api-key):
+    # the Anthropic adapter reads both (§1.1, §2).
+    reader = ADAPTERS["anthropic" if ctx.protocol == "openai" else ctx.protocol]
+    key = await svc.keys.authenticate(reader.credential(request.headers, request.query))
     decision = await svc.limiter.peek(key.account, key.id)
     if decision.reason in _KEY_REASONS:
         raise GatewayError(401, decision.reason, "This API key is not valid anymore.")

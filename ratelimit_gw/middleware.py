@@ -12,6 +12,7 @@ from .errors import GatewayError
 from .gateway import new_request_id, own_headers
 from .headers import retry_headers
 from .protocols import ADAPTERS
+from .rejections import key_error
 from .services import CONTEXT, SERVICES, RequestContext
 from .storage import StorageError
 
@@ -42,7 +43,14 @@ def _as_gateway_error(exc: web.HTTPException) -> GatewayError:
             "/v1/chat/completions, /v1/responses, /v1/messages and Gemini routes.",
         )
     if exc.status == 405:
-        return GatewayError(405, "method_not_allowed", "Method not allowed on this route.")
+        # RFC 9110 §15.5.6: a 405 must say which methods the route takes.
+        allow = exc.headers.get("Allow", "")
+        return GatewayError(
+            405,
+            "method_not_allowed",
+            f"Method not allowed on this route (allowed: {allow}).",
+            headers={"Allow": allow},
+        )
     if exc.status == 413:
         return GatewayError(413, "request_too_large", "The request body is too large.")
     return GatewayError(exc.status if exc.status >= 400 else 400, "invalid_request", exc.reason)
@@ -53,6 +61,9 @@ async def _render(request: web.Request, ctx: RequestContext, err: GatewayError) 
         # Rejected before admission: still report the caller's limits (§6), consuming nothing.
         with contextlib.suppress(StorageError):
             ctx.decision = await request.app[SERVICES].limiter.peek(ctx.key.account, ctx.key.id)
+        # The key was cached as valid, but storage says revoked/expired: that wins (§2).
+        if ctx.decision is not None and (refused := key_error(ctx.decision.reason)) is not None:
+            err = refused
     headers = own_headers(ctx)
     headers.update(retry_headers(err.retry_after_ms, err.should_retry))
     headers.update(err.headers)

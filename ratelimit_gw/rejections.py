@@ -15,13 +15,19 @@ _KEY_MESSAGES = {
 }
 
 
+def key_error(reason: str) -> GatewayError | None:
+    """The 401 for a key the admission script refused; None for any other reason."""
+    message = _KEY_MESSAGES.get(reason)
+    return None if message is None else GatewayError(401, reason, message)
+
+
 def rejection_error(
     decision: Decision, model: Model, input_tokens: int, output_cap: int, hold_nano: int
 ) -> GatewayError:
     reason = decision.reason
     estimate = input_tokens + output_cap
-    if reason in _KEY_MESSAGES:
-        return GatewayError(401, reason, _KEY_MESSAGES[reason])
+    if (refused_key := key_error(reason)) is not None:
+        return refused_key
     if reason == "balance_exceeded":
         available = decision.available_nano or 0
         input_cost = -(-input_tokens * model.input_nano_usd_per_mtok // 1_000_000)

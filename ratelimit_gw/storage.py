@@ -75,7 +75,14 @@ def open_storage(settings: StorageSettings) -> Storage:
     scheme = urlsplit(url).scheme
     client: aioredis.Redis
     if scheme == "memory":
-        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=True)
+        # The same bounded, waiting pool as below: redis-py's default pool raises
+        # MaxConnectionsError once a burst needs more than 100 connections.
+        client = fakeredis.FakeAsyncRedis(
+            server=fakeredis.FakeServer(),
+            decode_responses=True,
+            connection_pool_class=aioredis.BlockingConnectionPool,
+            max_connections=settings.max_connections,
+        )
     elif scheme in ("redis", "rediss", "unix"):
         # A bounded pool that makes callers wait for a free connection (up to the command
         # timeout) rather than fail when a burst needs more connections than it holds.

@@ -1,4 +1,4 @@
-"""Behaviour of admit.lua / settle.lua / topup.lua through Limiter and AccountStore (§2, §4, §5, §11).
+"""admit.lua, settle.lua and topup.lua through Limiter and AccountStore (§2, §4, §5, §11).
 
 Every test takes ``storage`` and so runs on memory:// and on a real Redis. Times come from
 Redis ``TIME``; where a test needs a bucket to have refilled it rewinds the bucket's ``ts``
@@ -12,6 +12,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -483,6 +484,24 @@ async def test_settlement_refunds_unused_estimated_tokens(
     assert 1900 <= account_level <= 1900 + trickle
 
 
+async def test_settlement_corrects_from_the_estimate_charged_at_admission(
+    storage: Storage, accounts: AccountStore, limiter: Limiter
+) -> None:
+    await accounts.create_account("acme")
+    key_id = await new_key(accounts, tpm=60_000)  # refills 1 token per ms
+    bucket = AccountKeys("acme").bucket(f"key:{key_id}", "tpm")
+    request = admission(key_id, tokens=30_000)
+    start = await redis_ms(storage)
+    assert (await limiter.admit(request)).allowed
+
+    # A caller that lost track of its estimate cannot skew the bucket: 30 000 were charged,
+    # 10 000 used, so 20 000 come back (a refund from 50 000 would fill the bucket).
+    confused = replace(settlement(request, input_tokens=10_000), estimated_tokens=50_000)
+    await limiter.settle(confused)
+    level = await bucket_level(storage, bucket)
+    assert 50_000 <= level <= 50_000 + await refill_bound(storage, start, 60_000)
+
+
 async def test_settlement_debits_extra_tokens_below_zero_then_refills(
     storage: Storage, accounts: AccountStore, limiter: Limiter
 ) -> None:
@@ -620,14 +639,14 @@ async def test_overrun_is_recorded_and_the_next_request_is_refused(
         settlement(request, output_tokens=999, cost_nano=parse_usd("0.30"))
     )
     assert result.settled and result.overrun
-    assert result.balance_nano == parse_usd("-0.20")
+    assert result.balance_nano == -parse_usd("0.20")
     account = await accounts.get_account("acme")
     assert (account.balance_usd, account.overruns) == ("-0.20", 1)
     assert (await ledger_types(accounts))[:2] == ["overrun", "charge"]
 
     refused = await limiter.admit(admission(key_id, hold_nano=1))
     assert refused.reason == "balance_exceeded"
-    assert refused.available_nano == parse_usd("-0.20")
+    assert refused.available_nano == -parse_usd("0.20")
 
 
 async def test_settlement_on_a_postpaid_account_counts_spend_without_a_balance(
@@ -658,6 +677,7 @@ async def test_lease_of_an_unsettled_request_expires(
     assert (await limiter.admit(admission(key_id))).reason == "concurrency_exceeded"
 
     await sleep_past(storage, admitted_at + 310)
+    assert (await limiter.peek("acme", key_id)).concurrency_in_use == 0
     decision = await limiter.admit(admission(key_id))
     assert decision.allowed
     assert decision.concurrency_in_use == 1

@@ -7,12 +7,13 @@ status lines, headers and bodies are checked; every test runs on memory:// and r
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -361,7 +362,8 @@ async def test_revoked_key_is_401_key_revoked(
     gateway: Gateway, client: aiohttp.ClientSession
 ) -> None:
     key = await gateway.new_key()
-    assert (await call(client, gateway, "/v1/chat/completions", CHAT, auth("openai", key))).status
+    first = await call(client, gateway, "/v1/chat/completions", CHAT, auth("openai", key))
+    assert first.status == 200
     await gateway.accounts.revoke_key(await key_id(gateway, key))
     reply = await call(client, gateway, "/v1/chat/completions", CHAT, auth("openai", key))
     assert_error_envelope(reply, "openai", 401, "key_revoked")
@@ -509,7 +511,8 @@ async def test_wrong_method_is_405_invalid_request_error(
     key = await gateway.new_key()
     reply = await call(client, gateway, path, None, auth(protocol, key), method=method)
     assert_error_envelope(reply, protocol, 405, "method_not_allowed")
-    assert "POST" in reply.headers["Allow"] or "GET" in reply.headers["Allow"]
+    allowed = {m.strip() for m in reply.headers["Allow"].split(",")}
+    assert allowed == ({"GET", "HEAD"} if path == "/v1/models" else {"POST"})
 
 
 @pytest.mark.parametrize("protocol", BY_PROTOCOL)
@@ -574,17 +577,26 @@ async def test_tpm_429_states_the_token_limit(
     gateway: Gateway, client: aiohttp.ClientSession, protocol: str
 ) -> None:
     _, path, body = BY_PROTOCOL[protocol]
-    body = _with_output_cap(protocol, body, 100)
-    # Room for one request of ~110 estimated tokens, not two.
-    key = await gateway.new_key(tpm=200)
+    raw = json.dumps(_with_output_cap(protocol, body, 20)).encode()
+    estimate = math.ceil(len(raw) / 4) + 20
+    # Room for one estimate plus 10 tokens: even after settlement refunds the first
+    # request's unused estimate, its real usage (> 10 tokens) leaves too little.
+    tpm = estimate + 10
+    key = await gateway.new_key(tpm=tpm)
     headers = auth(protocol, key)
-    assert (await call(client, gateway, path, body, headers)).status == 200
-    reply = await call(client, gateway, path, body, headers)
+    first = await call(client, gateway, path, raw, headers)
+    assert first.status == 200
+    assert first.headers["x-ratelimit-remaining-tokens"] == "10"
+    reply = await call(client, gateway, path, raw, headers)
     message = assert_error_envelope(reply, protocol, 429, "tpm_exceeded")
-    assert "Your current limit is 200 tokens per minute" in message
-    assert reply.error()["rate_limit"] == {"rpm": None, "qps": None, "tpm": 200}
-    assert int(reply.headers["retry-after-ms"]) > 0
-    assert reply.headers["x-ratelimit-limit-tokens"] == "200"
+    assert f"Your current limit is {tpm} tokens per minute" in message
+    assert f"needs an estimated {estimate} tokens" in message
+    assert reply.error()["rate_limit"] == {"rpm": None, "qps": None, "tpm": tpm}
+    wait_ms = int(reply.headers["retry-after-ms"])
+    assert 0 < wait_ms <= math.ceil(estimate * 60_000 / tpm)
+    assert reply.headers["retry-after"] == str(max(1, math.ceil(wait_ms / 1000)))
+    assert reply.headers["x-ratelimit-limit-tokens"] == str(tpm)
+    assert len(gateway.upstream.state.requests) == 1
 
 
 @pytest.mark.parametrize("protocol", BY_PROTOCOL)
@@ -593,7 +605,9 @@ async def test_request_larger_than_the_token_limit_is_429_should_not_retry(
 ) -> None:
     _, path, body = BY_PROTOCOL[protocol]
     key = await gateway.new_key(tpm=100, rpm=10)
-    reply = await call(client, gateway, path, _with_output_cap(protocol, body, 500), auth(protocol, key))
+    reply = await call(
+        client, gateway, path, _with_output_cap(protocol, body, 500), auth(protocol, key)
+    )
     message = assert_error_envelope(reply, protocol, 429, "request_exceeds_limit")
     assert "limit of 100 tokens per minute" in message
     assert reply.headers["x-should-retry"] == "false"
@@ -611,9 +625,7 @@ async def test_insufficient_balance_is_402_should_not_retry(
     _, path, body = BY_PROTOCOL[protocol]
     key = await gateway.new_key(balance_usd="0.000010", rpm=10)
     reply = await call(client, gateway, path, body, auth(protocol, key))
-    message = assert_error_envelope(
-        reply, protocol, 402, "balance_exceeded", param=None
-    )
+    message = assert_error_envelope(reply, protocol, 402, "balance_exceeded", param=None)
     assert "$0.00001 available" in message
     assert "output tokens" in message
     assert reply.headers["x-should-retry"] == "false"
@@ -682,9 +694,7 @@ async def test_token_headers_only_when_a_token_limit_applies(
     reply = await call(client, gateway, "/v1/messages", MESSAGES, auth("anthropic", key))
     assert reply.status == 200
     assert_request_headers(reply, 10, 9)
-    for name in reply.headers:
-        assert not name.lower().endswith(("-tokens", "tokens-limit", "tokens-remaining"))
-        assert "tokens-reset" not in name.lower()
+    assert not [name for name in reply.headers if "tokens" in name.lower()]
     assert reply.headers["RateLimit-Policy"] == '"rpm";q=10;w=60'
     assert reply.headers["RateLimit"] == '"rpm";r=9;t=6'
 
@@ -714,13 +724,13 @@ async def test_remaining_requests_decrease_by_exactly_one_per_request(
     gateway: Gateway, client: aiohttp.ClientSession, protocol: str
 ) -> None:
     _, path, body = BY_PROTOCOL[protocol]
-    key = await gateway.new_key(rpm=50)
+    key = await gateway.new_key(rpm=10)
     seen = []
     for _ in range(4):
         reply = await call(client, gateway, path, body, auth(protocol, key))
         assert reply.status == 200
         seen.append(int(reply.headers["x-ratelimit-remaining-requests"]))
-    assert seen == [49, 48, 47, 46]
+    assert seen == [9, 8, 7, 6]
 
 
 @pytest.mark.parametrize("protocol", BY_PROTOCOL)
@@ -744,20 +754,28 @@ async def test_client_request_id_is_echoed_else_one_is_generated(
         assert bad.json()["request_id"] == "trace-42.abc_DEF"
 
 
-@pytest.mark.parametrize("bad_id", ["has space", "x" * 129, "caf\u00e9"])
+@pytest.mark.parametrize("bad_id", ["has space", "x" * 129])
 async def test_unusable_client_request_id_is_replaced(
     gateway: Gateway, client: aiohttp.ClientSession, bad_id: str
 ) -> None:
     key = await gateway.new_key()
     headers = {**auth("openai", key), "x-request-id": bad_id}
-    try:
-        reply = await call(client, gateway, "/v1/chat/completions", CHAT, headers)
-    except (ValueError, aiohttp.ClientError):  # a header value the client refuses to send
-        pytest.skip("client cannot send this header value")
+    reply = await call(client, gateway, "/v1/chat/completions", CHAT, headers)
     assert GENERATED_REQUEST_ID.match(reply.headers["x-request-id"])
 
 
 # --- §6 pre-admission errors: headers, nothing consumed --------------------------------
+
+
+async def wait_settled(gw: Gateway, account: str = "acme") -> None:
+    """Wait (bounded) until no hold is live: every admitted request has settled."""
+    deadline = time.monotonic() + 5
+    while True:
+        state = await gw.accounts.get_account(account)
+        if state.holds_live == 0 and state.held_usd == "0.00":
+            return
+        assert time.monotonic() < deadline, f"settlement did not finish: {state}"
+        await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize("protocol", BY_PROTOCOL)
@@ -765,59 +783,68 @@ async def test_rejection_before_admission_reports_limits_and_consumes_nothing(
     gateway: Gateway, client: aiohttp.ClientSession, protocol: str
 ) -> None:
     _, path, body = BY_PROTOCOL[protocol]
-    key = await gateway.new_key(rpm=10, tpm=50_000, concurrency=2)
+    key = await gateway.new_key(rpm=10, tpm=50_000, concurrency=2, balance_usd="1.00")
     headers = auth(protocol, key)
     ok = await call(client, gateway, path, body, headers)
     assert ok.status == 200
     assert_request_headers(ok, 10, 9)
-    tokens_after_first = ok.headers["x-ratelimit-remaining-tokens"]
+    await wait_settled(gateway)
+    balance = (await gateway.accounts.get_account("acme")).balance_usd
+    ledger_size = len(await gateway.accounts.ledger("acme"))
 
     if protocol == "gemini":
         unknown = ("/v1beta/models/no-such-model:generateContent", body)
         mismatch = ("/v1beta/models/gpt-4o:generateContent", body)
     else:
         unknown = (path, {**body, "model": "no-such-model"})
-        mismatch = (path, {**body, "model": GEMINI if protocol != "gemini" else "gpt-4o"})
+        mismatch = (path, {**body, "model": GEMINI})
     rejected = [
-        await call(client, gateway, unknown[0], unknown[1], headers),
-        await call(client, gateway, mismatch[0], mismatch[1], headers),
+        await call(client, gateway, *unknown, headers),
+        await call(client, gateway, *mismatch, headers),
         await call(client, gateway, path, b"{oops", headers),
         await call(client, gateway, path, b"[]", headers),
     ]
     assert [r.status for r in rejected] == [404, 400, 400, 400]
-    # The settlement of the first request may still be correcting the token bucket, so
-    # compare tokens only between the rejections themselves.
     for reply in rejected:
         assert_request_headers(reply, 10, 9)
         assert reply.headers["x-ratelimit-limit-tokens"] == "50000"
         assert GENERATED_REQUEST_ID.match(reply.headers["x-request-id"])
-        assert reply.headers["RateLimit-Policy"].startswith('"rpm";q=10;w=60, "tpm";q=50000;w=60')
-    token_values = {r.headers["x-ratelimit-remaining-tokens"] for r in rejected[1:]}
-    assert len(token_values) == 1
-    assert int(token_values.pop()) >= int(tokens_after_first)
+        assert reply.headers["RateLimit-Policy"] == (
+            '"rpm";q=10;w=60, "tpm";q=50000;w=60, "concurrency";q=2;qu="concurrent-requests"'
+        )
+        assert '"concurrency";r=2' in reply.headers["RateLimit"]
 
+    account = await gateway.accounts.get_account("acme")
+    assert (account.balance_usd, account.held_usd, account.holds_live) == (balance, "0.00", 0)
+    assert len(await gateway.accounts.ledger("acme")) == ledger_size
     second = await call(client, gateway, path, body, headers)
     assert second.status == 200
     assert_request_headers(second, 10, 8)
     assert len(gateway.upstream.state.requests) == 2
-    account = await gateway.accounts.get_account("acme")
-    assert account.holds_live == 0 or account.holds_live == 1  # the second may still settle
-    decision = await Limiter(gateway.storage).peek("acme", await key_id(gateway, key))
-    assert decision.requests is not None and decision.requests.remaining == 8
 
 
 async def test_rate_limited_request_consumes_nothing(
     gateway: Gateway, client: aiohttp.ClientSession
 ) -> None:
-    key = await gateway.new_key(rpm=1, account_tpm=10_000)
+    key = await gateway.new_key(rpm=1, account_tpm=100_000, concurrency=1, balance_usd="1.00")
     headers = auth("openai", key)
     assert (await call(client, gateway, "/v1/chat/completions", CHAT, headers)).status == 200
-    peek_before = await Limiter(gateway.storage).peek("acme", await key_id(gateway, key))
+    await wait_settled(gateway)
+    limiter = Limiter(gateway.storage)
+    kid = await key_id(gateway, key)
+    before = await limiter.peek("acme", kid)
+    balance = (await gateway.accounts.get_account("acme")).balance_usd
     for _ in range(3):
         reply = await call(client, gateway, "/v1/chat/completions", CHAT, headers)
         assert reply.status == 429
-    peek_after = await Limiter(gateway.storage).peek("acme", await key_id(gateway, key))
-    assert peek_before.tokens is not None and peek_after.tokens is not None
-    # Tokens only refill while rejected requests are turned away.
-    assert peek_after.tokens.remaining >= peek_before.tokens.remaining
+        assert reply.error()["reason"] == "rpm_exceeded"
+    after = await limiter.peek("acme", kid)
+    assert before.requests is not None and after.requests is not None
+    assert before.tokens is not None and after.tokens is not None
+    assert after.requests.remaining == before.requests.remaining == 0
+    # Tokens only refill (100000/min) while rejected requests are turned away.
+    assert before.tokens.remaining <= after.tokens.remaining <= before.tokens.remaining + 100
+    assert after.concurrency_in_use == before.concurrency_in_use == 0
+    account = await gateway.accounts.get_account("acme")
+    assert (account.balance_usd, account.held_usd, account.holds_live) == (balance, "0.00", 0)
     assert len(gateway.upstream.state.requests) == 1

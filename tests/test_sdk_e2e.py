@@ -516,10 +516,13 @@ async def test_anthropic_sdk_retry_waits_retry_after_ms_then_succeeds(gateway: G
         await settled(gateway, "acme", 1)
         log.attempts.clear()
         case = RetryCase(log, t0, 5750 + 20)
-        msg = await client.messages.create(
+        # Streaming this time: the SDK retries a stream that was refused before it began.
+        async with client.messages.stream(
             model="claude-sonnet-4-6", messages=CLAUDE_MESSAGES, max_tokens=RETRY_MAX_TOKENS
-        )
+        ) as stream:
+            msg = await stream.get_final_message()
     assert msg.content[0].type == "text" and msg.content[0].text == FULL_TEXT
+    assert gateway.upstream.state.requests[-1].json()["stream"] is True
     assert_retry_obeyed(gateway, case, RETRY_MAX_TOKENS)
 
 
