@@ -7,6 +7,7 @@ from functools import partial
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from . import admin, listing
 from .accounts import AccountStore
@@ -14,6 +15,7 @@ from .auth import KeyCache
 from .catalog import Catalog
 from .gateway import handle_llm
 from .limiter import Limiter
+from .metrics import StorageMetrics, create_metrics, exposition
 from .middleware import error_middleware
 from .protocols import Route
 from .relay import Relay
@@ -44,9 +46,12 @@ def create_app(settings: Settings, storage: Storage | None = None) -> web.Applic
         store = open_storage(settings.storage) if storage is None else storage
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+        registry = CollectorRegistry()
+        metrics = create_metrics(registry, settings.metrics.account_label)
+        store.observer = StorageMetrics(metrics)
         accounts = AccountStore(store)
         limiter = Limiter(store)
-        settler = Settler(limiter)
+        settler = Settler(limiter, metrics)
         app[SERVICES] = Services(
             settings=settings,
             storage=store,
@@ -55,7 +60,9 @@ def create_app(settings: Settings, storage: Storage | None = None) -> web.Applic
             limiter=limiter,
             settler=settler,
             catalog=Catalog(settings.models),
-            relay=Relay(session),
+            relay=Relay(session, metrics),
+            metrics=metrics,
+            registry=registry,
         )
         yield
         await settler.drain()
@@ -73,9 +80,36 @@ def create_app(settings: Settings, storage: Storage | None = None) -> web.Applic
     for version in ("v1beta", "v1"):
         app.router.add_post(f"/{version}/models/{{model_action:.+}}", gemini_model_action)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.on_shutdown.append(start_draining)
     admin.add_routes(app)
     return app
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers."""
     return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: config loaded, storage answering, not shutting down."""
+    svc = request.app[SERVICES]
+    checks = {
+        "config": True,
+        "storage": await svc.storage.ping(),
+        "draining": svc.draining,
+    }
+    ready = checks["storage"] and not svc.draining
+    return web.json_response({"ready": ready, **checks}, status=200 if ready else 503)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    body, content_type = exposition(request.app[SERVICES].registry)
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+async def start_draining(app: web.Application) -> None:
+    app[SERVICES].draining = True

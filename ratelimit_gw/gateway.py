@@ -85,6 +85,7 @@ async def handle_llm(
     body = await request.read()
     info: RequestInfo = adapter.parse_request(route, body, path_model)
     model = svc.catalog.resolve(info.model or "", ctx.protocol)
+    ctx.model = model.id
     if not key.allows_model(model.id):
         raise GatewayError(
             403,
@@ -114,8 +115,12 @@ async def handle_llm(
         )
     )
     ctx.decision = decision
+    if decision.holds_expired:
+        svc.metrics.holds.labels("expired").inc(decision.holds_expired)
     if not decision.allowed:
         raise rejection_error(decision, model, input_estimate, output_cap, hold_nano)
+    if hold_nano and decision.available_nano is not None:
+        svc.metrics.holds.labels("placed").inc()
 
     upstream_body = adapter.prepare_upstream_body(route, body, info)
     if (
@@ -125,6 +130,8 @@ async def handle_llm(
     ):
         upstream_body = _rename_model(upstream_body, model.upstream_id)
     call = UpstreamCall(
+        provider=provider.name,
+        model=model.id,
         method="POST",
         url=_upstream_url(request, route, model),
         headers=upstream_request_headers(request.headers, provider.upstream_headers),
@@ -154,6 +161,14 @@ async def handle_llm(
         if result.outcome == "pending":
             result.outcome = "upstream_error"
         usage = billable_usage(result, input_estimate, output_cap)
+        ctx.input_tokens, ctx.output_tokens = usage.input_tokens, usage.output_tokens
+        ctx.cost_nano = cost_nano(
+            usage.input_tokens,
+            usage.output_tokens,
+            model.input_nano_usd_per_mtok,
+            model.output_nano_usd_per_mtok,
+        )
+        ctx.upstream_ttfb_s = result.ttfb_s
         svc.settler.submit(
             Settlement(
                 account_id=key.account,
@@ -162,12 +177,7 @@ async def handle_llm(
                 estimated_tokens=estimated_tokens,
                 input_tokens=usage.input_tokens,
                 output_tokens=usage.output_tokens,
-                cost_nano=cost_nano(
-                    usage.input_tokens,
-                    usage.output_tokens,
-                    model.input_nano_usd_per_mtok,
-                    model.output_nano_usd_per_mtok,
-                ),
+                cost_nano=ctx.cost_nano,
                 model=model.id,
                 outcome=result.outcome,
             )

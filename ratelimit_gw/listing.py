@@ -9,9 +9,8 @@ from .accounts import KeyRecord
 from .catalog import gemini_model
 from .errors import GatewayError
 from .protocols import ADAPTERS
+from .rejections import key_error
 from .services import SERVICES, context
-
-_KEY_REASONS = {"invalid_key", "key_revoked", "key_expired"}
 
 
 async def _authenticated(request: web.Request) -> KeyRecord:
@@ -23,8 +22,8 @@ async def _authenticated(request: web.Request) -> KeyRecord:
     reader = ADAPTERS["anthropic" if ctx.protocol == "openai" else ctx.protocol]
     key = await svc.keys.authenticate(reader.credential(request.headers, request.query))
     decision = await svc.limiter.peek(key.account, key.id)
-    if decision.reason in _KEY_REASONS:
-        raise GatewayError(401, decision.reason, "This API key is not valid anymore.")
+    if (refused := key_error(decision.reason)) is not None:
+        raise refused
     ctx.key, ctx.decision = key, decision
     return key
 

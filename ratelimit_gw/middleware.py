@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
+import msgspec
 from aiohttp import web
 
 from .errors import GatewayError
 from .gateway import new_request_id, own_headers
 from .headers import retry_headers
+from .money import format_usd
 from .protocols import ADAPTERS
 from .rejections import key_error
-from .services import CONTEXT, SERVICES, RequestContext
+from .services import CONTEXT, SERVICES, RequestContext, Services
 from .storage import StorageError
 
 log = logging.getLogger("ratelimit_gw.errors")
+access_log = logging.getLogger("ratelimit_gw.access")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -76,18 +81,31 @@ async def _render(request: web.Request, ctx: RequestContext, err: GatewayError) 
     )
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    ctx = RequestContext(new_request_id(request.headers.get("x-request-id")), protocol_of(request))
-    request[CONTEXT] = ctx
+# Probes and scrapes are not traffic: they are neither counted nor logged.
+_QUIET_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
+
+
+def _route_label(request: web.Request) -> str:
+    """The matched route's template (bounded cardinality), never the raw path."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+async def _answer(
+    request: web.Request, ctx: RequestContext, handler: Handler
+) -> web.StreamResponse:
     try:
         response = await handler(request)
     except GatewayError as err:
+        ctx.reason = err.reason
         return await _render(request, ctx, err)
     except web.HTTPException as exc:
-        return await _render(request, ctx, _as_gateway_error(exc))
+        mapped = _as_gateway_error(exc)
+        ctx.reason = mapped.reason
+        return await _render(request, ctx, mapped)
     except StorageError as exc:
         log.error("storage failed for %s: %s", ctx.request_id, exc)
+        ctx.reason = "storage_unavailable"
         return await _render(
             request,
             ctx,
@@ -100,6 +118,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
     except Exception:
         log.exception("unhandled error in %s", ctx.request_id)
+        ctx.reason = "internal_error"
         return await _render(
             request, ctx, GatewayError(500, "internal_error", "The gateway failed unexpectedly.")
         )
@@ -107,3 +126,62 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         for name, value in own_headers(ctx).items():
             response.headers.setdefault(name, value)
     return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    ctx = RequestContext(
+        new_request_id(request.headers.get("x-request-id")),
+        protocol_of(request),
+        time.perf_counter(),
+    )
+    request[CONTEXT] = ctx
+    if request.path in _QUIET_PATHS:
+        return await _answer(request, ctx, handler)
+    svc = request.app[SERVICES]
+    svc.metrics.inflight.inc()
+    status = 499  # the client went away before an answer (nginx's convention)
+    try:
+        response = await _answer(request, ctx, handler)
+        status = response.status
+        return response
+    finally:
+        svc.metrics.inflight.dec()
+        record_request(svc, request, ctx, status)
+
+
+def record_request(svc: Services, request: web.Request, ctx: RequestContext, status: int) -> None:
+    """Count the request, time it, and write its access-log line."""
+    duration_s = time.perf_counter() - ctx.started
+    route = _route_label(request)
+    account = ctx.key.account if ctx.key else None
+    m = svc.metrics
+    m.requests.labels(route, ctx.protocol, ctx.model, str(status), *m.account(account)).inc()
+    m.request_duration.labels(route, ctx.protocol).observe(duration_s)
+    if ctx.reason and status >= 400:
+        m.rejections.labels(ctx.reason, *m.account(account)).inc()
+    if svc.settings.log.access_log:
+        access_log.info(
+            msgspec.json.encode(
+                {
+                    "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                    "request_id": ctx.request_id,
+                    "method": request.method,
+                    "path": request.path,  # never the query: Gemini callers may put a key there
+                    "route": route,
+                    "protocol": ctx.protocol,
+                    "status": status,
+                    "reason": ctx.reason or None,
+                    "key_id": ctx.key.id if ctx.key else None,
+                    "account": account,
+                    "model": None if ctx.model == "-" else ctx.model,
+                    "input_tokens": ctx.input_tokens,
+                    "output_tokens": ctx.output_tokens,
+                    "cost_usd": format_usd(ctx.cost_nano),
+                    "duration_ms": round(duration_s * 1000, 3),
+                    "upstream_ttfb_ms": None
+                    if ctx.upstream_ttfb_s is None
+                    else round(ctx.upstream_ttfb_s * 1000, 3),
+                }
+            ).decode()
+        )

@@ -7,14 +7,16 @@ event by event as they arrive while a protocol tap reads the usage.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
 from .errors import GatewayError
+from .metrics import Metrics
 from .protocols import StreamTap, Usage
 
 HOP_BY_HOP = frozenset(
@@ -53,6 +55,8 @@ MAX_ERROR_BODY_BYTES = 1 << 20
 
 @dataclass(frozen=True, slots=True)
 class UpstreamCall:
+    provider: str  # labels for the upstream metrics
+    model: str
     method: str
     url: str
     headers: dict[str, str]
@@ -67,16 +71,17 @@ class RelayResult:
 
     outcome: str = "pending"  # ok | upstream_error | client_disconnect | upstream_cut
     status: int = 0
+    ttfb_s: float | None = None  # until the upstream's response headers
     usage: Usage | None = None
     output_chars: int = 0
-    sent_upstream: bool = False
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def upstream_request_headers(
     client_headers: Mapping[str, str], provider_headers: Mapping[str, str]
 ) -> dict[str, str]:
-    headers = {k: v for k, v in client_headers.items() if k.lower() not in _DROP_REQUEST}
+    # The provider's headers replace a client header of the same name in any letter case.
+    replaced = _DROP_REQUEST | {name.lower() for name in provider_headers}
+    headers = {k: v for k, v in client_headers.items() if k.lower() not in replaced}
     headers.update(provider_headers)
     return headers
 
@@ -96,8 +101,9 @@ def client_response_headers(
 
 
 class Relay:
-    def __init__(self, session: aiohttp.ClientSession) -> None:
+    def __init__(self, session: aiohttp.ClientSession, metrics: Metrics) -> None:
         self._session = session
+        self._metrics = metrics
 
     async def forward(
         self,
@@ -110,33 +116,48 @@ class Relay:
     ) -> web.StreamResponse:
         """Call the upstream; stream when ``new_tap`` is given and the answer is a 2xx stream."""
         timeout = aiohttp.ClientTimeout(total=call.total_timeout_s, connect=call.connect_timeout_s)
+        started = time.perf_counter()
         try:
             async with self._session.request(
                 call.method, call.url, data=call.body, headers=call.headers, timeout=timeout
             ) as upstream:
-                result.sent_upstream = True
+                result.ttfb_s = time.perf_counter() - started
                 result.status = upstream.status
+                self._metrics.upstream_ttfb.labels(call.provider, call.model).observe(result.ttfb_s)
                 headers = client_response_headers(upstream.headers, own_headers)
                 if upstream.status >= 400 or new_tap is None:
-                    return await self._buffered(upstream, headers, result, parse_usage)
-                return await self._streamed(request, upstream, headers, result, new_tap())
+                    response: web.StreamResponse = await self._buffered(
+                        upstream, headers, result, parse_usage
+                    )
+                else:
+                    response = await self._streamed(request, upstream, headers, result, new_tap())
         except TimeoutError:
             result.outcome = "upstream_error"
+            self._count(call, "timeout")
             raise GatewayError(
                 504, "upstream_timeout", "The upstream did not answer in time.", retry_after_ms=1000
             ) from None
         except aiohttp.ClientConnectorError:
             result.outcome = "upstream_error"
+            self._count(call, "unreachable")
             raise GatewayError(
                 502, "upstream_unreachable", "The upstream could not be reached."
             ) from None
         except aiohttp.ClientError as exc:
             result.outcome = "upstream_error"
+            self._count(call, "unreachable")
             raise GatewayError(
                 502,
                 "upstream_unreachable",
                 f"The upstream connection failed ({type(exc).__name__}).",
             ) from None
+        self._count(
+            call, "cut" if result.outcome == "upstream_cut" else f"{result.status // 100}xx"
+        )
+        return response
+
+    def _count(self, call: UpstreamCall, outcome: str) -> None:
+        self._metrics.upstream_responses.labels(call.provider, outcome).inc()
 
     async def _buffered(
         self,

@@ -53,6 +53,9 @@ class StorageSettings(_Section):
     connect_timeout_s: PositiveFloat = 1.0
     command_timeout_s: PositiveFloat = 1.0
     max_connections: PositiveInt = 64  # per gateway process
+    # Consecutive failures that open the circuit breaker, and how long it stays open.
+    breaker_failures: PositiveInt = 5
+    breaker_cooldown_s: PositiveFloat = 2.0
     # How long a gateway may reuse a key lookup. Revocation does not wait for it: the
     # admission script reads the key's revoked flag from storage on every request (§2).
     key_cache_ttl_s: Annotated[float, msgspec.Meta(ge=0, le=300)] = 30.0
@@ -81,6 +84,16 @@ class ModelSettings(_Section):
     created: int = 0
 
 
+class MetricsSettings(_Section):
+    # Adds an ``account`` label to per-request series: one series per account, so only
+    # for deployments with a bounded number of accounts.
+    account_label: bool = False
+
+
+class LogSettings(_Section):
+    access_log: bool = True  # one JSON line per request on the ratelimit_gw.access logger
+
+
 class AdminSettings(_Section):
     token_env: str = "RLGW_ADMIN_TOKEN"
 
@@ -93,6 +106,8 @@ class FileSettings(_Section):
     admin: AdminSettings = msgspec.field(default_factory=AdminSettings)
     providers: list[ProviderSettings] = []
     models: list[ModelSettings] = []
+    metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
+    log: LogSettings = msgspec.field(default_factory=LogSettings)
 
 
 class Provider(msgspec.Struct, frozen=True, kw_only=True):
@@ -129,6 +144,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     providers: dict[str, Provider]
     models: dict[str, Model]
     admin_token: str | None
+    metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
+    log: LogSettings = msgspec.field(default_factory=LogSettings)
 
 
 def usd_to_nano(value: float | str, path: str) -> int:
@@ -268,6 +285,8 @@ def build_settings(raw: dict[str, Any], environ: Mapping[str, str] | None = None
         providers=providers,
         models=models,
         admin_token=env.get(file.admin.token_env) or None,
+        metrics=file.metrics,
+        log=file.log,
     )
 
 

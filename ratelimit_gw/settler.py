@@ -6,6 +6,8 @@ import asyncio
 import logging
 
 from .limiter import Limiter, Settlement, SettleResult
+from .metrics import Metrics
+from .money import NANO_PER_USD
 from .storage import StorageError
 
 log = logging.getLogger("ratelimit_gw.settle")
@@ -13,8 +15,9 @@ RETRY_DELAYS_S = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 class Settler:
-    def __init__(self, limiter: Limiter) -> None:
+    def __init__(self, limiter: Limiter, metrics: Metrics) -> None:
         self._limiter = limiter
+        self._metrics = metrics
         self._tasks: set[asyncio.Task[SettleResult | None]] = set()
 
     def submit(self, settlement: Settlement) -> asyncio.Task[SettleResult | None]:
@@ -28,9 +31,10 @@ class Settler:
         # settle.lua is idempotent per request id, so retrying after an unclear failure is safe.
         for delay in (*RETRY_DELAYS_S, None):
             try:
-                return await self._limiter.settle(settlement)
+                result = await self._limiter.settle(settlement)
             except StorageError as exc:
                 if delay is None:
+                    self._metrics.settlement_failures.inc()
                     log.error(
                         "settlement of %s failed for good: %s (its hold expires by TTL)",
                         settlement.request_id,
@@ -39,7 +43,23 @@ class Settler:
                     return None
                 log.warning("settlement of %s failed, retrying: %s", settlement.request_id, exc)
                 await asyncio.sleep(delay)
+                continue
+            self._record(settlement, result)
+            return result
         return None
+
+    def _record(self, s: Settlement, result: SettleResult) -> None:
+        if not result.settled:
+            return  # a repeat: counted the first time
+        m = self._metrics
+        account = m.account(s.account_id)
+        m.tokens.labels(s.model, "input", *account).inc(s.input_tokens)
+        m.tokens.labels(s.model, "output", *account).inc(s.output_tokens)
+        m.cost_usd.labels(s.model, *account).inc(s.cost_nano / NANO_PER_USD)
+        if result.released_nano > 0:
+            m.holds.labels("settled").inc()
+        if result.overrun:
+            m.balance_overruns.inc()
 
     @property
     def pending(self) -> int:

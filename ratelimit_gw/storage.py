@@ -9,8 +9,10 @@ exception type.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import fakeredis
@@ -18,6 +20,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from .breaker import Breaker
 from .settings import ConfigError, StorageSettings
 
 SCRIPT_NAMES = ("admit", "settle", "topup", "create_account")
@@ -33,31 +36,56 @@ def load_script(name: str) -> str:
 
 
 class Storage:
-    """One Redis client and the registered scripts; :meth:`run` is the only script caller."""
+    """One Redis client and the registered scripts; every call goes through :meth:`_guarded`.
 
-    def __init__(self, client: aioredis.Redis, url: str, command_timeout_s: float) -> None:
+    ``observer`` (set by the app) receives each call's operation name, duration and success,
+    and the breaker's state changes: that is how storage health reaches the metrics.
+    """
+
+    def __init__(self, client: aioredis.Redis, settings: StorageSettings) -> None:
         self.client = client
-        self.url = url
-        self._timeout_s = command_timeout_s
+        self.url = settings.url
+        self._timeout_s = settings.command_timeout_s
+        self.observer: StorageObserver | None = None
+        self.breaker = Breaker(
+            settings.breaker_failures, settings.breaker_cooldown_s, self._breaker_changed
+        )
         # register_script handles NOSCRIPT itself (reloads after SCRIPT FLUSH or failover).
         self.scripts: dict[str, AsyncScript] = {
             name: client.register_script(load_script(name)) for name in SCRIPT_NAMES
         }
 
-    async def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+    def _breaker_changed(self, state: str) -> None:
+        if self.observer is not None:
+            self.observer.breaker_changed(state)
+
+    async def _guarded(self, operation: str, call: Awaitable[Any]) -> Any:
+        if not self.breaker.allow():
+            call.close()  # type: ignore[attr-defined]
+            raise StorageError(f"storage call {operation} refused: circuit breaker open")
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s):
-                return await self.scripts[script](keys=keys, args=args)
+                result = await call
         except (RedisError, OSError, TimeoutError) as exc:
-            raise StorageError(f"storage call {script} failed: {type(exc).__name__}") from exc
+            self.breaker.record_failure()
+            if self.observer is not None:
+                self.observer.storage_call(operation, time.perf_counter() - started, False)
+            raise StorageError(f"storage call {operation} failed: {type(exc).__name__}") from exc
+        self.breaker.record_success()
+        if self.observer is not None:
+            self.observer.storage_call(operation, time.perf_counter() - started, True)
+        return result
+
+    async def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        return await self._guarded(script, self.scripts[script](keys=keys, args=args))
 
     async def call(self, command: str, *args: Any) -> Any:
-        """A plain Redis command, with the same timeout and error wrapping as scripts."""
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                return await self.client.execute_command(command, *args)  # type: ignore[no-untyped-call]
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise StorageError(f"storage call {command} failed: {type(exc).__name__}") from exc
+        """A plain Redis command, with the same timeout, breaker and error wrapping."""
+        return await self._guarded(
+            command.lower(),
+            self.client.execute_command(command, *args),  # type: ignore[no-untyped-call]
+        )
 
     async def ping(self) -> bool:
         try:
@@ -68,6 +96,12 @@ class Storage:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+class StorageObserver(Protocol):
+    def storage_call(self, operation: str, duration_s: float, ok: bool) -> None: ...
+
+    def breaker_changed(self, state: str) -> None: ...
 
 
 def open_storage(settings: StorageSettings) -> Storage:
@@ -98,4 +132,4 @@ def open_storage(settings: StorageSettings) -> Storage:
         client = aioredis.Redis.from_pool(pool)  # the client owns and closes the pool
     else:
         raise ConfigError(f"storage.url: {scheme}:// is not supported by this build yet")
-    return Storage(client, url, settings.command_timeout_s)
+    return Storage(client, settings)

@@ -1,0 +1,194 @@
+"""Every Prometheus metric the gateway exports (§13), declared together.
+
+Labels are low-cardinality by default: route, protocol, configured model, status, reason.
+``[metrics] account_label = true`` adds ``account`` to the per-request series. With several
+worker processes, prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set by
+``serve --workers``) makes ``/metrics`` of any worker report the sum over all of them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+LATENCY_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+)
+STORAGE_BUCKETS_S = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+)
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+@dataclass(frozen=True)
+class Metrics:
+    account_label: bool
+    requests: Counter
+    rejections: Counter
+    request_duration: Histogram
+    upstream_ttfb: Histogram
+    upstream_responses: Counter
+    tokens: Counter
+    cost_usd: Counter
+    holds: Counter
+    balance_overruns: Counter
+    settlement_failures: Counter
+    storage_duration: Histogram
+    storage_errors: Counter
+    breaker_state: Gauge
+    inflight: Gauge
+
+    def account(self, account_id: str | None) -> tuple[str, ...]:
+        """The extra label values for per-account series (none unless opted in)."""
+        return (account_id or "-",) if self.account_label else ()
+
+
+def create_metrics(registry: CollectorRegistry | None, account_label: bool = False) -> Metrics:
+    """Register every metric in ``registry`` (a fresh one per app, so tests stay isolated)."""
+    acct = ("account",) if account_label else ()
+    return Metrics(
+        account_label=account_label,
+        requests=Counter(
+            "rlgw_requests",
+            "Requests answered, by route, protocol, model, status",
+            ["route", "protocol", "model", "status", *acct],
+            registry=registry,
+        ),
+        rejections=Counter(
+            "rlgw_rejections",
+            "Requests the gateway refused, by reason",
+            ["reason", *acct],
+            registry=registry,
+        ),
+        request_duration=Histogram(
+            "rlgw_request_duration_seconds",
+            "Time from request to the end of the response (streams included)",
+            ["route", "protocol"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        ),
+        upstream_ttfb=Histogram(
+            "rlgw_upstream_ttfb_seconds",
+            "Time from sending a request upstream to its response headers",
+            ["provider", "model"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        ),
+        upstream_responses=Counter(
+            "rlgw_upstream_responses",
+            "Upstream outcomes: 2xx, 4xx, 5xx, timeout, unreachable, cut",
+            ["provider", "outcome"],
+            registry=registry,
+        ),
+        tokens=Counter(
+            "rlgw_tokens",
+            "Tokens settled, by model and direction (input|output)",
+            ["model", "direction", *acct],
+            registry=registry,
+        ),
+        cost_usd=Counter(
+            "rlgw_cost_usd", "Cost settled, in USD, by model", ["model", *acct], registry=registry
+        ),
+        holds=Counter(
+            "rlgw_holds",
+            "Balance holds by event (placed|settled|expired)",
+            ["event"],
+            registry=registry,
+        ),
+        balance_overruns=Counter(
+            "rlgw_balance_overruns", "Settlements that took a balance below zero", registry=registry
+        ),
+        settlement_failures=Counter(
+            "rlgw_settlement_failures",
+            "Settlements abandoned after every retry failed",
+            registry=registry,
+        ),
+        storage_duration=Histogram(
+            "rlgw_storage_duration_seconds",
+            "Storage call latency, by operation",
+            ["operation"],
+            buckets=STORAGE_BUCKETS_S,
+            registry=registry,
+        ),
+        storage_errors=Counter(
+            "rlgw_storage_errors",
+            "Failed storage calls, by operation",
+            ["operation"],
+            registry=registry,
+        ),
+        breaker_state=Gauge(
+            "rlgw_breaker_state",
+            "Storage circuit breaker: 0 closed, 1 half-open, 2 open",
+            multiprocess_mode="max",
+            registry=registry,
+        ),
+        inflight=Gauge(
+            "rlgw_inflight_requests",
+            "Requests being served now",
+            multiprocess_mode="livesum",
+            registry=registry,
+        ),
+    )
+
+
+def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The text for ``/metrics``: this process's registry, or every worker's in multiprocess."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        combined = CollectorRegistry()
+        multiprocess.MultiProcessCollector(combined)  # type: ignore[no-untyped-call]
+        return generate_latest(combined), CONTENT_TYPE_LATEST
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class StorageMetrics:
+    """Feeds storage call latency, errors and breaker state into the metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        metrics.breaker_state.set(BREAKER_STATES["closed"])
+
+    def storage_call(self, operation: str, duration_s: float, ok: bool) -> None:
+        self._metrics.storage_duration.labels(operation).observe(duration_s)
+        if not ok:
+            self._metrics.storage_errors.labels(operation).inc()
+
+    def breaker_changed(self, state: str) -> None:
+        self._metrics.breaker_state.set(BREAKER_STATES[state])
