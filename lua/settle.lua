@@ -14,6 +14,9 @@
 --   1 request_id   2 key_id   3 estimated tokens charged at admission   4 actual tokens
 --   5 cost, nano-USD (integer)   6 model   7 input tokens   8 output tokens
 --   9 outcome ("ok", "upstream_error", "client_disconnect", ...)
+--  10 the request id the caller saw (x-request-id), written as the entry's request_id; empty
+--     = ARGV[1]. ARGV[1] itself, the gateway's own unique id, is the entry's settlement_id and
+--     the only id deduplication uses, so a client reusing its x-request-id is charged each time.
 -- Reply: {settled (1, or 0 for a duplicate), overrun (1 if the balance went below zero),
 --         balance_nano after (string), hold released, nano-USD (string)}
 
@@ -81,7 +84,10 @@ end
 local balance_text = string.format('%.0f', balance)
 local entry_type = 'charge'
 if tonumber(cost_nano) == 0 then entry_type = 'release' end
-redis.call('XADD', KEYS[9], '*', 'type', entry_type, 'request_id', request_id,
+local shown_id = request_id
+if ARGV[10] and ARGV[10] ~= '' then shown_id = ARGV[10] end
+redis.call('XADD', KEYS[9], '*', 'type', entry_type, 'request_id', shown_id,
+  'settlement_id', request_id,
   'key_id', key_id, 'model', ARGV[6], 'input_tokens', ARGV[7], 'output_tokens', ARGV[8],
   'cost_nano', cost_nano, 'balance_nano', balance_text, 'outcome', ARGV[9])
 

@@ -94,6 +94,7 @@ class LedgerEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
     balance_usd: str | None = None
     outcome: str | None = None
     idempotency_key: str | None = None
+    settlement_id: str | None = None  # the gateway's own id (request_id is the caller's)
 
 
 def hash_key(secret: str) -> str:
@@ -192,10 +193,12 @@ class AccountStore:
     async def get_account(self, account_id: str) -> Account:
         _check_id(account_id, "account id")
         keys = AccountKeys(account_id)
-        raw: dict[str, str] = await self._storage.call("HGETALL", keys.account)
+        # One snapshot: a settlement landing between two reads would mix two states.
+        raw, live = await self._storage.call_many(
+            [("HGETALL", keys.account), ("HLEN", keys.holds)], atomic=True
+        )
         if not raw:
             raise AccountError(404, "account_not_found", f"account {account_id!r} not found")
-        live = int(await self._storage.call("HLEN", keys.holds))
         balance, held = int(raw.get("balance_nano", 0)), int(raw.get("held_nano", 0))
         return Account(
             id=account_id,
@@ -208,9 +211,9 @@ class AccountStore:
             rpm=_opt_int(raw.get("rpm")),
             tpm=_opt_int(raw.get("tpm")),
             concurrency=_opt_int(raw.get("concurrency")),
-            rpm_policy=raw.get("rpm_policy", "fixed"),  # type: ignore[arg-type]
+            rpm_policy=raw.get("rpm_policy", "fixed"),
             rpm_override=_opt_int(raw.get("rpm_override")),
-            holds_live=live,
+            holds_live=int(live),
             holds_expired=int(raw.get("holds_expired", 0)),
             overruns=int(raw.get("overruns", 0)),
             created_at=_iso(int(raw["created_ms"])),
@@ -283,40 +286,34 @@ class AccountStore:
         expires_at: str | None = None,
     ) -> CreatedKey:
         await self.get_account(account_id)
-        for limit_name, value in (("rpm", rpm), ("tpm", tpm), ("concurrency", concurrency)):
-            _check_limit(limit_name, value)
-        if models is not None and (
-            not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)
-        ):
-            raise AccountError(400, "invalid_request", "models must be a list of model ids/globs")
-        secret = KEY_PREFIX + secrets.token_urlsafe(32)
-        key_id = "key_" + secrets.token_hex(8)
-        now_ms = int(time.time() * 1000)
-        fields: list[Any] = [
-            "created_ms",
-            now_ms,
-            "account",
-            account_id,
-            "name",
-            name,
-            "prefix",
-            secret[:12],
-            "models",
-            msgspec.json.encode(models or []).decode(),
-        ]
-        for limit_name, value in (("rpm", rpm), ("tpm", tpm), ("concurrency", concurrency)):
-            if value is not None:
-                fields += [limit_name, value]
-        if expires_at is not None:
-            fields += ["expires_ms", parse_time_ms(expires_at)]
-        # The key's own hash first: an index entry never points at a missing key.
-        await self._storage.call("HSET", AccountKeys(account_id).key(key_id), *fields)
-        await self._storage.call("SADD", AccountKeys(account_id).key_ids, key_id)
-        await self._storage.call("SET", keyspace.key_account(key_id), account_id)
-        await self._storage.call(
-            "SET", keyspace.key_by_hash(hash_key(secret)), f"{account_id} {key_id}"
+        secret, key_id, writes = _new_key_writes(
+            account_id, name, models, rpm, tpm, concurrency, expires_at
         )
+        # In order: the key's own hash first, so an index entry never points at nothing.
+        for command in writes:
+            await self._storage.call(*command)
         return CreatedKey(key=secret, record=await self.get_key(account_id, key_id))
+
+    async def create_keys(self, account_id: str, count: int, **limits: int | None) -> list[str]:
+        """Many keys alike, in pipelined batches (benchmarks, bulk provisioning)."""
+        await self.get_account(account_id)
+        secrets_out: list[str] = []
+        for start in range(0, count, 1000):
+            batch: list[tuple[Any, ...]] = []
+            for _ in range(min(1000, count - start)):
+                secret, _key_id, writes = _new_key_writes(
+                    account_id,
+                    "",
+                    None,
+                    limits.get("rpm"),
+                    limits.get("tpm"),
+                    limits.get("concurrency"),
+                    None,
+                )
+                secrets_out.append(secret)
+                batch.extend(writes)
+            await self._storage.call_many(batch)
+        return secrets_out
 
     async def get_key(self, account_id: str, key_id: str) -> KeyRecord:
         raw: dict[str, str] = await self._storage.call(
@@ -372,6 +369,51 @@ class AccountStore:
             return None
 
 
+def _new_key_writes(
+    account_id: str,
+    name: str,
+    models: list[str] | None,
+    rpm: int | None,
+    tpm: int | None,
+    concurrency: int | None,
+    expires_at: str | None,
+) -> tuple[str, str, list[tuple[Any, ...]]]:
+    """A new secret, its key id, and the storage writes that create it (in order)."""
+    for limit_name, value in (("rpm", rpm), ("tpm", tpm), ("concurrency", concurrency)):
+        _check_limit(limit_name, value)
+    if models is not None and (
+        not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)
+    ):
+        raise AccountError(400, "invalid_request", "models must be a list of model ids/globs")
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    key_id = "key_" + secrets.token_hex(8)
+    fields: list[Any] = [
+        "created_ms",
+        int(time.time() * 1000),
+        "account",
+        account_id,
+        "name",
+        name,
+        "prefix",
+        secret[:12],
+        "models",
+        msgspec.json.encode(models or []).decode(),
+    ]
+    for limit_name, value in (("rpm", rpm), ("tpm", tpm), ("concurrency", concurrency)):
+        if value is not None:
+            fields += [limit_name, value]
+    if expires_at is not None:
+        fields += ["expires_ms", parse_time_ms(expires_at)]
+    keys = AccountKeys(account_id)
+    writes: list[tuple[Any, ...]] = [
+        ("HSET", keys.key(key_id), *fields),
+        ("SADD", keys.key_ids, key_id),
+        ("SET", keyspace.key_account(key_id), account_id),
+        ("SET", keyspace.key_by_hash(hash_key(secret)), f"{account_id} {key_id}"),
+    ]
+    return secret, key_id, writes
+
+
 def _pairs(fields: Any) -> dict[str, str]:
     if isinstance(fields, dict):
         return fields
@@ -400,4 +442,5 @@ def _ledger_entry(entry_id: str, f: dict[str, str]) -> LedgerEntry:
         balance_usd=_usd(f, "balance_nano"),
         outcome=f.get("outcome"),
         idempotency_key=f.get("idempotency_key"),
+        settlement_id=f.get("settlement_id"),
     )

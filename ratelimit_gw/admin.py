@@ -80,8 +80,10 @@ def _admin(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]
                 404, "admin_disabled", "The admin API is disabled (RLGW_ADMIN_TOKEN is not set)."
             )
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        # surrogateescape: header bytes that are not UTF-8 compare as the bytes they are.
         if scheme.lower() != "bearer" or not hmac.compare_digest(
-            presented.strip().encode(), token.encode()
+            presented.strip().encode(errors="surrogateescape"),
+            token.encode(errors="surrogateescape"),
         ):
             raise GatewayError(401, "invalid_admin_token", "Invalid admin token.")
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from functools import partial
 
@@ -18,6 +19,8 @@ from .limiter import Limiter
 from .metrics import StorageMetrics, create_metrics, exposition
 from .middleware import error_middleware
 from .protocols import Route
+from .proxy import handle_proxy
+from .quota import UpstreamQuota
 from .relay import Relay
 from .services import SERVICES, Services
 from .settings import Settings
@@ -35,7 +38,9 @@ async def gemini_model_action(request: web.Request) -> web.StreamResponse:
     raise web.HTTPNotFound()
 
 
-def create_app(settings: Settings, storage: Storage | None = None) -> web.Application:
+def create_app(
+    settings: Settings, storage: Storage | None = None, *, passthrough: bool = False
+) -> web.Application:
     """The gateway application. ``storage`` lets a caller share one already open (tests, demo)."""
     app = web.Application(
         middlewares=[error_middleware], client_max_size=settings.server.max_body_bytes
@@ -51,18 +56,25 @@ def create_app(settings: Settings, storage: Storage | None = None) -> web.Applic
         store.observer = StorageMetrics(metrics)
         accounts = AccountStore(store)
         limiter = Limiter(store)
-        settler = Settler(limiter, metrics)
+        quota = UpstreamQuota(store)
+        settler = Settler(limiter, metrics, quota)
         app[SERVICES] = Services(
             settings=settings,
             storage=store,
             accounts=accounts,
-            keys=KeyCache(accounts, settings.storage.key_cache_ttl_s),
+            keys=KeyCache(
+                accounts,
+                settings.storage.key_cache_ttl_s,
+                stale_on_error=settings.storage.on_error == "allow",
+            ),
             limiter=limiter,
             settler=settler,
             catalog=Catalog(settings.models),
             relay=Relay(session, metrics),
             metrics=metrics,
             registry=registry,
+            quota=quota,
+            passthrough=passthrough,
         )
         yield
         await settler.drain()
@@ -78,7 +90,9 @@ def create_app(settings: Settings, storage: Storage | None = None) -> web.Applic
     app.router.add_get("/v1beta/models", listing.list_gemini_models)
     app.router.add_get("/v1beta/models/{name}", listing.get_gemini_model)
     for version in ("v1beta", "v1"):
-        app.router.add_post(f"/{version}/models/{{model_action:.+}}", gemini_model_action)
+        # Any character, CR/LF included: a malformed model name is a typed 404, not a 405.
+        app.router.add_post(f"/{version}/models/{{model_action:[\\s\\S]+}}", gemini_model_action)
+    app.router.add_route("*", "/proxy-api/{provider_account}/{endpoint}/{path:.*}", handle_proxy)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
@@ -108,6 +122,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     body, content_type = exposition(request.app[SERVICES].registry)
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
+    response.headers["X-Rlgw-Worker"] = str(os.getpid())  # which process of a pool answered
     return response
 
 

@@ -13,6 +13,7 @@ import time
 
 from .accounts import AccountStore, KeyRecord
 from .errors import GatewayError
+from .storage import StorageError
 
 # Unknown secrets are cached briefly: long enough to absorb a flood of bad keys, short
 # enough that a key created a moment ago works almost at once.
@@ -21,9 +22,14 @@ MAX_ENTRIES = 100_000
 
 
 class KeyCache:
-    def __init__(self, accounts: AccountStore, ttl_s: float) -> None:
+    """``stale_on_error`` (storage.on_error = "allow"): while storage fails, a key this
+    process looked up before is still recognised from its expired entry; a key it never saw
+    is not (the failure propagates: 503)."""
+
+    def __init__(self, accounts: AccountStore, ttl_s: float, stale_on_error: bool = False) -> None:
         self._accounts = accounts
         self._ttl_s = ttl_s
+        self._stale_on_error = stale_on_error
         self._entries: dict[str, tuple[float, KeyRecord | None]] = {}
         # One storage lookup per secret at a time: a burst on a cold cache waits for it.
         self._lookups: dict[str, asyncio.Future[KeyRecord | None]] = {}
@@ -31,12 +37,19 @@ class KeyCache:
     async def authenticate(self, secret: str | None) -> KeyRecord:
         if not secret:
             raise GatewayError(401, "missing_key", "No API key provided.")
+        if not secret.isascii():  # every key is ASCII; this may be raw bytes (not UTF-8)
+            raise GatewayError(401, "invalid_key", "Invalid API key.")
         digest = hashlib.sha256(secret.encode()).hexdigest()
         cached = self._entries.get(digest)
         if cached is not None and cached[0] > time.monotonic():
             record = cached[1]
         else:
-            record = await self._lookup(digest, secret)
+            try:
+                record = await self._lookup(digest, secret)
+            except StorageError:
+                if not self._stale_on_error or cached is None or cached[1] is None:
+                    raise
+                record = cached[1]
         if record is None:
             raise GatewayError(401, "invalid_key", "Invalid API key.")
         return record

@@ -49,6 +49,17 @@ class Breaker:
         self._trial_running = False
         self._set("closed")
 
+    def record_abandoned(self) -> None:
+        """A call let through ended with neither answer nor failure (its caller was
+        cancelled): if it was the half-open trial, the next call becomes the trial."""
+        self._trial_running = False
+
+    def retry_after_s(self) -> float:
+        """How long until the breaker lets a trial call through (0 unless open)."""
+        if self.state != "open":
+            return 0.0
+        return max(0.0, self._cooldown_s - (time.monotonic() - self._opened_at))
+
     def record_failure(self) -> None:
         self._failures += 1
         self._trial_running = False

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -134,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML config file (default: $RLGW_CONFIG)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    # The benchmark's baseline: relay with no keys, limits or balance. Never for real traffic.
+    serve.add_argument("--passthrough-for-benchmark", action="store_true", help=argparse.SUPPRESS)
 
     demo = sub.add_parser("demo", help="mock upstream + gateway on memory://, with a demo key")
     demo.add_argument("--host", default="127.0.0.1")
@@ -146,6 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--chunk-delay-ms", type=float, default=0.0)
     mock.add_argument("--chunks", type=int, default=4)
     mock.add_argument("--tokens-per-chunk", type=int, default=5)
+    mock.add_argument(
+        "--no-request-log",
+        action="store_true",
+        help="keep no log of received requests (benchmark baseline)",
+    )
+
+    bench = sub.add_parser("bench", help="measure the gateway against the mock, side by side")
+    bench.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
+    bench.add_argument("--connections", type=int, default=32)
+    bench.add_argument("--keys", type=int, default=100_000, help="keys in the many-keys run")
+    bench.add_argument("--fixed-rate-duration", type=float, default=6.0)
+    bench.add_argument("--output", default="bench-results/bench.json")
 
     for group, verbs in (
         ("accounts", ("create", "show", "update", "topup", "ledger", "list")),
@@ -195,10 +209,13 @@ def _add_verb_args(group: str, verb: str, p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    from .serve import install_fast_loop
+    from .serve import configure_logging
 
-    install_fast_loop()
+    configure_logging()
+    if args.command != "serve":  # serve installs it in each worker process
+        from .serve import install_fast_loop
+
+        install_fast_loop()
     try:
         return _dispatch(args)
     except ConfigError as exc:
@@ -216,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
-        from .serve import serve_forever
+        from .serve import serve_workers
 
         settings = load_settings(args.config)
         server = settings.server
@@ -227,11 +244,28 @@ def _dispatch(args: argparse.Namespace) -> int:
                 port=server.port if args.port is None else args.port,
             )
             settings = msgspec.structs.replace(settings, server=server)
-        asyncio.run(serve_forever(settings))
+        if args.workers < 1:
+            raise SystemExit("--workers must be at least 1")
+        serve_workers(settings, args.workers, passthrough=args.passthrough_for_benchmark)
     elif args.command == "demo":
         from .demo import run_demo
 
         asyncio.run(run_demo(args.host, args.port))
+    elif args.command == "bench":
+        from pathlib import Path
+
+        from .bench import BenchOptions
+        from .bench import main as bench_main
+
+        bench_main(
+            BenchOptions(
+                duration_s=args.duration,
+                connections=args.connections,
+                many_keys=args.keys,
+                fixed_rate_duration_s=args.fixed_rate_duration,
+                output=Path(args.output),
+            )
+        )
     elif args.command == "mock-upstream":
         from .mock_upstream import MockSettings, run_mock_upstream
 
@@ -243,6 +277,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 chunk_delay_ms=args.chunk_delay_ms,
                 chunks=args.chunks,
                 tokens_per_chunk=args.tokens_per_chunk,
+                record_requests=not args.no_request_log,
             ),
         )
     else:

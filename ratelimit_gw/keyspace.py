@@ -3,7 +3,8 @@
 Everything one admission or settlement touches lives under the account's hash tag
 ``{a:<account>}``, so a Redis Cluster keeps each script in one slot. Only the two lookup
 indexes (key hash → key, key id → account) and the account list live outside it: they are
-read before the account is known.
+read before the account is known. Shared upstream ceilings (§10) belong to no account: each
+has its own tag ``{q:<ceiling>}`` and its own script run.
 """
 
 from __future__ import annotations
@@ -102,3 +103,13 @@ class AccountKeys:
             self.ledger,
             self.settled,
         ]
+
+
+def quota_keys(ceiling_id: str) -> list[str]:
+    """KEYS of upstream_quota.lua: the rpm and tpm buckets of one shared upstream ceiling.
+
+    Shared by every account, so outside any account's hash tag: each ceiling has its own
+    ``{q:<ceiling id>}`` (``provider:<name>`` or ``endpoint:<account>/<name>``).
+    """
+    base = f"{PREFIX}:{{q:{ceiling_id}}}"
+    return [f"{base}:rpm", f"{base}:tpm"]

@@ -58,6 +58,7 @@ class Settlement:
     cost_nano: int
     model: str
     outcome: str  # "ok", "upstream_error", "client_disconnect", ...
+    client_request_id: str = ""  # the x-request-id the caller saw; the ledger shows it
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +129,7 @@ class Limiter:
             s.input_tokens,
             s.output_tokens,
             s.outcome,
+            s.client_request_id,
         ]
         reply = await self._storage.run("settle", keys, args)
         return SettleResult(

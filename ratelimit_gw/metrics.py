@@ -75,6 +75,7 @@ class Metrics:
     storage_errors: Counter
     breaker_state: Gauge
     inflight: Gauge
+    storage_bypass: Counter
 
     def account(self, account_id: str | None) -> tuple[str, ...]:
         """The extra label values for per-account series (none unless opted in)."""
@@ -164,6 +165,12 @@ def create_metrics(registry: CollectorRegistry | None, account_label: bool = Fal
             "rlgw_inflight_requests",
             "Requests being served now",
             multiprocess_mode="livesum",
+            registry=registry,
+        ),
+        storage_bypass=Counter(
+            "rlgw_storage_bypass",
+            "Requests served without limits or balance because storage failed "
+            '(storage.on_error = "allow")',
             registry=registry,
         ),
     )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -12,7 +14,7 @@ import msgspec
 from aiohttp import web
 
 from .errors import GatewayError
-from .gateway import new_request_id, own_headers
+from .gateway import new_request_ids, own_headers
 from .headers import retry_headers
 from .money import format_usd
 from .protocols import ADAPTERS
@@ -45,7 +47,7 @@ def _as_gateway_error(exc: web.HTTPException) -> GatewayError:
             404,
             "route_not_found",
             f"No route {exc.reason}: this gateway serves "
-            "/v1/chat/completions, /v1/responses, /v1/messages and Gemini routes.",
+            "/v1/chat/completions, /v1/responses, /v1/messages, Gemini routes and /proxy-api/.",
         )
     if exc.status == 405:
         # RFC 9110 §15.5.6: a 405 must say which methods the route takes.
@@ -62,7 +64,12 @@ def _as_gateway_error(exc: web.HTTPException) -> GatewayError:
 
 
 async def _render(request: web.Request, ctx: RequestContext, err: GatewayError) -> web.Response:
-    if ctx.key is not None and ctx.decision is None and err.status != 401:
+    if (
+        ctx.key is not None
+        and ctx.decision is None
+        and err.status != 401
+        and err.reason != "storage_unavailable"  # another storage call would wait in vain
+    ):
         # Rejected before admission: still report the caller's limits (§6), consuming nothing.
         with contextlib.suppress(StorageError):
             ctx.decision = await request.app[SERVICES].limiter.peek(ctx.key.account, ctx.key.id)
@@ -106,6 +113,8 @@ async def _answer(
     except StorageError as exc:
         log.error("storage failed for %s: %s", ctx.request_id, exc)
         ctx.reason = "storage_unavailable"
+        # While the breaker is open nothing will pass before its next trial call.
+        breaker_wait_s = request.app[SERVICES].storage.breaker.retry_after_s()
         return await _render(
             request,
             ctx,
@@ -113,7 +122,7 @@ async def _answer(
                 503,
                 "storage_unavailable",
                 "The gateway's storage is unavailable; try again shortly.",
-                retry_after_ms=1000,
+                retry_after_ms=max(1000, math.ceil(breaker_wait_s * 1000)),
             ),
         )
     except Exception:
@@ -130,15 +139,27 @@ async def _answer(
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    ctx = RequestContext(
-        new_request_id(request.headers.get("x-request-id")),
-        protocol_of(request),
-        time.perf_counter(),
-    )
+    request_id, settlement_id = new_request_ids(request.headers.get("x-request-id"))
+    ctx = RequestContext(request_id, protocol_of(request), time.perf_counter(), settlement_id)
     request[CONTEXT] = ctx
     if request.path in _QUIET_PATHS:
         return await _answer(request, ctx, handler)
     svc = request.app[SERVICES]
+    if len(svc.inflight) >= svc.settings.server.max_inflight:
+        # Shed load before doing any work for it: no body read, no storage call.
+        ctx.reason = "overloaded"
+        overloaded = GatewayError(
+            529,
+            "overloaded",
+            "The gateway is serving too many requests at once; retry shortly.",
+            retry_after_ms=1000,
+        )
+        refused = await _render(request, ctx, overloaded)
+        record_request(svc, request, ctx, refused.status)
+        return refused
+    task = asyncio.current_task()
+    if task is not None:
+        svc.inflight.add(task)
     svc.metrics.inflight.inc()
     status = 499  # the client went away before an answer (nginx's convention)
     try:
@@ -146,6 +167,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         status = response.status
         return response
     finally:
+        if task is not None:
+            svc.inflight.discard(task)
         svc.metrics.inflight.dec()
         record_request(svc, request, ctx, status)
 
@@ -166,6 +189,7 @@ def record_request(svc: Services, request: web.Request, ctx: RequestContext, sta
                 {
                     "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
                     "request_id": ctx.request_id,
+                    "settlement_id": ctx.settlement_id,
                     "method": request.method,
                     "path": request.path,  # never the query: Gemini callers may put a key there
                     "route": route,

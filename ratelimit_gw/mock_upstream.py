@@ -80,6 +80,7 @@ class _Controls:
     retry_after_s: int | None  # x-mock-retry-after: sent as retry-after on injected errors
     error_after_chunks: int | None  # x-mock-error-after-chunks: reset the stream after N
     ignore_cap: bool  # x-mock-ignore-cap: behave like an upstream that ignores max_tokens
+    malformed_sse: bool  # x-mock-malformed-sse: garbage frames between a stream's own frames
 
 
 class _MockError(Exception):
@@ -103,6 +104,10 @@ def _int_header(headers: Mapping[str, str], name: str, minimum: int) -> int | No
     if value < minimum:
         raise _MockError(400, f"{name} must be >= {minimum}")
     return value
+
+
+def _flag_header(headers: Mapping[str, str], name: str) -> bool:
+    return headers.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
 def _ms_header(headers: Mapping[str, str], name: str, default_s: float) -> float:
@@ -149,7 +154,7 @@ class MockState:
 
     def controls(self, headers: Mapping[str, str]) -> _Controls:
         s = self.settings
-        ignore_cap = headers.get("x-mock-ignore-cap", "").strip().lower() in ("1", "true", "yes")
+        ignore_cap = _flag_header(headers, "x-mock-ignore-cap")
         chunks = _int_header(headers, "x-mock-chunks", 0)
         return _Controls(
             latency_s=_ms_header(headers, "x-mock-latency-ms", s.latency_ms / 1000),
@@ -159,6 +164,7 @@ class MockState:
             retry_after_s=_int_header(headers, "x-mock-retry-after", 0),
             error_after_chunks=_int_header(headers, "x-mock-error-after-chunks", 0),
             ignore_cap=ignore_cap,
+            malformed_sse=_flag_header(headers, "x-mock-malformed-sse"),
         )
 
     def reply(self, body: dict[str, Any], ctl: _Controls, model: str, cap: int | None) -> Reply:
@@ -271,15 +277,17 @@ async def _stream(
     ctl = call.ctl
     resp = web.StreamResponse(headers=headers)
     await resp.prepare(call.request)
-    if frames.head:
-        await resp.write(frames.head)
+    # Malformed: after the head and after every piece, frames no parser should choke on.
+    garbage = wire.MALFORMED_SSE_FRAMES if ctl.malformed_sse else b""
+    if frames.head or garbage:
+        await resp.write(frames.head + garbage)
     for i, frame in enumerate(frames.chunks):
         if i == ctl.error_after_chunks:
             _reset(call.request)
             return resp
         if i and ctl.chunk_delay_s > 0:
             await asyncio.sleep(ctl.chunk_delay_s)
-        await resp.write(frame)
+        await resp.write(frame + garbage)
     if ctl.error_after_chunks is not None:
         _reset(call.request)  # N >= number of chunks: still never finish the stream
         return resp

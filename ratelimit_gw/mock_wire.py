@@ -110,6 +110,29 @@ def _sse_event(name: str, obj: object) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + _encode(obj) + b"\n\n"
 
 
+# Frames a broken or hostile upstream might send mid-stream (``x-mock-malformed-sse``): cut
+# JSON, bytes that are not UTF-8, JSON of the wrong shape, and each protocol's usage event
+# with values of the wrong type. A tap must relay them and read nothing from them.
+MALFORMED_SSE_FRAMES = b"".join(
+    (
+        b'data: {"choices": [{"delta": {"content": "cut sho\n\n',
+        b"data: \xff\xfe\x00 not UTF-8 \xc3\x28\n\n",
+        b"data: null\n\n",
+        b"data: 123456789012345678901234567890\n\n",
+        b'data: {"choices": 7, "usage": "lots", "usageMetadata": [], "delta": 1}\n\n',
+        b'data: {"choices": [], "usage": {"prompt_tokens": "many", "completion_tokens": -1}}\n\n',
+        b"event: response.completed\n"
+        b'data: {"type": "response.completed", "response": {"usage": {"input_tokens": "x"}}}\n\n',
+        b"event: message_delta\n"
+        b'data: {"type": "message_delta", "usage": {"output_tokens": []}}\n\n',
+        b'data: {"usageMetadata": {"promptTokenCount": "many", "candidatesTokenCount": {}}}\n\n',
+        b"event: message_delta\n\n",
+        b": a comment and nothing else\n\n",
+        b"retry: soon\nid\ndata\n\n",
+    )
+)
+
+
 # --- OpenAI chat completions (§1.3) -----------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ from .errors import GatewayError, RateLimitInfo
 from .headers import go_duration
 from .limiter import Decision
 from .money import affordable_output_tokens, format_usd
+from .quota import QuotaDecision
 from .settings import Model
 
 _KEY_MESSAGES = {
@@ -25,9 +26,6 @@ def rejection_error(
     decision: Decision, model: Model, input_tokens: int, output_cap: int, hold_nano: int
 ) -> GatewayError:
     reason = decision.reason
-    estimate = input_tokens + output_cap
-    if (refused_key := key_error(reason)) is not None:
-        return refused_key
     if reason == "balance_exceeded":
         available = decision.available_nano or 0
         input_cost = -(-input_tokens * model.input_nano_usd_per_mtok // 1_000_000)
@@ -41,6 +39,31 @@ def rejection_error(
             f"most {affordable} output tokens: lower max_tokens or top up the account.",
             should_retry=False,
         )
+    return _limit_error(decision, input_tokens, output_cap)
+
+
+def per_request_rejection_error(
+    decision: Decision, endpoint_id: str, input_tokens: int, output_cap: int, price_nano: int
+) -> GatewayError:
+    """The refusal of a custom-endpoint request charged a fixed price (§10)."""
+    if decision.reason == "balance_exceeded":
+        available = decision.available_nano or 0
+        return GatewayError(
+            402,
+            "balance_exceeded",
+            f"Insufficient balance: ${format_usd(max(available, 0))} available, but a request "
+            f"to the custom endpoint `{endpoint_id}` costs ${format_usd(price_nano)}. Top up "
+            "the account.",
+            should_retry=False,
+        )
+    return _limit_error(decision, input_tokens, output_cap)
+
+
+def _limit_error(decision: Decision, input_tokens: int, output_cap: int) -> GatewayError:
+    reason = decision.reason
+    estimate = input_tokens + output_cap
+    if (refused_key := key_error(reason)) is not None:
+        return refused_key
     limits = RateLimitInfo(
         rpm=decision.requests.limit if decision.requests else None,
         tpm=decision.tokens.limit if decision.tokens else None,
@@ -73,4 +96,40 @@ def rejection_error(
         )
     return GatewayError(
         429, reason, message, retry_after_ms=max(decision.retry_after_ms, 1), rate_limit=limits
+    )
+
+
+def upstream_quota_error(decision: QuotaDecision) -> GatewayError:
+    """The shared upstream key's ceiling refused the request (§10): 429 upstream_quota."""
+    ceiling = decision.ceiling
+    limits = RateLimitInfo(rpm=ceiling.rpm, tpm=ceiling.tpm)
+    limit = decision.hit_limit or 0
+    shared = f"Shared upstream limit reached: {ceiling.label} allows"
+    if decision.reason == "request_exceeds_limit":
+        return GatewayError(
+            429,
+            "upstream_quota",
+            f"This request needs an estimated {decision.tokens} tokens, more than the shared "
+            f"upstream limit of {ceiling.label} ({limit} tokens per minute for all callers) "
+            "can ever allow. Lower max_tokens or shorten the input.",
+            should_retry=False,
+            rate_limit=limits,
+        )
+    wait = f" Please try again in {go_duration(decision.retry_after_ms)}."
+    if decision.reason == "rpm_exceeded":
+        message = (
+            f"{shared} {limit} requests per minute for all callers together (approximately "
+            f"{limit / 60:.3g} requests per second).{wait}"
+        )
+    else:
+        message = (
+            f"{shared} {limit} tokens per minute for all callers together; this request "
+            f"needs an estimated {decision.tokens} tokens.{wait}"
+        )
+    return GatewayError(
+        429,
+        "upstream_quota",
+        message,
+        retry_after_ms=max(decision.retry_after_ms, 1),
+        rate_limit=limits,
     )

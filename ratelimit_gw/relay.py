@@ -201,6 +201,10 @@ class Relay:
         except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
             result.outcome = "upstream_cut"  # the status line is sent: end the stream short
         finally:
+            if result.outcome != "ok":
+                # Cut short (upstream, client or shutdown): let the tap read what it still
+                # holds; Gemini's JSON-array tap reads its whole stream only here.
+                tap.flush()
             result.usage = tap.usage
             result.output_chars = tap.output_chars
         if result.outcome != "client_disconnect":

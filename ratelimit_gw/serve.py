@@ -1,22 +1,102 @@
-"""Running the gateway: the aiohttp runner settings every entry point shares."""
+"""Running the gateway: one process, or ``--workers N`` processes sharing the port."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import multiprocessing
+import os
 import signal
+import tempfile
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .app import create_app
+from .services import SERVICES
 from .settings import Settings
 
+log = logging.getLogger("ratelimit_gw")
 
-def make_runner(app: web.Application) -> web.AppRunner:
+
+class _RedactMalformedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse with the offending bytes, and those may be a
+    credential header: keep the peer and the kind of error, drop the bytes and traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg = "refused a malformed HTTP request from %s (%s)"
+            record.args = (peer, type(exc).__name__)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+# The low-level HTTP server's own log (parse errors, unhandled exceptions).
+_server_log = logging.getLogger("ratelimit_gw.http")
+_server_log.addFilter(_RedactMalformedRequests())
+
+
+def make_runner(app: web.Application, shutdown_timeout_s: float = 60.0) -> web.AppRunner:
     # handler_cancellation: a client that hangs up cancels its handler, and with it the
     # upstream call; the handler's finally-block still hands the request to settlement.
-    return web.AppRunner(app, handler_cancellation=True, access_log=None)
+    return web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        logger=_server_log,
+        shutdown_timeout=shutdown_timeout_s,
+    )
+
+
+async def drain(runner: web.AppRunner, timeout_s: float) -> None:
+    """The graceful part of a shutdown; ``runner.cleanup()`` follows it.
+
+    Not ready any more (``/readyz`` 503), the listener closed (new connections are refused:
+    safe for a load balancer to retry elsewhere, as nothing was sent), idle keep-alive
+    connections closed and busy ones closed after their answer; in-flight requests and
+    streams run on for up to ``timeout_s``, then the rest are cancelled, and each settles in
+    its handler's finally-block with the usage relayed so far. The cleanup then drains the
+    settler.
+
+    aiohttp's own ``shutdown_timeout`` waits up to twice the timeout and cancels late
+    handlers without waiting for them, so their settlements could start after storage is
+    closed: hence this step.
+    """
+    svc = runner.app[SERVICES]
+    svc.draining = True
+    for site in list(runner.sites):
+        await site.stop()
+    if runner.server is not None:
+        runner.server.pre_shutdown()
+    pending = set(svc.inflight)
+    if pending:
+        log.info("draining %d in-flight request(s) for up to %gs", len(pending), timeout_s)
+        _, pending = await asyncio.wait(pending, timeout=timeout_s)
+    if pending:
+        log.warning(
+            "cutting %d request(s) still running after %gs; each is settled with its usage so far",
+            len(pending),
+            timeout_s,
+        )
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=5.0)
+
+
+def configure_logging() -> None:
+    """Text lines for the gateway's own logs; the access log as bare JSON lines on stderr,
+    one per request, so a log shipper can parse each line whole."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    access = logging.getLogger("ratelimit_gw.access")
+    if not access.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+    access.propagate = False
 
 
 def install_fast_loop() -> None:
@@ -26,16 +106,22 @@ def install_fast_loop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve_forever(settings: Settings) -> None:
-    runner = make_runner(create_app(settings))
+async def serve_forever(
+    settings: Settings, *, reuse_port: bool = False, passthrough: bool = False
+) -> None:
+    runner = make_runner(
+        create_app(settings, passthrough=passthrough), settings.server.shutdown_timeout_s
+    )
     await runner.setup()
-    site = web.TCPSite(runner, settings.server.host, settings.server.port)
+    site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_port=reuse_port)
     await site.start()
-    logging.getLogger("ratelimit_gw").info(
-        "listening on http://%s:%s (storage %s)",
+    log.info(
+        "listening on http://%s:%s (storage %s, pid %s)%s",
         settings.server.host,
         runner.addresses[0][1],
         settings.storage.url.split("@")[-1],
+        os.getpid(),
+        " PASSTHROUGH: no keys, limits or balance (benchmark baseline)" if passthrough else "",
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -43,6 +129,59 @@ async def serve_forever(settings: Settings) -> None:
         loop.add_signal_handler(signum, stop.set)
     try:
         await stop.wait()
+        await drain(runner, settings.server.shutdown_timeout_s)
     finally:
-        # Closes the listener, lets in-flight requests finish, then drains settlements.
+        # Closes what is left, runs the app's cleanup: settlements drain, storage closes.
         await runner.cleanup()
+
+
+def _worker(settings: Settings, passthrough: bool) -> None:
+    configure_logging()
+    install_fast_loop()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve_forever(settings, reuse_port=True, passthrough=passthrough))
+
+
+def serve_workers(settings: Settings, workers: int, *, passthrough: bool = False) -> None:
+    """Run ``workers`` processes on one port (SO_REUSEPORT: the kernel spreads connections).
+
+    Metrics switch to prometheus_client's multiprocess mode, so ``/metrics`` of any worker
+    reports the sum over all of them.
+    """
+    if workers == 1:
+        install_fast_loop()
+        asyncio.run(serve_forever(settings, passthrough=passthrough))
+        return
+    if settings.server.port == 0:
+        raise SystemExit("--workers needs a fixed --port: each worker binds the same one")
+    if settings.storage.url.startswith("memory://"):
+        raise SystemExit("--workers needs shared storage (redis://…): memory:// is per process")
+    own_dir = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        own_dir = tempfile.TemporaryDirectory(prefix="rlgw-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_dir.name
+    from prometheus_client import multiprocess
+
+    context = multiprocessing.get_context("spawn")
+    children = [
+        context.Process(target=_worker, args=(settings, passthrough), name=f"worker-{i}")
+        for i in range(workers)
+    ]
+    for child in children:
+        child.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.pid is not None and child.is_alive():
+                os.kill(child.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    try:
+        for child in children:
+            child.join()
+            if child.pid is not None:
+                multiprocess.mark_process_dead(child.pid)  # type: ignore[no-untyped-call]
+    finally:
+        if own_dir is not None:
+            own_dir.cleanup()

@@ -12,11 +12,13 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
 
+from .keyspace import ID_PATTERN
 from .money import MoneyError, parse_usd
 
 PROTOCOLS = ("openai", "anthropic", "gemini")
@@ -44,12 +46,20 @@ class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
     max_body_bytes: PositiveInt = 32 * 1024 * 1024
+    # Requests one process serves at once; beyond it new ones get 529 overloaded_error
+    # (probes and /metrics are never refused).
+    max_inflight: PositiveInt = 1024
+    # On SIGTERM: how long in-flight requests and streams may run on before they are cut
+    # (and settled with the usage relayed so far).
+    shutdown_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
 
 
 class StorageSettings(_Section):
     url: str = "memory://"
-    # What to do when storage fails: only "reject" (503 storage_unavailable) so far.
-    on_error: Literal["reject"] = "reject"
+    # What to do when storage fails (§11): "reject" answers 503 storage_unavailable with
+    # retry-after; "allow" serves keys this process already knows without limits or balance,
+    # counted in rlgw_storage_bypass_total (see README "Failure modes").
+    on_error: Literal["reject", "allow"] = "reject"
     connect_timeout_s: PositiveFloat = 1.0
     command_timeout_s: PositiveFloat = 1.0
     max_connections: PositiveInt = 64  # per gateway process
@@ -59,6 +69,9 @@ class StorageSettings(_Section):
     # How long a gateway may reuse a key lookup. Revocation does not wait for it: the
     # admission script reads the key's revoked flag from storage on every request (§2).
     key_cache_ttl_s: Annotated[float, msgspec.Meta(ge=0, le=300)] = 30.0
+    # Settlements and top-ups count as done only once this many replicas acknowledged them
+    # (Redis WAIT), so a failover cannot lose a charge. Unset: 1 on redis+sentinel://, else 0.
+    wait_replicas: Annotated[int, msgspec.Meta(ge=0, le=16)] | None = None
 
 
 class ProviderSettings(_Section):
@@ -84,6 +97,21 @@ class ModelSettings(_Section):
     created: int = 0
 
 
+class CustomEndpointSettings(_Section):
+    """``[[custom_endpoints]]``: ``/proxy-api/{provider_account}/{name}/…`` → ``base_url`` (§10)."""
+
+    provider_account: str
+    name: str
+    base_url: str
+    headers: dict[str, str] = {}  # sent upstream, ${ENV} expanded; credentials only by reference
+    accounts: list[str] = msgspec.field(default_factory=lambda: ["*"])  # account ids or globs
+    rpm: PositiveInt | None = None  # shared-key ceilings, across all accounts and instances
+    tpm: PositiveInt | None = None
+    price_per_request_usd: Annotated[float, msgspec.Meta(ge=0)] | str | None = None
+    timeout_s: PositiveFloat = 600.0
+    connect_timeout_s: PositiveFloat = 10.0
+
+
 class MetricsSettings(_Section):
     # Adds an ``account`` label to per-request series: one series per account, so only
     # for deployments with a bounded number of accounts.
@@ -106,6 +134,7 @@ class FileSettings(_Section):
     admin: AdminSettings = msgspec.field(default_factory=AdminSettings)
     providers: list[ProviderSettings] = []
     models: list[ModelSettings] = []
+    custom_endpoints: list[CustomEndpointSettings] = []
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     log: LogSettings = msgspec.field(default_factory=LogSettings)
 
@@ -138,6 +167,28 @@ class Model(msgspec.Struct, frozen=True, kw_only=True):
         return self.provider.protocol
 
 
+class CustomEndpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """A custom endpoint with its secrets resolved: what the proxy route uses."""
+
+    provider_account: str
+    name: str
+    base_url: str
+    upstream_headers: dict[str, str]
+    accounts: tuple[str, ...]
+    rpm: int | None
+    tpm: int | None
+    price_per_request_nano: int  # charged when the body names no priced model
+    timeout_s: float
+    connect_timeout_s: float
+
+    @property
+    def id(self) -> str:
+        return f"{self.provider_account}/{self.name}"
+
+    def allows_account(self, account_id: str) -> bool:
+        return any(fnmatchcase(account_id, pattern) for pattern in self.accounts)
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     server: ServerSettings
     storage: StorageSettings
@@ -146,6 +197,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     admin_token: str | None
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     log: LogSettings = msgspec.field(default_factory=LogSettings)
+    custom_endpoints: dict[tuple[str, str], CustomEndpoint] = msgspec.field(default_factory=dict)
 
 
 def usd_to_nano(value: float | str, path: str) -> int:
@@ -173,15 +225,23 @@ def _check_url(url: str, path: str, schemes: tuple[str, ...]) -> None:
         raise ConfigError(f"{path}: {url!r} must start with one of {expected}")
 
 
-def _resolve_provider(p: ProviderSettings, i: int, environ: Mapping[str, str]) -> Provider:
-    path = f"providers[{i}]"
-    _check_url(p.base_url, f"{path}.base_url", ("http", "https"))
+def _resolve_headers(
+    raw: Mapping[str, str], path: str, environ: Mapping[str, str]
+) -> dict[str, str]:
+    """Upstream headers with ``${ENV}`` expanded; a credential header must be a reference."""
     headers: dict[str, str] = {}
-    for name, value in p.headers.items():
+    for name, value in raw.items():
         hpath = f"{path}.headers.{name}"
         if name.lower() in CREDENTIAL_HEADERS and not _ENV_REF.search(value):
             raise ConfigError(f"{hpath}: credentials must be an env reference like ${{NAME}}")
         headers[name] = expand_env(value, hpath, environ)
+    return headers
+
+
+def _resolve_provider(p: ProviderSettings, i: int, environ: Mapping[str, str]) -> Provider:
+    path = f"providers[{i}]"
+    _check_url(p.base_url, f"{path}.base_url", ("http", "https"))
+    headers = _resolve_headers(p.headers, path, environ)
     if p.api_key_env is not None:
         if p.api_key_env not in environ:
             raise ConfigError(
@@ -207,6 +267,44 @@ def _resolve_provider(p: ProviderSettings, i: int, environ: Mapping[str, str]) -
         tpm=p.tpm,
         timeout_s=p.timeout_s,
         connect_timeout_s=p.connect_timeout_s,
+    )
+
+
+def _check_id(value: str, path: str) -> None:
+    # Both appear as URL path segments and inside storage key names: keep them plain.
+    if not ID_PATTERN.fullmatch(value):
+        raise ConfigError(
+            f"{path}: {value!r} must be 1-64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+
+
+def _resolve_custom_endpoint(
+    e: CustomEndpointSettings, i: int, environ: Mapping[str, str]
+) -> CustomEndpoint:
+    path = f"custom_endpoints[{i}]"
+    _check_id(e.provider_account, f"{path}.provider_account")
+    _check_id(e.name, f"{path}.name")
+    _check_url(e.base_url, f"{path}.base_url", ("http", "https"))
+    for j, pattern in enumerate(e.accounts):
+        if not pattern.strip():
+            raise ConfigError(
+                f"{path}.accounts[{j}]: must be an account id or a glob like 'team-*'"
+            )
+    price = e.price_per_request_usd
+    return CustomEndpoint(
+        provider_account=e.provider_account,
+        name=e.name,
+        base_url=e.base_url.rstrip("/"),
+        upstream_headers=_resolve_headers(e.headers, path, environ),
+        accounts=tuple(e.accounts),
+        rpm=e.rpm,
+        tpm=e.tpm,
+        price_per_request_nano=0
+        if price is None
+        else usd_to_nano(price, f"{path}.price_per_request_usd"),
+        timeout_s=e.timeout_s,
+        connect_timeout_s=e.connect_timeout_s,
     )
 
 
@@ -279,6 +377,16 @@ def build_settings(raw: dict[str, Any], environ: Mapping[str, str] | None = None
             default_max_output=m.default_max_output,
             created=m.created,
         )
+
+    custom_endpoints: dict[tuple[str, str], CustomEndpoint] = {}
+    for i, e in enumerate(file.custom_endpoints):
+        endpoint = _resolve_custom_endpoint(e, i, env)
+        ident = (endpoint.provider_account, endpoint.name)
+        if ident in custom_endpoints:
+            raise ConfigError(
+                f"custom_endpoints[{i}].name: duplicate custom endpoint {endpoint.id!r}"
+            )
+        custom_endpoints[ident] = endpoint
     return Settings(
         server=file.server,
         storage=file.storage,
@@ -287,6 +395,7 @@ def build_settings(raw: dict[str, Any], environ: Mapping[str, str] | None = None
         admin_token=env.get(file.admin.token_env) or None,
         metrics=file.metrics,
         log=file.log,
+        custom_endpoints=custom_endpoints,
     )
 
 

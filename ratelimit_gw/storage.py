@@ -1,7 +1,10 @@
 """Storage URL → Redis client, with the Lua scripts registered once.
 
 ``memory://`` is an in-process fakeredis server running the very same Lua scripts (demo and
-development, one process). ``redis://`` and ``rediss://`` use redis-py's asyncio client.
+development, one process). ``redis://`` and ``rediss://`` use redis-py's asyncio client;
+``redis+cluster://host:port[,host:port…]`` a Redis Cluster (every script's keys share one hash
+tag, so each EVALSHA goes to one slot); ``redis+sentinel://host:port[,host:port…]/service[/db]``
+the master that the sentinels name, followed across failovers.
 Driver errors are turned into :class:`StorageError` here, at the seam, so callers handle one
 exception type.
 """
@@ -10,24 +13,44 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import fakeredis
+import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from .breaker import Breaker
+from .script_batch import ScriptBatcher
 from .settings import ConfigError, StorageSettings
 
-SCRIPT_NAMES = ("admit", "settle", "topup", "create_account")
+SCRIPT_NAMES = ("admit", "settle", "topup", "create_account", "upstream_quota")
+
+
+# Their writes are money: with ``wait_replicas`` they return only once replicas have them.
+DURABLE_SCRIPTS = frozenset({"settle", "topup"})
 
 
 class StorageError(Exception):
     """Storage could not be reached or failed to answer in time."""
+
+
+class NotReplicatedError(RedisError):
+    """A durable write reached the master but not enough replicas acknowledged it in time."""
 
 
 def load_script(name: str) -> str:
@@ -42,10 +65,27 @@ class Storage:
     and the breaker's state changes: that is how storage health reaches the metrics.
     """
 
-    def __init__(self, client: aioredis.Redis, settings: StorageSettings) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis | RedisCluster,
+        settings: StorageSettings,
+        *,
+        batch_scripts: bool = True,
+        wait_replicas: int = 0,
+        max_in_flight: int | None = None,
+        follow_master: Callable[[], Awaitable[None]] | None = None,
+        closers: tuple[Callable[[], Awaitable[None]], ...] = (),
+    ) -> None:
         self.client = client
         self.url = settings.url
         self._timeout_s = settings.command_timeout_s
+        # WAIT for replicas after durable scripts; its own timeout leaves room for the script.
+        self._wait_replicas = wait_replicas
+        self._wait_ms = max(1, int(settings.command_timeout_s * 1000) // 2)
+        # A pool that raises rather than waits when full (cluster) gets a waiting limit here.
+        self._slots = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+        self._follow_master = follow_master  # sentinel: re-ask where the master is
+        self._closers = closers
         self.observer: StorageObserver | None = None
         self.breaker = Breaker(
             settings.breaker_failures, settings.breaker_cooldown_s, self._breaker_changed
@@ -54,38 +94,101 @@ class Storage:
         self.scripts: dict[str, AsyncScript] = {
             name: client.register_script(load_script(name)) for name in SCRIPT_NAMES
         }
+        self._batcher = (
+            ScriptBatcher(client, {name: load_script(name) for name in SCRIPT_NAMES})
+            if batch_scripts and isinstance(client, aioredis.Redis)
+            else None
+        )
 
     def _breaker_changed(self, state: str) -> None:
         if self.observer is not None:
             self.observer.breaker_changed(state)
 
-    async def _guarded(self, operation: str, call: Awaitable[Any]) -> Any:
+    async def _guarded(self, operation: str, make_call: Callable[[], Awaitable[Any]]) -> Any:
         if not self.breaker.allow():
-            call.close()  # type: ignore[attr-defined]
             raise StorageError(f"storage call {operation} refused: circuit breaker open")
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s):
-                result = await call
-        except (RedisError, OSError, TimeoutError) as exc:
-            self.breaker.record_failure()
+                if self._slots is None:
+                    result = await make_call()
+                else:
+                    async with self._slots:
+                        result = await make_call()
+        except NotReplicatedError as exc:
+            # Storage answered: a missing replica must not open the breaker for everyone.
+            self.breaker.record_success()
+            if self.observer is not None:
+                self.observer.storage_call(operation, time.perf_counter() - started, False)
+            raise StorageError(f"storage call {operation} failed: {exc}") from exc
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+            # RedisClusterException: no node reachable, a slot not covered (not a RedisError).
+            if _unavailable(exc):
+                self.breaker.record_failure()
+            else:  # an error reply (bad input, WRONGTYPE…): storage is up, the breaker stays
+                self.breaker.record_success()
             if self.observer is not None:
                 self.observer.storage_call(operation, time.perf_counter() - started, False)
             raise StorageError(f"storage call {operation} failed: {type(exc).__name__}") from exc
+        except BaseException:
+            # Cancelled (the client left) or an unexpected error: no verdict on storage, but a
+            # half-open breaker must not wait forever for this trial's outcome.
+            self.breaker.record_abandoned()
+            raise
         self.breaker.record_success()
         if self.observer is not None:
             self.observer.storage_call(operation, time.perf_counter() - started, True)
         return result
 
     async def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        return await self._guarded(script, self.scripts[script](keys=keys, args=args))
+        if self._wait_replicas and script in DURABLE_SCRIPTS:
+            return await self._guarded(script, lambda: self._run_durable(script, keys, args))
+        if self._batcher is not None:
+            batcher = self._batcher
+            return await self._guarded(script, lambda: batcher.call(script, keys, args))
+        return await self._guarded(script, lambda: self.scripts[script](keys=keys, args=args))
+
+    async def _run_durable(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        """The script, then WAIT on the same connection: done only once replicas have it.
+
+        A failover promotes a replica; writes the old master acknowledged but had not yet
+        replicated are gone. Too few acknowledgements → :class:`NotReplicatedError`, and the
+        caller retries (settle.lua and topup.lua are idempotent): on the new master the write
+        is either there already (a repeat) or applied once.
+        """
+        assert isinstance(self.client, aioredis.Redis)
+        async with self.client.client() as connection:  # one connection for both commands
+            result = await self.scripts[script](keys=keys, args=args, client=connection)
+            acked = int(
+                await connection.execute_command(  # type: ignore[no-untyped-call]
+                    "WAIT", self._wait_replicas, self._wait_ms
+                )
+            )
+        if acked < self._wait_replicas:
+            if self._follow_master is not None:
+                await self._follow_master()
+            raise NotReplicatedError(
+                f"{acked} of {self._wait_replicas} replicas acknowledged within {self._wait_ms} ms"
+            )
+        return result
 
     async def call(self, command: str, *args: Any) -> Any:
         """A plain Redis command, with the same timeout, breaker and error wrapping."""
         return await self._guarded(
             command.lower(),
-            self.client.execute_command(command, *args),  # type: ignore[no-untyped-call]
+            lambda: self.client.execute_command(command, *args),  # type: ignore[no-untyped-call,unused-ignore]
         )
+
+    async def call_many(
+        self, commands: list[tuple[Any, ...]], *, atomic: bool = False
+    ) -> list[Any]:
+        """Several commands in one round trip: a pipeline, or with ``atomic`` a MULTI/EXEC
+        (then all keys must share one hash slot)."""
+        pipe = self.client.pipeline(transaction=atomic)
+        for command in commands:
+            pipe.execute_command(*command)
+        result: list[Any] = await self._guarded("pipeline", pipe.execute)
+        return result
 
     async def ping(self) -> bool:
         try:
@@ -96,12 +199,39 @@ class Storage:
 
     async def close(self) -> None:
         await self.client.aclose()
+        for close in self._closers:
+            await close()
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """Does this error say storage cannot serve (vs. it answered with an error reply)?"""
+    if not isinstance(exc, ResponseError):
+        return True  # connection, timeout, no cluster node, …
+    if isinstance(exc, ReadOnlyError | ClusterDownError | TryAgainError | OutOfMemoryError):
+        return True  # a failover in progress, a cluster without quorum, Redis out of memory
+    return str(exc).startswith(("BUSY", "NOREPLICAS"))  # a long script; too few replicas
 
 
 class StorageObserver(Protocol):
     def storage_call(self, operation: str, duration_s: float, ok: bool) -> None: ...
 
     def breaker_changed(self, state: str) -> None: ...
+
+
+class _HiredisPackedConnection(aioredis.Connection):
+    """redis-py's asyncio connection packs commands in Python (~3 µs per argument); an
+    admission sends ~20 arguments. hiredis, already a dependency, packs them in C."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str) and " " in args[0]:
+            args = (*args[0].split(), *args[1:])  # "SCRIPT LOAD" is two protocol words
+        return [hiredis.pack_command(args)]
+
+
+def _fast_packing(scheme: str) -> dict[str, Any]:
+    if scheme == "redis" and hasattr(hiredis, "pack_command"):
+        return {"connection_class": _HiredisPackedConnection}
+    return {}
 
 
 def open_storage(settings: StorageSettings) -> Storage:
@@ -120,16 +250,122 @@ def open_storage(settings: StorageSettings) -> Storage:
     elif scheme in ("redis", "rediss", "unix"):
         # A bounded pool that makes callers wait for a free connection (up to the command
         # timeout) rather than fail when a burst needs more connections than it holds.
+        # No socket_timeout: Storage._guarded bounds every call already, and redis-py would
+        # otherwise wrap each socket write in asyncio.wait_for (a task per command).
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=settings.max_connections,
             timeout=settings.command_timeout_s,
             decode_responses=True,
             socket_connect_timeout=settings.connect_timeout_s,
-            socket_timeout=settings.command_timeout_s,
+            socket_timeout=None,  # redis-py would default to 5 s per socket operation
             health_check_interval=30,
+            **_fast_packing(scheme),
         )
         client = aioredis.Redis.from_pool(pool)  # the client owns and closes the pool
+    elif scheme == "redis+cluster":
+        return _open_cluster(settings)
+    elif scheme == "redis+sentinel":
+        return _open_sentinel(settings)
     else:
         raise ConfigError(f"storage.url: {scheme}:// is not supported by this build yet")
-    return Storage(client, settings)
+    if settings.wait_replicas and scheme == "memory":
+        raise ConfigError("storage.wait_replicas: memory:// has no replicas")
+    return Storage(client, settings, wait_replicas=settings.wait_replicas or 0)
+
+
+def _split_url(url: str) -> tuple[str | None, str | None, list[tuple[str, int]], list[str]]:
+    """``scheme://[user[:password]@]host:port[,host:port…][/a[/b]]`` → its parts.
+
+    urlsplit cannot parse a comma-separated host list, hence this.
+    """
+    rest = url.split("://", 1)[1]
+    netloc, _, path = rest.partition("/")
+    username = password = None
+    if "@" in netloc:
+        credentials, _, netloc = netloc.rpartition("@")
+        user, sep, secret = credentials.partition(":")
+        username, password = unquote(user) or None, unquote(secret) if sep else None
+    hosts: list[tuple[str, int]] = []
+    for item in netloc.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigError(f"storage.url: {item!r} must be host:port")
+        hosts.append((host.strip("[]"), int(port)))
+    segments = [unquote(p) for p in path.split("/") if p]
+    return username, password, hosts, segments
+
+
+def _open_cluster(settings: StorageSettings) -> Storage:
+    """``redis+cluster://[user:password@]host:port[,host:port…]``: any nodes; the rest is
+    discovered. Scripts are loaded on every master (SCRIPT LOAD goes to all of them)."""
+    username, password, hosts, segments = _split_url(settings.url)
+    if segments not in ([], ["0"]):
+        raise ConfigError("storage.url: a Redis Cluster has only database 0")
+    if settings.wait_replicas:
+        raise ConfigError("storage.wait_replicas: not supported with redis+cluster://")
+    client = RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in hosts],
+        username=username,
+        password=password,
+        decode_responses=True,
+        socket_connect_timeout=settings.connect_timeout_s,
+        socket_timeout=settings.command_timeout_s,
+        # Per node; the semaphore below keeps the whole process within it, waiting (up to
+        # the command timeout) instead of failing when a burst needs more.
+        max_connections=settings.max_connections,
+    )
+    # No batching: one pipeline would span slots and nodes.
+    return Storage(client, settings, batch_scripts=False, max_in_flight=settings.max_connections)
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """The sentinel-managed pool, waiting for a free connection like the plain one."""
+
+
+def _open_sentinel(settings: StorageSettings) -> Storage:
+    """``redis+sentinel://[user:password@]host:port[,host:port…]/service[/db]``.
+
+    Connections go to the master the sentinels name; after a failover, new connections ask
+    again, and a durable write that no replica acknowledged makes the pool re-ask at once
+    (the old master may accept writes for seconds before the sentinels demote it).
+    """
+    username, password, hosts, segments = _split_url(settings.url)
+    if not segments or len(segments) > 2 or (len(segments) == 2 and not segments[1].isdigit()):
+        raise ConfigError("storage.url: redis+sentinel:// needs /service_name[/db] after the hosts")
+    service = segments[0]
+    db = int(segments[1]) if len(segments) == 2 else 0
+    timeouts = {
+        "socket_connect_timeout": settings.connect_timeout_s,
+        "socket_timeout": settings.command_timeout_s,
+    }
+    sentinel = Sentinel(hosts, sentinel_kwargs=timeouts)  # type: ignore[no-untyped-call]
+    client = sentinel.master_for(
+        service,
+        connection_pool_class=_BlockingSentinelPool,
+        db=db,
+        username=username,
+        password=password,
+        decode_responses=True,
+        max_connections=settings.max_connections,
+        timeout=settings.command_timeout_s,  # waiting for a free pooled connection
+        socket_connect_timeout=settings.connect_timeout_s,
+        socket_timeout=settings.command_timeout_s,
+    )
+    pool = client.connection_pool
+    assert isinstance(pool, SentinelConnectionPool)
+
+    async def follow_master() -> None:
+        previous = pool.master_address
+        current = await pool.get_master_address()  # type: ignore[no-untyped-call]
+        if current != previous:  # get_master_address dropped the idle connections itself
+            await pool.update_active_connections_for_reconnect()  # type: ignore[no-untyped-call]
+
+    wait = 1 if settings.wait_replicas is None else settings.wait_replicas
+    return Storage(
+        client,
+        settings,
+        wait_replicas=wait,
+        follow_master=follow_master,
+        closers=(sentinel.aclose,),
+    )

@@ -19,7 +19,7 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 
-from ratelimit_gw.money import cost_nano, format_usd
+from ratelimit_gw.money import cost_nano, format_usd, parse_usd
 
 from .conftest import Gateway
 
@@ -263,3 +263,25 @@ async def test_tier_policy_follows_total_top_ups_and_override_wins(
     assert await limit() == "600"
     await gateway.accounts.update_account("acme", {"rpm_override": 42})
     assert await limit() == "42"
+
+
+async def test_a_reused_client_request_id_is_charged_every_time(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    key = await gateway.new_key(balance_usd="1.00")
+    headers = {"Authorization": f"Bearer {key}", "x-request-id": "my-fixed-id"}
+    body = {"model": "gpt-4o-mini", "max_tokens": 5, "messages": CHAT}
+    for _ in range(3):
+        async with http.post(
+            f"{gateway.url}/v1/chat/completions", json=body, headers=headers
+        ) as response:
+            assert response.status == 200
+            assert response.headers["x-request-id"] == "my-fixed-id"  # still echoed
+    state = await _settled(gateway)
+    charges = [e for e in await gateway.accounts.ledger("acme") if e.type == "charge"]
+    assert len(charges) == 3
+    assert {e.request_id for e in charges} == {"my-fixed-id"}
+    assert len({e.settlement_id for e in charges}) == 3
+    each = parse_usd(charges[0].cost_usd or "0")
+    assert each > 0
+    assert state.spent_usd == format_usd(3 * each)

@@ -373,6 +373,8 @@ def test_full_config_resolves_server_storage_and_admin(full: Settings) -> None:
         "host": "0.0.0.0",
         "port": 8080,
         "max_body_bytes": 1048576,
+        "max_inflight": 1024,
+        "shutdown_timeout_s": 30.0,
     }
     assert full.storage.url == "redis://redis.internal:6379/0"
     assert full.storage.on_error == "reject"

@@ -142,9 +142,10 @@ class ChatStreamTap(SseStreamTap):
             for call in delta.tool_calls or ():
                 if call.function is not None:
                     self.output_chars += len(call.function.arguments or "")
-        if chunk.usage is None:
-            return True
-        self.usage = _chat_usage(chunk.usage)
+        usage = chunk.usage
+        if usage is None or (usage.prompt_tokens is None and usage.completion_tokens is None):
+            return True  # no usage, or a usage object with no count in it: nothing reported
+        self.usage = _chat_usage(usage)
         # Only the chunk the gateway itself asked for (§8) is hidden from the client.
         return not (self._strip_usage_chunk and chunk.choices == [])
 

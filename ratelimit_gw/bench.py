@@ -1,0 +1,441 @@
+"""`ratelimit-gw bench`: the gateway's cost, measured side by side in one run.
+
+Starts its own mock upstream, private redis-server and gateway processes on loopback, then:
+
+* saturation throughput and latency with ``wrk`` (a C load generator) for (a) the mock
+  directly, (b) the gateway as a pass-through with storage disabled, (c) the gateway with
+  full checks (auth, rpm, tpm, concurrency, balance hold and settle) on Redis — plain and
+  streaming requests;
+* latency at a fixed rate below saturation (half of (c)'s plain throughput) with an
+  open-loop generator of its own, for (a) and (c): added latency = (c) − (a), and for
+  streams the added time to first byte. The generator reports its own lateness, which shows
+  whether it kept up;
+* (c) with 10 keys and with many keys (the key cache and Redis hold them all);
+* the gateway worker's memory (RSS).
+
+One table on stdout and a JSON file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .local_redis import free_port, start_redis, wait_for_port
+
+MODEL = "gpt-4o-mini"
+PLAIN_BODY = json.dumps(
+    {"model": MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "Say hello."}]}
+).encode()
+STREAM_BODY = json.dumps(
+    {
+        "model": MODEL,
+        "max_tokens": 64,
+        "stream": True,
+        "messages": [{"role": "user", "content": "Say hello."}],
+    }
+).encode()
+
+
+@dataclass
+class Run:
+    scenario: str  # a_mock | b_passthrough | c_full_checks
+    kind: str  # plain | stream
+    tool: str  # wrk | fixed-rate
+    requests: int
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    errors: int
+    keys: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class BenchOptions:
+    duration_s: float = 8.0
+    connections: int = 32
+    many_keys: int = 100_000
+    fixed_rate_duration_s: float = 6.0
+    output: Path = Path("bench-results/bench.json")
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+def _python() -> list[str]:
+    return [sys.executable, "-m", "ratelimit_gw"]
+
+
+@contextmanager
+def _process(args: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[int]:
+    process = subprocess.Popen(
+        args,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        if not wait_for_port(port, 20):
+            raise RuntimeError(f"{' '.join(args)} did not start on port {port}")
+        yield process.pid
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+def _gateway_config(upstream: str, storage_url: str, port: int) -> str:
+    return f"""
+[server]
+host = "127.0.0.1"
+port = {port}
+
+[storage]
+url = "{storage_url}"
+
+[log]
+access_log = false
+
+[[providers]]
+name = "mock"
+protocol = "openai"
+base_url = "{upstream}"
+
+[[models]]
+id = "{MODEL}"
+provider = "mock"
+input_per_mtok = 0.15
+output_per_mtok = 0.60
+"""
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return math.nan
+
+
+# --- accounts and keys -----------------------------------------------------------------------
+
+
+async def create_keys(storage_url: str, count: int) -> list[str]:
+    """One bench account with generous limits (so every check runs and passes), and keys."""
+    from .accounts import AccountStore
+    from .settings import StorageSettings
+    from .storage import open_storage
+
+    storage = open_storage(StorageSettings(url=storage_url, command_timeout_s=30))
+    try:
+        store = AccountStore(storage)
+        await store.create_account(
+            "bench",
+            balance_nano=10**15,
+            rpm=10**9,
+            tpm=10**12,
+            concurrency=10**6,
+        )
+        return await store.create_keys("bench", count, rpm=10**9, tpm=10**12, concurrency=10**6)
+    finally:
+        await storage.close()
+
+
+# --- load generators -------------------------------------------------------------------------
+
+_WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local f = io.open(os.getenv("RLGW_BENCH_BODY"), "rb")
+wrk.body = f:read("*a")
+f:close()
+local keys = {}
+for line in io.lines(os.getenv("RLGW_BENCH_KEYS")) do keys[#keys + 1] = line end
+local n = #keys
+math.randomseed(os.time())
+request = function()
+  wrk.headers["Authorization"] = "Bearer " .. keys[math.random(n)]
+  return wrk.format()
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %d %d %.1f %.1f %.1f %d\\n", summary.requests,
+    summary.duration, latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    e.connect + e.read + e.write + e.status + e.timeout))
+end
+"""
+
+
+def wrk_binary() -> str:
+    found = shutil.which("wrk")
+    if not found:
+        raise SystemExit("wrk is not installed: `make bench` installs it (Debian package wrk)")
+    return found
+
+
+def run_wrk(
+    url: str, body: bytes, keys: list[str], opts: BenchOptions, scenario: str, kind: str
+) -> Run:
+    with tempfile.TemporaryDirectory(prefix="rlgw-wrk-") as tmp:
+        script, body_file, keys_file = (Path(tmp) / n for n in ("bench.lua", "body", "keys"))
+        script.write_text(_WRK_SCRIPT)
+        body_file.write_bytes(body)
+        keys_file.write_text("\n".join(keys) + "\n")
+        out = subprocess.run(
+            [
+                wrk_binary(),
+                "-t1",
+                f"-c{opts.connections}",
+                f"-d{opts.duration_s:g}s",
+                "--timeout",
+                "10s",
+                "-s",
+                str(script),
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={
+                **os.environ,
+                "RLGW_BENCH_BODY": str(body_file),
+                "RLGW_BENCH_KEYS": str(keys_file),
+            },
+        ).stdout
+    line = next(x for x in out.splitlines() if x.startswith("RESULT "))
+    requests, duration_us, p50, p90, p99, errors = line.split()[1:]
+    return Run(
+        scenario=scenario,
+        kind=kind,
+        tool="wrk",
+        requests=int(requests),
+        rps=round(int(requests) / (int(duration_us) / 1e6), 1),
+        p50_ms=round(float(p50) / 1000, 3),
+        p90_ms=round(float(p90) / 1000, 3),
+        p99_ms=round(float(p99) / 1000, 3),
+        errors=int(errors),
+        keys=len(keys),
+    )
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return math.nan
+    index = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[index]
+
+
+async def fixed_rate(
+    url: str, body: bytes, keys: list[str], rate: float, duration_s: float, stream: bool
+) -> tuple[list[float], list[float], int]:
+    """Open loop: request i starts at t0 + i/rate whatever happened before.
+
+    Returns latencies (ms; time to the first body byte for streams, whole response for
+    plain), the generator's lateness against its schedule (ms), and the error count.
+    """
+    latencies: list[float] = []
+    lateness: list[float] = []
+    errors = 0
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(i: int, scheduled: float) -> None:
+            nonlocal errors
+            started = time.perf_counter()
+            lateness.append((started - scheduled) * 1000)
+            headers = {
+                "Authorization": f"Bearer {keys[i % len(keys)]}",
+                "Content-Type": "application/json",
+            }
+            try:
+                async with session.post(url, data=body, headers=headers) as response:
+                    if stream:
+                        await response.content.readany()
+                        latencies.append((time.perf_counter() - started) * 1000)
+                        await response.read()
+                    else:
+                        await response.read()
+                        latencies.append((time.perf_counter() - started) * 1000)
+                    if response.status != 200:
+                        errors += 1
+            except aiohttp.ClientError:
+                errors += 1
+
+        total = int(rate * duration_s)
+        t0 = time.perf_counter() + 0.2
+        tasks = []
+        for i in range(total):
+            scheduled = t0 + i / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i, scheduled)))
+        await asyncio.gather(*tasks)
+    return sorted(latencies), sorted(lateness), errors
+
+
+def fixed_rate_run(
+    url: str,
+    body: bytes,
+    keys: list[str],
+    rate: float,
+    opts: BenchOptions,
+    scenario: str,
+    kind: str,
+) -> Run:
+    # Warm up connections and caches so the measured window is steady state.
+    asyncio.run(fixed_rate(url, body, keys, rate, 1.0, kind == "stream"))
+    latencies, lateness, errors = asyncio.run(
+        fixed_rate(url, body, keys, rate, opts.fixed_rate_duration_s, kind == "stream")
+    )
+    return Run(
+        scenario=scenario,
+        kind=kind,
+        tool="fixed-rate",
+        requests=len(latencies),
+        rps=rate,
+        p50_ms=round(_percentile(latencies, 0.50), 3),
+        p90_ms=round(_percentile(latencies, 0.90), 3),
+        p99_ms=round(_percentile(latencies, 0.99), 3),
+        errors=errors,
+        keys=len(keys),
+        extra={"generator_lateness_p99_ms": round(_percentile(lateness, 0.99), 3)},
+    )
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def run_bench(opts: BenchOptions) -> dict[str, Any]:
+    redis = start_redis()
+    upstream_port, passthrough_port, full_port = free_port(), free_port(), free_port()
+    upstream = f"http://127.0.0.1:{upstream_port}"
+    runs: list[Run] = []
+    work = Path(tempfile.mkdtemp(prefix="rlgw-bench-"))
+    try:
+        keys = asyncio.run(create_keys(redis.url, opts.many_keys))
+        few = keys[:10]
+        mock = [*_python(), "mock-upstream", "--port", str(upstream_port), "--no-request-log"]
+        with _process(mock, upstream_port):
+            targets = {"a_mock": f"{upstream}/v1/chat/completions"}
+            for kind, body in (("plain", PLAIN_BODY), ("stream", STREAM_BODY)):
+                runs.append(run_wrk(targets["a_mock"], body, few, opts, "a_mock", kind))
+
+            config = work / "passthrough.toml"
+            config.write_text(_gateway_config(upstream, "memory://", passthrough_port))
+            serve = [*_python(), "serve", "--config", str(config), "--passthrough-for-benchmark"]
+            with _process(serve, passthrough_port):
+                url = f"http://127.0.0.1:{passthrough_port}/v1/chat/completions"
+                for kind, body in (("plain", PLAIN_BODY), ("stream", STREAM_BODY)):
+                    runs.append(run_wrk(url, body, few, opts, "b_passthrough", kind))
+
+            config = work / "full.toml"
+            config.write_text(_gateway_config(upstream, redis.url, full_port))
+            with _process([*_python(), "serve", "--config", str(config)], full_port) as pid:
+                url = f"http://127.0.0.1:{full_port}/v1/chat/completions"
+                for kind, body in (("plain", PLAIN_BODY), ("stream", STREAM_BODY)):
+                    runs.append(run_wrk(url, body, few, opts, "c_full_checks", kind))
+                runs.append(run_wrk(url, PLAIN_BODY, keys, opts, "c_full_checks", "plain"))
+                saturation = next(
+                    r.rps for r in runs if r.scenario == "c_full_checks" and r.kind == "plain"
+                )
+                rate = max(10.0, round(saturation / 2))
+                for kind, body in (("plain", PLAIN_BODY), ("stream", STREAM_BODY)):
+                    runs.append(
+                        fixed_rate_run(targets["a_mock"], body, few, rate, opts, "a_mock", kind)
+                    )
+                    runs.append(fixed_rate_run(url, body, few, rate, opts, "c_full_checks", kind))
+                memory_mib = rss_mib(pid)
+    finally:
+        redis.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return summarise(runs, memory_mib, opts)
+
+
+def _find(runs: list[Run], scenario: str, kind: str, tool: str, keys: int | None = None) -> Run:
+    return next(
+        r
+        for r in runs
+        if (r.scenario, r.kind, r.tool) == (scenario, kind, tool)
+        and (keys is None or r.keys == keys)
+    )
+
+
+def summarise(runs: list[Run], memory_mib: float, opts: BenchOptions) -> dict[str, Any]:
+    summary: dict[str, Any] = {"gateway_rss_mib": round(memory_mib, 1)}
+    for kind in ("plain", "stream"):
+        a, b, c = (
+            _find(runs, s, kind, "wrk", 10) for s in ("a_mock", "b_passthrough", "c_full_checks")
+        )
+        fa, fc = (_find(runs, s, kind, "fixed-rate") for s in ("a_mock", "c_full_checks"))
+        summary[kind] = {
+            "throughput_c_over_a": round(c.rps / a.rps, 3),
+            "throughput_c_over_b": round(c.rps / b.rps, 3),
+            "fixed_rate_rps": fc.rps,
+            "added_latency_p50_ms": round(fc.p50_ms - fa.p50_ms, 3),
+            "added_latency_p99_ms": round(fc.p99_ms - fa.p99_ms, 3),
+        }
+    few = _find(runs, "c_full_checks", "plain", "wrk", 10)
+    many = _find(runs, "c_full_checks", "plain", "wrk", opts.many_keys)
+    summary["keys_scaling"] = {
+        "keys_10_rps": few.rps,
+        f"keys_{opts.many_keys}_rps": many.rps,
+        "ratio": round(many.rps / few.rps, 3),
+    }
+    return {
+        "runs": [asdict(r) for r in runs],
+        "summary": summary,
+        "options": {k: str(v) for k, v in asdict(opts).items()},
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [
+        f"{'scenario':<15} {'kind':<7} {'tool':<11} {'keys':>7} {'req/s':>9} "
+        f"{'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>6}",
+    ]
+    for r in result["runs"]:
+        lines.append(
+            f"{r['scenario']:<15} {r['kind']:<7} {r['tool']:<11} {r['keys']:>7} {r['rps']:>9.1f} "
+            f"{r['p50_ms']:>8.3f} {r['p90_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['errors']:>6}"
+        )
+    s = result["summary"]
+    for kind in ("plain", "stream"):
+        k = s[kind]
+        what = "latency" if kind == "plain" else "time to first byte"
+        lines.append(
+            f"{kind}: throughput (c)/(a) {k['throughput_c_over_a']:.2f}, (c)/(b) "
+            f"{k['throughput_c_over_b']:.2f}; added {what} at {k['fixed_rate_rps']:g} req/s: "
+            f"p50 {k['added_latency_p50_ms']:+.3f} ms, p99 {k['added_latency_p99_ms']:+.3f} ms"
+        )
+    ks = s["keys_scaling"]
+    lines.append(f"keys: {' vs '.join(f'{k} {v}' for k, v in ks.items())}")
+    lines.append(f"gateway worker RSS after the run: {s['gateway_rss_mib']} MiB")
+    return "\n".join(lines)
+
+
+def main(opts: BenchOptions) -> None:
+    result = run_bench(opts)
+    opts.output.parent.mkdir(parents=True, exist_ok=True)
+    opts.output.write_text(json.dumps(result, indent=2))
+    print(render(result))
+    print(f"\nJSON: {opts.output}")

@@ -1,0 +1,47 @@
+"""The benchmark runs end to end and reports every row it promises (numbers not judged)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ratelimit_gw",
+            "bench",
+            "--duration",
+            "1",
+            "--connections",
+            "8",
+            "--keys",
+            "200",
+            "--fixed-rate-duration",
+            "1",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(output.read_text())
+    rows = {(r["scenario"], r["kind"], r["tool"], r["keys"]) for r in result["runs"]}
+    for kind in ("plain", "stream"):
+        for scenario in ("a_mock", "b_passthrough", "c_full_checks"):
+            assert (scenario, kind, "wrk", 10) in rows
+        assert ("a_mock", kind, "fixed-rate", 10) in rows
+        assert ("c_full_checks", kind, "fixed-rate", 10) in rows
+    assert ("c_full_checks", "plain", "wrk", 200) in rows
+    assert all(r["requests"] > 0 and r["errors"] == 0 for r in result["runs"])
+    summary = result["summary"]
+    assert set(summary) == {"gateway_rss_mib", "plain", "stream", "keys_scaling"}
+    assert summary["gateway_rss_mib"] > 0
+    assert "throughput (c)/(a)" in run.stdout and "(c)/(b)" in run.stdout

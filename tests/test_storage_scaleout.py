@@ -1,0 +1,452 @@
+"""Scale-out storage (§11): Redis Cluster and Redis Sentinel, started on loopback by the tests.
+
+- ``redis+cluster://``: three masters, the slots split between them. Accounts are chosen so
+  that every node holds some; the whole gateway (admission, settlement, top-ups, keys, the
+  admin API) runs on it without a cross-slot error, and two gateway *processes* on one
+  cluster keep rpm, concurrency and balance limits exact.
+- ``redis+sentinel://``: a master, a replica and three sentinels. Under load the master is
+  failed over; afterwards every request that got a 200 has exactly one ledger entry, the
+  ledger adds up to the balance change, and nothing was charged twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from redis.crc import key_slot
+
+from ratelimit_gw import keyspace
+from ratelimit_gw.accounts import AccountStore
+from ratelimit_gw.keyspace import AccountKeys
+from ratelimit_gw.money import NANO_PER_USD, cost_nano, parse_usd
+from ratelimit_gw.protocols import estimate_input_tokens
+from ratelimit_gw.services import SERVICES
+from ratelimit_gw.settings import ConfigError, StorageSettings
+from ratelimit_gw.storage import Storage, open_storage
+
+from .conftest import ADMIN_TOKEN, MODELS, UPSTREAM_KEY, Gateway, Upstream, start_gateway
+from .redis_process import (
+    RedisClusterProcesses,
+    SentinelSet,
+    free_port,
+    start_redis_cluster,
+    start_sentinel_set,
+)
+from .test_storage_failures import Outcome, metric, post, start_gateway_with
+
+GATEWAY_CMD = (sys.executable, "-m", "ratelimit_gw", "serve")
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+CHAT = {"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+_, _, IN_USD, OUT_USD = MODELS[0]
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterProcesses]:
+    cluster = start_redis_cluster(masters=3)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def sentinel_set() -> Iterator[SentinelSet]:
+    sentinels = start_sentinel_set(replicas=1)
+    try:
+        yield sentinels
+    finally:
+        sentinels.stop()
+
+
+@pytest.fixture
+async def cluster_storage(redis_cluster: RedisClusterProcesses) -> AsyncIterator[Storage]:
+    storage = open_storage(StorageSettings(url=redis_cluster.url))
+    await storage.call("FLUSHALL")  # goes to every master
+    try:
+        yield storage
+    finally:
+        await storage.close()
+
+
+@pytest.fixture
+async def sentinel_storage(sentinel_set: SentinelSet) -> AsyncIterator[Storage]:
+    storage = open_storage(StorageSettings(url=sentinel_set.url))
+    await storage.call("FLUSHALL")
+    try:
+        yield storage
+    finally:
+        await storage.close()
+
+
+async def admin(
+    session: aiohttp.ClientSession, gw: Gateway, method: str, path: str, body: Any = None
+) -> tuple[int, Any]:
+    async with session.request(method, gw.url + path, json=body, headers=ADMIN) as response:
+        return response.status, await response.json()
+
+
+async def chat(
+    session: aiohttp.ClientSession, url: str, key: str, *, stream: bool = False, **headers: str
+) -> tuple[int, Any, Any]:
+    body = {**CHAT, "stream": True} if stream else CHAT
+    async with session.post(
+        url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key}", **headers},
+    ) as response:
+        raw = await response.read()
+        return response.status, response.headers.copy(), raw
+
+
+# ---------------------------------------------------------------- Redis Cluster
+
+
+def test_every_script_touches_one_cluster_slot() -> None:
+    """What makes cluster mode work at all: one hash tag per script call (§11)."""
+    keys = AccountKeys("team-7")
+    for script_keys in (
+        keys.admit_keys("key_1"),
+        keys.settle_keys("key_1"),
+        [keys.account, keys.topups, keys.ledger],
+    ):
+        assert len({key_slot(k.encode()) for k in script_keys}) == 1
+    assert len({key_slot(k.encode()) for k in keyspace.quota_keys("provider:mock")}) == 1
+
+
+def accounts_on_every_node(cluster_slots: Any, per_node: int = 1) -> list[str]:
+    """Account ids whose hash tag lands on each master in turn."""
+    ranges = [(int(r[0]), int(r[1]), int(r[2][1])) for r in cluster_slots]
+    wanted = {port: per_node for _, _, port in ranges}
+    chosen: list[str] = []
+    i = 0
+    while any(wanted.values()):
+        account = f"team-{i}"
+        slot = key_slot(AccountKeys(account).account.encode())
+        port = next(p for lo, hi, p in ranges if lo <= slot <= hi)
+        if wanted[port]:
+            wanted[port] -= 1
+            chosen.append(account)
+        i += 1
+    return chosen
+
+
+async def cluster_slots(storage: Storage) -> Any:
+    slots = await storage.client.execute_command("CLUSTER SLOTS")  # type: ignore[no-untyped-call]
+    if isinstance(slots, dict):  # RESP3 / redis-py's parsed form: {(lo, hi): {...}}
+        return [
+            (lo, hi, ("127.0.0.1", int(node["primary"][1]))) for (lo, hi), node in slots.items()
+        ]
+    return slots
+
+
+async def test_cluster_runs_the_whole_gateway_on_every_node_without_cross_slot_errors(
+    upstream: Upstream, cluster_storage: Storage
+) -> None:
+    runner, gw = await start_gateway(upstream, cluster_storage, {"RLGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    try:
+        accounts = accounts_on_every_node(await cluster_slots(cluster_storage))
+        assert len(accounts) == 3
+        async with aiohttp.ClientSession() as session:
+            for account in accounts:
+                status, _ = await admin(
+                    session, gw, "POST", "/admin/accounts", {"id": account, "balance_usd": "1.00"}
+                )
+                assert status == 201
+                status, created = await admin(
+                    session, gw, "POST", "/admin/keys", {"account": account, "rpm": 3}
+                )
+                assert status == 201
+                key = created["key"]
+                topup = {"amount_usd": "0.50", "idempotency_key": f"{account}-t1"}
+                path = f"/admin/accounts/{account}/topup"
+                assert (await admin(session, gw, "POST", path, topup))[1]["credited"] is True
+                again = (await admin(session, gw, "POST", path, topup))[1]
+                assert again["credited"] is False
+                assert again["account"]["balance_usd"] == "1.50"
+
+                first = await chat(session, gw.url, key)
+                second = await chat(session, gw.url, key, stream=True)
+                third = await chat(session, gw.url, key)
+                fourth = await chat(session, gw.url, key)
+                assert [r[0] for r in (first, second, third, fourth)] == [200, 200, 200, 429]
+                assert first[1]["x-ratelimit-remaining-requests"] == "2"
+                assert b"data: [DONE]" in second[2]
+                assert fourth[1]["retry-after"]
+
+                await settled(gw)
+                status, ledger = await admin(
+                    session, gw, "GET", f"/admin/accounts/{account}/ledger"
+                )
+                assert status == 200
+                types = Counter(e["type"] for e in ledger["data"])
+                assert types == {"charge": 3, "topup": 2}
+                status, keys = await admin(session, gw, "GET", f"/admin/keys?account={account}")
+                assert [k["id"] for k in keys["data"]] == [created["id"]]
+                status, _ = await admin(session, gw, "DELETE", f"/admin/keys/{created['id']}")
+                assert status == 200
+                assert (await chat(session, gw.url, key))[0] == 401
+
+            status, listed = await admin(session, gw, "GET", "/admin/accounts")
+            assert sorted(listed["data"]) == sorted(accounts)
+        assert await metric(gw, "rlgw_storage_errors_total") == 0
+    finally:
+        await runner.cleanup()
+
+
+async def settled(gw: Gateway, within_s: float = 60) -> None:
+    deadline = time.monotonic() + within_s
+    settler = gw.app[SERVICES].settler
+    while settler.pending:
+        assert time.monotonic() < deadline, "settlements did not finish"
+        await asyncio.sleep(0.05)
+
+
+def _config(upstream_url: str, storage_url: str) -> str:
+    return f"""
+[storage]
+url = "{storage_url}"
+
+[[providers]]
+name = "mock"
+protocol = "openai"
+base_url = "{upstream_url}"
+api_key_env = "RLGW_TEST_UPSTREAM_KEY"
+
+[[models]]
+id = "gpt-4o-mini"
+provider = "mock"
+input_per_mtok = {IN_USD}
+output_per_mtok = {OUT_USD}
+default_max_output = 1000
+"""
+
+
+@pytest.fixture
+def two_gateway_processes_on_the_cluster(
+    upstream: Upstream, redis_cluster: RedisClusterProcesses, tmp_path: Path
+) -> Iterator[list[str]]:
+    config = tmp_path / "gateway.toml"
+    config.write_text(_config(upstream.url, redis_cluster.url))
+    env = {**os.environ, "RLGW_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
+    ports = [free_port(), free_port()]
+    with (tmp_path / "gateways.log").open("wb") as log:
+        processes = [
+            subprocess.Popen(
+                [*GATEWAY_CMD, "--config", str(config), "--port", str(port)],
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
+            for port in ports
+        ]
+        try:
+            yield [f"http://127.0.0.1:{port}" for port in ports]
+        finally:
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.wait(10)
+
+
+async def _wait_ready(urls: list[str]) -> None:
+    deadline = time.monotonic() + 20
+    async with aiohttp.ClientSession() as session:
+        for url in urls:
+            while True:
+                try:
+                    async with session.get(url + "/readyz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert time.monotonic() < deadline, f"{url} did not become ready"
+                await asyncio.sleep(0.1)
+
+
+async def _burst(urls: list[str], key: str, count: int, latency_ms: int = 0) -> list[int]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        results = await asyncio.gather(
+            *(
+                chat(session, urls[i % len(urls)], key, **{"x-mock-latency-ms": str(latency_ms)})
+                for i in range(count)
+            )
+        )
+    return [status for status, _, _ in results]
+
+
+async def test_two_gateway_processes_on_one_cluster_keep_limits_exact(
+    two_gateway_processes_on_the_cluster: list[str], cluster_storage: Storage
+) -> None:
+    urls = two_gateway_processes_on_the_cluster
+    await _wait_ready(urls)
+    accounts = AccountStore(cluster_storage)
+    rpm_acct, conc_acct, cash_acct = accounts_on_every_node(await cluster_slots(cluster_storage))
+
+    # rpm = 10 (one request back every 6 s): 10 of 60 simultaneous requests pass.
+    await accounts.create_account(rpm_acct)
+    rpm_key = (await accounts.create_key(rpm_acct, rpm=10)).key
+    statuses = await _burst(urls, rpm_key, 60)
+    assert (statuses.count(200), statuses.count(429)) == (10, 50)
+
+    # concurrency = 4, each request held upstream for 1.5 s: 4 of 30 pass.
+    await accounts.create_account(conc_acct, concurrency=4)
+    conc_key = (await accounts.create_key(conc_acct)).key
+    statuses = await _burst(urls, conc_key, 30, latency_ms=1500)
+    assert (statuses.count(200), statuses.count(429)) == (4, 26)
+
+    # A balance worth exactly k holds: k of 80 pass, the books balance afterwards.
+    body_len = len(
+        b'{"model": "gpt-4o-mini", "max_tokens": 5, "messages": '
+        b'[{"role": "user", "content": "hi"}]}'
+    )
+    hold = cost_nano(estimate_input_tokens(body_len), 5, parse_usd(IN_USD), parse_usd(OUT_USD))
+    k = 23
+    start_nano = k * hold + hold - 1
+    await accounts.create_account(cash_acct, balance_nano=start_nano)
+    cash_key = (await accounts.create_key(cash_acct)).key
+    statuses = await _burst(urls, cash_key, 80, latency_ms=1000)
+    assert (statuses.count(200), statuses.count(402)) == (k, 80 - k)
+    deadline = time.monotonic() + 20
+    while (await accounts.get_account(cash_acct)).holds_live:
+        assert time.monotonic() < deadline, "holds were not released"
+        await asyncio.sleep(0.05)
+    state = await accounts.get_account(cash_acct)
+    charges = [e for e in await accounts.ledger(cash_acct, 1000) if e.type == "charge"]
+    assert len(charges) == k
+    charged = sum(parse_usd(e.cost_usd or "0") for e in charges)
+    assert parse_usd(state.balance_usd) == start_nano - charged >= 0
+    assert state.held_usd == "0.00"
+
+
+# ---------------------------------------------------------------- Redis Sentinel
+
+
+async def test_sentinel_storage_serves_the_gateway(
+    upstream: Upstream, sentinel_storage: Storage
+) -> None:
+    runner, gw = await start_gateway(upstream, sentinel_storage, {"RLGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    try:
+        key = await gw.new_key(balance_usd="1.00", rpm=2)
+        async with aiohttp.ClientSession() as session:
+            results = [await chat(session, gw.url, key) for _ in range(3)]
+            assert [r[0] for r in results] == [200, 200, 429]
+            topup = {"amount_usd": "2.00", "idempotency_key": "t-1"}
+            status, body = await admin(session, gw, "POST", "/admin/accounts/acme/topup", topup)
+            assert (status, body["credited"]) == (200, True)
+        await settled(gw)
+        account = await gw.accounts.get_account("acme")
+        charges = [e for e in await gw.accounts.ledger("acme") if e.type == "charge"]
+        assert len(charges) == 2
+        spent = sum(parse_usd(e.cost_usd or "0") for e in charges)
+        assert parse_usd(account.balance_usd) == 3 * NANO_PER_USD - spent
+    finally:
+        await runner.cleanup()
+
+
+async def test_sentinel_failover_under_load_loses_no_ledger_entry_and_charges_nothing_twice(
+    upstream: Upstream, sentinel_set: SentinelSet, sentinel_storage: Storage
+) -> None:
+    """A ``SENTINEL FAILOVER`` while requests flow. Redis replicates asynchronously, and the
+    old master keeps accepting writes for seconds after its replica was promoted; without
+    ``wait_replicas`` (WAIT after each settlement) those charges vanish when it is demoted.
+    Requests during the switch may get a 503; every 200 must be in the ledger exactly once."""
+    settings = {"url": sentinel_set.url, "command_timeout_s": 0.5, "connect_timeout_s": 0.5}
+    storage = open_storage(StorageSettings(**settings))
+    runner, gw = await start_gateway_with(upstream, storage, settings)
+    try:
+        start_usd = "100.00"
+        key = await gw.new_key(balance_usd=start_usd)
+        old_master = sentinel_set.master_port()
+        outcomes: list[Outcome] = []
+        started = time.monotonic()
+
+        async def fail_over() -> int:
+            await asyncio.sleep(1.5)
+            return await asyncio.to_thread(sentinel_set.failover)
+
+        failover = asyncio.create_task(fail_over())
+        async with aiohttp.ClientSession() as session:
+
+            async def caller(n: int) -> None:
+                i = 0
+                while time.monotonic() - started < 5:
+                    i += 1
+                    outcomes.append(await post(session, gw, key, f"req-{n}-{i}"))
+                    await asyncio.sleep(0.08)
+
+            await asyncio.gather(*(caller(n) for n in range(4)))
+        new_master = await failover
+        assert new_master != old_master
+        await settled(gw)
+
+        statuses = Counter(o.status for o in outcomes)
+        assert set(statuses) <= {200, 503}
+        assert statuses[200] >= 150
+        assert all(
+            o.body["error"]["reason"] == "storage_unavailable" for o in outcomes if o.status == 503
+        )
+        assert max(o.duration_s for o in outcomes) < 3 * 0.5 + 1.0
+
+        ledger = await gw.accounts.ledger("acme", limit=100_000)
+        charges = [e for e in ledger if e.type in ("charge", "release")]
+        per_request = Counter(e.request_id for e in charges)
+        served = {o.request_id for o in outcomes if o.status == 200}
+        assert not [rid for rid, n in per_request.items() if n > 1], "charged twice"
+        assert sorted(served - set(per_request)) == [], "ledger entries lost"
+        assert set(per_request) == served  # and nothing charged that was not served
+        account = await gw.accounts.get_account("acme")
+        charged = sum(parse_usd(e.cost_usd or "0") for e in charges)
+        assert parse_usd(account.balance_usd) == parse_usd(start_usd) - charged
+        assert parse_usd(account.balance_usd) >= 0
+        assert await metric(gw, "rlgw_settlement_failures_total") == 0
+    finally:
+        await runner.cleanup()
+        await storage.close()
+        sentinel_set.wait_healthy()
+
+
+# ---------------------------------------------------------------- URLs
+
+
+async def test_sentinel_url_names_the_sentinels_the_service_the_db_and_credentials() -> None:
+    storage = open_storage(
+        StorageSettings(url="redis+sentinel://app:s%40cret@127.0.0.1:26379,[::1]:26380/cache/2")
+    )
+    try:
+        pool = storage.client.connection_pool
+        assert pool.service_name == "cache"  # type: ignore[attr-defined]
+        kwargs = pool.connection_kwargs
+        assert (kwargs["db"], kwargs["username"], kwargs["password"]) == (2, "app", "s@cret")
+        manager = pool.sentinel_manager  # type: ignore[attr-defined]
+        addresses = [s.connection_pool.connection_kwargs for s in manager.sentinels]
+        hosts = [(a["host"], a["port"]) for a in addresses]
+        assert hosts == [("127.0.0.1", 26379), ("::1", 26380)]
+    finally:
+        await storage.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis+sentinel://127.0.0.1:26379", "needs /service_name[/db]"),
+        ("redis+sentinel://127.0.0.1:26379/svc/x", "needs /service_name[/db]"),
+        ("redis+sentinel://127.0.0.1/svc", "'127.0.0.1' must be host:port"),
+        ("redis+cluster://127.0.0.1:7000/3", "a Redis Cluster has only database 0"),
+        ("redis+cluster://a:1,b", "'b' must be host:port"),
+    ],
+)
+def test_bad_scale_out_urls_are_config_errors_naming_the_field(url: str, message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        open_storage(StorageSettings(url=url))
+    assert str(raised.value).startswith("storage.url: ")
+    assert message in str(raised.value)

@@ -1,0 +1,130 @@
+"""`serve --workers N`: several processes share one port, and /metrics of any of them
+reports the whole pool's counts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+from ratelimit_gw.accounts import AccountStore
+from ratelimit_gw.local_redis import free_port
+from ratelimit_gw.settings import StorageSettings
+from ratelimit_gw.storage import open_storage
+
+from .conftest import UPSTREAM_KEY, Upstream
+from .redis_process import RedisProcess
+
+REQUESTS = 60
+
+
+def _config(upstream: str, storage: str, port: int) -> str:
+    return f"""
+[server]
+port = {port}
+
+[storage]
+url = "{storage}"
+
+[[providers]]
+name = "mock"
+protocol = "openai"
+base_url = "{upstream}"
+api_key_env = "RLGW_TEST_UPSTREAM_KEY"
+
+[[models]]
+id = "gpt-4o-mini"
+provider = "mock"
+input_per_mtok = 0.15
+output_per_mtok = 0.60
+"""
+
+
+def _sum(exposition: str, name: str, labels: str = "") -> float:
+    pattern = re.compile(rf"^{name}\{{([^}}]*)\}} ([0-9.e+]+)$", re.M)
+    return sum(float(v) for lbl, v in pattern.findall(exposition) if labels in lbl)
+
+
+async def test_workers_share_the_port_and_report_pooled_metrics(
+    upstream: Upstream, redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    storage = open_storage(StorageSettings(url=redis_server.url))
+    await storage.call("FLUSHALL")
+    accounts = AccountStore(storage)
+    await accounts.create_account("acme", balance_nano=10**12, rpm=REQUESTS)
+    key = (await accounts.create_key("acme")).key
+
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(_config(upstream.url, redis_server.url, port))
+    env = {**os.environ, "RLGW_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    with (tmp_path / "workers.log").open("wb") as log:
+        pool = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ratelimit_gw",
+                "serve",
+                "--config",
+                str(config),
+                "--workers",
+                "2",
+            ],
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        # A new connection per request lets the kernel spread them over both workers.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    async with http.get(f"{base}/readyz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert time.monotonic() < deadline, (tmp_path / "workers.log").read_text()
+                await asyncio.sleep(0.2)
+
+            body = {
+                "model": "gpt-4o-mini",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+            statuses = []
+            for _ in range(REQUESTS + 5):
+                async with http.post(
+                    f"{base}/v1/chat/completions",
+                    json=body,
+                    headers={"Authorization": f"Bearer {key}"},
+                ) as response:
+                    statuses.append(response.status)
+            # Exact limits across processes: one shared bucket of 60.
+            assert statuses.count(200) == REQUESTS
+            assert statuses.count(429) == 5
+
+            pids = set()
+            for _ in range(20):
+                async with http.get(f"{base}/metrics") as response:
+                    text = await response.text()
+                assert _sum(text, "rlgw_requests_total", 'status="200"') == REQUESTS
+                assert _sum(text, "rlgw_requests_total", 'status="429"') == 5
+                assert _sum(text, "rlgw_rejections_total", 'reason="rpm_exceeded"') == 5
+                pids.add(response.headers.get("x-rlgw-worker"))
+    finally:
+        pool.send_signal(signal.SIGTERM)
+        pool.wait(20)
+        await storage.close()
+    assert pool.returncode == 0
+    assert len(pids - {None}) == 2, f"expected both workers to answer, saw {pids}"
