@@ -22,6 +22,7 @@ from .money import format_usd
 from .storage import Storage
 
 KEY_PREFIX = "rlgw-"
+MAX_TOPUP_NANO = 10**18  # $1e9 per top-up
 RpmPolicy = Literal["fixed", "balance", "tier"]
 _LIMIT_FIELDS = ("rpm", "tpm", "concurrency")
 
@@ -256,6 +257,9 @@ class AccountStore:
         """Credit once per idempotency key; False when that key was already used."""
         if amount_nano <= 0:
             raise AccountError(400, "invalid_request", "amount_usd must be > 0")
+        if amount_nano > MAX_TOPUP_NANO:
+            # Balances are 64-bit integers of nano-USD in Redis: keep far from overflow.
+            raise AccountError(400, "invalid_request", "amount_usd must be at most 1000000000")
         if not idempotency_key or len(idempotency_key) > 200:
             raise AccountError(400, "invalid_request", "idempotency_key is required (≤ 200 chars)")
         keys = AccountKeys(account_id)

@@ -6,6 +6,7 @@ whole algorithm so that every gateway process shares one truth and one clock (Re
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,12 +97,23 @@ def _decision(reply: list[Any]) -> Decision:
     )
 
 
+# Key names depend only on (account, key): built once per pair, not per request.
+@functools.lru_cache(maxsize=65536)
+def _admit_keys(account_id: str, key_id: str) -> list[str]:
+    return AccountKeys(account_id).admit_keys(key_id)
+
+
+@functools.lru_cache(maxsize=65536)
+def _settle_keys(account_id: str, key_id: str) -> list[str]:
+    return AccountKeys(account_id).settle_keys(key_id)
+
+
 class Limiter:
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
 
     async def admit(self, request: AdmissionRequest) -> Decision:
-        keys = AccountKeys(request.account_id).admit_keys(request.key_id)
+        keys = _admit_keys(request.account_id, request.key_id)
         args = [
             "admit",
             request.request_id,
@@ -114,11 +126,11 @@ class Limiter:
 
     async def peek(self, account_id: str, key_id: str) -> Decision:
         """The current state of the caller's buckets, consuming and writing nothing."""
-        keys = AccountKeys(account_id).admit_keys(key_id)
+        keys = _admit_keys(account_id, key_id)
         return _decision(await self._storage.run("admit", keys, ["peek", "", key_id, 0, 0, 0]))
 
     async def settle(self, s: Settlement) -> SettleResult:
-        keys = AccountKeys(s.account_id).settle_keys(s.key_id)
+        keys = _settle_keys(s.account_id, s.key_id)
         args = [
             s.request_id,
             s.key_id,

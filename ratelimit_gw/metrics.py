@@ -8,8 +8,10 @@ worker processes, prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -176,6 +178,13 @@ def create_metrics(registry: CollectorRegistry | None, account_label: bool = Fal
     )
 
 
+@functools.lru_cache(maxsize=8192)
+def labelled(metric: Any, *values: str) -> Any:
+    """``metric.labels(*values)``, remembered: label sets are few, requests are many, and
+    prometheus_client validates and locks on every ``labels`` call."""
+    return metric.labels(*values)
+
+
 def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
     """The text for ``/metrics``: this process's registry, or every worker's in multiprocess."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -193,7 +202,7 @@ class StorageMetrics:
         metrics.breaker_state.set(BREAKER_STATES["closed"])
 
     def storage_call(self, operation: str, duration_s: float, ok: bool) -> None:
-        self._metrics.storage_duration.labels(operation).observe(duration_s)
+        labelled(self._metrics.storage_duration, operation).observe(duration_s)
         if not ok:
             self._metrics.storage_errors.labels(operation).inc()
 

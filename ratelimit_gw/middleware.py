@@ -16,6 +16,7 @@ from aiohttp import web
 from .errors import GatewayError
 from .gateway import new_request_ids, own_headers
 from .headers import retry_headers
+from .metrics import labelled
 from .money import format_usd
 from .protocols import ADAPTERS
 from .rejections import key_error
@@ -179,8 +180,8 @@ def record_request(svc: Services, request: web.Request, ctx: RequestContext, sta
     route = _route_label(request)
     account = ctx.key.account if ctx.key else None
     m = svc.metrics
-    m.requests.labels(route, ctx.protocol, ctx.model, str(status), *m.account(account)).inc()
-    m.request_duration.labels(route, ctx.protocol).observe(duration_s)
+    labelled(m.requests, route, ctx.protocol, ctx.model, str(status), *m.account(account)).inc()
+    labelled(m.request_duration, route, ctx.protocol).observe(duration_s)
     if ctx.reason and status >= 400:
         m.rejections.labels(ctx.reason, *m.account(account)).inc()
     if svc.settings.log.access_log:

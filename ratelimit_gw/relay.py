@@ -16,7 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .errors import GatewayError
-from .metrics import Metrics
+from .metrics import Metrics, labelled
 from .protocols import StreamTap, Usage
 
 HOP_BY_HOP = frozenset(
@@ -123,7 +123,8 @@ class Relay:
             ) as upstream:
                 result.ttfb_s = time.perf_counter() - started
                 result.status = upstream.status
-                self._metrics.upstream_ttfb.labels(call.provider, call.model).observe(result.ttfb_s)
+                ttfb = labelled(self._metrics.upstream_ttfb, call.provider, call.model)
+                ttfb.observe(result.ttfb_s)
                 headers = client_response_headers(upstream.headers, own_headers)
                 if upstream.status >= 400 or new_tap is None:
                     response: web.StreamResponse = await self._buffered(
@@ -157,7 +158,7 @@ class Relay:
         return response
 
     def _count(self, call: UpstreamCall, outcome: str) -> None:
-        self._metrics.upstream_responses.labels(call.provider, outcome).inc()
+        labelled(self._metrics.upstream_responses, call.provider, outcome).inc()
 
     async def _buffered(
         self,

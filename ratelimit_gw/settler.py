@@ -10,7 +10,7 @@ import asyncio
 import logging
 
 from .limiter import Limiter, Settlement, SettleResult
-from .metrics import Metrics
+from .metrics import Metrics, labelled
 from .money import NANO_PER_USD
 from .quota import QuotaDecision, UpstreamQuota
 from .storage import StorageError
@@ -84,9 +84,9 @@ class Settler:
             return  # a repeat: counted the first time
         m = self._metrics
         account = m.account(s.account_id)
-        m.tokens.labels(s.model, "input", *account).inc(s.input_tokens)
-        m.tokens.labels(s.model, "output", *account).inc(s.output_tokens)
-        m.cost_usd.labels(s.model, *account).inc(s.cost_nano / NANO_PER_USD)
+        labelled(m.tokens, s.model, "input", *account).inc(s.input_tokens)
+        labelled(m.tokens, s.model, "output", *account).inc(s.output_tokens)
+        labelled(m.cost_usd, s.model, *account).inc(s.cost_nano / NANO_PER_USD)
         if result.released_nano > 0:
             m.holds.labels("settled").inc()
         if result.overrun:

@@ -939,3 +939,19 @@ def test_cli_errors_name_the_problem_and_exit_non_zero(redis_url: str) -> None:
         done = cli(*args, *storage, "--json")
         assert (done.returncode, done.stdout, done.stderr) == (1, "", message), args
     assert cli_json("accounts", "list", *storage) == []
+
+
+async def test_an_absurd_top_up_is_a_400_not_a_storage_error(gateway: Gateway) -> None:
+    async with aiohttp.ClientSession() as http:
+        await http.post(
+            f"{gateway.url}/admin/accounts",
+            json={"id": "big"},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        )
+        async with http.post(
+            f"{gateway.url}/admin/accounts/big/topup",
+            json={"amount_usd": "99999999999", "idempotency_key": "k"},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        ) as response:
+            assert response.status == 400
+            assert "at most" in (await response.json())["error"]["message"]
