@@ -56,7 +56,7 @@ class Account(msgspec.Struct, kw_only=True):
     created_at: str
 
 
-class KeyRecord(msgspec.Struct, kw_only=True, frozen=True):
+class KeyRecord(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     """What a gateway knows about a key (never the key itself)."""
 
     id: str
@@ -73,6 +73,9 @@ class KeyRecord(msgspec.Struct, kw_only=True, frozen=True):
 
     def allows_model(self, model_id: str) -> bool:
         return not self.models or any(fnmatchcase(model_id, p) for p in self.models)
+
+
+_INDEX_DECODER = msgspec.json.Decoder(KeyRecord)
 
 
 class CreatedKey(msgspec.Struct, kw_only=True):
@@ -360,17 +363,18 @@ class AccountStore:
         return await self.get_key(account_id, key_id)
 
     async def find_key(self, secret: str) -> KeyRecord | None:
-        """The key a caller presented, or None if no such key was ever issued."""
+        """The key a caller presented, or None if no such key was ever issued.
+
+        One GET: the index entry carries the key's immutable facts (account, models, expiry,
+        limits as issued). Its ``revoked`` is not maintained there — admit.lua reads the live
+        flag from the key's own hash on every request.
+        """
         if not secret.startswith(KEY_PREFIX):
             return None
-        owner = await self._storage.call("GET", keyspace.key_by_hash(hash_key(secret)))
-        if owner is None:
+        indexed = await self._storage.call("GET", keyspace.key_by_hash(hash_key(secret)))
+        if indexed is None:
             return None
-        account_id, key_id = owner.split(" ", 1)
-        try:
-            return await self.get_key(account_id, key_id)
-        except AccountError:
-            return None
+        return _INDEX_DECODER.decode(indexed)
 
 
 def _new_key_writes(
@@ -391,9 +395,10 @@ def _new_key_writes(
         raise AccountError(400, "invalid_request", "models must be a list of model ids/globs")
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     key_id = "key_" + secrets.token_hex(8)
+    created_ms = int(time.time() * 1000)
     fields: list[Any] = [
         "created_ms",
-        int(time.time() * 1000),
+        created_ms,
         "account",
         account_id,
         "name",
@@ -409,11 +414,23 @@ def _new_key_writes(
     if expires_at is not None:
         fields += ["expires_ms", parse_time_ms(expires_at)]
     keys = AccountKeys(account_id)
+    indexed = KeyRecord(
+        id=key_id,
+        account=account_id,
+        name=name,
+        prefix=secret[:12],
+        models=tuple(models or ()),
+        rpm=rpm,
+        tpm=tpm,
+        concurrency=concurrency,
+        expires_at=_iso(parse_time_ms(expires_at)) if expires_at is not None else None,
+        created_at=_iso(created_ms),
+    )
     writes: list[tuple[Any, ...]] = [
         ("HSET", keys.key(key_id), *fields),
         ("SADD", keys.key_ids, key_id),
         ("SET", keyspace.key_account(key_id), account_id),
-        ("SET", keyspace.key_by_hash(hash_key(secret)), f"{account_id} {key_id}"),
+        ("SET", keyspace.key_by_hash(hash_key(secret)), msgspec.json.encode(indexed)),
     ]
     return secret, key_id, writes
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import time
 
 from .accounts import AccountStore, KeyRecord
@@ -18,7 +19,9 @@ from .storage import StorageError
 # Unknown secrets are cached briefly: long enough to absorb a flood of bad keys, short
 # enough that a key created a moment ago works almost at once.
 NEGATIVE_TTL_S = 1.0
-MAX_ENTRIES = 100_000
+# Each entry is a key's immutable facts (~0.5 KB): 250k keys ≈ 125 MB at most per process.
+MAX_ENTRIES = 250_000
+EVICT_BATCH = MAX_ENTRIES // 10
 
 
 class KeyCache:
@@ -70,7 +73,9 @@ class KeyCache:
             del self._lookups[digest]
         future.set_result(record)
         if len(self._entries) >= MAX_ENTRIES:
-            self._entries.clear()
+            # Oldest first (dicts keep insertion order): the rest of the cache stays warm.
+            for stale in list(itertools.islice(self._entries, EVICT_BATCH)):
+                del self._entries[stale]
         ttl = self._ttl_s if record is not None else min(self._ttl_s, NEGATIVE_TTL_S)
         self._entries[digest] = (time.monotonic() + ttl, record)
         return record

@@ -38,6 +38,7 @@ import aiohttp
 from .local_redis import free_port, start_redis, wait_for_port
 
 MODEL = "gpt-4o-mini"
+IDLE_RATE_RPS = 100.0
 PLAIN_BODY = json.dumps(
     {"model": MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "Say hello."}]}
 ).encode()
@@ -170,9 +171,18 @@ f:close()
 local keys = {}
 for line in io.lines(os.getenv("RLGW_BENCH_KEYS")) do keys[#keys + 1] = line end
 local n = #keys
+local sequential = os.getenv("RLGW_BENCH_SEQUENTIAL") == "1"
+local next_key = 0
 math.randomseed(os.time())
 request = function()
-  wrk.headers["Authorization"] = "Bearer " .. keys[math.random(n)]
+  local k
+  if sequential then
+    next_key = next_key % n + 1
+    k = keys[next_key]
+  else
+    k = keys[math.random(n)]
+  end
+  wrk.headers["Authorization"] = "Bearer " .. k
   return wrk.format()
 end
 done = function(summary, latency, requests)
@@ -192,7 +202,15 @@ def wrk_binary() -> str:
 
 
 def run_wrk(
-    url: str, body: bytes, keys: list[str], opts: BenchOptions, scenario: str, kind: str
+    url: str,
+    body: bytes,
+    keys: list[str],
+    opts: BenchOptions,
+    scenario: str,
+    kind: str,
+    *,
+    duration_s: float | None = None,
+    sequential: bool = False,
 ) -> Run:
     with tempfile.TemporaryDirectory(prefix="rlgw-wrk-") as tmp:
         script, body_file, keys_file = (Path(tmp) / n for n in ("bench.lua", "body", "keys"))
@@ -204,7 +222,7 @@ def run_wrk(
                 wrk_binary(),
                 "-t1",
                 f"-c{opts.connections}",
-                f"-d{opts.duration_s:g}s",
+                f"-d{duration_s or opts.duration_s:g}s",
                 "--timeout",
                 "10s",
                 "-s",
@@ -218,6 +236,7 @@ def run_wrk(
                 **os.environ,
                 "RLGW_BENCH_BODY": str(body_file),
                 "RLGW_BENCH_KEYS": str(keys_file),
+                "RLGW_BENCH_SEQUENTIAL": "1" if sequential else "0",
             },
         ).stdout
     line = next(x for x in out.splitlines() if x.startswith("RESULT "))
@@ -353,16 +372,33 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                 url = f"http://127.0.0.1:{full_port}/v1/chat/completions"
                 for kind, body in (("plain", PLAIN_BODY), ("stream", STREAM_BODY)):
                     runs.append(run_wrk(url, body, few, opts, "c_full_checks", kind))
-                runs.append(run_wrk(url, PLAIN_BODY, keys, opts, "c_full_checks", "plain"))
                 saturation = next(
                     r.rps for r in runs if r.scenario == "c_full_checks" and r.kind == "plain"
                 )
-                rate = max(10.0, round(saturation / 2))
-                for kind, body in (("plain", PLAIN_BODY), ("stream", STREAM_BODY)):
-                    runs.append(
-                        fixed_rate_run(targets["a_mock"], body, few, rate, opts, "a_mock", kind)
-                    )
-                    runs.append(fixed_rate_run(url, body, few, rate, opts, "c_full_checks", kind))
+                # Steady state with many keys: first let every key be used once (a key's
+                # first request costs one extra lookup), then measure.
+                warm_s = math.ceil(len(keys) / saturation * 2.5) + 1
+                run_wrk(
+                    url,
+                    PLAIN_BODY,
+                    keys,
+                    opts,
+                    "warm-up",
+                    "plain",
+                    duration_s=warm_s,
+                    sequential=True,
+                )
+                runs.append(run_wrk(url, PLAIN_BODY, keys, opts, "c_full_checks", "plain"))
+                # The target's condition (half of saturation), and an unloaded rate.
+                for rate in (max(10.0, round(saturation / 2)), IDLE_RATE_RPS):
+                    for kind, body in (("plain", PLAIN_BODY), ("stream", STREAM_BODY)):
+                        for scenario, target in (
+                            ("a_mock", targets["a_mock"]),
+                            ("c_full_checks", url),
+                        ):
+                            runs.append(
+                                fixed_rate_run(target, body, few, rate, opts, scenario, kind)
+                            )
                 memory_mib = rss_mib(pid)
     finally:
         redis.stop()
@@ -385,14 +421,25 @@ def summarise(runs: list[Run], memory_mib: float, opts: BenchOptions) -> dict[st
         a, b, c = (
             _find(runs, s, kind, "wrk", 10) for s in ("a_mock", "b_passthrough", "c_full_checks")
         )
-        fa, fc = (_find(runs, s, kind, "fixed-rate") for s in ("a_mock", "c_full_checks"))
         summary[kind] = {
             "throughput_c_over_a": round(c.rps / a.rps, 3),
             "throughput_c_over_b": round(c.rps / b.rps, 3),
-            "fixed_rate_rps": fc.rps,
-            "added_latency_p50_ms": round(fc.p50_ms - fa.p50_ms, 3),
-            "added_latency_p99_ms": round(fc.p99_ms - fa.p99_ms, 3),
         }
+        for label, rate in (("half_saturation", None), ("idle", IDLE_RATE_RPS)):
+            fa, fc = (
+                next(
+                    r
+                    for r in runs
+                    if (r.scenario, r.kind, r.tool) == (s, kind, "fixed-rate")
+                    and (rate is None or r.rps == rate)
+                )
+                for s in ("a_mock", "c_full_checks")
+            )
+            summary[kind][label] = {
+                "rps": fc.rps,
+                "added_p50_ms": round(fc.p50_ms - fa.p50_ms, 3),
+                "added_p99_ms": round(fc.p99_ms - fa.p99_ms, 3),
+            }
     few = _find(runs, "c_full_checks", "plain", "wrk", 10)
     many = _find(runs, "c_full_checks", "plain", "wrk", opts.many_keys)
     summary["keys_scaling"] = {
@@ -422,10 +469,14 @@ def render(result: dict[str, Any]) -> str:
     for kind in ("plain", "stream"):
         k = s[kind]
         what = "latency" if kind == "plain" else "time to first byte"
+        added = "; ".join(
+            f"at {k[label]['rps']:g} req/s p50 {k[label]['added_p50_ms']:+.3f} ms, "
+            f"p99 {k[label]['added_p99_ms']:+.3f} ms"
+            for label in ("half_saturation", "idle")
+        )
         lines.append(
             f"{kind}: throughput (c)/(a) {k['throughput_c_over_a']:.2f}, (c)/(b) "
-            f"{k['throughput_c_over_b']:.2f}; added {what} at {k['fixed_rate_rps']:g} req/s: "
-            f"p50 {k['added_latency_p50_ms']:+.3f} ms, p99 {k['added_latency_p99_ms']:+.3f} ms"
+            f"{k['throughput_c_over_b']:.2f}; added {what}: {added}"
         )
     ks = s["keys_scaling"]
     lines.append(f"keys: {' vs '.join(f'{k} {v}' for k, v in ks.items())}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -113,6 +114,9 @@ async def serve_forever(
         create_app(settings, passthrough=passthrough), settings.server.shutdown_timeout_s
     )
     await runner.setup()
+    # Everything loaded so far (modules, config, the app) lives as long as the process:
+    # keep it out of the cyclic collector's full passes, which otherwise grow with it.
+    gc.freeze()
     site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_port=reuse_port)
     await site.start()
     log.info(

@@ -68,7 +68,7 @@ class StorageSettings(_Section):
     breaker_cooldown_s: PositiveFloat = 2.0
     # How long a gateway may reuse a key lookup. Revocation does not wait for it: the
     # admission script reads the key's revoked flag from storage on every request (§2).
-    key_cache_ttl_s: Annotated[float, msgspec.Meta(ge=0, le=300)] = 30.0
+    key_cache_ttl_s: Annotated[float, msgspec.Meta(ge=0, le=300)] = 300.0
     # Settlements and top-ups count as done only once this many replicas acknowledged them
     # (Redis WAIT), so a failover cannot lose a charge. Unset: 1 on redis+sentinel://, else 0.
     wait_replicas: Annotated[int, msgspec.Meta(ge=0, le=16)] | None = None

@@ -453,7 +453,7 @@ def test_an_empty_file_gives_the_documented_defaults() -> None:
     assert settings.server.max_body_bytes == 32 * 1024 * 1024
     assert (settings.storage.url, settings.storage.on_error) == ("memory://", "reject")
     assert (settings.storage.connect_timeout_s, settings.storage.command_timeout_s) == (1.0, 1.0)
-    assert settings.storage.key_cache_ttl_s == 30.0
+    assert settings.storage.key_cache_ttl_s == 300.0
     assert (settings.providers, settings.models, settings.admin_token) == ({}, {}, None)
 
 
