@@ -374,7 +374,16 @@ class AccountStore:
         indexed = await self._storage.call("GET", keyspace.key_by_hash(hash_key(secret)))
         if indexed is None:
             return None
-        return _INDEX_DECODER.decode(indexed)
+        try:
+            return _INDEX_DECODER.decode(indexed)
+        except msgspec.DecodeError:
+            pass
+        # Keys issued by builds before the index carried the record: "account key_id".
+        account_id, _, key_id = str(indexed).partition(" ")
+        try:
+            return await self.get_key(account_id, key_id)
+        except AccountError:
+            return None
 
 
 def _new_key_writes(

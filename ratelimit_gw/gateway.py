@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
-import uuid
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -286,11 +287,17 @@ async def _passthrough(
     return await _forward(request, svc, ctx, route, model, info, body, RelayResult())
 
 
+# Gateway request ids: random per process + a counter — unique across processes and
+# restarts without paying for a uuid4 per request.
+_ID_PREFIX = secrets.token_hex(10)
+_ID_COUNTER = itertools.count()
+
+
 def new_request_ids(client_value: str | None) -> tuple[str, str]:
     """(id to echo, id to settle under): the client's sane ``x-request-id`` is echoed, but
     storage always gets an id of the gateway's own, so a reused client id can neither make
     a request look already settled nor collide with another request's hold."""
-    own = f"req_{uuid.uuid4().hex}"
+    own = f"req_{_ID_PREFIX}{next(_ID_COUNTER):012x}"
     if (
         client_value
         and len(client_value) <= 128

@@ -18,8 +18,9 @@ from redis.exceptions import NoScriptError
 
 
 class ScriptBatcher:
-    def __init__(self, client: aioredis.Redis, sources: dict[str, str]) -> None:
+    def __init__(self, client: aioredis.Redis, sources: dict[str, str], timeout_s: float) -> None:
         self._client = client
+        self._timeout_s = timeout_s
         self._sources = sources
         self._shas: dict[str, str] = {}
         self._queue: list[tuple[str, list[str], list[Any], asyncio.Future[Any]]] = []
@@ -45,15 +46,18 @@ class ScriptBatcher:
         self, batch: list[tuple[str, list[str], list[Any], asyncio.Future[Any]]]
     ) -> None:
         try:
-            if not self._shas:
-                await self._load()
-            results = await self._execute(batch)
-            retry = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-            if retry:
-                await self._load()
-                again = await self._execute([batch[i] for i in retry])
-                for i, result in zip(retry, again, strict=True):
-                    results[i] = result
+            # One deadline for the whole batch (connection, load, execute): its callers wait
+            # on futures, so this is what bounds them, and what frees a stuck connection.
+            async with asyncio.timeout(self._timeout_s):
+                if not self._shas:
+                    await self._load()
+                results = await self._execute(batch)
+                retry = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+                if retry:
+                    await self._load()
+                    again = await self._execute([batch[i] for i in retry])
+                    for i, result in zip(retry, again, strict=True):
+                        results[i] = result
         except BaseException as exc:  # the connection failed: every caller gets the error
             for *_, future in batch:
                 if not future.done():

@@ -95,7 +95,11 @@ class Storage:
             name: client.register_script(load_script(name)) for name in SCRIPT_NAMES
         }
         self._batcher = (
-            ScriptBatcher(client, {name: load_script(name) for name in SCRIPT_NAMES})
+            ScriptBatcher(
+                client,
+                {name: load_script(name) for name in SCRIPT_NAMES},
+                settings.command_timeout_s,
+            )
             if batch_scripts and isinstance(client, aioredis.Redis)
             else None
         )
@@ -104,17 +108,24 @@ class Storage:
         if self.observer is not None:
             self.observer.breaker_changed(state)
 
-    async def _guarded(self, operation: str, make_call: Callable[[], Awaitable[Any]]) -> Any:
+    async def _guarded(
+        self, operation: str, make_call: Callable[[], Awaitable[Any]], *, bounded: bool = False
+    ) -> Any:
+        """Breaker, timeout, metrics and error wrapping around one call. ``bounded``: the
+        call enforces the command timeout itself (a script batch times out as a whole)."""
         if not self.breaker.allow():
             raise StorageError(f"storage call {operation} refused: circuit breaker open")
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._timeout_s):
-                if self._slots is None:
-                    result = await make_call()
-                else:
-                    async with self._slots:
+            if bounded:
+                result = await make_call()
+            else:
+                async with asyncio.timeout(self._timeout_s):
+                    if self._slots is None:
                         result = await make_call()
+                    else:
+                        async with self._slots:
+                            result = await make_call()
         except NotReplicatedError as exc:
             # Storage answered: a missing replica must not open the breaker for everyone.
             self.breaker.record_success()
@@ -145,7 +156,9 @@ class Storage:
             return await self._guarded(script, lambda: self._run_durable(script, keys, args))
         if self._batcher is not None:
             batcher = self._batcher
-            return await self._guarded(script, lambda: batcher.call(script, keys, args))
+            return await self._guarded(
+                script, lambda: batcher.call(script, keys, args), bounded=True
+            )
         return await self._guarded(script, lambda: self.scripts[script](keys=keys, args=args))
 
     async def _run_durable(self, script: str, keys: list[str], args: list[Any]) -> Any:

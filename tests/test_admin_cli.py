@@ -955,3 +955,15 @@ async def test_an_absurd_top_up_is_a_400_not_a_storage_error(gateway: Gateway) -
         ) as response:
             assert response.status == 400
             assert "at most" in (await response.json())["error"]["message"]
+
+
+async def test_a_key_indexed_by_an_earlier_build_still_authenticates(gateway: Gateway) -> None:
+    # Earlier builds stored "account key_id" in the key index instead of the key's record.
+    from ratelimit_gw import keyspace
+    from ratelimit_gw.accounts import hash_key
+
+    key = await gateway.new_key()
+    (record,) = await gateway.accounts.list_keys("acme")
+    await gateway.storage.call("SET", keyspace.key_by_hash(hash_key(key)), f"acme {record.id}")
+    found = await gateway.accounts.find_key(key)
+    assert found is not None and (found.id, found.account) == (record.id, "acme")
