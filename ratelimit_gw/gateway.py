@@ -194,6 +194,39 @@ async def _admit(
     return quota
 
 
+def settle_request(
+    svc: Services,
+    ctx: RequestContext,
+    result: RelayResult,
+    usage: Usage,
+    cost: int,
+    estimated_tokens: int,
+    model_id: str,
+    quota: QuotaDecision | None,
+) -> None:
+    """Note what the request used (for the access log) and hand it to settlement."""
+    ctx.input_tokens, ctx.output_tokens = usage.input_tokens, usage.output_tokens
+    ctx.cost_nano = cost
+    ctx.upstream_ttfb_s = result.ttfb_s
+    if ctx.storage_bypassed or ctx.key is None:  # on_error = "allow": nothing was held
+        return
+    svc.settler.submit(
+        Settlement(
+            account_id=ctx.key.account,
+            key_id=ctx.key.id,
+            request_id=ctx.settlement_id,
+            client_request_id=ctx.request_id,
+            estimated_tokens=estimated_tokens,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cost_nano=cost,
+            model=model_id,
+            outcome=result.outcome,
+        ),
+        quota,
+    )
+
+
 async def handle_llm(
     request: web.Request, route: Route, path_model: str | None = None
 ) -> web.StreamResponse:
@@ -251,30 +284,13 @@ async def handle_llm(
         if result.outcome == "pending":
             result.outcome = "upstream_error"
         usage = billable_usage(result, input_estimate, output_cap)
-        ctx.input_tokens, ctx.output_tokens = usage.input_tokens, usage.output_tokens
-        ctx.cost_nano = cost_nano(
+        cost = cost_nano(
             usage.input_tokens,
             usage.output_tokens,
             model.input_nano_usd_per_mtok,
             model.output_nano_usd_per_mtok,
         )
-        ctx.upstream_ttfb_s = result.ttfb_s
-        if not ctx.storage_bypassed:  # bypassed (on_error = "allow"): nothing to settle
-            svc.settler.submit(
-                Settlement(
-                    account_id=key.account,
-                    key_id=key.id,
-                    request_id=ctx.settlement_id,
-                    client_request_id=ctx.request_id,
-                    estimated_tokens=estimated_tokens,
-                    input_tokens=usage.input_tokens,
-                    output_tokens=usage.output_tokens,
-                    cost_nano=ctx.cost_nano,
-                    model=model.id,
-                    outcome=result.outcome,
-                ),
-                quota,
-            )
+        settle_request(svc, ctx, result, usage, cost, estimated_tokens, model.id, quota)
 
 
 async def _passthrough(

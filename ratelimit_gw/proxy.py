@@ -21,8 +21,8 @@ import msgspec
 from aiohttp import web
 
 from .errors import GatewayError
-from .gateway import HOLD_MARGIN_MS, admit_request, billable_usage, own_headers
-from .limiter import AdmissionRequest, Decision, Settlement
+from .gateway import HOLD_MARGIN_MS, admit_request, billable_usage, own_headers, settle_request
+from .limiter import AdmissionRequest, Decision
 from .money import cost_nano
 from .protocols import ADAPTERS, Route, StreamTap, Usage, estimate_input_tokens
 from .quota import endpoint_ceiling
@@ -198,31 +198,23 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
             result.outcome = "upstream_error"
         if model is not None:
             usage = billable_usage(result, input_estimate, output_cap)
-            ctx.cost_nano = cost_nano(
+            cost = cost_nano(
                 usage.input_tokens,
                 usage.output_tokens,
                 model.input_nano_usd_per_mtok,
                 model.output_nano_usd_per_mtok,
             )
         elif result.outcome == "upstream_error":
-            usage, ctx.cost_nano = Usage(0, 0), 0  # refused or unreachable: nothing delivered
+            usage, cost = Usage(0, 0), 0  # refused or unreachable: nothing delivered
         else:
-            usage, ctx.cost_nano = Usage(input_estimate, output_cap), hold_nano
-        ctx.input_tokens, ctx.output_tokens = usage.input_tokens, usage.output_tokens
-        ctx.upstream_ttfb_s = result.ttfb_s
-        if not ctx.storage_bypassed:  # bypassed (on_error = "allow"): nothing to settle
-            svc.settler.submit(
-                Settlement(
-                    account_id=key.account,
-                    key_id=key.id,
-                    request_id=ctx.settlement_id,
-                    client_request_id=ctx.request_id,
-                    estimated_tokens=estimated_tokens,
-                    input_tokens=usage.input_tokens,
-                    output_tokens=usage.output_tokens,
-                    cost_nano=ctx.cost_nano,
-                    model=model.id if model is not None else endpoint.id,
-                    outcome=result.outcome,
-                ),
-                quota,
-            )
+            usage, cost = Usage(input_estimate, output_cap), hold_nano
+        settle_request(
+            svc,
+            ctx,
+            result,
+            usage,
+            cost,
+            estimated_tokens,
+            model.id if model is not None else endpoint.id,
+            quota,
+        )
