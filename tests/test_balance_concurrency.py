@@ -5,9 +5,6 @@ pay for, on a real Redis, through one gateway and across two gateway processes.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,8 +18,9 @@ from ratelimit_gw.protocols import estimate_input_tokens
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import Storage, open_storage
 
-from .conftest import MODELS, UPSTREAM_KEY, Gateway, Upstream, start_gateway
-from .redis_process import RedisProcess, free_port
+from .conftest import MODELS, Gateway, Upstream, start_gateway
+from .processes import gateway_processes, wait_ready
+from .redis_process import RedisProcess
 
 BODY = b'{"model":"gpt-4o-mini","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}'
 _, _, IN_USD, OUT_USD = MODELS[0]
@@ -124,55 +122,14 @@ def two_gateway_processes(
 ) -> Iterator[list[str]]:
     config = tmp_path / "gateway.toml"
     config.write_text(_config(upstream.url, redis_server.url))
-    env = {**os.environ, "RLGW_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
-    ports = [free_port(), free_port()]
-    with (tmp_path / "gateways.log").open("wb") as log:
-        processes = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "ratelimit_gw",
-                    "serve",
-                    "--config",
-                    str(config),
-                    "--port",
-                    str(port),
-                ],
-                env=env,
-                stdout=log,
-                stderr=log,
-            )
-            for port in ports
-        ]
-        try:
-            yield [f"http://127.0.0.1:{port}" for port in ports]
-        finally:
-            for process in processes:
-                process.terminate()
-            for process in processes:
-                process.wait(10)
-
-
-async def _wait_healthy(urls: list[str]) -> None:
-    deadline = time.monotonic() + 20
-    async with aiohttp.ClientSession() as session:
-        for url in urls:
-            while True:
-                try:
-                    async with session.get(url + "/healthz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert time.monotonic() < deadline, f"{url} did not start"
-                await asyncio.sleep(0.1)
+    with gateway_processes(config, 2, tmp_path / "gateways.log") as urls:
+        yield urls
 
 
 async def test_two_gateway_processes_never_overspend_together(
     two_gateway_processes: list[str], redis_storage: Storage
 ) -> None:
-    await _wait_healthy(two_gateway_processes)
+    await wait_ready(two_gateway_processes)
     accounts = AccountStore(redis_storage)
     k = 41
     start_nano = k * HOLD_NANO + HOLD_NANO - 1

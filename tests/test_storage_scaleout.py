@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -34,11 +32,11 @@ from ratelimit_gw.services import SERVICES
 from ratelimit_gw.settings import ConfigError, StorageSettings
 from ratelimit_gw.storage import Storage, open_storage
 
-from .conftest import ADMIN_TOKEN, MODELS, UPSTREAM_KEY, Gateway, Upstream, start_gateway
+from .conftest import ADMIN_TOKEN, MODELS, Gateway, Upstream, start_gateway
+from .processes import gateway_processes, wait_ready
 from .redis_process import (
     RedisClusterProcesses,
     SentinelSet,
-    free_port,
     start_redis_cluster,
     start_sentinel_set,
 )
@@ -237,40 +235,8 @@ def two_gateway_processes_on_the_cluster(
 ) -> Iterator[list[str]]:
     config = tmp_path / "gateway.toml"
     config.write_text(_config(upstream.url, redis_cluster.url))
-    env = {**os.environ, "RLGW_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
-    ports = [free_port(), free_port()]
-    with (tmp_path / "gateways.log").open("wb") as log:
-        processes = [
-            subprocess.Popen(
-                [*GATEWAY_CMD, "--config", str(config), "--port", str(port)],
-                env=env,
-                stdout=log,
-                stderr=log,
-            )
-            for port in ports
-        ]
-        try:
-            yield [f"http://127.0.0.1:{port}" for port in ports]
-        finally:
-            for process in processes:
-                process.terminate()
-            for process in processes:
-                process.wait(10)
-
-
-async def _wait_ready(urls: list[str]) -> None:
-    deadline = time.monotonic() + 20
-    async with aiohttp.ClientSession() as session:
-        for url in urls:
-            while True:
-                try:
-                    async with session.get(url + "/readyz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert time.monotonic() < deadline, f"{url} did not become ready"
-                await asyncio.sleep(0.1)
+    with gateway_processes(config, 2, tmp_path / "gateways.log") as urls:
+        yield urls
 
 
 async def _burst(urls: list[str], key: str, count: int, latency_ms: int = 0) -> list[int]:
@@ -288,7 +254,7 @@ async def test_two_gateway_processes_on_one_cluster_keep_limits_exact(
     two_gateway_processes_on_the_cluster: list[str], cluster_storage: Storage
 ) -> None:
     urls = two_gateway_processes_on_the_cluster
-    await _wait_ready(urls)
+    await wait_ready(urls)
     accounts = AccountStore(cluster_storage)
     rpm_acct, conc_acct, cash_acct = accounts_on_every_node(await cluster_slots(cluster_storage))
 
