@@ -15,6 +15,7 @@ from urllib.parse import quote, urlencode
 import msgspec
 from aiohttp import web
 
+from .accounts import KeyRecord
 from .errors import GatewayError
 from .headers import rate_limit_headers
 from .limiter import AdmissionRequest, Decision, Settlement
@@ -133,7 +134,10 @@ def _forward(
 async def admit_request(
     svc: Services,
     ctx: RequestContext,
-    admission: AdmissionRequest,
+    key: KeyRecord,
+    estimated_tokens: int,
+    hold_nano: int,
+    upstream_timeout_s: float,
     ceiling: Ceiling | None,
     reject: Callable[[Decision], GatewayError],
 ) -> QuotaDecision | None:
@@ -147,6 +151,15 @@ async def admit_request(
     then the request goes on without limits or balance, ``ctx.storage_bypassed`` is set (the
     caller must not settle it: nothing was held) and it is counted and logged.
     """
+    admission = AdmissionRequest(
+        account_id=key.account,
+        key_id=key.id,
+        request_id=ctx.settlement_id,
+        estimated_tokens=estimated_tokens,
+        hold_nano=hold_nano,
+        # Holds and leases outlive the longest upstream call, so only a dead gateway's expire.
+        ttl_ms=int(upstream_timeout_s * 1000) + HOLD_MARGIN_MS,
+    )
     try:
         return await _admit(svc, ctx, admission, ceiling, reject)
     except StorageError as exc:
@@ -258,18 +271,13 @@ async def handle_llm(
         input_estimate, output_cap, model.input_nano_usd_per_mtok, model.output_nano_usd_per_mtok
     )
     provider = model.provider
-    ttl_ms = int(provider.timeout_s * 1000) + HOLD_MARGIN_MS
     quota = await admit_request(
         svc,
         ctx,
-        AdmissionRequest(
-            account_id=key.account,
-            key_id=key.id,
-            request_id=ctx.settlement_id,
-            estimated_tokens=estimated_tokens,
-            hold_nano=hold_nano,
-            ttl_ms=ttl_ms,
-        ),
+        key,
+        estimated_tokens,
+        hold_nano,
+        provider.timeout_s,
         provider_ceiling(provider),
         lambda decision: rejection_error(decision, model, input_estimate, output_cap, hold_nano),
     )

@@ -21,8 +21,8 @@ import msgspec
 from aiohttp import web
 
 from .errors import GatewayError
-from .gateway import HOLD_MARGIN_MS, admit_request, billable_usage, own_headers, settle_request
-from .limiter import AdmissionRequest, Decision
+from .gateway import admit_request, billable_usage, own_headers, settle_request
+from .limiter import Decision
 from .money import cost_nano
 from .protocols import ADAPTERS, Route, StreamTap, Usage, estimate_input_tokens
 from .quota import endpoint_ceiling
@@ -159,14 +159,10 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     quota = await admit_request(
         svc,
         ctx,
-        AdmissionRequest(
-            account_id=key.account,
-            key_id=key.id,
-            request_id=ctx.settlement_id,
-            estimated_tokens=estimated_tokens,
-            hold_nano=hold_nano,
-            ttl_ms=int(endpoint.timeout_s * 1000) + HOLD_MARGIN_MS,
-        ),
+        key,
+        estimated_tokens,
+        hold_nano,
+        endpoint.timeout_s,
         endpoint_ceiling(endpoint),
         reject,
     )
