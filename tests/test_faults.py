@@ -558,7 +558,9 @@ async def test_hanging_up_mid_stream_settles_the_text_relayed(
 ) -> None:
     caller = await new_caller(gw)
     route = ROUTES[name]
-    call = await open_call(gw, route, caller.key, {"x-mock-chunk-delay-ms": "150"})
+    # The gateway learns of the hang-up only on its next write or by cancellation: leave it
+    # ample time before the next piece, even on a loaded 2-core CI machine.
+    call = await open_call(gw, route, caller.key, {"x-mock-chunk-delay-ms": "400"})
     await call.read_until(marker)
     await call.hang_up()
 
