@@ -11,6 +11,7 @@ SCRIPT FLUSH or a failover) reloads the scripts and re-sends the calls that hit 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -23,11 +24,11 @@ class ScriptBatcher:
         self._timeout_s = timeout_s
         self._sources = sources
         self._shas: dict[str, str] = {}
-        self._queue: list[tuple[str, list[str], list[Any], asyncio.Future[Any]]] = []
+        self._queue: list[tuple[str, Sequence[str], list[Any], asyncio.Future[Any]]] = []
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def call(self, script: str, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+    def call(self, script: str, keys: Sequence[str], args: list[Any]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((script, keys, args, future))
@@ -43,7 +44,7 @@ class ScriptBatcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _send(
-        self, batch: list[tuple[str, list[str], list[Any], asyncio.Future[Any]]]
+        self, batch: list[tuple[str, Sequence[str], list[Any], asyncio.Future[Any]]]
     ) -> None:
         try:
             # One deadline for the whole batch (connection, load, execute): its callers wait
@@ -74,7 +75,7 @@ class ScriptBatcher:
                 future.set_result(result)
 
     async def _execute(
-        self, batch: list[tuple[str, list[str], list[Any], asyncio.Future[Any]]]
+        self, batch: list[tuple[str, Sequence[str], list[Any], asyncio.Future[Any]]]
     ) -> list[Any]:
         pipe = self._client.pipeline(transaction=False)
         for script, keys, args, _ in batch:

@@ -1,4 +1,4 @@
-"""Settlement off the client's path, never lost: tracked tasks, retried, drained at shutdown.
+"""Settlement off the client's path, never lost: tracked, retried, drained at shutdown.
 
 A request that passed a shared upstream ceiling (§10) also has that ceiling's tpm bucket
 corrected to its real usage here, after the account's settlement.
@@ -7,9 +7,12 @@ corrected to its real usage here, after the account's settlement.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
-from .limiter import Limiter, Settlement, SettleResult
+from .limiter import Limiter, Settlement, SettleResult, settle_result
 from .metrics import Metrics, labelled
 from .money import NANO_PER_USD
 from .quota import QuotaDecision, UpstreamQuota
@@ -27,24 +30,45 @@ class Settler:
         self._limiter = limiter
         self._metrics = metrics
         self._quota = quota
-        self._tasks: set[asyncio.Task[SettleResult | None]] = set()
+        # First attempts (storage futures) and retry tasks not finished yet.
+        self._pending: set[asyncio.Future[Any]] = set()
 
-    def submit(
-        self, settlement: Settlement, quota: QuotaDecision | None = None
-    ) -> asyncio.Task[SettleResult | None]:
-        """Start settling now; the task lives on even if the request's handler is cancelled.
+    def submit(self, settlement: Settlement, quota: QuotaDecision | None = None) -> None:
+        """Start settling now; it goes on even if the request's handler is cancelled.
 
         ``quota`` is the request's reservation on a shared upstream ceiling, if it had one.
+        Without one (the common case) the first attempt is a bare storage future — no task
+        per request; a task is made only to retry after a failure, or to correct a ceiling.
         """
-        task = asyncio.get_running_loop().create_task(self._finish(settlement, quota))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        if quota is not None:
+            self._track(self._finish(settlement, quota))
+            return
+        attempt = self._limiter.start_settle(settlement)
+        self._pending.add(attempt)
+        attempt.add_done_callback(functools.partial(self._first_attempt_done, settlement))
+
+    def _first_attempt_done(self, settlement: Settlement, attempt: asyncio.Future[Any]) -> None:
+        self._pending.discard(attempt)
+        if attempt.cancelled():
+            return  # only at shutdown, after the drain gave up
+        exc = attempt.exception()
+        if exc is None:
+            self._record(settlement, settle_result(attempt.result()))
+        elif isinstance(exc, StorageError):
+            self._warn_retrying(settlement, exc)
+            self._track(self._settle(settlement, RETRY_DELAYS_S))
+        else:
+            log.error("settlement of %s failed unexpectedly", settlement.request_id, exc_info=exc)
+
+    def _track(self, work: Coroutine[Any, Any, SettleResult | None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def _finish(
         self, settlement: Settlement, quota: QuotaDecision | None
     ) -> SettleResult | None:
-        result = await self._settle(settlement)
+        result = await self._settle(settlement, (0.0, *RETRY_DELAYS_S))
         if quota is not None:
             actual = settlement.input_tokens + settlement.output_tokens
             try:
@@ -58,13 +82,18 @@ class Settler:
                 )
         return result
 
-    async def _settle(self, settlement: Settlement) -> SettleResult | None:
-        # settle.lua is idempotent per request id, so retrying after an unclear failure is safe.
-        for delay in (*RETRY_DELAYS_S, None):
+    async def _settle(
+        self, settlement: Settlement, delays_s: tuple[float, ...]
+    ) -> SettleResult | None:
+        """Attempts after each delay in turn. settle.lua is idempotent per request id, so
+        retrying after an unclear failure is safe."""
+        for attempt, delay in enumerate(delays_s, 1):
+            if delay:
+                await asyncio.sleep(delay)
             try:
                 result = await self._limiter.settle(settlement)
             except StorageError as exc:
-                if delay is None:
+                if attempt == len(delays_s):
                     self._metrics.settlement_failures.inc()
                     log.error(
                         "settlement of %s failed for good: %s (its hold expires by TTL)",
@@ -72,12 +101,15 @@ class Settler:
                         exc,
                     )
                     return None
-                log.warning("settlement of %s failed, retrying: %s", settlement.request_id, exc)
-                await asyncio.sleep(delay)
+                self._warn_retrying(settlement, exc)
                 continue
             self._record(settlement, result)
             return result
         return None
+
+    @staticmethod
+    def _warn_retrying(settlement: Settlement, exc: StorageError) -> None:
+        log.warning("settlement of %s failed, retrying: %s", settlement.request_id, exc)
 
     def _record(self, s: Settlement, result: SettleResult) -> None:
         if not result.settled:
@@ -94,8 +126,13 @@ class Settler:
 
     @property
     def pending(self) -> int:
-        return len(self._tasks)
+        return len(self._pending)
 
     async def drain(self, timeout_s: float = 10.0) -> None:
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        """Wait for what is in flight, including retries a failed first attempt starts."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._pending:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            await asyncio.wait(set(self._pending), timeout=left)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
@@ -22,7 +22,10 @@ import fakeredis
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import parse_url
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
     ClusterDownError,
@@ -36,6 +39,7 @@ from redis.exceptions import (
 
 from .breaker import Breaker
 from .script_batch import ScriptBatcher
+from .script_channel import ScriptChannel
 from .settings import ConfigError, StorageSettings
 
 SCRIPT_NAMES = ("admit", "settle", "topup", "create_account", "upstream_quota")
@@ -71,6 +75,7 @@ class Storage:
         settings: StorageSettings,
         *,
         batch_scripts: bool = True,
+        channel: ScriptChannel | None = None,
         wait_replicas: int = 0,
         max_in_flight: int | None = None,
         follow_master: Callable[[], Awaitable[None]] | None = None,
@@ -94,15 +99,15 @@ class Storage:
         self.scripts: dict[str, AsyncScript] = {
             name: client.register_script(load_script(name)) for name in SCRIPT_NAMES
         }
-        self._batcher = (
-            ScriptBatcher(
+        # Scripts travel batched: on their own pipelined connection where the URL allows
+        # (script_channel.py), else as redis-py pipelines from the pool (script_batch.py).
+        self._batcher: ScriptChannel | ScriptBatcher | None = channel
+        if channel is None and batch_scripts and isinstance(client, aioredis.Redis):
+            self._batcher = ScriptBatcher(
                 client,
                 {name: load_script(name) for name in SCRIPT_NAMES},
                 settings.command_timeout_s,
             )
-            if batch_scripts and isinstance(client, aioredis.Redis)
-            else None
-        )
 
     def _breaker_changed(self, state: str) -> None:
         if self.observer is not None:
@@ -126,32 +131,44 @@ class Storage:
                     else:
                         async with self._slots:
                             result = await make_call()
-        except NotReplicatedError as exc:
+        except BaseException as exc:
+            error = self._failed(operation, started, exc)
+            if error is exc:
+                raise
+            raise error from exc
+        self._succeeded(operation, started)
+        return result
+
+    def _succeeded(self, operation: str, started: float) -> None:
+        self.breaker.record_success()
+        if self.observer is not None:
+            self.observer.storage_call(operation, time.perf_counter() - started, True)
+
+    def _failed(self, operation: str, started: float, exc: BaseException) -> BaseException:
+        """Judge a failed call (breaker, metrics); returns what its caller should raise."""
+        if isinstance(exc, NotReplicatedError):
             # Storage answered: a missing replica must not open the breaker for everyone.
             self.breaker.record_success()
-            if self.observer is not None:
-                self.observer.storage_call(operation, time.perf_counter() - started, False)
-            raise StorageError(f"storage call {operation} failed: {exc}") from exc
-        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+            detail = str(exc)
+        elif isinstance(exc, RedisError | RedisClusterException | OSError | TimeoutError):
             # RedisClusterException: no node reachable, a slot not covered (not a RedisError).
             if _unavailable(exc):
                 self.breaker.record_failure()
             else:  # an error reply (bad input, WRONGTYPE…): storage is up, the breaker stays
                 self.breaker.record_success()
-            if self.observer is not None:
-                self.observer.storage_call(operation, time.perf_counter() - started, False)
-            raise StorageError(f"storage call {operation} failed: {type(exc).__name__}") from exc
-        except BaseException:
+            detail = type(exc).__name__
+        else:
             # Cancelled (the client left) or an unexpected error: no verdict on storage, but a
             # half-open breaker must not wait forever for this trial's outcome.
             self.breaker.record_abandoned()
-            raise
-        self.breaker.record_success()
+            return exc
         if self.observer is not None:
-            self.observer.storage_call(operation, time.perf_counter() - started, True)
-        return result
+            self.observer.storage_call(operation, time.perf_counter() - started, False)
+        error = StorageError(f"storage call {operation} failed: {detail}")
+        error.__cause__ = exc
+        return error
 
-    async def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+    async def run(self, script: str, keys: Sequence[str], args: list[Any]) -> Any:
         if self._wait_replicas and script in DURABLE_SCRIPTS:
             return await self._guarded(script, lambda: self._run_durable(script, keys, args))
         if self._batcher is not None:
@@ -161,7 +178,40 @@ class Storage:
             )
         return await self._guarded(script, lambda: self.scripts[script](keys=keys, args=args))
 
-    async def _run_durable(self, script: str, keys: list[str], args: list[Any]) -> Any:
+    def run_soon(self, script: str, keys: Sequence[str], args: list[Any]) -> asyncio.Future[Any]:
+        """:meth:`run` started now, as a future: with batched scripts, no coroutine or task
+        is made for the call (settlement calls this once per request, off the client's path).
+        Failures arrive as the same :class:`StorageError`, judged by the same breaker."""
+        if self._batcher is None or (self._wait_replicas and script in DURABLE_SCRIPTS):
+            return asyncio.ensure_future(self.run(script, keys, args))
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[Any] = loop.create_future()
+        if not self.breaker.allow():
+            outcome.set_exception(
+                StorageError(f"storage call {script} refused: circuit breaker open")
+            )
+            return outcome
+        started = time.perf_counter()
+
+        def judge(reply: asyncio.Future[Any]) -> None:
+            if reply.cancelled():
+                self._failed(script, started, asyncio.CancelledError())
+                outcome.cancel()
+                return
+            exc = reply.exception()
+            if exc is None:
+                self._succeeded(script, started)
+                if not outcome.done():
+                    outcome.set_result(reply.result())
+                return
+            error = self._failed(script, started, exc)
+            if not outcome.done():
+                outcome.set_exception(error)
+
+        self._batcher.call(script, keys, args).add_done_callback(judge)
+        return outcome
+
+    async def _run_durable(self, script: str, keys: Sequence[str], args: list[Any]) -> Any:
         """The script, then WAIT on the same connection: done only once replicas have it.
 
         A failover promotes a replica; writes the old master acknowledged but had not yet
@@ -211,6 +261,8 @@ class Storage:
         return True
 
     async def close(self) -> None:
+        if isinstance(self._batcher, ScriptChannel):
+            await self._batcher.aclose()
         await self.client.aclose()
         for close in self._closers:
             await close()
@@ -273,6 +325,10 @@ def open_storage(settings: StorageSettings) -> Storage:
             socket_connect_timeout=settings.connect_timeout_s,
             socket_timeout=None,  # redis-py would default to 5 s per socket operation
             health_check_interval=30,
+            # A pooled connection may have died with a Redis restart while idle (scripts use
+            # their own connection, so the pool sees little traffic): try once more on a
+            # fresh one. Every plain command the gateway sends is idempotent.
+            retry=Retry(NoBackoff(), 1),
             **_fast_packing(scheme),
         )
         client = aioredis.Redis.from_pool(pool)  # the client owns and closes the pool
@@ -284,7 +340,15 @@ def open_storage(settings: StorageSettings) -> Storage:
         raise ConfigError(f"storage.url: {scheme}:// is not supported by this build yet")
     if settings.wait_replicas and scheme == "memory":
         raise ConfigError("storage.wait_replicas: memory:// has no replicas")
-    return Storage(client, settings, wait_replicas=settings.wait_replicas or 0)
+    channel = None
+    if scheme in ("redis", "unix"):  # rediss:// (TLS) stays on redis-py's connections
+        channel = ScriptChannel(
+            dict(parse_url(url)),
+            {name: load_script(name) for name in SCRIPT_NAMES},
+            settings.command_timeout_s,
+            settings.connect_timeout_s,
+        )
+    return Storage(client, settings, channel=channel, wait_replicas=settings.wait_replicas or 0)
 
 
 def _split_url(url: str) -> tuple[str | None, str | None, list[tuple[str, int]], list[str]]:
