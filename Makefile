@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest redis-server prometheus wrk bench clean
+.PHONY: run test lint typecheck pytest redis-server prometheus wrk cc bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,16 @@ wrk:
 	  fi; \
 	  command -v wrk >/dev/null 2>&1 || echo "no wrk: install it (Debian: apt-get install wrk)"; }
 
+# The benchmark's fixed-rate generator is C (ratelimit_gw/openloop/), compiled on first use.
+cc:
+	@command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing gcc from the system packages"; \
+	    (apt-get install -y -qq gcc libc6-dev >/dev/null 2>&1 || \
+	     (apt-get update -qq && apt-get install -y -qq gcc libc6-dev >/dev/null)) || true; \
+	  fi; \
+	  command -v gcc >/dev/null 2>&1 || echo "no C compiler: install one (Debian: apt-get install gcc)"; }
+
 lint: $(STAMP)
 	$(BIN)/ruff check ratelimit_gw tests
 	$(BIN)/ruff format --check ratelimit_gw tests
@@ -62,12 +72,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy ratelimit_gw
 
-pytest: $(STAMP) redis-server prometheus wrk
+pytest: $(STAMP) redis-server prometheus wrk cc
 	$(BIN)/pytest
 
 test: lint typecheck pytest
 
-bench: $(STAMP) redis-server wrk
+bench: $(STAMP) redis-server wrk cc
 	$(BIN)/ratelimit-gw bench
 
 clean:
