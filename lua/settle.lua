@@ -9,7 +9,7 @@
 -- KEYS (one hash tag):
 --   1 account hash   2 key hash   3 account tpm bucket   4 key tpm bucket
 --   5 account leases   6 key leases   7 in-flight zset   8 holds hash   9 ledger stream
---  10 settled zset (request_id -> settle time ms; entries older than a day are trimmed)
+--  10 settled zset (request_id -> settle time ms; entries older than an hour are trimmed)
 -- ARGV:
 --   1 request_id   2 key_id   3 estimated tokens charged at admission   4 actual tokens
 --   5 cost, nano-USD (integer)   6 model   7 input tokens   8 output tokens
@@ -24,7 +24,10 @@ local account_key = KEYS[1]
 local request_id, key_id = ARGV[1], ARGV[2]
 local estimated_tokens, actual_tokens = tonumber(ARGV[3]), tonumber(ARGV[4])
 local cost_nano = ARGV[5]
-local SETTLED_RETENTION_MS = 86400000
+-- A repeat can only come from the gateway's own retries, which end ~32 s after the response
+-- (settler.py): an hour is a wide margin, and bounds the zset of a busy account to an hour
+-- of its request ids (a day at 100 req/s would be 8.6 million entries).
+local SETTLED_RETENTION_MS = 3600000
 
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
