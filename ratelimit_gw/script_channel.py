@@ -140,7 +140,10 @@ class ScriptChannel:
         self._address = address
         self._connect_timeout_s = min(connect_timeout_s, timeout_s)
         self._sources = sources
-        self._shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in sources.items()}
+        self._shas = {  # what Redis names a script by (EVALSHA); not a security use
+            name: hashlib.sha1(src.encode(), usedforsecurity=False).hexdigest()
+            for name, src in sources.items()
+        }
         self._queue: list[_Call] = []
         self._flush_scheduled = False
         self._connection: _Connection | None = None

@@ -57,8 +57,13 @@ class Settler:
         elif isinstance(exc, StorageError):
             self._warn_retrying(settlement, exc)
             self._track(self._settle(settlement, RETRY_DELAYS_S))
-        else:
-            log.error("settlement of %s failed unexpectedly", settlement.request_id, exc_info=exc)
+        else:  # a bug, not storage: retrying would not help; count it like a lost one
+            self._metrics.settlement_failures.inc()
+            log.error(
+                "settlement of %s failed unexpectedly (its hold expires by TTL)",
+                settlement.request_id,
+                exc_info=exc,
+            )
 
     def _track(self, work: Coroutine[Any, Any, SettleResult | None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
