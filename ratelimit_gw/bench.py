@@ -333,7 +333,7 @@ def fixed_rate_run(
     if openloop.available():
         target = urlsplit(url)
         host, port = target.hostname or "127.0.0.1", target.port or 80
-        openloop.run_open_loop(host, port, target.path, body, keys, rate, 1.0, stream)
+        openloop.run(host, port, target.path, body, keys, rate, 1.0, stream)  # warm-up
         result = openloop.run(
             host, port, target.path, body, keys, rate, opts.fixed_rate_duration_s, stream
         )

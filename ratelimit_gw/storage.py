@@ -62,6 +62,11 @@ def load_script(name: str) -> str:
     return resources.files("ratelimit_gw.lua").joinpath(f"{name}.lua").read_text("utf-8")
 
 
+def script_sources() -> dict[str, str]:
+    """Every script's source, by name."""
+    return {name: load_script(name) for name in SCRIPT_NAMES}
+
+
 class Storage:
     """One Redis client and the registered scripts; every call goes through :meth:`_guarded`.
 
@@ -96,18 +101,15 @@ class Storage:
             settings.breaker_failures, settings.breaker_cooldown_s, self._breaker_changed
         )
         # register_script handles NOSCRIPT itself (reloads after SCRIPT FLUSH or failover).
+        sources = script_sources()
         self.scripts: dict[str, AsyncScript] = {
-            name: client.register_script(load_script(name)) for name in SCRIPT_NAMES
+            name: client.register_script(source) for name, source in sources.items()
         }
         # Scripts travel batched: on their own pipelined connection where the URL allows
         # (script_channel.py), else as redis-py pipelines from the pool (script_batch.py).
         self._batcher: ScriptChannel | ScriptBatcher | None = channel
         if channel is None and batch_scripts and isinstance(client, aioredis.Redis):
-            self._batcher = ScriptBatcher(
-                client,
-                {name: load_script(name) for name in SCRIPT_NAMES},
-                settings.command_timeout_s,
-            )
+            self._batcher = ScriptBatcher(client, sources, settings.command_timeout_s)
 
     def _breaker_changed(self, state: str) -> None:
         if self.observer is not None:
@@ -119,7 +121,7 @@ class Storage:
         """Breaker, timeout, metrics and error wrapping around one call. ``bounded``: the
         call enforces the command timeout itself (a script batch times out as a whole)."""
         if not self.breaker.allow():
-            raise StorageError(f"storage call {operation} refused: circuit breaker open")
+            raise _refused(operation)
         started = time.perf_counter()
         try:
             if bounded:
@@ -187,9 +189,7 @@ class Storage:
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future[Any] = loop.create_future()
         if not self.breaker.allow():
-            outcome.set_exception(
-                StorageError(f"storage call {script} refused: circuit breaker open")
-            )
+            outcome.set_exception(_refused(script))
             return outcome
         started = time.perf_counter()
 
@@ -268,6 +268,10 @@ class Storage:
             await close()
 
 
+def _refused(operation: str) -> StorageError:
+    return StorageError(f"storage call {operation} refused: circuit breaker open")
+
+
 def _unavailable(exc: BaseException) -> bool:
     """Does this error say storage cannot serve (vs. it answered with an error reply)?"""
     if not isinstance(exc, ResponseError):
@@ -344,7 +348,7 @@ def open_storage(settings: StorageSettings) -> Storage:
     if scheme in ("redis", "unix"):  # rediss:// (TLS) stays on redis-py's connections
         channel = ScriptChannel(
             dict(parse_url(url)),
-            {name: load_script(name) for name in SCRIPT_NAMES},
+            script_sources(),
             settings.command_timeout_s,
             settings.connect_timeout_s,
         )

@@ -37,7 +37,6 @@ __all__ = [
     "compiler",
     "render_requests",
     "run",
-    "run_open_loop",
 ]
 
 CFLAGS = ("-O2", "-Wall", "-Wextra")
@@ -256,39 +255,3 @@ def run(
             lateness_ms=_read_us(files["lateness"]),
             detail=detail,
         )
-
-
-def run_open_loop(
-    host: str,
-    port: int,
-    path: str,
-    body: bytes,
-    keys: list[str],
-    rate: float,
-    duration_s: float,
-    ttfb: bool,
-    connections: int = 32,
-    *,
-    max_connections: int = 256,
-    timeout_s: float = 10.0,
-    headers: Mapping[str, str] | None = None,
-) -> tuple[list[float], list[float], int]:
-    """Like ``bench.fixed_rate()``: (sorted latencies ms, sorted lateness ms, errors).
-
-    Blocks until the run ends (call it in a thread from async code).
-    """
-    result = run(
-        host,
-        port,
-        path,
-        body,
-        keys,
-        rate,
-        duration_s,
-        ttfb,
-        connections,
-        max_connections=max_connections,
-        timeout_s=timeout_s,
-        headers=headers,
-    )
-    return result.latencies_ms, result.lateness_ms, result.errors
