@@ -6,7 +6,6 @@ import os
 from collections.abc import AsyncIterator
 from functools import partial
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -26,6 +25,7 @@ from .services import SERVICES, Services
 from .settings import Settings
 from .settler import Settler
 from .storage import Storage, open_storage
+from .upstream_client import UpstreamClient
 
 
 async def gemini_model_action(request: web.Request) -> web.StreamResponse:
@@ -49,8 +49,7 @@ def create_app(
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         own_storage = storage is None
         store = open_storage(settings.storage) if storage is None else storage
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+        upstream = UpstreamClient()
         registry = CollectorRegistry()
         metrics = create_metrics(registry, settings.metrics.account_label)
         store.observer = StorageMetrics(metrics)
@@ -70,7 +69,7 @@ def create_app(
             limiter=limiter,
             settler=settler,
             catalog=Catalog(settings.models),
-            relay=Relay(session, metrics),
+            relay=Relay(upstream, metrics),
             metrics=metrics,
             registry=registry,
             quota=quota,
@@ -78,7 +77,7 @@ def create_app(
         )
         yield
         await settler.drain()
-        await session.close()
+        await upstream.close()
         if own_storage:
             await store.close()
 

@@ -1,14 +1,16 @@
 """The upstream call: credentials swapped, bytes forwarded, answers buffered or streamed.
 
-One pooled ``ClientSession`` per process. The relay never decides limits; it reports what
-happened (a :class:`RelayResult`) and the gateway settles from that. Streams go to the client
-event by event as they arrive while a protocol tap reads the usage.
+One pooled :class:`~ratelimit_gw.upstream_client.UpstreamClient` per process. The relay never
+decides limits; it reports what happened (a :class:`RelayResult`) and the gateway settles from
+that. Streams go to the client event by event as they arrive while a protocol tap reads the
+usage.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -18,6 +20,12 @@ from multidict import CIMultiDict
 from .errors import GatewayError
 from .metrics import Metrics, labelled
 from .protocols import StreamTap, Usage
+from .upstream_client import (
+    UpstreamClient,
+    UpstreamConnectionError,
+    UpstreamResponse,
+    UpstreamUnreachable,
+)
 
 HOP_BY_HOP = frozenset(
     {
@@ -37,7 +45,8 @@ HOP_BY_HOP = frozenset(
 CLIENT_CREDENTIALS = frozenset(
     {"authorization", "proxy-authorization", "x-api-key", "x-goog-api-key", "api-key", "cookie"}
 )
-# Compression is negotiated per hop: the session decompresses, the gateway sends plain bytes.
+# Compression is negotiated per hop: the gateway asks the upstream for none (the client decodes
+# a compressed answer anyway) and sends the caller plain bytes.
 _DROP_REQUEST = HOP_BY_HOP | CLIENT_CREDENTIALS | {"accept-encoding"}
 _DROP_RESPONSE = HOP_BY_HOP | {
     "content-encoding",
@@ -87,10 +96,10 @@ def upstream_request_headers(
 
 
 def client_response_headers(
-    upstream: Mapping[str, str], own: Mapping[str, str]
+    upstream: Iterable[tuple[str, str]], own: Mapping[str, str]
 ) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.items():
+    for name, value in upstream:
         lower = name.lower()
         if lower in _DROP_RESPONSE or lower.startswith(_DROP_RESPONSE_PREFIXES):
             continue
@@ -100,9 +109,20 @@ def client_response_headers(
     return out
 
 
+class _HeadersWithFirstWrite(web.StreamResponse):
+    """A stream response whose headers wait for its first body write (one send, not two).
+
+    aiohttp's own ``web.Response`` works this way; a ``StreamResponse`` sends its headers at
+    ``prepare()`` unless this class attribute says otherwise. Should aiohttp drop the
+    attribute, headers simply go out at ``prepare()`` again: one more write, nothing wrong.
+    """
+
+    _send_headers_immediately = False
+
+
 class Relay:
-    def __init__(self, session: aiohttp.ClientSession, metrics: Metrics) -> None:
-        self._session = session
+    def __init__(self, client: UpstreamClient, metrics: Metrics) -> None:
+        self._client = client
         self._metrics = metrics
 
     async def forward(
@@ -115,12 +135,19 @@ class Relay:
         new_tap: Callable[[], StreamTap] | None,
     ) -> web.StreamResponse:
         """Call the upstream; stream when ``new_tap`` is given and the answer is a 2xx stream."""
-        timeout = aiohttp.ClientTimeout(total=call.total_timeout_s, connect=call.connect_timeout_s)
         started = time.perf_counter()
+        # One deadline for the whole call, the streamed body included (§8 timeout_s).
+        deadline = asyncio.get_running_loop().time() + call.total_timeout_s
         try:
-            async with self._session.request(
-                call.method, call.url, data=call.body, headers=call.headers, timeout=timeout
-            ) as upstream:
+            upstream = await self._client.request(
+                call.method,
+                call.url,
+                call.headers,
+                call.body,
+                connect_timeout_s=call.connect_timeout_s,
+                deadline=deadline,
+            )
+            try:
                 result.ttfb_s = time.perf_counter() - started
                 result.status = upstream.status
                 ttfb = labelled(self._metrics.upstream_ttfb, call.provider, call.model)
@@ -132,25 +159,25 @@ class Relay:
                     )
                 else:
                     response = await self._streamed(request, upstream, headers, result, new_tap())
+            finally:
+                upstream.release()
         except TimeoutError:
             result.outcome = "upstream_error"
             self._count(call, "timeout")
             raise GatewayError(
                 504, "upstream_timeout", "The upstream did not answer in time.", retry_after_ms=1000
             ) from None
-        except aiohttp.ClientConnectorError:
+        except UpstreamUnreachable:
             result.outcome = "upstream_error"
             self._count(call, "unreachable")
             raise GatewayError(
                 502, "upstream_unreachable", "The upstream could not be reached."
             ) from None
-        except aiohttp.ClientError as exc:
+        except UpstreamConnectionError as exc:
             result.outcome = "upstream_error"
             self._count(call, "unreachable")
             raise GatewayError(
-                502,
-                "upstream_unreachable",
-                f"The upstream connection failed ({type(exc).__name__}).",
+                502, "upstream_unreachable", f"The upstream connection failed: {exc}."
             ) from None
         self._count(
             call, "cut" if result.outcome == "upstream_cut" else f"{result.status // 100}xx"
@@ -162,7 +189,7 @@ class Relay:
 
     async def _buffered(
         self,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         headers: CIMultiDict[str],
         result: RelayResult,
         parse_usage: Callable[[bytes], Usage | None],
@@ -180,26 +207,32 @@ class Relay:
     async def _streamed(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         headers: CIMultiDict[str],
         result: RelayResult,
         tap: StreamTap,
     ) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status, headers=headers)
+        # Headers go out in one write with the first event when the upstream sent both at
+        # once, and the last event with the stream's terminator; nothing is ever held back
+        # waiting for upstream bytes that haven't arrived.
+        eager = upstream.body_buffered
+        response_class = _HeadersWithFirstWrite if eager else web.StreamResponse
+        response = response_class(status=upstream.status, headers=headers)
         await response.prepare(request)
         result.outcome = "upstream_cut"
+        last = b""
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.iter_chunks():
                 out = tap.feed(chunk)
-                if out:
+                if upstream.finished:
+                    last = out
+                elif out:
                     await response.write(out)
-            rest = tap.flush()
-            if rest:
-                await response.write(rest)
+            last += tap.flush()
             result.outcome = "ok"
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             result.outcome = "client_disconnect"
-        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
+        except (TimeoutError, UpstreamConnectionError):
             result.outcome = "upstream_cut"  # the status line is sent: end the stream short
         finally:
             if result.outcome != "ok":
@@ -210,7 +243,7 @@ class Relay:
             result.output_chars = tap.output_chars
         if result.outcome != "client_disconnect":
             try:
-                await response.write_eof()
+                await response.write_eof(last if result.outcome == "ok" else b"")
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):
                 result.outcome = "client_disconnect"
         return response
