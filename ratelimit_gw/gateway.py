@@ -19,6 +19,7 @@ from .accounts import KeyRecord
 from .errors import GatewayError
 from .headers import rate_limit_headers
 from .limiter import AdmissionRequest, Decision, Settlement
+from .metrics import labelled
 from .money import cost_nano
 from .protocols import ADAPTERS, RequestInfo, Route, Usage, estimate_input_tokens
 from .quota import Ceiling, QuotaDecision, provider_ceiling
@@ -194,7 +195,7 @@ async def _admit(
         decision = await svc.limiter.admit(admission)
         ctx.decision = decision
         if decision.holds_expired:
-            svc.metrics.holds.labels("expired").inc(decision.holds_expired)
+            labelled(svc.metrics.holds, "expired").inc(decision.holds_expired)
         if not decision.allowed:
             raise reject(decision)
     except BaseException:
@@ -203,7 +204,7 @@ async def _admit(
                 await svc.quota.refund(quota)
         raise
     if admission.hold_nano:  # admit.lua records a hold on every account, prepaid or not
-        svc.metrics.holds.labels("placed").inc()
+        labelled(svc.metrics.holds, "placed").inc()
     return quota
 
 

@@ -6,7 +6,7 @@ import math
 import time
 from datetime import UTC, datetime
 
-from .limiter import BucketReport, Decision
+from .limiter import Decision
 
 
 def go_duration(ms: int) -> str:
@@ -28,10 +28,24 @@ def rfc3339_in(ms: int) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 
-def _openai_trio(out: dict[str, str], kind: str, bucket: BucketReport) -> None:
-    out[f"x-ratelimit-limit-{kind}"] = str(bucket.limit)
-    out[f"x-ratelimit-remaining-{kind}"] = str(bucket.remaining)
-    out[f"x-ratelimit-reset-{kind}"] = go_duration(bucket.reset_ms)
+# Header names per bucket kind, built once: this runs for every admitted request.
+_KINDS = (("requests", "rpm"), ("tokens", "tpm"))
+_OPENAI_NAMES = {
+    kind: (
+        f"x-ratelimit-limit-{kind}",
+        f"x-ratelimit-remaining-{kind}",
+        f"x-ratelimit-reset-{kind}",
+    )
+    for kind, _ in _KINDS
+}
+_ANTHROPIC_NAMES = {
+    kind: (
+        f"anthropic-ratelimit-{kind}-limit",
+        f"anthropic-ratelimit-{kind}-remaining",
+        f"anthropic-ratelimit-{kind}-reset",
+    )
+    for kind, _ in _KINDS
+}
 
 
 def rate_limit_headers(decision: Decision, protocol: str) -> dict[str, str]:
@@ -39,19 +53,21 @@ def rate_limit_headers(decision: Decision, protocol: str) -> dict[str, str]:
     out: dict[str, str] = {}
     policies: list[str] = []
     states: list[str] = []
-    for kind, name, bucket in (
-        ("requests", "rpm", decision.requests),
-        ("tokens", "tpm", decision.tokens),
-    ):
+    for (kind, name), bucket in zip(_KINDS, (decision.requests, decision.tokens), strict=True):
         if bucket is None:
             continue
-        _openai_trio(out, kind, bucket)
+        limit, remaining = str(bucket.limit), str(bucket.remaining)
+        names = _OPENAI_NAMES[kind]
+        out[names[0]] = limit
+        out[names[1]] = remaining
+        out[names[2]] = go_duration(bucket.reset_ms)
         if protocol == "anthropic":
-            out[f"anthropic-ratelimit-{kind}-limit"] = str(bucket.limit)
-            out[f"anthropic-ratelimit-{kind}-remaining"] = str(bucket.remaining)
-            out[f"anthropic-ratelimit-{kind}-reset"] = rfc3339_in(bucket.reset_ms)
-        policies.append(f'"{name}";q={bucket.limit};w=60')
-        states.append(f'"{name}";r={bucket.remaining};t={math.ceil(bucket.reset_ms / 1000)}')
+            names = _ANTHROPIC_NAMES[kind]
+            out[names[0]] = limit
+            out[names[1]] = remaining
+            out[names[2]] = rfc3339_in(bucket.reset_ms)
+        policies.append(f'"{name}";q={limit};w=60')
+        states.append(f'"{name}";r={remaining};t={-(-bucket.reset_ms // 1000)}')
     if decision.concurrency_limit is not None and decision.concurrency_in_use is not None:
         left = max(decision.concurrency_limit - decision.concurrency_in_use, 0)
         policies.append(f'"concurrency";q={decision.concurrency_limit};qu="concurrent-requests"')

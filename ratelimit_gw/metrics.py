@@ -179,9 +179,11 @@ def create_metrics(registry: CollectorRegistry | None, account_label: bool = Fal
 
 
 @functools.lru_cache(maxsize=8192)
+@functools.lru_cache(maxsize=8192)
 def labelled(metric: Any, *values: str) -> Any:
     """``metric.labels(*values)``, remembered: label sets are few, requests are many, and
-    prometheus_client validates and locks on every ``labels`` call."""
+    prometheus_client validates and locks on every ``labels`` call. Only for label sets
+    drawn from config (operations, providers, models, outcomes), never from callers."""
     return metric.labels(*values)
 
 

@@ -125,7 +125,7 @@ class Settler:
         labelled(m.tokens, s.model, "output", *account).inc(s.output_tokens)
         labelled(m.cost_usd, s.model, *account).inc(s.cost_nano / NANO_PER_USD)
         if result.released_nano > 0:
-            m.holds.labels("settled").inc()
+            labelled(m.holds, "settled").inc()
         if result.overrun:
             m.balance_overruns.inc()
 
