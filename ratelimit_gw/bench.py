@@ -5,7 +5,9 @@ Starts its own mock upstream, private redis-server and gateway processes on loop
 * saturation throughput and latency with ``wrk`` (a C load generator) for (a) the mock
   directly, (b) the gateway as a pass-through with storage disabled, (c) the gateway with
   full checks (auth, rpm, tpm, concurrency, balance hold and settle) on Redis — plain and
-  streaming requests;
+  streaming requests. All three servers stay up and each round measures them back to back;
+  a row is the median of its rounds, and a ratio the median of the ratios within a round
+  (a shared VM's speed drifts over minutes, and rows minutes apart would compare drifts);
 * latency at a fixed rate below saturation (half of (c)'s throughput for that kind of
   request, and an unloaded 100 req/s) with an open-loop generator of its own — C
   (``openloop/``, compiled on first use; a Python fallback without a compiler) — for (a)
@@ -73,7 +75,8 @@ class Run:
 
 @dataclass
 class BenchOptions:
-    duration_s: float = 8.0
+    duration_s: float = 4.0  # per wrk run; each scenario runs once per round
+    rounds: int = 3
     connections: int = 32
     many_keys: int = 100_000
     fixed_rate_duration_s: float = 6.0
@@ -215,6 +218,7 @@ def run_wrk(
     *,
     duration_s: float | None = None,
     sequential: bool = False,
+    round_: int | None = None,
 ) -> Run:
     with tempfile.TemporaryDirectory(prefix="rlgw-wrk-") as tmp:
         script, body_file, keys_file = (Path(tmp) / n for n in ("bench.lua", "body", "keys"))
@@ -256,6 +260,7 @@ def run_wrk(
         p99_ms=round(float(p99) / 1000, 3),
         errors=int(errors),
         keys=len(keys),
+        extra={} if round_ is None else {"round": round_},
     )
 
 
@@ -367,64 +372,124 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     redis = start_redis()
     upstream_port, passthrough_port, full_port = free_port(), free_port(), free_port()
     upstream = f"http://127.0.0.1:{upstream_port}"
-    runs: list[Run] = []
+    rounds: list[Run] = []
+    fixed: list[Run] = []
     work = Path(tempfile.mkdtemp(prefix="rlgw-bench-"))
     try:
         keys = asyncio.run(create_keys(redis.url, opts.many_keys))
         few = keys[:10]
         mock = [*_python(), "mock-upstream", "--port", str(upstream_port), "--no-request-log"]
-        with _process(mock, upstream_port):
-            targets = {"a_mock": f"{upstream}/v1/chat/completions"}
+        passthrough_config = work / "passthrough.toml"
+        passthrough_config.write_text(_gateway_config(upstream, "memory://", passthrough_port))
+        full_config = work / "full.toml"
+        full_config.write_text(_gateway_config(upstream, redis.url, full_port))
+        passthrough = [
+            *_python(),
+            "serve",
+            "--config",
+            str(passthrough_config),
+            "--passthrough-for-benchmark",
+        ]
+        full = [*_python(), "serve", "--config", str(full_config)]
+        # All three servers stay up (idle when not measured), so each round can measure
+        # (a), (b) and (c) back to back: the ratios compare runs seconds apart, not minutes,
+        # which matters on a shared VM whose speed drifts.
+        with (
+            _process(mock, upstream_port),
+            _process(passthrough, passthrough_port),
+            _process(full, full_port) as pid,
+        ):
+            urls = {
+                "a_mock": f"{upstream}/v1/chat/completions",
+                "b_passthrough": f"http://127.0.0.1:{passthrough_port}/v1/chat/completions",
+                "c_full_checks": f"http://127.0.0.1:{full_port}/v1/chat/completions",
+            }
+            full_url = urls["c_full_checks"]
+            # Steady state with many keys: first let every key be used once (a key's first
+            # request costs one extra lookup), then measure.
+            probe = run_wrk(full_url, PLAIN_BODY, few, opts, "warm-up", "plain", duration_s=2)
+            warm_s = math.ceil(len(keys) / max(probe.rps, 1.0) * 2.5) + 1
+            run_wrk(
+                full_url,
+                PLAIN_BODY,
+                keys,
+                opts,
+                "warm-up",
+                "plain",
+                duration_s=warm_s,
+                sequential=True,
+            )
+            for index in range(opts.rounds):
+                for kind, body in (("plain", PLAIN_BODY), ("stream", STREAM_BODY)):
+                    for scenario, url in urls.items():
+                        rounds.append(run_wrk(url, body, few, opts, scenario, kind, round_=index))
+                    if kind == "plain":
+                        rounds.append(
+                            run_wrk(full_url, body, keys, opts, "c_full_checks", kind, round_=index)
+                        )
+            # The target's condition (half of each kind's own saturation), and an unloaded
+            # rate.
             for kind, body in (("plain", PLAIN_BODY), ("stream", STREAM_BODY)):
-                runs.append(run_wrk(targets["a_mock"], body, few, opts, "a_mock", kind))
-
-            config = work / "passthrough.toml"
-            config.write_text(_gateway_config(upstream, "memory://", passthrough_port))
-            serve = [*_python(), "serve", "--config", str(config), "--passthrough-for-benchmark"]
-            with _process(serve, passthrough_port):
-                url = f"http://127.0.0.1:{passthrough_port}/v1/chat/completions"
-                for kind, body in (("plain", PLAIN_BODY), ("stream", STREAM_BODY)):
-                    runs.append(run_wrk(url, body, few, opts, "b_passthrough", kind))
-
-            config = work / "full.toml"
-            config.write_text(_gateway_config(upstream, redis.url, full_port))
-            with _process([*_python(), "serve", "--config", str(config)], full_port) as pid:
-                url = f"http://127.0.0.1:{full_port}/v1/chat/completions"
-                for kind, body in (("plain", PLAIN_BODY), ("stream", STREAM_BODY)):
-                    runs.append(run_wrk(url, body, few, opts, "c_full_checks", kind))
-                saturation = {
-                    r.kind: r.rps for r in runs if r.scenario == "c_full_checks" and r.keys == 10
-                }
-                # Steady state with many keys: first let every key be used once (a key's
-                # first request costs one extra lookup), then measure.
-                warm_s = math.ceil(len(keys) / saturation["plain"] * 2.5) + 1
-                run_wrk(
-                    url,
-                    PLAIN_BODY,
-                    keys,
-                    opts,
-                    "warm-up",
-                    "plain",
-                    duration_s=warm_s,
-                    sequential=True,
+                saturation = _median(
+                    [r.rps for r in rounds if _is(r, "c_full_checks", kind, len(few))]
                 )
-                runs.append(run_wrk(url, PLAIN_BODY, keys, opts, "c_full_checks", "plain"))
-                # The target's condition (half of each kind's own saturation), and an
-                # unloaded rate.
-                for kind, body in (("plain", PLAIN_BODY), ("stream", STREAM_BODY)):
-                    for rate in (max(10.0, round(saturation[kind] / 2)), IDLE_RATE_RPS):
-                        for scenario, target in (
-                            ("a_mock", targets["a_mock"]),
-                            ("c_full_checks", url),
-                        ):
-                            runs.append(
-                                fixed_rate_run(target, body, few, rate, opts, scenario, kind)
-                            )
-                memory_mib = rss_mib(pid)
+                for rate in (max(10.0, round(saturation / 2)), IDLE_RATE_RPS):
+                    for scenario in ("a_mock", "c_full_checks"):
+                        fixed.append(
+                            fixed_rate_run(urls[scenario], body, few, rate, opts, scenario, kind)
+                        )
+            memory_mib = rss_mib(pid)
     finally:
         redis.stop()
         shutil.rmtree(work, ignore_errors=True)
-    return summarise(runs, memory_mib, opts)
+    return summarise(rounds, fixed, memory_mib, opts)
+
+
+def _is(run: Run, scenario: str, kind: str, keys: int) -> bool:
+    return (run.scenario, run.kind, run.keys) == (scenario, kind, keys)
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def combine(runs: list[Run]) -> Run:
+    """One row for a scenario's rounds: the median of each figure, the range of req/s."""
+    first = runs[0]
+    return Run(
+        scenario=first.scenario,
+        kind=first.kind,
+        tool=first.tool,
+        requests=sum(r.requests for r in runs),
+        rps=round(_median([r.rps for r in runs]), 1),
+        p50_ms=round(_median([r.p50_ms for r in runs]), 3),
+        p90_ms=round(_median([r.p90_ms for r in runs]), 3),
+        p99_ms=round(_median([r.p99_ms for r in runs]), 3),
+        errors=sum(r.errors for r in runs),
+        keys=first.keys,
+        extra={
+            "rounds": len(runs),
+            "rps_min": min(r.rps for r in runs),
+            "rps_max": max(r.rps for r in runs),
+        },
+    )
+
+
+def round_ratio(
+    rounds: list[Run], top: tuple[str, str, int], bottom: tuple[str, str, int]
+) -> float:
+    """The median over rounds of one scenario's req/s over another's, from the same round."""
+    ratios = []
+    for index in sorted({r.extra["round"] for r in rounds}):
+        same = [r for r in rounds if r.extra["round"] == index]
+        upper = next(r for r in same if _is(r, *top))
+        lower = next(r for r in same if _is(r, *bottom))
+        ratios.append(upper.rps / lower.rps)
+    return round(_median(ratios), 3)
 
 
 def _find(runs: list[Run], scenario: str, kind: str, tool: str, keys: int | None = None) -> Run:
@@ -436,23 +501,26 @@ def _find(runs: list[Run], scenario: str, kind: str, tool: str, keys: int | None
     )
 
 
-def summarise(runs: list[Run], memory_mib: float, opts: BenchOptions) -> dict[str, Any]:
+def summarise(
+    rounds: list[Run], fixed: list[Run], memory_mib: float, opts: BenchOptions
+) -> dict[str, Any]:
+    groups: dict[tuple[str, str, int], list[Run]] = {}
+    for r in rounds:
+        groups.setdefault((r.scenario, r.kind, r.keys), []).append(r)
+    runs = [combine(group) for group in groups.values()] + fixed
     summary: dict[str, Any] = {"gateway_rss_mib": round(memory_mib, 1)}
     for kind in ("plain", "stream"):
-        a, b, c = (
-            _find(runs, s, kind, "wrk", 10) for s in ("a_mock", "b_passthrough", "c_full_checks")
-        )
+        a, b, c = (("a_mock", kind, 10), ("b_passthrough", kind, 10), ("c_full_checks", kind, 10))
         summary[kind] = {
-            "throughput_c_over_a": round(c.rps / a.rps, 3),
-            "throughput_c_over_b": round(c.rps / b.rps, 3),
+            "throughput_c_over_a": round_ratio(rounds, c, a),
+            "throughput_c_over_b": round_ratio(rounds, c, b),
         }
         for label, rate in (("half_saturation", None), ("idle", IDLE_RATE_RPS)):
             fa, fc = (
                 next(
                     r
-                    for r in runs
-                    if (r.scenario, r.kind, r.tool) == (s, kind, "fixed-rate")
-                    and (rate is None or r.rps == rate)
+                    for r in fixed
+                    if (r.scenario, r.kind) == (s, kind) and (rate is None or r.rps == rate)
                 )
                 for s in ("a_mock", "c_full_checks")
             )
@@ -466,10 +534,13 @@ def summarise(runs: list[Run], memory_mib: float, opts: BenchOptions) -> dict[st
     summary["keys_scaling"] = {
         "keys_10_rps": few.rps,
         f"keys_{opts.many_keys}_rps": many.rps,
-        "ratio": round(many.rps / few.rps, 3),
+        "ratio": round_ratio(
+            rounds, ("c_full_checks", "plain", opts.many_keys), ("c_full_checks", "plain", 10)
+        ),
     }
     return {
         "runs": [asdict(r) for r in runs],
+        "rounds": [asdict(r) for r in rounds],
         "summary": summary,
         "options": {k: str(v) for k, v in asdict(opts).items()},
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
@@ -479,12 +550,15 @@ def summarise(runs: list[Run], memory_mib: float, opts: BenchOptions) -> dict[st
 def render(result: dict[str, Any]) -> str:
     lines = [
         f"{'scenario':<15} {'kind':<7} {'tool':<11} {'keys':>7} {'req/s':>9} "
-        f"{'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>6}",
+        f"{'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>6}  req/s over rounds",
     ]
     for r in result["runs"]:
+        spread = ""
+        if "rps_min" in r["extra"]:
+            spread = f"  {r['extra']['rps_min']:.0f}-{r['extra']['rps_max']:.0f}"
         lines.append(
             f"{r['scenario']:<15} {r['kind']:<7} {r['tool']:<11} {r['keys']:>7} {r['rps']:>9.1f} "
-            f"{r['p50_ms']:>8.3f} {r['p90_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['errors']:>6}"
+            f"{r['p50_ms']:>8.3f} {r['p90_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['errors']:>6}{spread}"
         )
     s = result["summary"]
     for kind in ("plain", "stream"):

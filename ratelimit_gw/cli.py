@@ -155,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     bench = sub.add_parser("bench", help="measure the gateway against the mock, side by side")
-    bench.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
+    bench.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run")
+    bench.add_argument(
+        "--rounds", type=int, default=3, help="times (a), (b) and (c) are measured back to back"
+    )
     bench.add_argument("--connections", type=int, default=32)
     bench.add_argument("--keys", type=int, default=100_000, help="keys in the many-keys run")
     bench.add_argument("--fixed-rate-duration", type=float, default=6.0)
@@ -260,6 +263,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         bench_main(
             BenchOptions(
                 duration_s=args.duration,
+                rounds=args.rounds,
                 connections=args.connections,
                 many_keys=args.keys,
                 fixed_rate_duration_s=args.fixed_rate_duration,

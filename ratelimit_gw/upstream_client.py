@@ -166,7 +166,10 @@ class _Connection(asyncio.Protocol):
             raise _ExtraResponse
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        # As aiohttp decodes them: text for ASCII, and any other byte kept (surrogateescape).
+        self.headers.append(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        )
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()

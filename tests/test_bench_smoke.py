@@ -18,6 +18,8 @@ def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
             "bench",
             "--duration",
             "1",
+            "--rounds",
+            "2",
             "--connections",
             "8",
             "--keys",
@@ -40,6 +42,14 @@ def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
         assert ("a_mock", kind, "fixed-rate", 10) in rows
         assert ("c_full_checks", kind, "fixed-rate", 10) in rows
     assert ("c_full_checks", "plain", "wrk", 200) in rows
+    # Each round measured (a), (b), (c) and the many-keys run back to back; a row is the
+    # median of its rounds.
+    per_round = [(r["scenario"], r["kind"], r["keys"]) for r in result["rounds"]]
+    assert sorted({r["extra"]["round"] for r in result["rounds"]}) == [0, 1]
+    assert len(per_round) == 2 * 7 and len(set(per_round)) == 7
+    wrk_rows = [r for r in result["runs"] if r["tool"] == "wrk"]
+    assert all(r["extra"]["rounds"] == 2 for r in wrk_rows)
+    assert all(r["extra"]["rps_min"] <= r["rps"] <= r["extra"]["rps_max"] for r in wrk_rows)
     assert all(r["requests"] > 0 and r["errors"] == 0 for r in result["runs"])
     # The fixed-rate runs use the C generator (a compiler is part of the test setup), which
     # keeps its schedule: the Python fallback would eat the core the gateway needs.
