@@ -141,7 +141,7 @@ def create_metrics(registry: CollectorRegistry | None, account_label: bool = Fal
         ),
         settlement_failures=Counter(
             "rlgw_settlement_failures",
-            "Settlements abandoned after every retry failed",
+            "Settlements abandoned: every retry failed, or an unexpected error (not retried)",
             registry=registry,
         ),
         storage_duration=Histogram(

@@ -23,6 +23,7 @@ from .protocols import StreamTap, Usage
 from .upstream_client import (
     UpstreamClient,
     UpstreamConnectionError,
+    UpstreamRequestInvalid,
     UpstreamResponse,
     UpstreamUnreachable,
 )
@@ -172,6 +173,12 @@ class Relay:
             self._count(call, "unreachable")
             raise GatewayError(
                 502, "upstream_unreachable", "The upstream could not be reached."
+            ) from None
+        except UpstreamRequestInvalid as exc:
+            result.outcome = "upstream_error"
+            self._count(call, "unreachable")
+            raise GatewayError(
+                502, "upstream_unreachable", f"The upstream request could not be made: {exc}."
             ) from None
         except UpstreamConnectionError as exc:
             result.outcome = "upstream_error"

@@ -28,6 +28,8 @@ CREDENTIAL_HEADERS = frozenset(
     {"authorization", "proxy-authorization", "x-api-key", "x-goog-api-key", "api-key"}
 )
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# RFC 9110 token characters: what an HTTP header name may be made of.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -225,6 +227,15 @@ def _check_url(url: str, path: str, schemes: tuple[str, ...]) -> None:
         raise ConfigError(f"{path}: {url!r} must start with one of {expected}")
 
 
+def _check_header(name: str, value: str, path: str) -> None:
+    # Caught here, at start-up, rather than as a 502 on every request: the usual cause is a
+    # secret file or variable that ends with a newline.
+    if not _HEADER_NAME.fullmatch(name):
+        raise ConfigError(f"{path}: {name!r} is not a valid HTTP header name")
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise ConfigError(f"{path}: the value contains CR, LF or NUL (a trailing newline?)")
+
+
 def _resolve_headers(
     raw: Mapping[str, str], path: str, environ: Mapping[str, str]
 ) -> dict[str, str]:
@@ -235,6 +246,7 @@ def _resolve_headers(
         if name.lower() in CREDENTIAL_HEADERS and not _ENV_REF.search(value):
             raise ConfigError(f"{hpath}: credentials must be an env reference like ${{NAME}}")
         headers[name] = expand_env(value, hpath, environ)
+        _check_header(name, headers[name], hpath)
     return headers
 
 
@@ -248,6 +260,7 @@ def _resolve_provider(p: ProviderSettings, i: int, environ: Mapping[str, str]) -
                 f"{path}.api_key_env: environment variable {p.api_key_env} is not set"
             )
         key = environ[p.api_key_env]
+        _check_header("x-api-key", key, f"{path}.api_key_env ({p.api_key_env})")
         # Each protocol's upstream expects its credential in its own header; one written in
         # `headers` wins, whatever its letter case (two would both be sent).
         if p.protocol == "anthropic":

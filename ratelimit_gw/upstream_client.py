@@ -53,6 +53,12 @@ class UpstreamConnectionError(UpstreamError):
     """Connected, but the connection failed or the answer was not valid HTTP/1.1."""
 
 
+class UpstreamRequestInvalid(UpstreamError, ValueError):
+    """The request could not be written: not an http(s) URL, or CR/LF/NUL in a header.
+    Raised before anything is sent; only a configuration can cause it (aiohttp's server
+    refuses such bytes from clients)."""
+
+
 class _ExtraResponse(Exception):
     """Raised inside llhttp to stop it at a second response to one request."""
 
@@ -68,7 +74,7 @@ class _Target:
 def _parse_url(url: str) -> _Target:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not an http(s) URL: {url!r}")
+        raise UpstreamRequestInvalid(f"not an http(s) URL: {url!r}")
     tls = parts.scheme == "https"
     port = parts.port or (443 if tls else 80)
     host = parts.hostname
@@ -89,7 +95,7 @@ def _request_head(method: str, target: _Target, headers: Mapping[str, str], body
     breaks = len(lines) - 1
     if text.count("\r") != breaks or text.count("\n") != breaks or "\0" in text:
         # aiohttp's server never passes CR/LF in a value, but a config value could carry one.
-        raise ValueError("a request header name or value contains CR, LF or NUL")
+        raise UpstreamRequestInvalid("a request header name or value contains CR, LF or NUL")
     return (text + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
 

@@ -231,6 +231,24 @@ def test_unset_variable_in_a_header_reference_is_named() -> None:
     )
 
 
+def test_a_secret_ending_in_a_newline_is_a_config_error_not_a_502_per_request() -> None:
+    assert config_error(OPENAI, {"OPENAI_API_KEY": "sk-live\n"}) == (
+        "providers[0].api_key_env (OPENAI_API_KEY): the value contains CR, LF or NUL"
+        " (a trailing newline?)"
+    )
+    text = OPENAI + 'headers = { X-Org = "${ORG_ID}" }\n'
+    assert config_error(text, {**ENV, "ORG_ID": "org-1\r\nX-Injected: 1"}) == (
+        "providers[0].headers.X-Org: the value contains CR, LF or NUL (a trailing newline?)"
+    )
+
+
+def test_a_header_name_that_is_not_an_http_token_is_a_config_error() -> None:
+    text = OPENAI + 'headers = { "X Org" = "org-1" }\n'
+    assert config_error(text) == (
+        "providers[0].headers.X Org: 'X Org' is not a valid HTTP header name"
+    )
+
+
 @pytest.mark.parametrize(
     ("price", "message"),
     [

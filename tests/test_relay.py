@@ -702,3 +702,12 @@ async def test_renamed_model_reaches_the_upstream_under_its_upstream_id(
     entry = await settled(gw, reply.headers["x-request-id"])
     assert entry.model == "house-flash"
     assert entry.cost_usd == format_usd(PROMPT_TOKENS * 1000 + 20 * 2000)
+
+
+def test_stream_headers_can_wait_for_the_first_event() -> None:
+    """relay.py's one-write coalescing leans on aiohttp's class attribute: if an aiohttp
+    upgrade drops or renames it, streams stay correct but lose the saving, so say so here."""
+    from ratelimit_gw.relay import _HeadersWithFirstWrite
+
+    assert web.StreamResponse._send_headers_immediately is True
+    assert _HeadersWithFirstWrite._send_headers_immediately is False

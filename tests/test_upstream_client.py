@@ -24,6 +24,7 @@ from ratelimit_gw.upstream_client import (
     READ_HIGH_WATER_BYTES,
     UpstreamClient,
     UpstreamConnectionError,
+    UpstreamRequestInvalid,
     UpstreamResponse,
     UpstreamUnreachable,
 )
@@ -909,7 +910,7 @@ async def test_cr_lf_or_nul_in_a_header_is_refused_before_sending(
     headers: dict[str, str],
 ) -> None:
     server = await serve(answer(ok()))
-    with pytest.raises(ValueError, match="CR, LF or NUL"):
+    with pytest.raises(UpstreamRequestInvalid, match="CR, LF or NUL"):
         await client.request(
             "GET", server.url(), headers, b"", connect_timeout_s=CONNECT_S, deadline=deadline()
         )
@@ -919,7 +920,7 @@ async def test_cr_lf_or_nul_in_a_header_is_refused_before_sending(
 
 @pytest.mark.parametrize("url", ["ftp://x/y", "http:///nohost", "not a url", "file:///etc/passwd"])
 async def test_a_url_that_is_not_http_is_refused(client: UpstreamClient, url: str) -> None:
-    with pytest.raises(ValueError, match="not an http"):
+    with pytest.raises(UpstreamRequestInvalid, match="not an http"):
         await get(client, url)
 
 
