@@ -23,6 +23,7 @@ from .protocols import StreamTap, Usage
 from .upstream_client import (
     UpstreamClient,
     UpstreamConnectionError,
+    UpstreamError,
     UpstreamRequestInvalid,
     UpstreamResponse,
     UpstreamUnreachable,
@@ -168,24 +169,16 @@ class Relay:
             raise GatewayError(
                 504, "upstream_timeout", "The upstream did not answer in time.", retry_after_ms=1000
             ) from None
-        except UpstreamUnreachable:
+        except UpstreamError as exc:
             result.outcome = "upstream_error"
             self._count(call, "unreachable")
-            raise GatewayError(
-                502, "upstream_unreachable", "The upstream could not be reached."
-            ) from None
-        except UpstreamRequestInvalid as exc:
-            result.outcome = "upstream_error"
-            self._count(call, "unreachable")
-            raise GatewayError(
-                502, "upstream_unreachable", f"The upstream request could not be made: {exc}."
-            ) from None
-        except UpstreamConnectionError as exc:
-            result.outcome = "upstream_error"
-            self._count(call, "unreachable")
-            raise GatewayError(
-                502, "upstream_unreachable", f"The upstream connection failed: {exc}."
-            ) from None
+            if isinstance(exc, UpstreamUnreachable):
+                message = "The upstream could not be reached."
+            elif isinstance(exc, UpstreamRequestInvalid):
+                message = f"The upstream request could not be made: {exc}."
+            else:
+                message = f"The upstream connection failed: {exc}."
+            raise GatewayError(502, "upstream_unreachable", message) from None
         self._count(
             call, "cut" if result.outcome == "upstream_cut" else f"{result.status // 100}xx"
         )
