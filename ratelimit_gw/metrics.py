@@ -182,8 +182,9 @@ def create_metrics(registry: CollectorRegistry | None, account_label: bool = Fal
 @functools.lru_cache(maxsize=8192)
 def labelled(metric: Any, *values: str) -> Any:
     """``metric.labels(*values)``, remembered: label sets are few, requests are many, and
-    prometheus_client validates and locks on every ``labels`` call. Only for label sets
-    drawn from config (operations, providers, models, outcomes), never from callers."""
+    prometheus_client validates and locks on every ``labels`` call. For label values the
+    gateway owns (operations, providers, models, outcomes, account ids when the account label
+    is on), never raw caller input; the bound keeps even many accounts' sets finite."""
     return metric.labels(*values)
 
 
