@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -430,7 +431,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             # The target's condition (half of each kind's own saturation), and an unloaded
             # rate.
             for kind, body in (("plain", PLAIN_BODY), ("stream", STREAM_BODY)):
-                saturation = _median(
+                saturation = statistics.median(
                     [r.rps for r in rounds if _is(r, "c_full_checks", kind, len(few))]
                 )
                 for rate in (max(10.0, round(saturation / 2)), IDLE_RATE_RPS):
@@ -449,14 +450,6 @@ def _is(run: Run, scenario: str, kind: str, keys: int) -> bool:
     return (run.scenario, run.kind, run.keys) == (scenario, kind, keys)
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    if len(ordered) % 2:
-        return ordered[middle]
-    return (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def combine(runs: list[Run]) -> Run:
     """One row for a scenario's rounds: the median of each figure, the range of req/s."""
     first = runs[0]
@@ -465,10 +458,10 @@ def combine(runs: list[Run]) -> Run:
         kind=first.kind,
         tool=first.tool,
         requests=sum(r.requests for r in runs),
-        rps=round(_median([r.rps for r in runs]), 1),
-        p50_ms=round(_median([r.p50_ms for r in runs]), 3),
-        p90_ms=round(_median([r.p90_ms for r in runs]), 3),
-        p99_ms=round(_median([r.p99_ms for r in runs]), 3),
+        rps=round(statistics.median([r.rps for r in runs]), 1),
+        p50_ms=round(statistics.median([r.p50_ms for r in runs]), 3),
+        p90_ms=round(statistics.median([r.p90_ms for r in runs]), 3),
+        p99_ms=round(statistics.median([r.p99_ms for r in runs]), 3),
         errors=sum(r.errors for r in runs),
         keys=first.keys,
         extra={
@@ -489,7 +482,7 @@ def round_ratio(
         upper = next(r for r in same if _is(r, *top))
         lower = next(r for r in same if _is(r, *bottom))
         ratios.append(upper.rps / lower.rps)
-    return round(_median(ratios), 3)
+    return round(statistics.median(ratios), 3)
 
 
 def _find(runs: list[Run], scenario: str, kind: str, tool: str, keys: int | None = None) -> Run:

@@ -227,11 +227,9 @@ def _check_url(url: str, path: str, schemes: tuple[str, ...]) -> None:
         raise ConfigError(f"{path}: {url!r} must start with one of {expected}")
 
 
-def _check_header(name: str, value: str, path: str) -> None:
+def _check_header_value(value: str, path: str) -> None:
     # Caught here, at start-up, rather than as a 502 on every request: the usual cause is a
     # secret file or variable that ends with a newline.
-    if not _HEADER_NAME.fullmatch(name):
-        raise ConfigError(f"{path}: {name!r} is not a valid HTTP header name")
     if "\r" in value or "\n" in value or "\0" in value:
         raise ConfigError(f"{path}: the value contains CR, LF or NUL (a trailing newline?)")
 
@@ -245,8 +243,10 @@ def _resolve_headers(
         hpath = f"{path}.headers.{name}"
         if name.lower() in CREDENTIAL_HEADERS and not _ENV_REF.search(value):
             raise ConfigError(f"{hpath}: credentials must be an env reference like ${{NAME}}")
+        if not _HEADER_NAME.fullmatch(name):
+            raise ConfigError(f"{hpath}: {name!r} is not a valid HTTP header name")
         headers[name] = expand_env(value, hpath, environ)
-        _check_header(name, headers[name], hpath)
+        _check_header_value(headers[name], hpath)
     return headers
 
 
@@ -260,7 +260,7 @@ def _resolve_provider(p: ProviderSettings, i: int, environ: Mapping[str, str]) -
                 f"{path}.api_key_env: environment variable {p.api_key_env} is not set"
             )
         key = environ[p.api_key_env]
-        _check_header("x-api-key", key, f"{path}.api_key_env ({p.api_key_env})")
+        _check_header_value(key, f"{path}.api_key_env ({p.api_key_env})")
         # Each protocol's upstream expects its credential in its own header; one written in
         # `headers` wins, whatever its letter case (two would both be sent).
         if p.protocol == "anthropic":

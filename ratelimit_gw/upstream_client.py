@@ -243,12 +243,14 @@ class _Connection(asyncio.Protocol):
         self.in_flight = True
         self._head_only = head_only
         self._deadline = self._loop.call_at(deadline, self._deadline_passed)
-        self.transport.write(head + body if len(body) < 65536 else head)
-        if len(body) >= 65536:
-            self.transport.write(body)  # no copy of a large body just to join it
+        if len(body) < 65536:
+            self.transport.write(head + body)  # one send for the usual small request
+        else:
+            self.transport.write(head)  # no copy of a large body just to join it
+            self.transport.write(body)
 
     def take_body(self) -> bytes:
-        data = b"".join(self.body) if len(self.body) != 1 else self.body[0]
+        data = b"".join(self.body)  # one piece comes back as itself, uncopied
         self.body.clear()
         self.body_bytes = 0
         if self._paused and self.transport is not None:
@@ -336,7 +338,7 @@ class UpstreamResponse:
                 parts.append(conn.take_body())  # taking it lets a paused connection read on
             await conn.wait()
         parts.append(conn.take_body())
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return b"".join(parts)
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives: whatever is buffered when the reader gets to it."""
