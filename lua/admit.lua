@@ -8,11 +8,9 @@
 -- same state and writes nothing at all (headers for requests rejected before admission).
 --
 -- KEYS (all under the account's hash tag, so one cluster slot):
---   1 account hash      2 key hash
---   3 account rpm bucket   4 account tpm bucket   5 key rpm bucket   6 key tpm bucket
---   7 account leases (zset request_id -> expiry ms)   8 key leases (same)
---   9 in-flight zset (request_id -> hold expiry ms)  10 holds hash (request_id -> record)
---  11 ledger stream
+--   1 account hash   2 key hash   3 key leases (zset request_id -> expiry ms)
+--   4 in-flight zset (request_id -> hold and lease expiry ms; the account's leases)
+--   5 holds hash (request_id -> record)   6 ledger stream
 -- ARGV:
 --   1 mode ("admit" | "peek")   2 request_id   3 key_id
 --   4 estimated tokens (integer)   5 hold, nano-USD (integer)   6 lease/hold TTL, ms
@@ -21,8 +19,10 @@
 --    rpm_limit, rpm_remaining, rpm_reset_ms, tpm_limit, tpm_remaining, tpm_reset_ms,
 --    concurrency_limit, concurrency_in_use, available_nano (string, "" if not prepaid),
 --    holds_expired, account_rpm}
--- Buckets are hashes {level, ts}: level is a float of units, ts the Redis time in ms of
--- the last update. A limit of N per minute holds N and refills N/60000 per ms.
+-- Buckets live in the hash of their scope (account or key), as fields <kind>_level (a float
+-- of units) and <kind>_ts (the Redis time in ms of the last update), kind = rpm or tpm: the
+-- hashes are read anyway, so a bucket costs no call of its own. A missing level is a full
+-- bucket. A limit of N per minute holds N and refills N/60000 per ms.
 
 local account_key, key_key = KEYS[1], KEYS[2]
 local mode, request_id, key_id = ARGV[1], ARGV[2], ARGV[3]
@@ -39,31 +39,33 @@ local function reply_rejected(reason)
   return {0, reason, 0, -1, -1, -1, -1, -1, -1, -1, -1, -1, '', 0, -1}
 end
 
-local key = redis.call('HMGET', key_key, 'created_ms', 'revoked', 'expires_ms', 'rpm', 'tpm', 'concurrency')
+local key = redis.call('HMGET', key_key, 'created_ms', 'revoked', 'expires_ms', 'rpm', 'tpm',
+  'concurrency', 'rpm_level', 'rpm_ts', 'tpm_level', 'tpm_ts')
 if not key[1] then return reply_rejected('invalid_key') end
 if key[2] == '1' then return reply_rejected('key_revoked') end
 if key[3] and tonumber(key[3]) <= now_ms then return reply_rejected('key_expired') end
 
 local acct = redis.call('HMGET', account_key, 'created_ms', 'rpm', 'tpm', 'concurrency',
-  'rpm_policy', 'rpm_override', 'balance_nano', 'held_nano', 'topped_up_nano', 'prepaid')
+  'rpm_policy', 'rpm_override', 'balance_nano', 'held_nano', 'topped_up_nano', 'prepaid',
+  'rpm_level', 'rpm_ts', 'tpm_level', 'tpm_ts')
 if not acct[1] then return reply_rejected('invalid_key') end
 
 -- Release holds whose request outlived its TTL: the gateway holding them is gone.
 local swept = 0
 if writing then
-  local expired = redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', now_ms, 'LIMIT', 0, MAX_SWEEP)
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now_ms, 'LIMIT', 0, MAX_SWEEP)
   for _, rid in ipairs(expired) do
-    local record = redis.call('HGET', KEYS[10], rid)
+    local record = redis.call('HGET', KEYS[5], rid)
     if record then
       local kid, held = string.match(record, '^([^|]*)|(%d+)|')
       if held ~= '0' then redis.call('HINCRBY', account_key, 'held_nano', '-' .. held) end
-      redis.call('HDEL', KEYS[10], rid)
-      redis.call('XADD', KEYS[11], '*', 'type', 'hold_expired', 'request_id', rid,
+      redis.call('HDEL', KEYS[5], rid)
+      redis.call('XADD', KEYS[6], '*', 'type', 'hold_expired', 'request_id', rid,
         'key_id', kid, 'hold_nano', held, 'cost_nano', '0')
       redis.call('HINCRBY', account_key, 'holds_expired', 1)
       swept = swept + 1
     end
-    redis.call('ZREM', KEYS[9], rid)
+    redis.call('ZREM', KEYS[4], rid)
   end
   if swept > 0 then acct[8] = redis.call('HGET', account_key, 'held_nano') end
 end
@@ -92,12 +94,12 @@ elseif policy == 'tier' then
   else account_rpm = 6 end
 end
 
--- {bucket key, capacity, cost, kind}
+-- {hash, capacity, cost, kind, stored level, stored ts}
 local buckets = {
-  {KEYS[3], account_rpm, 1, 'rpm'},
-  {KEYS[4], tonumber(acct[3]), estimated_tokens, 'tpm'},
-  {KEYS[5], tonumber(key[4]), 1, 'rpm'},
-  {KEYS[6], tonumber(key[5]), estimated_tokens, 'tpm'},
+  {account_key, account_rpm, 1, 'rpm', acct[11], acct[12]},
+  {account_key, tonumber(acct[3]), estimated_tokens, 'tpm', acct[13], acct[14]},
+  {key_key, tonumber(key[4]), 1, 'rpm', key[7], key[8]},
+  {key_key, tonumber(key[5]), estimated_tokens, 'tpm', key[9], key[10]},
 }
 if not writing then
   for _, b in ipairs(buckets) do b[3] = 0 end
@@ -108,11 +110,10 @@ local levels = {}
 for i, b in ipairs(buckets) do
   local capacity = b[2]
   if capacity then
-    local state = redis.call('HMGET', b[1], 'level', 'ts')
     local level = capacity
-    if state[1] then
-      local elapsed = math.max(now_ms - tonumber(state[2]), 0)
-      level = math.min(capacity, tonumber(state[1]) + elapsed * capacity / 60000)
+    if b[5] and b[6] then
+      local elapsed = math.max(now_ms - tonumber(b[6]), 0)
+      level = math.min(capacity, tonumber(b[5]) + elapsed * capacity / 60000)
     end
     levels[i] = level
     if b[3] > capacity then
@@ -135,12 +136,13 @@ if writing and prepaid and hold_nano > available and reason ~= 'request_exceeds_
   reason, wait_ms, hit_limit = 'balance_exceeded', 0, -1
 end
 
--- Concurrency leases expire on their own, so a dead gateway cannot keep its slots.
-local lease_sets = {{KEYS[7], tonumber(acct[4])}, {KEYS[8], tonumber(key[6])}}
+-- Concurrency leases expire on their own, so a dead gateway cannot keep its slots. The
+-- account's leases are its in-flight set (the sweep above trims it); a key's have their own.
+local lease_sets = {{KEYS[4], tonumber(acct[4])}, {KEYS[3], tonumber(key[6])}}
 local conc_limit, conc_in_use = -1, -1
-for _, s in ipairs(lease_sets) do
+for i, s in ipairs(lease_sets) do
   if s[2] then
-    if writing then redis.call('ZREMRANGEBYSCORE', s[1], '-inf', now_ms) end
+    if writing and i == 2 then redis.call('ZREMRANGEBYSCORE', s[1], '-inf', now_ms) end
     local in_use = redis.call('ZCOUNT', s[1], '(' .. now_ms, '+inf')
     if conc_limit < 0 or s[2] - in_use < conc_limit - conc_in_use then
       conc_limit, conc_in_use = s[2], in_use
@@ -154,23 +156,29 @@ end
 
 local allowed = writing and not reason
 if allowed then
-  for i, b in ipairs(buckets) do
-    if b[2] then
-      levels[i] = levels[i] - b[3]
-      redis.call('HSET', b[1], 'level', tostring(levels[i]), 'ts', now_ms)
-      redis.call('PEXPIRE', b[1], 120000)
+  -- One HSET per scope: buckets 1-2 are the account's, 3-4 the key's.
+  for first = 1, 3, 2 do
+    local f = {}
+    for i = first, first + 1 do
+      local b = buckets[i]
+      if b[2] then
+        levels[i] = levels[i] - b[3]
+        f[#f + 1] = b[4] .. '_level'
+        f[#f + 1] = tostring(levels[i])
+        f[#f + 1] = b[4] .. '_ts'
+        f[#f + 1] = now_ms
+      end
     end
+    if #f > 0 then redis.call('HSET', buckets[first][1], unpack(f)) end
   end
-  for _, s in ipairs(lease_sets) do
-    if s[2] then
-      redis.call('ZADD', s[1], now_ms + ttl_ms, request_id)
-      redis.call('PEXPIRE', s[1], ttl_ms + 60000)
-    end
+  if key[6] then
+    redis.call('ZADD', KEYS[3], now_ms + ttl_ms, request_id)
+    redis.call('PEXPIRE', KEYS[3], ttl_ms + 60000)
   end
   if conc_limit >= 0 then conc_in_use = conc_in_use + 1 end
-  redis.call('HSET', KEYS[10], request_id,
+  redis.call('HSET', KEYS[5], request_id,
     key_id .. '|' .. ARGV[5] .. '|' .. ARGV[4] .. '|' .. string.format('%d', now_ms + ttl_ms))
-  redis.call('ZADD', KEYS[9], now_ms + ttl_ms, request_id)
+  redis.call('ZADD', KEYS[4], now_ms + ttl_ms, request_id)
   if hold_nano > 0 then
     redis.call('HINCRBY', account_key, 'held_nano', ARGV[5])
     available = available - hold_nano

@@ -7,9 +7,9 @@
 -- twice). A hold that already expired was released by admit.lua; the cost is still charged.
 --
 -- KEYS (one hash tag):
---   1 account hash   2 key hash   3 account tpm bucket   4 key tpm bucket
---   5 account leases   6 key leases   7 in-flight zset   8 holds hash   9 ledger stream
---  10 settled zset (request_id -> settle time ms; entries older than an hour are trimmed)
+--   1 account hash (with the account's buckets)   2 key hash (with the key's buckets)
+--   3 key leases   4 in-flight zset (also the account's leases)   5 holds hash
+--   6 ledger stream   7 settled zset (request_id -> settle time ms; older than an hour trimmed)
 -- ARGV:
 --   1 request_id   2 key_id   3 estimated tokens charged at admission   4 actual tokens
 --   5 cost, nano-USD (integer)   6 model   7 input tokens   8 output tokens
@@ -32,51 +32,48 @@ local SETTLED_RETENTION_MS = 3600000
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
-if redis.call('ZSCORE', KEYS[10], request_id) then
+if redis.call('ZSCORE', KEYS[7], request_id) then
   return {0, 0, redis.call('HGET', account_key, 'balance_nano') or '0', '0'}
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', now_ms - SETTLED_RETENTION_MS)
-redis.call('ZADD', KEYS[10], now_ms, request_id)
+redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now_ms - SETTLED_RETENTION_MS)
+redis.call('ZADD', KEYS[7], now_ms, request_id)
 
 local released = '0'
-local record = redis.call('HGET', KEYS[8], request_id)
+local record = redis.call('HGET', KEYS[5], request_id)
 if record then
   local held, estimate = string.match(record, '^[^|]*|(%d+)|(%d+)|')
   released = held
   estimated_tokens = tonumber(estimate)
   -- Integers go to HINCRBY as strings: Lua would print large numbers as 1e+15.
   if held ~= '0' then redis.call('HINCRBY', account_key, 'held_nano', '-' .. held) end
-  redis.call('HDEL', KEYS[8], request_id)
+  redis.call('HDEL', KEYS[5], request_id)
 end
-redis.call('ZREM', KEYS[7], request_id)
-redis.call('ZREM', KEYS[5], request_id)
-redis.call('ZREM', KEYS[6], request_id)
+redis.call('ZREM', KEYS[4], request_id)
+redis.call('ZREM', KEYS[3], request_id)
+
+local acct = redis.call('HMGET', account_key, 'prepaid', 'balance_nano', 'tpm', 'tpm_level', 'tpm_ts')
 
 -- Correct the token buckets to what was really used.
 local delta = estimated_tokens - actual_tokens
 if delta ~= 0 then
-  local caps = {
-    {KEYS[3], tonumber(redis.call('HGET', account_key, 'tpm'))},
-    {KEYS[4], tonumber(redis.call('HGET', KEYS[2], 'tpm'))},
-  }
-  for _, b in ipairs(caps) do
-    local bucket, capacity = b[1], b[2]
+  local key = redis.call('HMGET', KEYS[2], 'tpm', 'tpm_level', 'tpm_ts')
+  local scopes = {{account_key, acct[3], acct[4], acct[5]}, {KEYS[2], key[1], key[2], key[3]}}
+  for _, b in ipairs(scopes) do
+    local capacity = tonumber(b[2])
     if capacity then
-      local state = redis.call('HMGET', bucket, 'level', 'ts')
       local level = capacity
-      if state[1] then
-        local elapsed = math.max(now_ms - tonumber(state[2]), 0)
-        level = math.min(capacity, tonumber(state[1]) + elapsed * capacity / 60000)
+      if b[3] and b[4] then
+        local elapsed = math.max(now_ms - tonumber(b[4]), 0)
+        level = math.min(capacity, tonumber(b[3]) + elapsed * capacity / 60000)
       end
       level = math.min(capacity, level + delta)
-      redis.call('HSET', bucket, 'level', tostring(level), 'ts', now_ms)
-      redis.call('PEXPIRE', bucket, 120000)
+      redis.call('HSET', b[1], 'tpm_level', tostring(level), 'tpm_ts', now_ms)
     end
   end
 end
 
-local prepaid = redis.call('HGET', account_key, 'prepaid') == '1'
-local balance = tonumber(redis.call('HGET', account_key, 'balance_nano') or '0')
+local prepaid = acct[1] == '1'
+local balance = tonumber(acct[2] or '0')
 if cost_nano ~= '0' then
   if prepaid then
     balance = redis.call('HINCRBY', account_key, 'balance_nano', '-' .. cost_nano)
@@ -89,7 +86,7 @@ local entry_type = 'charge'
 if tonumber(cost_nano) == 0 then entry_type = 'release' end
 local shown_id = request_id
 if ARGV[10] and ARGV[10] ~= '' then shown_id = ARGV[10] end
-redis.call('XADD', KEYS[9], '*', 'type', entry_type, 'request_id', shown_id,
+redis.call('XADD', KEYS[6], '*', 'type', entry_type, 'request_id', shown_id,
   'settlement_id', request_id,
   'key_id', key_id, 'model', ARGV[6], 'input_tokens', ARGV[7], 'output_tokens', ARGV[8],
   'cost_nano', cost_nano, 'balance_nano', balance_text, 'outcome', ARGV[9])
@@ -99,7 +96,7 @@ if prepaid and balance < 0 then
   -- Only an upstream that ignored the output cap gets here (holds cover the worst case).
   overrun = 1
   redis.call('HINCRBY', account_key, 'overruns', 1)
-  redis.call('XADD', KEYS[9], '*', 'type', 'overrun', 'request_id', request_id,
+  redis.call('XADD', KEYS[6], '*', 'type', 'overrun', 'request_id', request_id,
     'key_id', key_id, 'cost_nano', '0', 'balance_nano', balance_text)
 end
 return {1, overrun, balance_text, released}

@@ -5,6 +5,11 @@ Everything one admission or settlement touches lives under the account's hash ta
 indexes (key hash → key, key id → account) and the account list live outside it: they are
 read before the account is known. Shared upstream ceilings (§10) belong to no account: each
 has its own tag ``{q:<ceiling>}`` and its own script run.
+
+Token buckets have no keys of their own: each is two fields (``rpm_level``/``rpm_ts``,
+``tpm_level``/``tpm_ts``) of its scope's hash, the account's or the key's, which admit.lua
+reads anyway. Likewise the account's concurrency leases are its in-flight set. Both save
+Redis calls on every request (admit.lua went from 27 calls to 14, settle.lua from 23 to 16).
 """
 
 from __future__ import annotations
@@ -64,25 +69,16 @@ class AccountKeys:
     def key(self, key_id: str) -> str:
         return f"{self.base}:key:{key_id}"
 
-    def bucket(self, scope: str, kind: str) -> str:
-        """``scope`` is ``account`` or ``key:<id>``; ``kind`` is ``rpm`` or ``tpm``."""
-        return f"{self.base}:bucket:{scope}:{kind}"
-
-    def leases(self, scope: str) -> str:
-        return f"{self.base}:leases:{scope}"
+    def key_leases(self, key_id: str) -> str:
+        """Concurrency leases of one key (the account's are its in-flight set)."""
+        return f"{self.base}:leases:key:{key_id}"
 
     def admit_keys(self, key_id: str) -> list[str]:
         """KEYS of admit.lua, in the order its header states."""
-        key_scope = f"key:{key_id}"
         return [
             self.account,
             self.key(key_id),
-            self.bucket("account", "rpm"),
-            self.bucket("account", "tpm"),
-            self.bucket(key_scope, "rpm"),
-            self.bucket(key_scope, "tpm"),
-            self.leases("account"),
-            self.leases(key_scope),
+            self.key_leases(key_id),
             self.inflight,
             self.holds,
             self.ledger,
@@ -90,19 +86,7 @@ class AccountKeys:
 
     def settle_keys(self, key_id: str) -> list[str]:
         """KEYS of settle.lua, in the order its header states."""
-        key_scope = f"key:{key_id}"
-        return [
-            self.account,
-            self.key(key_id),
-            self.bucket("account", "tpm"),
-            self.bucket(key_scope, "tpm"),
-            self.leases("account"),
-            self.leases(key_scope),
-            self.inflight,
-            self.holds,
-            self.ledger,
-            self.settled,
-        ]
+        return [*self.admit_keys(key_id), self.settled]
 
 
 def quota_keys(ceiling_id: str) -> list[str]:

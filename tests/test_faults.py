@@ -207,7 +207,7 @@ async def assert_books_balance(
     peek = await svc.limiter.peek(caller.account, caller.key_id)
     assert peek.concurrency_in_use == 0
     keys = AccountKeys(caller.account)
-    for zset in (keys.leases("account"), keys.leases(f"key:{caller.key_id}"), keys.inflight):
+    for zset in (keys.key_leases(caller.key_id), keys.inflight):  # inflight: account leases
         assert await gw.storage.call("ZCARD", zset) == 0, zset
 
     ledger = await gw.accounts.ledger(caller.account, limit=1000)

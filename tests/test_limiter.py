@@ -137,14 +137,25 @@ async def account_field(storage: Storage, account_id: str, field: str) -> str | 
     return value
 
 
-async def bucket_level(storage: Storage, bucket: str) -> float:
-    return float(await storage.call("HGET", bucket, "level"))
+def key_bucket(key_id: str, kind: str, account_id: str = "acme") -> tuple[str, str]:
+    """(hash, kind) of a key's bucket: buckets are fields of their scope's hash."""
+    return AccountKeys(account_id).key(key_id), kind
 
 
-async def rewind_bucket(storage: Storage, bucket: str, ms: int) -> None:
+def account_bucket(kind: str, account_id: str = "acme") -> tuple[str, str]:
+    return AccountKeys(account_id).account, kind
+
+
+async def bucket_level(storage: Storage, bucket: tuple[str, str]) -> float:
+    scope_hash, kind = bucket
+    return float(await storage.call("HGET", scope_hash, f"{kind}_level"))
+
+
+async def rewind_bucket(storage: Storage, bucket: tuple[str, str], ms: int) -> None:
     """Pretend the bucket was last updated ``ms`` earlier: it refills as if that time passed."""
-    ts = int(await storage.call("HGET", bucket, "ts"))
-    await storage.call("HSET", bucket, "ts", ts - ms)
+    scope_hash, kind = bucket
+    ts = int(await storage.call("HGET", scope_hash, f"{kind}_ts"))
+    await storage.call("HSET", scope_hash, f"{kind}_ts", ts - ms)
 
 
 async def sleep_past(storage: Storage, redis_deadline_ms: float) -> None:
@@ -193,7 +204,7 @@ async def test_rpm_bucket_refills_at_capacity_per_minute(
     assert not (await limiter.admit(admission(key_id))).allowed
 
     # 2 s at 60 rpm refill exactly 2 requests.
-    await rewind_bucket(storage, AccountKeys("acme").bucket(f"key:{key_id}", "rpm"), 2000)
+    await rewind_bucket(storage, key_bucket(key_id, "rpm"), 2000)
     assert (await limiter.admit(admission(key_id))).allowed
     assert (await limiter.admit(admission(key_id))).allowed
     third = await limiter.admit(admission(key_id))
@@ -470,7 +481,6 @@ async def test_settlement_refunds_unused_estimated_tokens(
 ) -> None:
     await accounts.create_account("acme", tpm=2000)
     key_id = await new_key(accounts, tpm=1000)
-    keys = AccountKeys("acme")
     start = await redis_ms(storage)
     request = admission(key_id, tokens=400)
     assert (await limiter.admit(request)).allowed
@@ -478,8 +488,8 @@ async def test_settlement_refunds_unused_estimated_tokens(
     result = await limiter.settle(settlement(request, input_tokens=60, output_tokens=40))
     assert result.settled
     trickle = (await redis_ms(storage) - start + 1) * 2000 / MINUTE_MS
-    key_level = await bucket_level(storage, keys.bucket(f"key:{key_id}", "tpm"))
-    account_level = await bucket_level(storage, keys.bucket("account", "tpm"))
+    key_level = await bucket_level(storage, key_bucket(key_id, "tpm"))
+    account_level = await bucket_level(storage, account_bucket("tpm"))
     assert 900 <= key_level <= 900 + trickle
     assert 1900 <= account_level <= 1900 + trickle
 
@@ -489,7 +499,7 @@ async def test_settlement_corrects_from_the_estimate_charged_at_admission(
 ) -> None:
     await accounts.create_account("acme")
     key_id = await new_key(accounts, tpm=60_000)  # refills 1 token per ms
-    bucket = AccountKeys("acme").bucket(f"key:{key_id}", "tpm")
+    bucket = key_bucket(key_id, "tpm")
     request = admission(key_id, tokens=30_000)
     start = await redis_ms(storage)
     assert (await limiter.admit(request)).allowed
@@ -507,7 +517,7 @@ async def test_settlement_debits_extra_tokens_below_zero_then_refills(
 ) -> None:
     await accounts.create_account("acme")
     key_id = await new_key(accounts, tpm=1000)
-    bucket = AccountKeys("acme").bucket(f"key:{key_id}", "tpm")
+    bucket = key_bucket(key_id, "tpm")
     first, second = admission(key_id, tokens=500), admission(key_id, tokens=500)
     assert (await limiter.admit(first)).allowed
     assert (await limiter.admit(second)).allowed

@@ -15,7 +15,7 @@ and after every step these invariants must hold:
 - the balance never goes below zero unless an overrun was injected;
 - Σ top-ups − Σ ledger charges = balance, and every ledger entry's cost is in ``spent``;
 - ``held_nano`` = Σ live holds (the model's and the holds hash's);
-- concurrency leases = the model's live requests per scope;
+- concurrency leases = the model's live requests per scope (the account's: its in-flight set);
 - a rejected admission, a peek and a repeated settlement change nothing at all.
 
 Runs on ``memory://`` and on a real redis-server (the ``storage_url`` fixture).
@@ -74,8 +74,13 @@ class Live:
 
 @dataclass
 class Bucket:
-    name: str
+    hash: str  # the scope's hash (account or key) holding <kind>_level and <kind>_ts
+    kind: str
     capacity: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.hash}#{self.kind}"
 
 
 @dataclass
@@ -90,7 +95,7 @@ class Model:
     settled: set[str] = field(default_factory=set)
     revoked: set[str] = field(default_factory=set)
     pending_sweep: set[str] = field(default_factory=set)  # holds whose TTL we made pass
-    stale_leases: set[tuple[str, str]] = field(default_factory=set)  # (scope, rid), ditto
+    stale_leases: set[tuple[str, str]] = field(default_factory=set)  # (key scope, rid), ditto
     holds_expired: int = 0
 
     @property
@@ -145,14 +150,14 @@ class LuaMachine(RuleBasedStateMachine):
     def buckets_for(self, key: str) -> list[tuple[Bucket, str]]:
         """(bucket, kind) pairs that apply to a request on ``key``."""
         out: list[tuple[Bucket, str]] = []
-        for scope, limits in (
-            ("account", self.limits["account"]),
-            (self.scope_of(key), self.limits[key]),
+        for scope_hash, limits in (
+            (self.keys.account, self.limits["account"]),
+            (self.keys.key(self.key_ids[key]), self.limits[key]),
         ):
             for kind in ("rpm", "tpm"):
                 capacity = limits[kind]
                 if capacity is not None:
-                    out.append((Bucket(self.keys.bucket(scope, kind), capacity), kind))
+                    out.append((Bucket(scope_hash, kind, capacity), kind))
         return out
 
     def all_buckets(self) -> list[Bucket]:
@@ -166,8 +171,10 @@ class LuaMachine(RuleBasedStateMachine):
         seconds, micros = await self.storage.call("TIME")
         return int(seconds) * 1000 + int(micros) // 1000
 
-    async def bucket_state(self, name: str) -> list[str | None]:
-        state: list[str | None] = await self.storage.call("HMGET", name, "level", "ts")
+    async def bucket_state(self, bucket: Bucket) -> list[str | None]:
+        state: list[str | None] = await self.storage.call(
+            "HMGET", bucket.hash, f"{bucket.kind}_level", f"{bucket.kind}_ts"
+        )
         return state
 
     async def snapshot(self) -> dict[str, Any]:
@@ -284,7 +291,7 @@ class LuaMachine(RuleBasedStateMachine):
         self.counter += 1
         rid = f"req-{self.counter}"
         buckets = self.buckets_for(key)
-        before_state = {b.name: self.run(self.bucket_state(b.name)) for b, _ in buckets}
+        before_state = {b.name: self.run(self.bucket_state(b)) for b, _ in buckets}
         # Any admission on a valid key sweeps the holds whose TTL passed, allowed or not.
         sweep = set() if key in self.model.revoked else set(self.model.pending_sweep)
         before = self.run(self.snapshot())
@@ -322,13 +329,13 @@ class LuaMachine(RuleBasedStateMachine):
                 assert self.run(self.snapshot()) == before, "a rejected admission wrote"
             else:  # the sweep wrote, but no bucket changed
                 for bucket, _ in buckets:
-                    assert self.run(self.bucket_state(bucket.name)) == before_state[bucket.name]
+                    assert self.run(self.bucket_state(bucket)) == before_state[bucket.name]
             return multiple()
 
         # Allowed: each bucket lost exactly its cost at the script's time, within the bracket.
         for bucket, kind in buckets:
             cost = 1 if kind == "rpm" else estimate
-            level, ts = self.run(self.bucket_state(bucket.name))
+            level, ts = self.run(self.bucket_state(bucket))
             assert level is not None and ts is not None
             assert t0 <= int(ts) <= t1
             low, high = levels[bucket.name]
@@ -353,7 +360,7 @@ class LuaMachine(RuleBasedStateMachine):
         # An honest upstream costs at most the hold; overrun = 0 (1 in 21) ignores the cap.
         cost = live.hold + 1 + actual * 7 if overrun == 0 else math.floor(live.hold * share)
         buckets = [(b, k) for b, k in self.buckets_for(live.key) if k == "tpm"]
-        before_state = {b.name: self.run(self.bucket_state(b.name)) for b, _ in buckets}
+        before_state = {b.name: self.run(self.bucket_state(b)) for b, _ in buckets}
         t0 = self.run(self.redis_ms())
         result = self.run(
             self.limiter.settle(
@@ -379,7 +386,7 @@ class LuaMachine(RuleBasedStateMachine):
         # tpm buckets were corrected from the estimate to the actual usage (capped at full).
         delta = live.estimate - actual
         for bucket, _ in buckets:
-            level, ts = self.run(self.bucket_state(bucket.name))
+            level, ts = self.run(self.bucket_state(bucket))
             if delta == 0:
                 assert [level, ts] == before_state[bucket.name]
                 continue
@@ -413,11 +420,12 @@ class LuaMachine(RuleBasedStateMachine):
         live = self.model.live.get(rid)
         if live is None or live.expired or rid in self.model.pending_sweep:
             return
+        # The in-flight set is also the account's leases: the sweep removes the rid from it.
         self.run(self.storage.call("ZADD", self.keys.inflight, 1, rid))
-        for scope in ("account", self.scope_of(live.key)):
-            if self.run(self.storage.call("ZSCORE", self.keys.leases(scope), rid)) is not None:
-                self.run(self.storage.call("ZADD", self.keys.leases(scope), 1, rid))
-                self.model.stale_leases.add((scope, rid))
+        scope, leases = self.scope_of(live.key), self.keys.key_leases(self.key_ids[live.key])
+        if self.run(self.storage.call("ZSCORE", leases, rid)) is not None:
+            self.run(self.storage.call("ZADD", leases, 1, rid))
+            self.model.stale_leases.add((scope, rid))
         self.model.pending_sweep.add(rid)
 
     # ------------------------------------------------------------ the rest
@@ -452,9 +460,10 @@ class LuaMachine(RuleBasedStateMachine):
     @rule(ms=st.sampled_from([500, 3_000, 10_000, 60_000]))
     def time_passes(self, ms: int) -> None:
         for bucket in self.all_buckets():
-            ts = self.run(self.storage.call("HGET", bucket.name, "ts"))
+            field_name = f"{bucket.kind}_ts"
+            ts = self.run(self.storage.call("HGET", bucket.hash, field_name))
             if ts is not None:
-                self.run(self.storage.call("HSET", bucket.name, "ts", int(ts) - ms))
+                self.run(self.storage.call("HSET", bucket.hash, field_name, int(ts) - ms))
 
     # ------------------------------------------------------------ invariants
 
@@ -496,21 +505,21 @@ class LuaMachine(RuleBasedStateMachine):
     def leases_match_live_requests(self) -> None:
         if not self.key_ids:
             return
-        scopes: list[tuple[str, int | None, str | None]] = [
-            ("account", self.limits["account"]["concurrency"], None)
-        ]
-        scopes += [(self.scope_of(k), self.limits[k]["concurrency"], k) for k in KEYS]
-        for scope, limit, key in scopes:
-            members = self.run(self.storage.call("ZRANGE", self.keys.leases(scope), 0, -1))
+        # The account's leases are its in-flight set: every live request, limit or not, until
+        # settled or swept (a request whose TTL we made pass stays until the sweep).
+        inflight = self.run(self.storage.call("ZRANGE", self.keys.inflight, 0, -1))
+        assert set(inflight) == {rid for rid, r in self.model.live.items() if not r.expired}
+        for key in KEYS:
+            scope, limit = self.scope_of(key), self.limits[key]["concurrency"]
+            leases = self.keys.key_leases(self.key_ids[key])
+            members = self.run(self.storage.call("ZRANGE", leases, 0, -1))
             if limit is None:
                 assert members == []
                 continue
             expected = {
                 rid
                 for rid, r in self.model.live.items()
-                if (key is None or r.key == key)
-                and not r.expired
-                and (scope, rid) not in self.model.stale_leases
+                if r.key == key and not r.expired and (scope, rid) not in self.model.stale_leases
             }
             # A lease whose TTL we made pass lingers until an admission prunes it.
             stale = {rid for sc, rid in self.model.stale_leases if sc == scope}
@@ -521,7 +530,7 @@ class LuaMachine(RuleBasedStateMachine):
         if not self.key_ids:
             return
         for bucket in self.all_buckets():
-            level, _ = self.run(self.bucket_state(bucket.name))
+            level, _ = self.run(self.bucket_state(bucket))
             if level is not None:
                 assert float(level) <= bucket.capacity + EPS
 
