@@ -2,20 +2,22 @@
 
 Each call is one script run in storage (one round trip); the scripts in ``lua/`` hold the
 whole algorithm so that every gateway process shares one truth and one clock (Redis TIME).
+The values are frozen msgspec Structs: several are built per request, and a Struct is built
+in C (~0.15 µs) where a frozen dataclass of Decision's size takes ~1.9 µs.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from .keyspace import AccountKeys
 from .storage import Storage
 
 
-@dataclass(frozen=True, slots=True)
-class BucketReport:
+class BucketReport(msgspec.Struct, frozen=True):
     """The tightest bucket of one kind, as rate-limit headers describe it."""
 
     limit: int
@@ -23,8 +25,7 @@ class BucketReport:
     reset_ms: int  # until the bucket is full again
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(msgspec.Struct, frozen=True):
     allowed: bool
     reason: str  # "ok" or a §7 reason
     retry_after_ms: int
@@ -38,8 +39,7 @@ class Decision:
     account_rpm: int | None  # the account's rpm after its policy (§4)
 
 
-@dataclass(frozen=True, slots=True)
-class AdmissionRequest:
+class AdmissionRequest(msgspec.Struct, frozen=True):
     account_id: str
     key_id: str
     request_id: str
@@ -48,8 +48,7 @@ class AdmissionRequest:
     ttl_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class Settlement:
+class Settlement(msgspec.Struct, frozen=True):
     account_id: str
     key_id: str
     request_id: str
@@ -62,8 +61,7 @@ class Settlement:
     client_request_id: str = ""  # the x-request-id the caller saw; the ledger shows it
 
 
-@dataclass(frozen=True, slots=True)
-class SettleResult:
+class SettleResult(msgspec.Struct, frozen=True):
     settled: bool  # False: this request id was settled before; nothing changed
     overrun: bool  # the balance went below zero
     balance_nano: int

@@ -22,7 +22,8 @@ from .keyspace import ID_PATTERN
 from .money import MoneyError, parse_usd
 
 PROTOCOLS = ("openai", "anthropic", "gemini")
-STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+cluster", "redis+sentinel")
+# unix:///path/redis.sock[?db=N]: a Redis on the same host, over its socket file.
+STORAGE_SCHEMES = ("memory", "redis", "rediss", "unix", "redis+cluster", "redis+sentinel")
 # Headers that carry credentials: their values must come from the environment.
 CREDENTIAL_HEADERS = frozenset(
     {"authorization", "proxy-authorization", "x-api-key", "x-goog-api-key", "api-key"}

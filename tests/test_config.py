@@ -39,7 +39,7 @@ id = "gpt-4o-mini"
 provider = "openai-main"
 """
 ENV = {"OPENAI_API_KEY": "sk-openai-secret"}
-STORAGE_SCHEMES = "memory://, redis://, rediss://, redis+cluster://, redis+sentinel://"
+STORAGE_SCHEMES = "memory://, redis://, rediss://, unix://, redis+cluster://, redis+sentinel://"
 
 
 def config_error(text: str, environ: Mapping[str, str] = ENV) -> str:

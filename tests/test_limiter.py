@@ -12,9 +12,9 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
+import msgspec
 import pytest
 from redis.crc import key_slot
 
@@ -506,7 +506,9 @@ async def test_settlement_corrects_from_the_estimate_charged_at_admission(
 
     # A caller that lost track of its estimate cannot skew the bucket: 30 000 were charged,
     # 10 000 used, so 20 000 come back (a refund from 50 000 would fill the bucket).
-    confused = replace(settlement(request, input_tokens=10_000), estimated_tokens=50_000)
+    confused = msgspec.structs.replace(
+        settlement(request, input_tokens=10_000), estimated_tokens=50_000
+    )
     await limiter.settle(confused)
     level = await bucket_level(storage, bucket)
     assert 50_000 <= level <= 50_000 + await refill_bound(storage, start, 60_000)

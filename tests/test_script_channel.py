@@ -15,7 +15,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ratelimit_gw.local_redis import RedisProcess, start_redis
 from ratelimit_gw.script_channel import ScriptChannel, _Connection
-from ratelimit_gw.settings import StorageSettings
+from ratelimit_gw.settings import StorageSettings, parse_settings
 from ratelimit_gw.storage import StorageError, open_storage
 
 SOURCES = {
@@ -150,7 +150,9 @@ async def test_unix_socket_urls_use_the_channel_too(tmp_path: Path) -> None:
     socket = tmp_path / "redis.sock"
     server = start_redis(None, "--unixsocket", str(socket), "--unixsocketperm", "700")
     try:
-        storage = open_storage(StorageSettings(url=f"unix://{socket}?db=2"))
+        # As a config file gives it (the settings once refused the scheme the storage took).
+        settings = parse_settings(f'[storage]\nurl = "unix://{socket}?db=2"\n', {})
+        storage = open_storage(settings.storage)
         try:
             reply = await storage.run("admit", ["a", "b"], ["peek", "", "k", 0, 0, 0])
             assert isinstance(reply, list)
