@@ -179,7 +179,6 @@ def create_metrics(registry: CollectorRegistry | None, account_label: bool = Fal
 
 
 @functools.lru_cache(maxsize=8192)
-@functools.lru_cache(maxsize=8192)
 def labelled(metric: Any, *values: str) -> Any:
     """``metric.labels(*values)``, remembered: label sets are few, requests are many, and
     prometheus_client validates and locks on every ``labels`` call. For label values the

@@ -115,24 +115,19 @@ class Storage:
         if self.observer is not None:
             self.observer.breaker_changed(state)
 
-    async def _guarded(
-        self, operation: str, make_call: Callable[[], Awaitable[Any]], *, bounded: bool = False
-    ) -> Any:
-        """Breaker, timeout, metrics and error wrapping around one call. ``bounded``: the
-        call enforces the command timeout itself (a script batch times out as a whole)."""
+    async def _guarded(self, operation: str, make_call: Callable[[], Awaitable[Any]]) -> Any:
+        """Breaker, timeout, metrics and error wrapping around one call (batched scripts get
+        the same from :meth:`_batched`)."""
         if not self.breaker.allow():
             raise _refused(operation)
         started = time.perf_counter()
         try:
-            if bounded:
-                result = await make_call()
-            else:
-                async with asyncio.timeout(self._timeout_s):
-                    if self._slots is None:
+            async with asyncio.timeout(self._timeout_s):
+                if self._slots is None:
+                    result = await make_call()
+                else:
+                    async with self._slots:
                         result = await make_call()
-                    else:
-                        async with self._slots:
-                            result = await make_call()
         except BaseException as exc:
             error = self._failed(operation, started, exc)
             if error is exc:
@@ -174,10 +169,8 @@ class Storage:
         if self._wait_replicas and script in DURABLE_SCRIPTS:
             return await self._guarded(script, lambda: self._run_durable(script, keys, args))
         if self._batcher is not None:
-            batcher = self._batcher
-            return await self._guarded(
-                script, lambda: batcher.call(script, keys, args), bounded=True
-            )
+            # Every admission comes here: a future, not another coroutine around the call.
+            return await self._batched(self._batcher, script, keys, args)
         return await self._guarded(script, lambda: self.scripts[script](keys=keys, args=args))
 
     def run_soon(self, script: str, keys: Sequence[str], args: list[Any]) -> asyncio.Future[Any]:
@@ -186,6 +179,18 @@ class Storage:
         Failures arrive as the same :class:`StorageError`, judged by the same breaker."""
         if self._batcher is None or (self._wait_replicas and script in DURABLE_SCRIPTS):
             return asyncio.ensure_future(self.run(script, keys, args))
+        return self._batched(self._batcher, script, keys, args)
+
+    def _batched(
+        self,
+        batcher: ScriptChannel | ScriptBatcher,
+        script: str,
+        keys: Sequence[str],
+        args: list[Any],
+    ) -> asyncio.Future[Any]:
+        """The script queued on the batcher (which bounds it by the command timeout); the
+        breaker and metrics judge its reply when it arrives, whether or not anyone still waits
+        for it (a caller that gives up only cancels the future returned here)."""
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future[Any] = loop.create_future()
         if not self.breaker.allow():
@@ -208,7 +213,7 @@ class Storage:
             if not outcome.done():
                 outcome.set_exception(error)
 
-        self._batcher.call(script, keys, args).add_done_callback(judge)
+        batcher.call(script, keys, args).add_done_callback(judge)
         return outcome
 
     async def _run_durable(self, script: str, keys: Sequence[str], args: list[Any]) -> Any:
