@@ -47,7 +47,8 @@ class Breaker:
     def record_success(self) -> None:
         self._failures = 0
         self._trial_running = False
-        self._set("closed")
+        if self.state != "closed":  # every storage call ends here: skip the call when closed
+            self._set("closed")
 
     def record_abandoned(self) -> None:
         """A call let through ended with neither answer nor failure (its caller was

@@ -74,14 +74,16 @@ class AccountKeys:
         return f"{self.base}:leases:key:{key_id}"
 
     def admit_keys(self, key_id: str) -> list[str]:
-        """KEYS of admit.lua, in the order its header states."""
+        """KEYS of admit.lua, in the order its header states (the properties' names, spelled
+        out: this runs twice per request)."""
+        base = self.base
         return [
-            self.account,
-            self.key(key_id),
-            self.key_leases(key_id),
-            self.inflight,
-            self.holds,
-            self.ledger,
+            f"{base}:account",
+            f"{base}:key:{key_id}",
+            f"{base}:leases:key:{key_id}",
+            f"{base}:inflight",
+            f"{base}:holds",
+            f"{base}:ledger",
         ]
 
     def settle_keys(self, key_id: str) -> list[str]:

@@ -68,30 +68,28 @@ class SettleResult(msgspec.Struct, frozen=True):
     released_nano: int
 
 
-def _bucket(limit: Any, remaining: Any, reset_ms: Any) -> BucketReport | None:
-    if int(limit) < 0:
+def _bucket(limit: int, remaining: int, reset_ms: int) -> BucketReport | None:
+    if limit < 0:
         return None
-    return BucketReport(int(limit), int(remaining), max(int(reset_ms), 0))
-
-
-def _optional(value: Any) -> int | None:
-    number = int(value)
-    return None if number < 0 else number
+    return BucketReport(limit, remaining, reset_ms if reset_ms > 0 else 0)
 
 
 def _decision(reply: list[Any]) -> Decision:
+    # Every field but reason (1) and available (12, "" when not prepaid) is an integer
+    # reply; -1 stands for "no such limit".
+    hit, conc_limit, conc_in_use, rpm = reply[3], reply[10], reply[11], reply[14]
     return Decision(
-        allowed=int(reply[0]) == 1,
-        reason=str(reply[1]),
-        retry_after_ms=int(reply[2]),
-        hit_limit=_optional(reply[3]),
+        allowed=reply[0] == 1,
+        reason=reply[1],
+        retry_after_ms=reply[2],
+        hit_limit=None if hit < 0 else hit,
         requests=_bucket(reply[4], reply[5], reply[6]),
         tokens=_bucket(reply[7], reply[8], reply[9]),
-        concurrency_limit=_optional(reply[10]),
-        concurrency_in_use=_optional(reply[11]),
+        concurrency_limit=None if conc_limit < 0 else conc_limit,
+        concurrency_in_use=None if conc_in_use < 0 else conc_in_use,
         available_nano=int(reply[12]) if reply[12] != "" else None,
-        holds_expired=int(reply[13]),
-        account_rpm=_optional(reply[14]),
+        holds_expired=reply[13],
+        account_rpm=None if rpm < 0 else rpm,
     )
 
 

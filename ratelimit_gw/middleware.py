@@ -132,7 +132,9 @@ async def _answer(
         return await _render(
             request, ctx, GatewayError(500, "internal_error", "The gateway failed unexpectedly.")
         )
-    if not response.prepared:
+    # The relay puts the gateway's own headers on every answer it builds (each carries
+    # x-request-id); other handlers' answers get them here, computed once either way.
+    if not response.prepared and "x-request-id" not in response.headers:
         for name, value in own_headers(ctx).items():
             response.headers.setdefault(name, value)
     return response

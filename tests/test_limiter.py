@@ -1012,3 +1012,17 @@ async def test_scripts_survive_script_flush(real_redis: Storage) -> None:
     await real_redis.call("SCRIPT", "FLUSH")
     await accounts.create_account("globex")
     assert (await accounts.get_account("acme")).balance_usd == "1.90"
+
+
+def test_script_key_lists_name_the_same_keys_as_the_keyspace() -> None:
+    # admit_keys spells the names out for speed; they must not drift from the properties.
+    keys = AccountKeys("acme")
+    assert keys.admit_keys("key_1") == [
+        keys.account,
+        keys.key("key_1"),
+        keys.key_leases("key_1"),
+        keys.inflight,
+        keys.holds,
+        keys.ledger,
+    ]
+    assert keys.settle_keys("key_1") == [*keys.admit_keys("key_1"), keys.settled]
