@@ -51,7 +51,8 @@ end
 redis.call('ZREM', KEYS[4], request_id)
 redis.call('ZREM', KEYS[3], request_id)
 
-local acct = redis.call('HMGET', account_key, 'prepaid', 'balance_nano', 'tpm', 'tpm_level', 'tpm_ts')
+local acct = redis.call('HMGET', account_key,
+  'prepaid', 'balance_nano', 'tpm', 'tpm_level', 'tpm_ts')
 
 -- Correct the token buckets to what was really used.
 local delta = estimated_tokens - actual_tokens
