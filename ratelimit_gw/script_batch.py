@@ -4,7 +4,9 @@ Under load many handlers call admit.lua or settle.lua at nearly the same moment.
 them one by one costs a socket write, a read and a pooled connection each; here every call
 made before the loop comes round again is queued and the whole queue goes out as one
 pipeline of EVALSHAs (not a transaction: each script is still its own atomic step). Alone, a
-call goes out on the next loop turn, so idle latency does not change. NOSCRIPT (after
+call goes out on the next loop turn, so idle latency does not change; a ``deferrable`` one
+(settlement) may wait up to ``DEFER_S`` to leave with the next urgent call, as on the
+script channel. NOSCRIPT (after
 SCRIPT FLUSH or a failover) reloads the scripts and re-sends the calls that hit it.
 """
 
@@ -17,6 +19,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from .script_channel import DEFER_S
+
 
 class ScriptBatcher:
     def __init__(self, client: aioredis.Redis, sources: dict[str, str], timeout_s: float) -> None:
@@ -26,18 +30,28 @@ class ScriptBatcher:
         self._shas: dict[str, str] = {}
         self._queue: list[tuple[str, Sequence[str], list[Any], asyncio.Future[Any]]] = []
         self._flush_scheduled = False
+        self._deferred_flush: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def call(self, script: str, keys: Sequence[str], args: list[Any]) -> asyncio.Future[Any]:
+    def call(
+        self, script: str, keys: Sequence[str], args: list[Any], *, deferrable: bool = False
+    ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((script, keys, args, future))
-        if not self._flush_scheduled:
+        if self._flush_scheduled:
+            return future
+        if not deferrable:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
+        elif self._deferred_flush is None:
+            self._deferred_flush = loop.call_later(DEFER_S, self._flush)
         return future
 
     def _flush(self) -> None:
+        if self._deferred_flush is not None:  # this flush takes the deferred calls too
+            self._deferred_flush.cancel()
+            self._deferred_flush = None
         batch, self._queue, self._flush_scheduled = self._queue, [], False
         task = asyncio.get_running_loop().create_task(self._send(batch))
         self._tasks.add(task)

@@ -175,11 +175,13 @@ class Storage:
 
     def run_soon(self, script: str, keys: Sequence[str], args: list[Any]) -> asyncio.Future[Any]:
         """:meth:`run` started now, as a future: with batched scripts, no coroutine or task
-        is made for the call (settlement calls this once per request, off the client's path).
-        Failures arrive as the same :class:`StorageError`, judged by the same breaker."""
+        is made for the call (settlement calls this once per request, off the client's path)
+        and the call is deferrable — it may wait a moment (``DEFER_S``) to travel with the
+        next admission. Failures arrive as the same :class:`StorageError`, judged by the
+        same breaker."""
         if self._batcher is None or (self._wait_replicas and script in DURABLE_SCRIPTS):
             return asyncio.ensure_future(self.run(script, keys, args))
-        return self._batched(self._batcher, script, keys, args)
+        return self._batched(self._batcher, script, keys, args, deferrable=True)
 
     def _batched(
         self,
@@ -187,6 +189,8 @@ class Storage:
         script: str,
         keys: Sequence[str],
         args: list[Any],
+        *,
+        deferrable: bool = False,
     ) -> asyncio.Future[Any]:
         """The script queued on the batcher (which bounds it by the command timeout); the
         breaker and metrics judge its reply when it arrives, whether or not anyone still waits
@@ -213,7 +217,7 @@ class Storage:
             if not outcome.done():
                 outcome.set_exception(error)
 
-        batcher.call(script, keys, args).add_done_callback(judge)
+        batcher.call(script, keys, args, deferrable=deferrable).add_done_callback(judge)
         return outcome
 
     async def _run_durable(self, script: str, keys: Sequence[str], args: list[Any]) -> Any:

@@ -14,7 +14,8 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ratelimit_gw.local_redis import RedisProcess, start_redis
-from ratelimit_gw.script_channel import ScriptChannel, _Connection
+from ratelimit_gw.script_batch import ScriptBatcher
+from ratelimit_gw.script_channel import DEFER_S, ScriptChannel, _Connection
 from ratelimit_gw.settings import StorageSettings, parse_settings
 from ratelimit_gw.storage import StorageError, open_storage
 
@@ -65,6 +66,67 @@ async def test_calls_of_one_turn_go_out_in_one_write_and_replies_keep_their_orde
     # Redis ran them in the order written, and each caller got its own script's reply.
     assert replies == list(range(1, 301))
     assert len(await plain.client_list()) == clients_before
+
+
+async def test_a_deferrable_call_leaves_with_the_next_urgent_one_in_the_order_made(
+    channel: ScriptChannel, plain: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await channel.call("incr", ["warm"], [])
+    writes: list[list[str]] = []
+    send = _Connection.send
+
+    def recording_send(self: _Connection, calls: list[Any]) -> None:
+        writes.append([c.command[3] for c in calls])  # EVALSHA sha numkeys KEY ...
+        send(self, calls)
+
+    monkeypatch.setattr(_Connection, "send", recording_send)
+    settled = channel.call("set", ["slot"], ["free"], deferrable=True)
+    await asyncio.sleep(0)  # a turn passes: an urgent call would have gone by now
+    assert writes == []
+    # Redis must see the deferred write first: it was made first.
+    admitted = channel.call("incr", ["slot-reads"], [])
+    assert await admitted == 1
+    assert await settled == "OK"
+    assert writes == [["slot", "slot-reads"]]
+
+
+async def test_a_deferrable_call_alone_goes_out_within_its_deadline(
+    channel: ScriptChannel, plain: aioredis.Redis
+) -> None:
+    await channel.call("incr", ["warm"], [])
+    started = time.perf_counter()
+    assert await channel.call("incr", ["n"], [], deferrable=True) == 1
+    waited = time.perf_counter() - started
+    # Deferred (not sent on the next turn), yet sent: no urgent call ever came.
+    assert waited >= DEFER_S * 0.9
+    assert await plain.get("n") == "1"
+
+
+async def test_the_pooled_batcher_defers_the_same_way(
+    redis_server: RedisProcess, plain: aioredis.Redis
+) -> None:
+    client = aioredis.Redis(port=redis_server.port)
+    batcher = ScriptBatcher(client, SOURCES, timeout_s=2.0)
+    try:
+        deferred = batcher.call("set", ["k"], ["first"], deferrable=True)
+        await asyncio.sleep(0)
+        assert await plain.get("k") is None
+        urgent = batcher.call("set", ["k"], ["second"])
+        assert await asyncio.gather(deferred, urgent) == [b"OK", b"OK"]
+        assert await plain.get("k") == "second"  # the same pipeline, in the order made
+        started = time.perf_counter()
+        assert await batcher.call("incr", ["alone"], [], deferrable=True) == 1
+        assert time.perf_counter() - started >= DEFER_S * 0.9
+    finally:
+        await client.aclose()
+
+
+async def test_closing_fails_deferred_calls_nothing_will_send(channel: ScriptChannel) -> None:
+    await channel.call("incr", ["warm"], [])
+    orphan = channel.call("incr", ["n"], [], deferrable=True)
+    await channel.aclose()
+    with pytest.raises(Exception, match="storage closed"):
+        await orphan
 
 
 async def test_an_error_reply_fails_only_its_own_call(
