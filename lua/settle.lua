@@ -32,11 +32,11 @@ local SETTLED_RETENTION_MS = 3600000
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
-if redis.call('ZSCORE', KEYS[7], request_id) then
+-- Mark it settled and learn whether it already was, in one call.
+if redis.call('ZADD', KEYS[7], 'NX', now_ms, request_id) == 0 then
   return {0, 0, redis.call('HGET', account_key, 'balance_nano') or '0', '0'}
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now_ms - SETTLED_RETENTION_MS)
-redis.call('ZADD', KEYS[7], now_ms, request_id)
 
 local released = '0'
 local record = redis.call('HGET', KEYS[5], request_id)
