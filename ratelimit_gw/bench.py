@@ -11,9 +11,10 @@ Starts its own mock upstream, private redis-server and gateway processes on loop
 * latency at a fixed rate below saturation (half of (c)'s throughput for that kind of
   request, and an unloaded 100 req/s) with an open-loop generator of its own — C
   (``openloop/``, compiled on first use; a Python fallback without a compiler) — for (a)
-  and (c): added latency = (c) − (a), and for streams the added time to first byte.
-  Latency counts from each request's scheduled send time, so queueing is never hidden; the
-  generator reports its own lateness and CPU share, which show it kept up;
+  and (c), as many rounds as the saturation runs, (a) and (c) back to back in each: added
+  latency = the median over rounds of (c) − (a), and for streams the added time to first
+  byte. Latency counts from each request's scheduled send time, so queueing is never
+  hidden; the generator reports its own lateness and CPU share, which show it kept up;
 * (c) with 10 keys and with many keys (the key cache and Redis hold them all);
 * the gateway worker's memory (RSS).
 
@@ -435,10 +436,16 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                     [r.rps for r in rounds if _is(r, "c_full_checks", kind, len(few))]
                 )
                 for rate in (max(10.0, round(saturation / 2)), IDLE_RATE_RPS):
-                    for scenario in ("a_mock", "c_full_checks"):
-                        fixed.append(
-                            fixed_rate_run(urls[scenario], body, few, rate, opts, scenario, kind)
-                        )
+                    # Rounds here too: one episode of VM noise (a stall of a few hundred ms)
+                    # decides a 6 s run's p99, so a row is the median of its rounds, and the
+                    # added latency the median of (c) - (a) within each round.
+                    for index in range(opts.rounds):
+                        for scenario in ("a_mock", "c_full_checks"):
+                            run = fixed_rate_run(
+                                urls[scenario], body, few, rate, opts, scenario, kind
+                            )
+                            run.extra["round"] = index
+                            fixed.append(run)
             memory_mib = rss_mib(pid)
     finally:
         redis.stop()
@@ -451,8 +458,19 @@ def _is(run: Run, scenario: str, kind: str, keys: int) -> bool:
 
 
 def combine(runs: list[Run]) -> Run:
-    """One row for a scenario's rounds: the median of each figure, the range of req/s."""
+    """One row for a scenario's rounds: the median of each figure. Its ``extra`` holds the
+    range of what varies: req/s for a saturation row; p99 for a fixed-rate row (whose rate
+    is set), with the worst of the generator's own figures (they show it kept up)."""
     first = runs[0]
+    extra: dict[str, float] = {"rounds": len(runs)}
+    if first.tool == "wrk":
+        extra.update(rps_min=min(r.rps for r in runs), rps_max=max(r.rps for r in runs))
+    else:
+        extra.update(
+            p99_min_ms=min(r.p99_ms for r in runs),
+            p99_max_ms=max(r.p99_ms for r in runs),
+        )
+        extra.update({k: max(r.extra[k] for r in runs) for k in first.extra if k != "round"})
     return Run(
         scenario=first.scenario,
         kind=first.kind,
@@ -464,12 +482,32 @@ def combine(runs: list[Run]) -> Run:
         p99_ms=round(statistics.median([r.p99_ms for r in runs]), 3),
         errors=sum(r.errors for r in runs),
         keys=first.keys,
-        extra={
-            "rounds": len(runs),
-            "rps_min": min(r.rps for r in runs),
-            "rps_max": max(r.rps for r in runs),
-        },
+        extra=extra,
     )
+
+
+def added_latency(fixed: list[Run], kind: str, rate: float | None) -> dict[str, float]:
+    """(c) - (a) at one rate (None: the half-saturation one), p50 and p99: the median over
+    rounds of each round's difference (measured seconds apart), and the p99 difference's
+    range."""
+    at_rate = [
+        r
+        for r in fixed
+        if r.kind == kind and (r.rps == rate if rate is not None else r.rps != IDLE_RATE_RPS)
+    ]
+    p50, p99 = [], []
+    for index in sorted({r.extra["round"] for r in at_rate}):
+        same = {r.scenario: r for r in at_rate if r.extra["round"] == index}
+        a, c = same["a_mock"], same["c_full_checks"]
+        p50.append(c.p50_ms - a.p50_ms)
+        p99.append(c.p99_ms - a.p99_ms)
+    return {
+        "rps": at_rate[0].rps,
+        "added_p50_ms": round(statistics.median(p50), 3),
+        "added_p99_ms": round(statistics.median(p99), 3),
+        "added_p99_min_ms": round(min(p99), 3),
+        "added_p99_max_ms": round(max(p99), 3),
+    }
 
 
 def round_ratio(
@@ -500,7 +538,10 @@ def summarise(
     groups: dict[tuple[str, str, int], list[Run]] = {}
     for r in rounds:
         groups.setdefault((r.scenario, r.kind, r.keys), []).append(r)
-    runs = [combine(group) for group in groups.values()] + fixed
+    fixed_groups: dict[tuple[str, str, float], list[Run]] = {}
+    for r in fixed:
+        fixed_groups.setdefault((r.scenario, r.kind, r.rps), []).append(r)
+    runs = [combine(group) for group in [*groups.values(), *fixed_groups.values()]]
     summary: dict[str, Any] = {"gateway_rss_mib": round(memory_mib, 1)}
     for kind in ("plain", "stream"):
         a, b, c = (("a_mock", kind, 10), ("b_passthrough", kind, 10), ("c_full_checks", kind, 10))
@@ -509,19 +550,7 @@ def summarise(
             "throughput_c_over_b": round_ratio(rounds, c, b),
         }
         for label, rate in (("half_saturation", None), ("idle", IDLE_RATE_RPS)):
-            fa, fc = (
-                next(
-                    r
-                    for r in fixed
-                    if (r.scenario, r.kind) == (s, kind) and (rate is None or r.rps == rate)
-                )
-                for s in ("a_mock", "c_full_checks")
-            )
-            summary[kind][label] = {
-                "rps": fc.rps,
-                "added_p50_ms": round(fc.p50_ms - fa.p50_ms, 3),
-                "added_p99_ms": round(fc.p99_ms - fa.p99_ms, 3),
-            }
+            summary[kind][label] = added_latency(fixed, kind, rate)
     few = _find(runs, "c_full_checks", "plain", "wrk", 10)
     many = _find(runs, "c_full_checks", "plain", "wrk", opts.many_keys)
     summary["keys_scaling"] = {
@@ -533,7 +562,7 @@ def summarise(
     }
     return {
         "runs": [asdict(r) for r in runs],
-        "rounds": [asdict(r) for r in rounds],
+        "rounds": [asdict(r) for r in rounds + fixed],
         "summary": summary,
         "options": {k: str(v) for k, v in asdict(opts).items()},
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
@@ -543,12 +572,14 @@ def summarise(
 def render(result: dict[str, Any]) -> str:
     lines = [
         f"{'scenario':<15} {'kind':<7} {'tool':<11} {'keys':>7} {'req/s':>9} "
-        f"{'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>6}  req/s over rounds",
+        f"{'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>6}  range over rounds",
     ]
     for r in result["runs"]:
         spread = ""
         if "rps_min" in r["extra"]:
             spread = f"  {r['extra']['rps_min']:.0f}-{r['extra']['rps_max']:.0f}"
+        elif "p99_min_ms" in r["extra"]:
+            spread = f"  p99 {r['extra']['p99_min_ms']:.3f}-{r['extra']['p99_max_ms']:.3f}"
         lines.append(
             f"{r['scenario']:<15} {r['kind']:<7} {r['tool']:<11} {r['keys']:>7} {r['rps']:>9.1f} "
             f"{r['p50_ms']:>8.3f} {r['p90_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['errors']:>6}{spread}"
@@ -559,7 +590,8 @@ def render(result: dict[str, Any]) -> str:
         what = "latency" if kind == "plain" else "time to first byte"
         added = "; ".join(
             f"at {k[label]['rps']:g} req/s p50 {k[label]['added_p50_ms']:+.3f} ms, "
-            f"p99 {k[label]['added_p99_ms']:+.3f} ms"
+            f"p99 {k[label]['added_p99_ms']:+.3f} ms "
+            f"({k[label]['added_p99_min_ms']:+.3f} to {k[label]['added_p99_max_ms']:+.3f})"
             for label in ("half_saturation", "idle")
         )
         lines.append(

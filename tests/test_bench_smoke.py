@@ -44,9 +44,14 @@ def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
     assert ("c_full_checks", "plain", "wrk", 200) in rows
     # Each round measured (a), (b), (c) and the many-keys run back to back; a row is the
     # median of its rounds.
-    per_round = [(r["scenario"], r["kind"], r["keys"]) for r in result["rounds"]]
-    assert sorted({r["extra"]["round"] for r in result["rounds"]}) == [0, 1]
+    wrk_rounds = [r for r in result["rounds"] if r["tool"] == "wrk"]
+    per_round = [(r["scenario"], r["kind"], r["keys"]) for r in wrk_rounds]
+    assert sorted({r["extra"]["round"] for r in wrk_rounds}) == [0, 1]
     assert len(per_round) == 2 * 7 and len(set(per_round)) == 7
+    # The fixed-rate runs take rounds too: (a) and (c) at two rates per kind, twice each.
+    fixed_rounds = [r for r in result["rounds"] if r["tool"] == "fixed-rate"]
+    assert len(fixed_rounds) == 2 * 2 * 2 * 2
+    assert sorted({r["extra"]["round"] for r in fixed_rounds}) == [0, 1]
     wrk_rows = [r for r in result["runs"] if r["tool"] == "wrk"]
     assert all(r["extra"]["rounds"] == 2 for r in wrk_rows)
     assert all(r["extra"]["rps_min"] <= r["rps"] <= r["extra"]["rps_max"] for r in wrk_rows)
@@ -54,6 +59,8 @@ def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
     # The fixed-rate runs use the C generator (a compiler is part of the test setup), which
     # keeps its schedule: the Python fallback would eat the core the gateway needs.
     fixed = [r for r in result["runs"] if r["tool"] == "fixed-rate"]
+    assert len(fixed) == 8 and all(r["extra"]["rounds"] == 2 for r in fixed)
+    assert all(r["extra"]["p99_min_ms"] <= r["p99_ms"] <= r["extra"]["p99_max_ms"] for r in fixed)
     assert all("generator_cpu_share" in r["extra"] for r in fixed)
     assert all(r["extra"]["generator_lateness_p99_ms"] < 50 for r in fixed)
     # Streams are measured at half of their own saturation, not of plain requests'.
@@ -63,4 +70,19 @@ def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
     summary = result["summary"]
     assert set(summary) == {"gateway_rss_mib", "plain", "stream", "keys_scaling"}
     assert summary["gateway_rss_mib"] > 0
+    # Added latency: the median over rounds of (c) - (a) measured in the same round.
+    for kind in ("plain", "stream"):
+        for label, idle in (("half_saturation", False), ("idle", True)):
+            figures = summary[kind][label]
+            same_rate = [
+                r for r in fixed_rounds if r["kind"] == kind and (r["rps"] == 100.0) == idle
+            ]
+            by_round: dict[int, dict[str, float]] = {}
+            for r in same_rate:
+                by_round.setdefault(r["extra"]["round"], {})[r["scenario"]] = r["p99_ms"]
+            diffs = sorted(x["c_full_checks"] - x["a_mock"] for x in by_round.values())
+            assert figures["rps"] == same_rate[0]["rps"]
+            assert figures["added_p99_ms"] == round(sum(diffs) / 2, 3)  # median of two
+            assert figures["added_p99_min_ms"] == round(diffs[0], 3)
+            assert figures["added_p99_max_ms"] == round(diffs[-1], 3)
     assert "throughput (c)/(a)" in run.stdout and "(c)/(b)" in run.stdout
