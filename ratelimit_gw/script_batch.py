@@ -5,9 +5,9 @@ them one by one costs a socket write, a read and a pooled connection each; here 
 made before the loop comes round again is queued and the whole queue goes out as one
 pipeline of EVALSHAs (not a transaction: each script is still its own atomic step). Alone, a
 call goes out on the next loop turn, so idle latency does not change; a ``deferrable`` one
-(settlement) may wait up to ``DEFER_S`` to leave with the next urgent call, as on the
-script channel. NOSCRIPT (after
-SCRIPT FLUSH or a failover) reloads the scripts and re-sends the calls that hit it.
+(settlement) may wait up to ``DEFER_S`` to leave with the next urgent call, as on the script
+channel. NOSCRIPT (after SCRIPT FLUSH or a failover) reloads the scripts and re-sends the
+calls that hit it.
 """
 
 from __future__ import annotations
