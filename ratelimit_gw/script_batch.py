@@ -19,7 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from .script_channel import DEFER_S
+from .script_channel import FlushSchedule
 
 
 class ScriptBatcher:
@@ -29,8 +29,7 @@ class ScriptBatcher:
         self._sources = sources
         self._shas: dict[str, str] = {}
         self._queue: list[tuple[str, Sequence[str], list[Any], asyncio.Future[Any]]] = []
-        self._flush_scheduled = False
-        self._deferred_flush: asyncio.TimerHandle | None = None
+        self._schedule = FlushSchedule(self._flush)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def call(
@@ -39,20 +38,12 @@ class ScriptBatcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((script, keys, args, future))
-        if self._flush_scheduled:
-            return future
-        if not deferrable:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
-        elif self._deferred_flush is None:
-            self._deferred_flush = loop.call_later(DEFER_S, self._flush)
+        self._schedule.queued(loop, deferrable)
         return future
 
     def _flush(self) -> None:
-        if self._deferred_flush is not None:  # this flush takes the deferred calls too
-            self._deferred_flush.cancel()
-            self._deferred_flush = None
-        batch, self._queue, self._flush_scheduled = self._queue, [], False
+        self._schedule.taken()
+        batch, self._queue = self._queue, []
         task = asyncio.get_running_loop().create_task(self._send(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import hiredis
@@ -39,6 +39,37 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 # The longest a deferrable call waits for company (see the module docstring). Short beside a
 # request's own duration, so balances, ledgers and slots lag the response by at most this.
 DEFER_S = 0.002
+
+
+class FlushSchedule:
+    """When a queue of script calls goes out (this channel's and script_batch.py's): on the
+    next loop turn once an urgent call is queued, within ``DEFER_S`` while only deferrable
+    ones are. ``flush`` takes the whole queue and must call :meth:`taken` first."""
+
+    __slots__ = ("_flush", "_later", "_soon")
+
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self._flush = flush
+        self._soon = False
+        self._later: asyncio.TimerHandle | None = None
+
+    def queued(self, loop: asyncio.AbstractEventLoop, deferrable: bool) -> None:
+        """A call was queued: make sure a flush comes soon enough for it."""
+        if self._soon:
+            return
+        if not deferrable:
+            self._soon = True
+            loop.call_soon(self._flush)
+        elif self._later is None:
+            self._later = loop.call_later(DEFER_S, self._flush)
+
+    def taken(self) -> None:
+        """The queue is being taken whole: no flush is pending any more (a deferred one
+        that was waiting would find nothing)."""
+        self._soon = False
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
 
 
 class _Call:
@@ -154,8 +185,7 @@ class ScriptChannel:
             for name, src in sources.items()
         }
         self._queue: list[_Call] = []
-        self._flush_scheduled = False
-        self._deferred_flush: asyncio.TimerHandle | None = None
+        self._schedule = FlushSchedule(self._flush)
         self._connection: _Connection | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._unconnected: list[_Call] = []  # written once a connection is ready
@@ -167,13 +197,7 @@ class ScriptChannel:
         future: asyncio.Future[Any] = loop.create_future()
         command = ("EVALSHA", self._shas[script], len(keys), *keys, *args)
         self._queue.append(_Call(script, command, future))
-        if self._flush_scheduled:
-            return future
-        if not deferrable:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
-        elif self._deferred_flush is None:
-            self._deferred_flush = loop.call_later(DEFER_S, self._flush)
+        self._schedule.queued(loop, deferrable)
         return future
 
     def load_call(self, script: str, deadline: float) -> _Call:
@@ -185,11 +209,9 @@ class ScriptChannel:
         return call
 
     def _flush(self) -> None:
-        if self._deferred_flush is not None:  # this flush takes the deferred calls too
-            self._deferred_flush.cancel()
-            self._deferred_flush = None
+        self._schedule.taken()
         batch = [c for c in self._queue if not c.future.done()]
-        self._queue, self._flush_scheduled = [], False
+        self._queue = []
         if not batch:
             return
         deadline = asyncio.get_running_loop().time() + self.timeout_s
@@ -269,9 +291,7 @@ class ScriptChannel:
         return calls
 
     async def aclose(self) -> None:
-        if self._deferred_flush is not None:
-            self._deferred_flush.cancel()
-            self._deferred_flush = None
+        self._schedule.taken()
         queued, self._queue = self._queue, []
         for call in queued:  # nothing will send them now
             if not call.future.done():
