@@ -153,13 +153,27 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep no log of received requests (benchmark baseline)",
     )
+    mock.add_argument(
+        "--lean",
+        action="store_true",
+        help="the benchmark's upstream: chat completions only, on a bare asyncio server "
+        "(no request log, x-mock-* controls, latency or other routes)",
+    )
 
     bench = sub.add_parser("bench", help="measure the gateway against the mock, side by side")
     bench.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run")
     bench.add_argument(
         "--rounds", type=int, default=3, help="times (a), (b) and (c) are measured back to back"
     )
-    bench.add_argument("--connections", type=int, default=32)
+    bench.add_argument(
+        "--connections", type=int, default=128, help="wrk connections in the saturation runs"
+    )
+    bench.add_argument(
+        "--upstream",
+        choices=("lean", "aiohttp"),
+        default="lean",
+        help="the mock upstream: lean (the benchmark's, costing least CPU) or the full aiohttp one",
+    )
     bench.add_argument("--keys", type=int, default=100_000, help="keys in the many-keys run")
     bench.add_argument("--fixed-rate-duration", type=float, default=6.0)
     bench.add_argument("--output", default="bench-results/bench.json")
@@ -265,6 +279,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 duration_s=args.duration,
                 rounds=args.rounds,
                 connections=args.connections,
+                upstream=args.upstream,
                 many_keys=args.keys,
                 fixed_rate_duration_s=args.fixed_rate_duration,
                 output=Path(args.output),
@@ -273,17 +288,21 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "mock-upstream":
         from .mock_upstream import MockSettings, run_mock_upstream
 
-        run_mock_upstream(
-            args.host,
-            args.port,
-            MockSettings(
-                latency_ms=args.latency_ms,
-                chunk_delay_ms=args.chunk_delay_ms,
-                chunks=args.chunks,
-                tokens_per_chunk=args.tokens_per_chunk,
-                record_requests=not args.no_request_log,
-            ),
+        mock_settings = MockSettings(
+            latency_ms=args.latency_ms,
+            chunk_delay_ms=args.chunk_delay_ms,
+            chunks=args.chunks,
+            tokens_per_chunk=args.tokens_per_chunk,
+            record_requests=not args.no_request_log,
         )
+        if not args.lean:
+            run_mock_upstream(args.host, args.port, mock_settings)
+        elif args.latency_ms or args.chunk_delay_ms:
+            raise SystemExit("--lean has no latency: drop --latency-ms and --chunk-delay-ms")
+        else:
+            from .mock_lean import run_lean
+
+            run_lean(args.host, args.port, mock_settings)
     else:
         operation = OPERATIONS[f"{args.command} {args.verb}"]
         _print(asyncio.run(_with_store(args, operation)), args.json)

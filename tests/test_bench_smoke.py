@@ -35,6 +35,7 @@ def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(output.read_text())
+    assert result["options"]["upstream"] == "lean"  # the benchmark's own mock by default
     rows = {(r["scenario"], r["kind"], r["tool"], r["keys"]) for r in result["runs"]}
     for kind in ("plain", "stream"):
         for scenario in ("a_mock", "b_passthrough", "c_full_checks"):
