@@ -8,10 +8,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint typecheck pytest redis-server prometheus wrk cc bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --constraint constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="lean",
         help="the mock upstream: lean (the benchmark's, costing least CPU) or the full aiohttp one",
     )
+    bench.add_argument(
+        "--workers", type=int, default=1, help="gateway processes for (b) and (c) (serve --workers)"
+    )
     bench.add_argument("--keys", type=int, default=100_000, help="keys in the many-keys run")
     bench.add_argument("--fixed-rate-duration", type=float, default=6.0)
     bench.add_argument("--output", default="bench-results/bench.json")
@@ -274,12 +277,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .bench import BenchOptions
         from .bench import main as bench_main
 
+        if args.workers < 1:
+            raise SystemExit("--workers must be at least 1")
+
         bench_main(
             BenchOptions(
                 duration_s=args.duration,
                 rounds=args.rounds,
                 connections=args.connections,
                 upstream=args.upstream,
+                workers=args.workers,
                 many_keys=args.keys,
                 fixed_rate_duration_s=args.fixed_rate_duration,
                 output=Path(args.output),

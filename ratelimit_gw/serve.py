@@ -158,7 +158,8 @@ def serve_workers(settings: Settings, workers: int, *, passthrough: bool = False
         return
     if settings.server.port == 0:
         raise SystemExit("--workers needs a fixed --port: each worker binds the same one")
-    if settings.storage.url.startswith("memory://"):
+    # (The benchmark's pass-through never touches storage, so memory:// is fine there.)
+    if settings.storage.url.startswith("memory://") and not passthrough:
         raise SystemExit("--workers needs shared storage (redis://…): memory:// is per process")
     own_dir = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -429,7 +429,7 @@ def _open_sentinel(settings: StorageSettings) -> Storage:
         "socket_connect_timeout": settings.connect_timeout_s,
         "socket_timeout": settings.command_timeout_s,
     }
-    sentinel = Sentinel(hosts, sentinel_kwargs=timeouts)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(hosts, sentinel_kwargs=timeouts)  # type: ignore[no-untyped-call,unused-ignore]
     client = sentinel.master_for(
         service,
         connection_pool_class=_BlockingSentinelPool,

@@ -69,8 +69,8 @@ def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
     plain_rates = {r["rps"] for r in fixed if r["kind"] == "plain"}
     assert stream_rates != plain_rates
     summary = result["summary"]
-    assert set(summary) == {"gateway_rss_mib", "plain", "stream", "keys_scaling"}
-    assert summary["gateway_rss_mib"] > 0
+    assert set(summary) == {"gateway_workers", "gateway_rss_mib", "plain", "stream", "keys_scaling"}
+    assert summary["gateway_workers"] == 1 and summary["gateway_rss_mib"] > 0
     # Added latency: the median over rounds of (c) - (a) measured in the same round.
     for kind in ("plain", "stream"):
         for label, idle in (("half_saturation", False), ("idle", True)):

@@ -15,7 +15,8 @@ from pathlib import Path
 import aiohttp
 
 from ratelimit_gw.accounts import AccountStore
-from ratelimit_gw.local_redis import free_port
+from ratelimit_gw.bench import gateway_workers, rss_mib
+from ratelimit_gw.local_redis import free_port, wait_for_port
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import open_storage
 
@@ -128,3 +129,41 @@ async def test_workers_share_the_port_and_report_pooled_metrics(
         await storage.close()
     assert pool.returncode == 0
     assert len(pids - {None}) == 2, f"expected both workers to answer, saw {pids}"
+
+
+async def test_bench_measures_each_worker_of_a_passthrough_pool(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    # `bench --workers N` runs its pass-through (storage disabled, memory:// in its config)
+    # as a pool too, and reads each worker's RSS: the pids it finds are the ones answering.
+    port = free_port()
+    config = tmp_path / "passthrough.toml"
+    config.write_text(_config(upstream.url, "memory://", port))
+    env = {**os.environ, "RLGW_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    command = [sys.executable, "-m", "ratelimit_gw", "serve", "--config", str(config)]
+    command += ["--workers", "2", "--passthrough-for-benchmark"]
+    with (tmp_path / "workers.log").open("wb") as log:
+        pool = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+    try:
+        assert wait_for_port(port, 30), (tmp_path / "workers.log").read_text()
+        workers = gateway_workers(pool.pid, 2)
+        assert len(workers) == 2 and pool.pid not in workers
+        assert all(rss_mib(pid) > 10 for pid in workers)
+        base = f"http://127.0.0.1:{port}"
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+        answered: set[int] = set()
+        # A new connection per request lets the kernel spread them; the second worker may
+        # bind a moment after the first.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            deadline = time.monotonic() + 30
+            while answered != set(workers) and time.monotonic() < deadline:
+                async with http.post(f"{base}/v1/chat/completions", json=body) as response:
+                    assert response.status == 200, await response.text()
+                async with http.get(f"{base}/metrics") as response:
+                    answered.add(int(response.headers["X-Rlgw-Worker"]))
+    finally:
+        pool.send_signal(signal.SIGTERM)
+        pool.wait(20)
+    assert pool.returncode == 0
+    assert answered == set(workers)
