@@ -167,3 +167,16 @@ async def test_bench_measures_each_worker_of_a_passthrough_pool(
         pool.wait(20)
     assert pool.returncode == 0
     assert answered == set(workers)
+
+
+def test_a_pool_refuses_per_process_storage(tmp_path: Path) -> None:
+    # memory:// lives inside one process: N workers would each enforce their own limits.
+    config = tmp_path / "gateway.toml"
+    config.write_text(_config("http://127.0.0.1:9", "memory://", free_port()))
+    command = [sys.executable, "-m", "ratelimit_gw", "serve", "--config", str(config)]
+    env = {**os.environ, "RLGW_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
+    refused = subprocess.run(
+        [*command, "--workers", "2"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode != 0
+    assert "--workers needs shared storage" in refused.stderr
