@@ -159,11 +159,16 @@ def gateway_workers(pid: int, workers: int, timeout_s: float = 20.0) -> list[int
         found = []
         for task in Path(f"/proc/{pid}/task").iterdir():
             for child in (task / "children").read_text().split():
-                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+                try:
+                    cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+                except FileNotFoundError:  # exited since the listing
+                    continue
                 if b"resource_tracker" not in cmdline:
                     found.append(int(child))
-        if len(found) >= workers or time.monotonic() > deadline:
+        if len(found) >= workers:
             return sorted(found)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"gateway pool {pid}: {len(found)} of {workers} workers running")
         time.sleep(0.1)
 
 
