@@ -45,6 +45,14 @@ def _usd(text: str) -> int:
         raise SystemExit(f"error: {exc}") from None
 
 
+def _worker_count(text: str) -> int:
+    """``--workers`` of serve and bench: one check for both."""
+    count = int(text)
+    if count < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return count
+
+
 Operation = Callable[[AccountStore, argparse.Namespace], Awaitable[Any]]
 
 
@@ -133,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML config file (default: $RLGW_CONFIG)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    serve.add_argument(
+        "--workers", type=_worker_count, default=1, help="processes sharing the port"
+    )
     # The benchmark's baseline: relay with no keys, limits or balance. Never for real traffic.
     serve.add_argument("--passthrough-for-benchmark", action="store_true", help=argparse.SUPPRESS)
 
@@ -175,7 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the mock upstream: lean (the benchmark's, costing least CPU) or the full aiohttp one",
     )
     bench.add_argument(
-        "--workers", type=int, default=1, help="gateway processes for (b) and (c) (serve --workers)"
+        "--workers",
+        type=_worker_count,
+        default=1,
+        help="gateway processes for (b) and (c) (serve --workers)",
     )
     bench.add_argument("--keys", type=int, default=100_000, help="keys in the many-keys run")
     bench.add_argument("--fixed-rate-duration", type=float, default=6.0)
@@ -264,8 +277,6 @@ def _dispatch(args: argparse.Namespace) -> int:
                 port=server.port if args.port is None else args.port,
             )
             settings = msgspec.structs.replace(settings, server=server)
-        if args.workers < 1:
-            raise SystemExit("--workers must be at least 1")
         serve_workers(settings, args.workers, passthrough=args.passthrough_for_benchmark)
     elif args.command == "demo":
         from .demo import run_demo
@@ -276,9 +287,6 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         from .bench import BenchOptions
         from .bench import main as bench_main
-
-        if args.workers < 1:
-            raise SystemExit("--workers must be at least 1")
 
         bench_main(
             BenchOptions(

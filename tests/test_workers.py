@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from ratelimit_gw.accounts import AccountStore
 from ratelimit_gw.bench import gateway_workers, rss_mib
+from ratelimit_gw.cli import build_parser
 from ratelimit_gw.local_redis import free_port, wait_for_port
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import open_storage
@@ -51,6 +53,22 @@ output_per_mtok = 0.60
 def _sum(exposition: str, name: str, labels: str = "") -> float:
     pattern = re.compile(rf"^{name}\{{([^}}]*)\}} ([0-9.e+]+)$", re.M)
     return sum(float(v) for lbl, v in pattern.findall(exposition) if labels in lbl)
+
+
+async def _until_each_worker_answers(http: aiohttp.ClientSession, base: str, pool: int) -> set[int]:
+    """Ask /metrics (on a new connection each time, so the kernel spreads them) until every
+    worker of the pool has answered: the second may bind a moment after the first."""
+    workers = set(gateway_workers(pool, 2))
+    answered: set[int] = set()
+    deadline = time.monotonic() + 30
+    while answered != workers and time.monotonic() < deadline:
+        try:
+            async with http.get(f"{base}/metrics") as response:
+                answered.add(int(response.headers["X-Rlgw-Worker"]))
+        except aiohttp.ClientConnectionError:
+            await asyncio.sleep(0.1)
+    assert answered == workers, f"workers {workers}, answered {answered}"
+    return workers
 
 
 async def test_workers_share_the_port_and_report_pooled_metrics(
@@ -97,6 +115,8 @@ async def test_workers_share_the_port_and_report_pooled_metrics(
                     pass
                 assert time.monotonic() < deadline, (tmp_path / "workers.log").read_text()
                 await asyncio.sleep(0.2)
+            # Both workers listening, so the requests below are spread over the two.
+            await _until_each_worker_answers(http, base, pool.pid)
 
             body = {
                 "model": "gpt-4o-mini",
@@ -152,16 +172,11 @@ async def test_bench_measures_each_worker_of_a_passthrough_pool(
         assert all(rss_mib(pid) > 10 for pid in workers)
         base = f"http://127.0.0.1:{port}"
         body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-        answered: set[int] = set()
-        # A new connection per request lets the kernel spread them; the second worker may
-        # bind a moment after the first.
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
-            deadline = time.monotonic() + 30
-            while answered != set(workers) and time.monotonic() < deadline:
+            answered = await _until_each_worker_answers(http, base, pool.pid)
+            for _ in range(10):
                 async with http.post(f"{base}/v1/chat/completions", json=body) as response:
                     assert response.status == 200, await response.text()
-                async with http.get(f"{base}/metrics") as response:
-                    answered.add(int(response.headers["X-Rlgw-Worker"]))
     finally:
         pool.send_signal(signal.SIGTERM)
         pool.wait(20)
@@ -180,3 +195,10 @@ def test_a_pool_refuses_per_process_storage(tmp_path: Path) -> None:
     )
     assert refused.returncode != 0
     assert "--workers needs shared storage" in refused.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "bench"])
+def test_workers_below_one_are_refused(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--workers", "0"])
+    assert "argument --workers: must be at least 1" in capsys.readouterr().err
