@@ -14,12 +14,15 @@ the gateway being measured.)
   (a shared VM's speed drifts over minutes, and rows minutes apart would compare drifts);
 * latency at a fixed rate below saturation (half of (c)'s throughput for that kind of
   request, and an unloaded 100 req/s) with an open-loop generator of its own — C
-  (``openloop/``, compiled on first use; a Python fallback without a compiler) — for (a)
-  and (c), as many rounds as the saturation runs, (a) and (c) back to back in each: added
+  (``openloop/``, compiled on first use; a Python fallback without a compiler) — for (a),
+  (b) and (c), as many rounds as the saturation runs, back to back in each: added
   latency = the median over rounds of (c) − (a), and for streams the added time to first
-  byte. Latency counts from each request's scheduled send time, so queueing is never
-  hidden; the generator reports its own lateness and CPU share, which show it kept up;
+  byte; (b) − (a) beside it is the relay's share of that (the hop any proxy adds).
+  Latency counts from each request's scheduled send time, so queueing is never hidden;
+  the generator reports its own lateness and CPU share, which show it kept up;
 * (c) with 10 keys and with many keys (the key cache and Redis hold them all);
+* in every row, the on-CPU microseconds per request of the server measured (and of Redis
+  for (c)): these resolve a few per cent where req/s drifts by tens on a shared VM;
 * the gateway worker's memory (RSS).
 
 ``--workers N`` runs (b) and (c) as ``serve --workers N``; RSS is then each worker's, the
@@ -170,6 +173,47 @@ def gateway_workers(pid: int, workers: int, timeout_s: float = 20.0) -> list[int
         if time.monotonic() > deadline:
             raise RuntimeError(f"gateway pool {pid}: {len(found)} of {workers} workers running")
         time.sleep(0.1)
+
+
+def _process_cpu_clock(pid: int) -> int:
+    """Linux's CPU-time clock of another process (clock_getcpuclockid(3) in C: the pid,
+    complemented, shifted over the clock type, CPUCLOCK_SCHED = 2)."""
+    return (~pid << 3) | 2
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """Time these processes have spent on a CPU, in seconds: every thread, ended ones too.
+
+    The scheduler's own nanosecond count (where /proc/<pid>/stat rounds to clock ticks, and
+    /proc/<pid>/task/*/schedstat forgets threads that have ended)."""
+    return sum(time.clock_gettime_ns(_process_cpu_clock(pid)) for pid in pids) / 1e9
+
+
+# What a CpuMeter adds to a run's extra: the median over rounds goes in a row.
+CPU_FIGURES = ("server_cpu_us", "redis_cpu_us")
+
+
+class CpuMeter:
+    """The on-CPU microseconds per request of the server measured and, for (c), of Redis,
+    over one measurement (:meth:`start` after any warm-up). They resolve a few per cent,
+    where req/s on a shared VM drifts by tens, and show where a fixed-rate row's time went."""
+
+    def __init__(self, server: list[int], redis: int | None) -> None:
+        self._processes = {"server_cpu_us": server}
+        if redis is not None:
+            self._processes["redis_cpu_us"] = [redis]
+        self._before: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._before = {name: cpu_seconds(pids) for name, pids in self._processes.items()}
+
+    def per_request(self, requests: int) -> dict[str, float]:
+        if not requests:
+            return {}
+        return {
+            name: round((cpu_seconds(pids) - self._before[name]) * 1e6 / requests, 1)
+            for name, pids in self._processes.items()
+        }
 
 
 def rss_mib(pid: int) -> float:
@@ -364,8 +408,10 @@ def fixed_rate_run(
     opts: BenchOptions,
     scenario: str,
     kind: str,
+    meter: CpuMeter | None = None,
 ) -> Run:
-    """One open-loop run at ``rate``, after a 1 s warm-up (connections, caches).
+    """One open-loop run at ``rate``, after a 1 s warm-up (connections, caches); ``meter``
+    starts after the warm-up.
 
     The C generator (openloop.c, ~10 % of a core at 2,000 req/s) where a compiler exists,
     else the Python one, which needs most of a core itself and so inflates the tail of
@@ -375,6 +421,8 @@ def fixed_rate_run(
         target = urlsplit(url)
         host, port = target.hostname or "127.0.0.1", target.port or 80
         openloop.run(host, port, target.path, body, keys, rate, 1.0, stream)  # warm-up
+        if meter is not None:
+            meter.start()
         result = openloop.run(
             host, port, target.path, body, keys, rate, opts.fixed_rate_duration_s, stream
         )
@@ -382,10 +430,14 @@ def fixed_rate_run(
         generator = {"generator_cpu_share": round(result.cpu_s / opts.fixed_rate_duration_s, 3)}
     else:
         asyncio.run(fixed_rate(url, body, keys, rate, 1.0, stream))
+        if meter is not None:
+            meter.start()
         latencies, lateness, errors = asyncio.run(
             fixed_rate(url, body, keys, rate, opts.fixed_rate_duration_s, stream)
         )
         generator = {"generator_python": 1.0}
+    if meter is not None:
+        generator |= meter.per_request(len(latencies))
     return Run(
         scenario=scenario,
         kind=kind,
@@ -435,10 +487,32 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         # (a), (b) and (c) back to back: the ratios compare runs seconds apart, not minutes,
         # which matters on a shared VM whose speed drifts.
         with (
-            _process(mock, upstream_port),
-            _process(passthrough, passthrough_port),
+            _process(mock, upstream_port) as mock_pid,
+            _process(passthrough, passthrough_port) as passthrough_pid,
             _process(full, full_port) as pid,
         ):
+            # Whose CPU each scenario spends (a pool's supervisor too: it stays idle).
+            servers = {
+                "a_mock": [mock_pid],
+                "b_passthrough": sorted(
+                    {passthrough_pid, *gateway_workers(passthrough_pid, opts.workers)}
+                ),
+                "c_full_checks": sorted({pid, *gateway_workers(pid, opts.workers)}),
+            }
+
+            def meter(scenario: str) -> CpuMeter:
+                storage = redis.process.pid if scenario == "c_full_checks" else None
+                return CpuMeter(servers[scenario], storage)
+
+            def measured_wrk(
+                url: str, body: bytes, keys: list[str], scenario: str, kind: str, index: int
+            ) -> Run:
+                cpu = meter(scenario)
+                cpu.start()
+                run = run_wrk(url, body, keys, opts, scenario, kind, round_=index)
+                run.extra |= cpu.per_request(run.requests)
+                return run
+
             urls = {
                 "a_mock": f"{upstream}/v1/chat/completions",
                 "b_passthrough": f"http://127.0.0.1:{passthrough_port}/v1/chat/completions",
@@ -464,10 +538,10 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             for index in range(opts.rounds):
                 for kind, body in (("plain", PLAIN_BODY), ("stream", STREAM_BODY)):
                     for scenario, url in urls.items():
-                        rounds.append(run_wrk(url, body, few, opts, scenario, kind, round_=index))
+                        rounds.append(measured_wrk(url, body, few, scenario, kind, index))
                     if kind == "plain":
                         rounds.append(
-                            run_wrk(full_url, body, keys, opts, "c_full_checks", kind, round_=index)
+                            measured_wrk(full_url, body, keys, "c_full_checks", kind, index)
                         )
             # The target's condition (half of each kind's own saturation), and an unloaded
             # rate.
@@ -479,10 +553,19 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                     # Rounds here too: one episode of VM noise (a stall of a few hundred ms)
                     # decides a 6 s run's p99, so a row is the median of its rounds, and the
                     # added latency the median of (c) - (a) within each round.
+                    # (b) too, at the same rates: it splits what (c) adds into the relay's
+                    # share (the extra hop any proxy costs) and the checks' share.
                     for index in range(opts.rounds):
-                        for scenario in ("a_mock", "c_full_checks"):
+                        for scenario in ("a_mock", "b_passthrough", "c_full_checks"):
                             run = fixed_rate_run(
-                                urls[scenario], body, few, rate, opts, scenario, kind
+                                urls[scenario],
+                                body,
+                                few,
+                                rate,
+                                opts,
+                                scenario,
+                                kind,
+                                meter(scenario),
                             )
                             run.extra["round"] = index
                             fixed.append(run)
@@ -510,7 +593,11 @@ def combine(runs: list[Run]) -> Run:
             p99_min_ms=min(r.p99_ms for r in runs),
             p99_max_ms=max(r.p99_ms for r in runs),
         )
-        extra.update({k: max(r.extra[k] for r in runs) for k in first.extra if k != "round"})
+        generator = [k for k in first.extra if k != "round" and k not in CPU_FIGURES]
+        extra.update({k: max(r.extra[k] for r in runs) for k in generator})
+    for k in CPU_FIGURES:
+        if all(k in r.extra for r in runs):
+            extra[k] = round(statistics.median([r.extra[k] for r in runs]), 1)
     return Run(
         scenario=first.scenario,
         kind=first.kind,
@@ -526,9 +613,11 @@ def combine(runs: list[Run]) -> Run:
     )
 
 
-def added_latency(fixed: list[Run], kind: str, rate: float | None) -> dict[str, float]:
-    """(c) - (a) at one rate (None: the half-saturation one), p50 and p99: the median over
-    rounds of each round's difference (measured seconds apart), and the p99 difference's
+def added_latency(
+    fixed: list[Run], kind: str, rate: float | None, scenario: str = "c_full_checks"
+) -> dict[str, float]:
+    """``scenario`` - (a) at one rate (None: the half-saturation one), p50 and p99: the median
+    over rounds of each round's difference (measured seconds apart), and the p99 difference's
     range."""
     at_rate = [
         r
@@ -538,9 +627,9 @@ def added_latency(fixed: list[Run], kind: str, rate: float | None) -> dict[str, 
     p50, p99 = [], []
     for index in sorted({r.extra["round"] for r in at_rate}):
         same = {r.scenario: r for r in at_rate if r.extra["round"] == index}
-        a, c = same["a_mock"], same["c_full_checks"]
-        p50.append(c.p50_ms - a.p50_ms)
-        p99.append(c.p99_ms - a.p99_ms)
+        a, other = same["a_mock"], same[scenario]
+        p50.append(other.p50_ms - a.p50_ms)
+        p99.append(other.p99_ms - a.p99_ms)
     return {
         "rps": at_rate[0].rps,
         "added_p50_ms": round(statistics.median(p50), 3),
@@ -592,8 +681,37 @@ def summarise(
             "throughput_c_over_a": round_ratio(rounds, c, a),
             "throughput_c_over_b": round_ratio(rounds, c, b),
         }
+        # On-CPU microseconds per request at saturation: each server's own, and Redis's
+        # for (c).
+        saturated = {
+            name: _find(runs, name, kind, "wrk", 10).extra
+            for name in ("a_mock", "b_passthrough", "c_full_checks")
+        }
+        summary[kind]["cpu_us_per_request"] = {
+            **{name: extra.get("server_cpu_us") for name, extra in saturated.items()},
+            "c_redis": saturated["c_full_checks"].get("redis_cpu_us"),
+        }
         for label, rate in (("half_saturation", None), ("idle", IDLE_RATE_RPS)):
             summary[kind][label] = added_latency(fixed, kind, rate)
+            relay = added_latency(fixed, kind, rate, "b_passthrough")
+            summary[kind][label] |= {
+                "passthrough_added_p50_ms": relay["added_p50_ms"],
+                "passthrough_added_p99_ms": relay["added_p99_ms"],
+            }
+            # How busy (c) was at that rate, in cores: a request costs more CPU when requests
+            # come one by one than in wrk's back-to-back stream, so half of wrk's saturation
+            # is more than half of a core, and queueing (the p99) grows with this, not with
+            # the rate.
+            row = next(
+                r
+                for r in runs
+                if (r.scenario, r.kind, r.tool, r.rps)
+                == ("c_full_checks", kind, "fixed-rate", summary[kind][label]["rps"])
+            )
+            if "server_cpu_us" in row.extra:
+                summary[kind][label]["c_cores_busy"] = round(
+                    row.rps * row.extra["server_cpu_us"] / 1e6, 2
+                )
     few = _find(runs, "c_full_checks", "plain", "wrk", 10)
     many = _find(runs, "c_full_checks", "plain", "wrk", opts.many_keys)
     summary["keys_scaling"] = {
@@ -634,12 +752,21 @@ def render(result: dict[str, Any]) -> str:
         added = "; ".join(
             f"at {k[label]['rps']:g} req/s p50 {k[label]['added_p50_ms']:+.3f} ms, "
             f"p99 {k[label]['added_p99_ms']:+.3f} ms "
-            f"({k[label]['added_p99_min_ms']:+.3f} to {k[label]['added_p99_max_ms']:+.3f})"
+            f"({k[label]['added_p99_min_ms']:+.3f} to {k[label]['added_p99_max_ms']:+.3f}), "
+            f"of which the pass-through alone p50 {k[label]['passthrough_added_p50_ms']:+.3f}, "
+            f"p99 {k[label]['passthrough_added_p99_ms']:+.3f}, (c) using "
+            f"{k[label].get('c_cores_busy', math.nan):.2f} of a core"
             for label in ("half_saturation", "idle")
         )
         lines.append(
             f"{kind}: throughput (c)/(a) {k['throughput_c_over_a']:.2f}, (c)/(b) "
             f"{k['throughput_c_over_b']:.2f}; added {what}: {added}"
+        )
+    for kind in ("plain", "stream"):
+        cpu = s[kind]["cpu_us_per_request"]
+        lines.append(
+            f"{kind}: on-CPU us per request under wrk: mock {cpu['a_mock']}, pass-through "
+            f"{cpu['b_passthrough']}, full checks {cpu['c_full_checks']} + Redis {cpu['c_redis']}"
         )
     ks = s["keys_scaling"]
     lines.append(f"keys: {' vs '.join(f'{k} {v}' for k, v in ks.items())}")

@@ -8,6 +8,14 @@ import sys
 from pathlib import Path
 
 
+def _added_over_two_rounds(
+    by_round: dict[int, dict[str, dict[str, float]]], scenario: str, percentile: str
+) -> float:
+    """What ``scenario`` adds to (a) at one percentile: the median of two rounds' differences."""
+    diffs = [x[scenario][percentile] - x["a_mock"][percentile] for x in by_round.values()]
+    return round(sum(diffs) / 2, 3)
+
+
 def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
     run = subprocess.run(
@@ -40,8 +48,8 @@ def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
     for kind in ("plain", "stream"):
         for scenario in ("a_mock", "b_passthrough", "c_full_checks"):
             assert (scenario, kind, "wrk", 10) in rows
-        assert ("a_mock", kind, "fixed-rate", 10) in rows
-        assert ("c_full_checks", kind, "fixed-rate", 10) in rows
+        for scenario in ("a_mock", "b_passthrough", "c_full_checks"):
+            assert (scenario, kind, "fixed-rate", 10) in rows
     assert ("c_full_checks", "plain", "wrk", 200) in rows
     # Each round measured (a), (b), (c) and the many-keys run back to back; a row is the
     # median of its rounds.
@@ -49,9 +57,9 @@ def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
     per_round = [(r["scenario"], r["kind"], r["keys"]) for r in wrk_rounds]
     assert sorted({r["extra"]["round"] for r in wrk_rounds}) == [0, 1]
     assert len(per_round) == 2 * 7 and len(set(per_round)) == 7
-    # The fixed-rate runs take rounds too: (a) and (c) at two rates per kind, twice each.
+    # The fixed-rate runs take rounds too: (a), (b) and (c) at two rates per kind, twice each.
     fixed_rounds = [r for r in result["rounds"] if r["tool"] == "fixed-rate"]
-    assert len(fixed_rounds) == 2 * 2 * 2 * 2
+    assert len(fixed_rounds) == 3 * 2 * 2 * 2
     assert sorted({r["extra"]["round"] for r in fixed_rounds}) == [0, 1]
     wrk_rows = [r for r in result["runs"] if r["tool"] == "wrk"]
     assert all(r["extra"]["rounds"] == 2 for r in wrk_rows)
@@ -60,7 +68,7 @@ def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
     # The fixed-rate runs use the C generator (a compiler is part of the test setup), which
     # keeps its schedule: the Python fallback would eat the core the gateway needs.
     fixed = [r for r in result["runs"] if r["tool"] == "fixed-rate"]
-    assert len(fixed) == 8 and all(r["extra"]["rounds"] == 2 for r in fixed)
+    assert len(fixed) == 12 and all(r["extra"]["rounds"] == 2 for r in fixed)
     assert all(r["extra"]["p99_min_ms"] <= r["p99_ms"] <= r["extra"]["p99_max_ms"] for r in fixed)
     assert all("generator_cpu_share" in r["extra"] for r in fixed)
     assert all(r["extra"]["generator_lateness_p99_ms"] < 50 for r in fixed)
@@ -71,19 +79,59 @@ def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
     summary = result["summary"]
     assert set(summary) == {"gateway_workers", "gateway_rss_mib", "plain", "stream", "keys_scaling"}
     assert summary["gateway_workers"] == 1 and summary["gateway_rss_mib"] > 0
-    # Added latency: the median over rounds of (c) - (a) measured in the same round.
+    # Added latency: the median over rounds of (c) - (a) measured in the same round, and
+    # beside it (b) - (a), the pass-through's share.
     for kind in ("plain", "stream"):
         for label, idle in (("half_saturation", False), ("idle", True)):
             figures = summary[kind][label]
             same_rate = [
                 r for r in fixed_rounds if r["kind"] == kind and (r["rps"] == 100.0) == idle
             ]
-            by_round: dict[int, dict[str, float]] = {}
+            by_round: dict[int, dict[str, dict[str, float]]] = {}
             for r in same_rate:
-                by_round.setdefault(r["extra"]["round"], {})[r["scenario"]] = r["p99_ms"]
-            diffs = sorted(x["c_full_checks"] - x["a_mock"] for x in by_round.values())
+                by_round.setdefault(r["extra"]["round"], {})[r["scenario"]] = r
+            assert all(len(x) == 3 for x in by_round.values())
+
+            diffs = sorted(
+                x["c_full_checks"]["p99_ms"] - x["a_mock"]["p99_ms"] for x in by_round.values()
+            )
             assert figures["rps"] == same_rate[0]["rps"]
-            assert figures["added_p99_ms"] == round(sum(diffs) / 2, 3)  # median of two
+            assert figures["added_p99_ms"] == _added_over_two_rounds(
+                by_round, "c_full_checks", "p99_ms"
+            )
             assert figures["added_p99_min_ms"] == round(diffs[0], 3)
             assert figures["added_p99_max_ms"] == round(diffs[-1], 3)
+            assert figures["passthrough_added_p50_ms"] == _added_over_two_rounds(
+                by_round, "b_passthrough", "p50_ms"
+            )
+            assert figures["passthrough_added_p99_ms"] == _added_over_two_rounds(
+                by_round, "b_passthrough", "p99_ms"
+            )
+            c_row = next(
+                r
+                for r in fixed
+                if (r["scenario"], r["kind"], r["rps"]) == ("c_full_checks", kind, figures["rps"])
+            )
+            busy = c_row["rps"] * c_row["extra"]["server_cpu_us"] / 1e6
+            assert figures["c_cores_busy"] == round(busy, 2) and busy > 0
+    # Each row says what its server spent on a CPU per request, and (c) what Redis spent.
+    for r in result["runs"]:
+        assert r["extra"]["server_cpu_us"] > 0
+        assert ("redis_cpu_us" in r["extra"]) == (r["scenario"] == "c_full_checks")
+    c_rows = [r for r in result["runs"] if r["scenario"] == "c_full_checks"]
+    assert all(r["extra"]["redis_cpu_us"] > 0 for r in c_rows)
+    for kind in ("plain", "stream"):
+        cpu = summary[kind]["cpu_us_per_request"]
+        assert set(cpu) == {"a_mock", "b_passthrough", "c_full_checks", "c_redis"}
+        wrk_row = {
+            r["scenario"]: r["extra"]
+            for r in result["runs"]
+            if r["tool"] == "wrk" and r["kind"] == kind and r["keys"] == 10
+        }
+        assert cpu["c_full_checks"] == wrk_row["c_full_checks"]["server_cpu_us"]
+        assert cpu["c_redis"] == wrk_row["c_full_checks"]["redis_cpu_us"]
+        # The full checks do all the pass-through does and more; the mock, far less.
+        assert cpu["a_mock"] < cpu["b_passthrough"] < cpu["c_full_checks"]
+    assert "on-CPU us per request under wrk" in run.stdout and "of a core" in run.stdout
     assert "throughput (c)/(a)" in run.stdout and "(c)/(b)" in run.stdout
+    assert "of which the pass-through alone" in run.stdout
