@@ -186,7 +186,13 @@ def cpu_seconds(pids: list[int]) -> float:
 
     The scheduler's own nanosecond count (where /proc/<pid>/stat rounds to clock ticks, and
     /proc/<pid>/task/*/schedstat forgets threads that have ended)."""
-    return sum(time.clock_gettime_ns(_process_cpu_clock(pid)) for pid in pids) / 1e9
+    total_ns = 0
+    for pid in pids:
+        try:
+            total_ns += time.clock_gettime_ns(_process_cpu_clock(pid))
+        except OSError as exc:  # EINVAL: no such process any more
+            raise RuntimeError(f"process {pid} is gone: it died during the benchmark") from exc
+    return total_ns / 1e9
 
 
 # What a CpuMeter adds to a run's extra: the median over rounds goes in a row.
@@ -755,7 +761,7 @@ def render(result: dict[str, Any]) -> str:
             f"({k[label]['added_p99_min_ms']:+.3f} to {k[label]['added_p99_max_ms']:+.3f}), "
             f"of which the pass-through alone p50 {k[label]['passthrough_added_p50_ms']:+.3f}, "
             f"p99 {k[label]['passthrough_added_p99_ms']:+.3f}, (c) using "
-            f"{k[label].get('c_cores_busy', math.nan):.2f} of a core"
+            f"{k[label].get('c_cores_busy', math.nan):.2f} cores"
             for label in ("half_saturation", "idle")
         )
         lines.append(

@@ -9,6 +9,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from ratelimit_gw.bench import CpuMeter, cpu_seconds
 
 
@@ -69,3 +71,10 @@ def test_another_process_is_measured_while_it_runs() -> None:
         assert cpu_seconds([child.pid]) - spent < 0.02  # blocked on stdin: no CPU
     finally:
         child.communicate("")
+
+
+def test_a_process_that_died_is_named_not_counted_as_nothing() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    with pytest.raises(RuntimeError, match=f"process {child.pid} is gone"):
+        cpu_seconds([child.pid])

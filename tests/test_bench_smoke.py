@@ -132,6 +132,6 @@ def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
         assert cpu["c_redis"] == wrk_row["c_full_checks"]["redis_cpu_us"]
         # The full checks do all the pass-through does and more; the mock, far less.
         assert cpu["a_mock"] < cpu["b_passthrough"] < cpu["c_full_checks"]
-    assert "on-CPU us per request under wrk" in run.stdout and "of a core" in run.stdout
+    assert "on-CPU us per request under wrk" in run.stdout and "cores" in run.stdout
     assert "throughput (c)/(a)" in run.stdout and "(c)/(b)" in run.stdout
     assert "of which the pass-through alone" in run.stdout
