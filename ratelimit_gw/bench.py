@@ -497,13 +497,14 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             _process(passthrough, passthrough_port) as passthrough_pid,
             _process(full, full_port) as pid,
         ):
+            full_workers = gateway_workers(pid, opts.workers)
             # Whose CPU each scenario spends (a pool's supervisor too: it stays idle).
             servers = {
                 "a_mock": [mock_pid],
                 "b_passthrough": sorted(
                     {passthrough_pid, *gateway_workers(passthrough_pid, opts.workers)}
                 ),
-                "c_full_checks": sorted({pid, *gateway_workers(pid, opts.workers)}),
+                "c_full_checks": sorted({pid, *full_workers}),
             }
 
             def meter(scenario: str) -> CpuMeter:
@@ -575,7 +576,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
                             )
                             run.extra["round"] = index
                             fixed.append(run)
-            memory_mib = max(rss_mib(p) for p in gateway_workers(pid, opts.workers))
+            memory_mib = max(rss_mib(p) for p in full_workers)
     finally:
         redis.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -658,12 +659,20 @@ def round_ratio(
     return round(statistics.median(ratios), 3)
 
 
-def _find(runs: list[Run], scenario: str, kind: str, tool: str, keys: int | None = None) -> Run:
+def _find(
+    runs: list[Run],
+    scenario: str,
+    kind: str,
+    tool: str,
+    keys: int | None = None,
+    rps: float | None = None,
+) -> Run:
     return next(
         r
         for r in runs
         if (r.scenario, r.kind, r.tool) == (scenario, kind, tool)
         and (keys is None or r.keys == keys)
+        and (rps is None or r.rps == rps)
     )
 
 
@@ -708,12 +717,7 @@ def summarise(
             # come one by one than in wrk's back-to-back stream, so half of wrk's saturation
             # is more than half of a core, and queueing (the p99) grows with this, not with
             # the rate.
-            row = next(
-                r
-                for r in runs
-                if (r.scenario, r.kind, r.tool, r.rps)
-                == ("c_full_checks", kind, "fixed-rate", summary[kind][label]["rps"])
-            )
+            row = _find(runs, "c_full_checks", kind, "fixed-rate", rps=summary[kind][label]["rps"])
             if "server_cpu_us" in row.extra:
                 summary[kind][label]["c_cores_busy"] = round(
                     row.rps * row.extra["server_cpu_us"] / 1e6, 2
@@ -768,8 +772,7 @@ def render(result: dict[str, Any]) -> str:
             f"{kind}: throughput (c)/(a) {k['throughput_c_over_a']:.2f}, (c)/(b) "
             f"{k['throughput_c_over_b']:.2f}; added {what}: {added}"
         )
-    for kind in ("plain", "stream"):
-        cpu = s[kind]["cpu_us_per_request"]
+        cpu = k["cpu_us_per_request"]
         lines.append(
             f"{kind}: on-CPU us per request under wrk: mock {cpu['a_mock']}, pass-through "
             f"{cpu['b_passthrough']}, full checks {cpu['c_full_checks']} + Redis {cpu['c_redis']}"
