@@ -6,11 +6,15 @@
 -- estimate from each tpm bucket, a concurrency lease per scope, and a balance hold.
 -- A rejected request writes nothing but the expired-hold sweep. Mode "peek" computes the
 -- same state and writes nothing at all (headers for requests rejected before admission).
+-- A request id already in the settled zset was released before this admission ran (its
+-- caller gave up on it: settle.lua, outcome "abandoned"): refused, reason "abandoned",
+-- writing nothing at all.
 --
 -- KEYS (all under the account's hash tag, so one cluster slot):
 --   1 account hash   2 key hash   3 key leases (zset request_id -> expiry ms)
 --   4 in-flight zset (request_id -> hold and lease expiry ms; the account's leases)
 --   5 holds hash (request_id -> record)   6 ledger stream
+--   7 settled zset (request_id -> settle time ms; settle.lua's)
 -- ARGV:
 --   1 mode ("admit" | "peek")   2 request_id   3 key_id
 --   4 estimated tokens (integer)   5 hold, nano-USD (integer)   6 lease/hold TTL, ms
@@ -37,6 +41,10 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local function reply_rejected(reason)
   return {0, reason, 0, -1, -1, -1, -1, -1, -1, -1, -1, -1, '', 0, -1}
+end
+
+if writing and redis.call('ZSCORE', KEYS[7], request_id) then
+  return reply_rejected('abandoned')
 end
 
 local key = redis.call('HMGET', key_key, 'created_ms', 'revoked', 'expires_ms', 'rpm', 'tpm',

@@ -23,6 +23,8 @@ from .storage import Storage
 
 KEY_PREFIX = "rlgw-"
 MAX_TOPUP_NANO = 10**18  # $1e9 per top-up
+# Idempotency keys of the gateway's own top-ups (initial balances): callers may not use it.
+RESERVED_IDEMPOTENCY_PREFIX = "rlgw:"
 RpmPolicy = Literal["fixed", "balance", "tier"]
 _LIMIT_FIELDS = ("rpm", "tpm", "concurrency")
 
@@ -99,6 +101,8 @@ class LedgerEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
     outcome: str | None = None
     idempotency_key: str | None = None
     settlement_id: str | None = None  # the gateway's own id (request_id is the caller's)
+    cache_read_tokens: int | None = None
+    cache_write_tokens: int | None = None
 
 
 def hash_key(secret: str) -> str:
@@ -109,17 +113,28 @@ def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
 
 
+# The last instant a datetime can show (9999-12-31T23:59:59.999Z): a later time could be
+# stored but never printed back.
+_MAX_TIME_MS = 253_402_300_799_999
+
+
 def parse_time_ms(value: str) -> int:
-    """RFC 3339 time or unix seconds → unix ms."""
+    """RFC 3339 time or unix seconds → unix ms, from 1970 to the end of year 9999."""
     try:
         if value.replace(".", "", 1).isdigit():
-            return int(float(value) * 1000)
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            time_ms = float(value) * 1000  # inf for absurdly many digits
+        else:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=UTC)
+            time_ms = parsed.timestamp() * 1000
     except ValueError:
         raise AccountError(400, "invalid_request", f"{value!r} is not an RFC 3339 time") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return int(parsed.timestamp() * 1000)
+    if not 0 <= time_ms <= _MAX_TIME_MS:
+        raise AccountError(
+            400, "invalid_request", f"{value!r} is out of range (1970 to the end of 9999)"
+        )
+    return int(time_ms)
 
 
 def _check_id(value: str, what: str) -> None:
@@ -191,7 +206,8 @@ class AccountStore:
             raise AccountError(409, "account_exists", f"account {account_id!r} already exists")
         await self._storage.call("SADD", keyspace.ACCOUNTS_SET, account_id)
         if balance_nano:
-            await self.topup(account_id, balance_nano, f"initial-balance:{account_id}")
+            initial = f"{RESERVED_IDEMPOTENCY_PREFIX}initial-balance:{account_id}"
+            await self._credit(account_id, balance_nano, initial)
         return await self.get_account(account_id)
 
     async def get_account(self, account_id: str) -> Account:
@@ -201,7 +217,7 @@ class AccountStore:
         raw, live = await self._storage.call_many(
             [("HGETALL", keys.account), ("HLEN", keys.holds)], atomic=True
         )
-        if not raw:
+        if "created_ms" not in raw:  # none, or a stub left by an older build: not an account
             raise AccountError(404, "account_not_found", f"account {account_id!r} not found")
         balance, held = int(raw.get("balance_nano", 0)), int(raw.get("held_nano", 0))
         return Account(
@@ -222,6 +238,13 @@ class AccountStore:
             overruns=int(raw.get("overruns", 0)),
             created_at=_iso(int(raw["created_ms"])),
         )
+
+    async def is_prepaid(self, account_id: str) -> bool:
+        """One field read: whether the account's money is protected by holds (§5)."""
+        prepaid: str | None = await self._storage.call(
+            "HGET", AccountKeys(account_id).account, "prepaid"
+        )
+        return prepaid == "1"
 
     async def update_account(self, account_id: str, changes: dict[str, Any]) -> Account:
         """Set or clear (None) limits, the rpm policy/override and whether it is prepaid."""
@@ -257,7 +280,19 @@ class AccountStore:
         return await self.get_account(account_id)
 
     async def topup(self, account_id: str, amount_nano: int, idempotency_key: str) -> bool:
-        """Credit once per idempotency key; False when that key was already used."""
+        """Credit once per idempotency key; False when that key was already used for the
+        same amount (a retry). The key used before for another amount: 409
+        ``idempotency_conflict``, nothing credited."""
+        if idempotency_key.startswith(RESERVED_IDEMPOTENCY_PREFIX):
+            raise AccountError(
+                400,
+                "invalid_request",
+                f"idempotency keys starting with {RESERVED_IDEMPOTENCY_PREFIX!r} are reserved "
+                "for the gateway's own top-ups",
+            )
+        return await self._credit(account_id, amount_nano, idempotency_key)
+
+    async def _credit(self, account_id: str, amount_nano: int, idempotency_key: str) -> bool:
         if amount_nano <= 0:
             raise AccountError(400, "invalid_request", "amount_usd must be > 0")
         if amount_nano > MAX_TOPUP_NANO:
@@ -269,9 +304,18 @@ class AccountStore:
         reply = await self._storage.run(
             "topup", [keys.account, keys.topups, keys.ledger], [amount_nano, idempotency_key]
         )
-        if int(reply[0]) < 0:
+        credited = int(reply[0])
+        if credited == -1:
             raise AccountError(404, "account_not_found", f"account {account_id!r} not found")
-        return int(reply[0]) == 1
+        if credited == -2:
+            raise AccountError(
+                409,
+                "idempotency_conflict",
+                f"idempotency key {idempotency_key!r} was already used for a top-up of "
+                f"${format_usd(int(reply[3]))} on account {account_id!r}, not "
+                f"${format_usd(amount_nano)}: use a new key for a new top-up",
+            )
+        return credited == 1
 
     async def ledger(self, account_id: str, limit: int = 100) -> list[LedgerEntry]:
         """The newest ``limit`` ledger entries, newest first."""
@@ -326,7 +370,7 @@ class AccountStore:
         raw: dict[str, str] = await self._storage.call(
             "HGETALL", AccountKeys(account_id).key(key_id)
         )
-        if not raw:
+        if "created_ms" not in raw:  # none, or a partial record: not a key
             raise AccountError(404, "key_not_found", f"key {key_id!r} not found")
         expires = raw.get("expires_ms")
         return KeyRecord(
@@ -473,4 +517,6 @@ def _ledger_entry(entry_id: str, f: dict[str, str]) -> LedgerEntry:
         outcome=f.get("outcome"),
         idempotency_key=f.get("idempotency_key"),
         settlement_id=f.get("settlement_id"),
+        cache_read_tokens=_opt_int(f.get("cache_read_tokens")),
+        cache_write_tokens=_opt_int(f.get("cache_write_tokens")),
     )

@@ -46,7 +46,8 @@ class CreateKeyBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     expires_at: str | None = None
 
 
-def _decode(request_body: bytes, kind: type[T]) -> T:
+async def _read_json(request: web.Request, kind: type[T]) -> T:
+    request_body = await request.app[SERVICES].bodies.read(request)
     try:
         return msgspec.json.decode(request_body, type=kind)
     except msgspec.ValidationError as exc:
@@ -85,6 +86,7 @@ def _admin(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]
             presented.strip().encode(errors="surrogateescape"),
             token.encode(errors="surrogateescape"),
         ):
+            svc.metrics.admin_auth_failures.inc()
             raise GatewayError(401, "invalid_admin_token", "Invalid admin token.")
         try:
             return await handler(request, svc.accounts)
@@ -95,7 +97,7 @@ def _admin(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]
 
 
 async def create_account(request: web.Request, accounts: AccountStore) -> web.Response:
-    body = _decode(await request.read(), CreateAccountBody)
+    body = await _read_json(request, CreateAccountBody)
     account = await accounts.create_account(
         body.id,
         balance_nano=None if body.balance_usd is None else _usd(body.balance_usd),
@@ -117,12 +119,12 @@ async def show_account(request: web.Request, accounts: AccountStore) -> web.Resp
 
 
 async def update_account(request: web.Request, accounts: AccountStore) -> web.Response:
-    changes = _decode(await request.read(), dict[str, Any])
+    changes = await _read_json(request, dict[str, Any])
     return _json(await accounts.update_account(request.match_info["id"], changes))
 
 
 async def topup(request: web.Request, accounts: AccountStore) -> web.Response:
-    body = _decode(await request.read(), TopupBody)
+    body = await _read_json(request, TopupBody)
     account_id = request.match_info["id"]
     credited = await accounts.topup(
         account_id, _usd(body.amount_usd, positive=True), body.idempotency_key
@@ -141,7 +143,7 @@ async def ledger(request: web.Request, accounts: AccountStore) -> web.Response:
 
 
 async def create_key(request: web.Request, accounts: AccountStore) -> web.Response:
-    body = _decode(await request.read(), CreateKeyBody)
+    body = await _read_json(request, CreateKeyBody)
     created = await accounts.create_key(
         body.account,
         name=body.name,

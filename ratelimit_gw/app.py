@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from functools import partial
@@ -12,7 +14,9 @@ from prometheus_client import CollectorRegistry
 from . import admin, listing
 from .accounts import AccountStore
 from .auth import KeyCache
+from .body import BodyReader
 from .catalog import Catalog
+from .eviction_guard import EvictionGuard
 from .gateway import handle_llm
 from .limiter import Limiter
 from .metrics import StorageMetrics, create_metrics, exposition
@@ -49,10 +53,17 @@ def create_app(
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         own_storage = storage is None
         store = open_storage(settings.storage) if storage is None else storage
-        upstream = UpstreamClient()
         registry = CollectorRegistry()
         metrics = create_metrics(registry, settings.metrics.account_label)
         store.observer = StorageMetrics(metrics)
+        eviction = EvictionGuard(store, settings.storage, metrics)
+        try:
+            await eviction.check_at_startup()  # refuses a Redis that may evict: not listening yet
+        except BaseException:
+            if own_storage:
+                await store.close()
+            raise
+        upstream = UpstreamClient()
         accounts = AccountStore(store)
         limiter = Limiter(store)
         quota = UpstreamQuota(store)
@@ -73,9 +84,14 @@ def create_app(
             metrics=metrics,
             registry=registry,
             quota=quota,
+            bodies=BodyReader(settings.server, metrics.buffered_body_bytes),
             passthrough=passthrough,
         )
+        watcher = asyncio.create_task(eviction.watch())
         yield
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
         await settler.drain()
         await upstream.close()
         if own_storage:

@@ -8,6 +8,7 @@ revoked key stops working on the very next request on every instance, cache or n
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import itertools
 import time
@@ -35,7 +36,7 @@ class KeyCache:
         self._stale_on_error = stale_on_error
         self._entries: dict[str, tuple[float, KeyRecord | None]] = {}
         # One storage lookup per secret at a time: a burst on a cold cache waits for it.
-        self._lookups: dict[str, asyncio.Future[KeyRecord | None]] = {}
+        self._lookups: dict[str, asyncio.Task[KeyRecord | None]] = {}
 
     async def authenticate(self, secret: str | None) -> KeyRecord:
         if not secret:
@@ -58,20 +59,22 @@ class KeyCache:
         return record
 
     async def _lookup(self, digest: str, secret: str) -> KeyRecord | None:
-        pending = self._lookups.get(digest)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[KeyRecord | None] = asyncio.get_running_loop().create_future()
-        self._lookups[digest] = future
-        try:
-            record = await self._accounts.find_key(secret)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved here, so an unwaited future logs nothing
-            raise
-        finally:
-            del self._lookups[digest]
-        future.set_result(record)
+        # The lookup is a task of its own and each waiter is shielded from it: a caller that
+        # hangs up (its handler cancelled) neither cancels the lookup nor fails the others.
+        lookup = self._lookups.get(digest)
+        if lookup is None:
+            lookup = asyncio.get_running_loop().create_task(self._fetch(digest, secret))
+            self._lookups[digest] = lookup
+            lookup.add_done_callback(functools.partial(self._lookup_done, digest))
+        return await asyncio.shield(lookup)
+
+    def _lookup_done(self, digest: str, lookup: asyncio.Task[KeyRecord | None]) -> None:
+        del self._lookups[digest]
+        if not lookup.cancelled():
+            lookup.exception()  # retrieved here, so one nobody waits for any more logs nothing
+
+    async def _fetch(self, digest: str, secret: str) -> KeyRecord | None:
+        record = await self._accounts.find_key(secret)
         if len(self._entries) >= MAX_ENTRIES:
             # Oldest first (dicts keep insertion order): the rest of the cache stays warm.
             for stale in list(itertools.islice(self._entries, EVICT_BATCH)):

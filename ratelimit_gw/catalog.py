@@ -90,6 +90,6 @@ def gemini_model(m: Model) -> dict[str, Any]:
         "version": "001",
         "displayName": m.display_name,
         "description": f"{m.display_name} via ratelimit-gw ({m.protocol})",
-        "outputTokenLimit": m.default_max_output,
+        "outputTokenLimit": m.max_output_tokens,
         "supportedGenerationMethods": ["generateContent", "streamGenerateContent"],
     }

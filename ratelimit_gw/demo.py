@@ -108,7 +108,7 @@ async def run_demo(host: str, port: int) -> None:
         DEMO_ACCOUNT, balance_nano=5_000_000_000, rpm=60, tpm=20_000, concurrency=4
     )
     created = await accounts.create_key(DEMO_ACCOUNT, name="demo key")
-    runner = make_runner(create_app(settings, storage))
+    runner = make_runner(create_app(settings, storage), settings.server)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -16,6 +16,9 @@ ERROR_TYPE_BY_STATUS: dict[int, str] = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    # The body came too slowly (server.body_timeout_s). Anthropic's name for a timeout; not
+    # invalid_request_error, as the same request sent faster succeeds (SDKs retry a 408).
+    408: "timeout_error",
     409: "conflict_error",
     413: "request_too_large",
     429: "rate_limit_error",
@@ -25,6 +28,44 @@ ERROR_TYPE_BY_STATUS: dict[int, str] = {
     504: "api_error",
     529: "overloaded_error",
 }
+
+
+# Every reason the gateway may refuse or fail a (non-admin) request with (§7): each
+# rlgw_rejections_total series exists from start-up at zero. A new reason is added here.
+REJECTION_REASONS: tuple[str, ...] = (
+    # the admission script (limits, balance, the key's state)
+    "rpm_exceeded",
+    "tpm_exceeded",
+    "concurrency_exceeded",
+    "request_exceeds_limit",
+    "balance_exceeded",
+    "invalid_key",
+    "key_revoked",
+    "key_expired",
+    "upstream_quota",
+    # the request itself
+    "missing_key",
+    "model_not_allowed",
+    "model_not_found",
+    "protocol_mismatch",
+    "missing_model",
+    "invalid_json",
+    "invalid_request",
+    "unbounded_input",
+    "route_not_found",
+    "method_not_allowed",
+    "endpoint_not_found",
+    "endpoint_not_allowed",
+    "request_too_large",
+    "body_timeout",
+    # the gateway or what it depends on
+    "overloaded",
+    "body_buffer_full",
+    "storage_unavailable",
+    "upstream_timeout",
+    "upstream_unreachable",
+    "internal_error",
+)
 
 
 @dataclass(frozen=True)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any
 from urllib.parse import quote, urlencode
 
-import msgspec
 from aiohttp import web
 
 from .accounts import KeyRecord
@@ -20,14 +19,14 @@ from .errors import GatewayError
 from .headers import rate_limit_headers
 from .limiter import AdmissionRequest, Decision, Settlement
 from .metrics import labelled
-from .money import cost_nano
-from .protocols import ADAPTERS, RequestInfo, Route, Usage, estimate_input_tokens
+from .protocols import ADAPTERS, RequestInfo, Route, UpstreamEdits, Usage
 from .quota import Ceiling, QuotaDecision, provider_ceiling
 from .rejections import rejection_error, upstream_quota_error
-from .relay import RelayResult, UpstreamCall, upstream_request_headers
+from .relay import RelayResult, UpstreamCall, carries_gateway_key, upstream_request_headers
 from .services import SERVICES, RequestContext, Services, context
 from .settings import Model
 from .storage import StorageError
+from .worst_case import Hold, plan_hold, protects_money, upstream_edits, usage_cost_nano
 
 log = logging.getLogger("ratelimit_gw.storage")
 # A hold outlives the longest upstream call by this much before a sweep may release it.
@@ -50,12 +49,6 @@ def own_headers(ctx: RequestContext) -> dict[str, str]:
     return headers
 
 
-def _rename_model(body: bytes, upstream_id: str) -> bytes:
-    document: dict[str, Any] = msgspec.json.decode(body)
-    document["model"] = upstream_id
-    return msgspec.json.encode(document)
-
-
 def _upstream_url(request: web.Request, route: Route, model: Model) -> str:
     base = model.provider.base_url
     if route in _UPSTREAM_PATH:
@@ -63,32 +56,45 @@ def _upstream_url(request: web.Request, route: Route, model: Model) -> str:
     version = request.path.split("/", 2)[1]  # "v1beta" or "v1", as the client called it
     action = "streamGenerateContent" if route is Route.STREAM_GENERATE else "generateContent"
     url = f"{base}/{version}/models/{model.upstream_id}:{action}"
-    query = [(k, v) for k, v in request.query.items() if k != "key"]  # never forward a key
+    # `key` is the gateway key here (§2); a gateway key under another name is dropped too.
+    query = [
+        (k, v) for k, v in request.query.items() if k != "key" and not carries_gateway_key(k, v)
+    ]
     if query:
         url += "?" + urlencode(query, quote_via=quote)  # re-encode what aiohttp decoded
     return url
 
 
-def billable_usage(result: RelayResult, input_estimate: int, output_cap: int) -> Usage:
+def _believed(count: int) -> int:
+    # A broken upstream may report any integer: a negative count must not credit the
+    # account, nor a huge one overflow storage arithmetic (settle.lua would fail halfway).
+    return min(max(count, 0), MAX_REPORTED_TOKENS)
+
+
+def billable_usage(result: RelayResult, hold: Hold) -> Usage:
     """The usage to charge for what the relay saw (§5)."""
     if result.outcome == "upstream_error":
         return Usage(0, 0)  # the provider refused or was unreachable: nothing was produced
-    relayed_estimate = math.ceil(result.output_chars / 4)
     if result.usage is not None:
-        # A broken upstream may report any integer: a negative count must not credit the
-        # account, nor a huge one overflow storage arithmetic (settle.lua would fail halfway).
+        usage = result.usage
         reported = Usage(
-            min(max(result.usage.input_tokens, 0), MAX_REPORTED_TOKENS),
-            min(max(result.usage.output_tokens, 0), MAX_REPORTED_TOKENS),
+            _believed(usage.input_tokens),
+            _believed(usage.output_tokens),
+            _believed(usage.cache_read_tokens),
+            _believed(usage.cache_write_tokens),
         )
         if result.outcome == "ok":
             return reported
         # Cut short: the usage seen so far may be a placeholder (Anthropic's message_start).
-        return Usage(reported.input_tokens, max(reported.output_tokens, relayed_estimate))
-    if result.outcome == "ok" and result.output_chars == 0:
-        return Usage(input_estimate, output_cap)  # an answer without usage: the held worst case
-    # Cut short before usage arrived: the prompt was sent, and the text relayed so far.
-    return Usage(input_estimate, relayed_estimate)
+        relayed = math.ceil(result.output_chars / 4)
+        return dataclasses.replace(reported, output_tokens=max(reported.output_tokens, relayed))
+    if result.outcome == "ok":
+        # A complete answer that reported no usage: the held worst case (relayed text / 4
+        # would undercount any script but English, and the upstream bills what it allowed).
+        return Usage(hold.input_tokens, hold.output_tokens)
+    # Cut short before usage arrived: the prompt was sent (at its usual size: an estimate,
+    # not the worst case), and the text relayed so far.
+    return Usage(hold.estimated_input_tokens, math.ceil(result.output_chars / 4))
 
 
 def _forward(
@@ -99,14 +105,13 @@ def _forward(
     model: Model,
     info: RequestInfo,
     body: bytes,
+    edits: UpstreamEdits,
     result: RelayResult,
 ) -> Awaitable[web.StreamResponse]:
     """Build the upstream call for ``model`` and relay it, streamed or buffered."""
     adapter = ADAPTERS[ctx.protocol]
     provider = model.provider
-    upstream_body = adapter.prepare_upstream_body(route, body, info)
-    if model.upstream_id != model.id and route not in (Route.GENERATE, Route.STREAM_GENERATE):
-        upstream_body = _rename_model(upstream_body, model.upstream_id)
+    upstream_body = adapter.prepare_upstream_body(route, body, info, edits)
     call = UpstreamCall(
         provider=provider.name,
         model=model.id,
@@ -147,6 +152,8 @@ async def admit_request(
     A ceiling is one more storage round trip, before admit.lua; if the account then refuses,
     the ceiling gets its reservation back, so a rejected request consumes nothing anywhere.
     Raises the 429/402/401 to answer; returns the ceiling reservation for settlement.
+    An admission whose caller gives up on it (cancelled, or a storage failure after the call
+    was sent) is released through the settler, whether or not it ran.
 
     Storage failing raises StorageError (503), unless ``storage.on_error = "allow"`` (§11):
     then the request goes on without limits or balance, ``ctx.storage_bypassed`` is set (the
@@ -192,7 +199,19 @@ async def _admit(
         if not quota.allowed:
             raise upstream_quota_error(quota)
     try:
-        decision = await svc.limiter.admit(admission)
+        try:
+            decision = await svc.limiter.admit(admission)
+        except asyncio.CancelledError:
+            # The client hung up (or shutdown cut the handler) while admit.lua was on its way:
+            # it runs anyway, and nobody would settle what it places before its TTL.
+            release = admission.abandoned(ctx.model, ctx.request_id)
+            svc.settler.abandon(release, "client_disconnect")
+            raise
+        except StorageError as exc:
+            if not exc.never_sent:  # it may have run, its reply lost
+                release = admission.abandoned(ctx.model, ctx.request_id)
+                svc.settler.abandon(release, "storage_error")
+            raise
         ctx.decision = decision
         if decision.holds_expired:
             labelled(svc.metrics.holds, "expired").inc(decision.holds_expired)
@@ -236,6 +255,8 @@ def settle_request(
             cost_nano=cost,
             model=model_id,
             outcome=result.outcome,
+            cache_read_tokens=usage.cache_read_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
         ),
         quota,
     )
@@ -251,7 +272,7 @@ async def handle_llm(
         return await _passthrough(request, svc, ctx, route, path_model)
     key = await svc.keys.authenticate(adapter.credential(request.headers, request.query))
     ctx.key = key
-    body = await request.read()
+    body = await svc.bodies.read(request)
     info: RequestInfo = adapter.parse_request(route, body, path_model)
     model = svc.catalog.resolve(info.model or "", ctx.protocol)
     ctx.model = model.id
@@ -263,53 +284,45 @@ async def handle_llm(
             param="model",
         )
 
-    output_cap = info.max_output_tokens
-    if output_cap is None:
-        output_cap = model.default_max_output
-    input_estimate = estimate_input_tokens(len(body))
-    estimated_tokens = input_estimate + output_cap
-    hold_nano = cost_nano(
-        input_estimate, output_cap, model.input_nano_usd_per_mtok, model.output_nano_usd_per_mtok
-    )
+    hold = await plan_hold(svc, key, adapter, route, body, info, model)
     provider = model.provider
     quota = await admit_request(
         svc,
         ctx,
         key,
-        estimated_tokens,
-        hold_nano,
+        hold.tokens,
+        hold.nano,
         provider.timeout_s,
         provider_ceiling(provider),
-        lambda decision: rejection_error(decision, model, input_estimate, output_cap, hold_nano),
+        lambda decision: rejection_error(decision, model, hold),
     )
+    # Whatever the hold assumed is what the upstream is allowed (§5); metered accounts keep
+    # their bytes.
+    edits = upstream_edits(model, hold.output_cap if protects_money(ctx.decision) else None)
 
     result = RelayResult()
     try:
-        return await _forward(request, svc, ctx, route, model, info, body, result)
+        return await _forward(request, svc, ctx, route, model, info, body, edits, result)
     except asyncio.CancelledError:
         result.outcome = "client_disconnect"  # the handler is cancelled when the client leaves
         raise
     finally:
         if result.outcome == "pending":
             result.outcome = "upstream_error"
-        usage = billable_usage(result, input_estimate, output_cap)
-        cost = cost_nano(
-            usage.input_tokens,
-            usage.output_tokens,
-            model.input_nano_usd_per_mtok,
-            model.output_nano_usd_per_mtok,
-        )
-        settle_request(svc, ctx, result, usage, cost, estimated_tokens, model.id, quota)
+        usage = billable_usage(result, hold)
+        cost = usage_cost_nano(usage, model)
+        settle_request(svc, ctx, result, usage, cost, hold.tokens, model.id, quota)
 
 
 async def _passthrough(
     request: web.Request, svc: Services, ctx: RequestContext, route: Route, path_model: str | None
 ) -> web.StreamResponse:
     """Benchmark baseline only: relay with no key, limit, balance or settlement."""
-    body = await request.read()
+    body = await svc.bodies.read(request)
     info = ADAPTERS[ctx.protocol].parse_request(route, body, path_model)
     model = svc.catalog.resolve(info.model or "", ctx.protocol)
-    return await _forward(request, svc, ctx, route, model, info, body, RelayResult())
+    edits = upstream_edits(model, None)
+    return await _forward(request, svc, ctx, route, model, info, body, edits, RelayResult())
 
 
 # Gateway request ids: random per process + a counter — unique across processes and

@@ -3,7 +3,8 @@
 Everything one admission or settlement touches lives under the account's hash tag
 ``{a:<account>}``, so a Redis Cluster keeps each script in one slot. Only the two lookup
 indexes (key hash → key, key id → account) and the account list live outside it: they are
-read before the account is known. Shared upstream ceilings (§10) belong to no account: each
+read before the account is known; and the orphan-settlements stream, written after a script
+found no account. Shared upstream ceilings (§10) belong to no account: each
 has its own tag ``{q:<ceiling>}`` and its own script run.
 
 Token buckets have no keys of their own: each is two fields (``rpm_level``/``rpm_ts``,
@@ -18,6 +19,10 @@ import re
 
 PREFIX = "rlgw"
 ACCOUNTS_SET = f"{PREFIX}:accounts"
+# Settlements for an account that no longer exists (wiped or evicted): kept for audit, never
+# applied. One stream for every account, appended by the settler (settle.lua cannot: on a
+# cluster it is in another slot than the account's).
+ORPHAN_SETTLEMENTS = f"{PREFIX}:orphan-settlements"
 # Account and key ids appear inside key names and hash tags: keep them plain.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
@@ -84,11 +89,13 @@ class AccountKeys:
             f"{base}:inflight",
             f"{base}:holds",
             f"{base}:ledger",
+            f"{base}:settled",
         ]
 
     def settle_keys(self, key_id: str) -> list[str]:
-        """KEYS of settle.lua, in the order its header states."""
-        return [*self.admit_keys(key_id), self.settled]
+        """KEYS of settle.lua: admit.lua's, in the same order (its settled zset is the
+        tombstone admit.lua checks)."""
+        return self.admit_keys(key_id)
 
 
 def quota_keys(ceiling_id: str) -> list[str]:

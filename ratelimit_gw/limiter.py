@@ -13,8 +13,16 @@ from typing import Any
 
 import msgspec
 
-from .keyspace import AccountKeys
+from .keyspace import ORPHAN_SETTLEMENTS, AccountKeys
 from .storage import Storage
+
+# The outcome of a release for an admission whose caller will never settle it (it hung up
+# while the admission ran, or storage failed after the call was sent): settle.lua then gives
+# back whatever the admission placed, and keeps it from placing anything if it runs later.
+ABANDONED = "abandoned"
+# The orphan-settlements stream keeps about this many (~200 bytes each): an audit trail of a
+# wiped account, not a second ledger.
+ORPHANS_KEPT = 100_000
 
 
 class BucketReport(msgspec.Struct, frozen=True):
@@ -47,6 +55,21 @@ class AdmissionRequest(msgspec.Struct, frozen=True):
     hold_nano: int
     ttl_ms: int
 
+    def abandoned(self, model: str, client_request_id: str) -> Settlement:
+        """The release of this admission, for when its caller gives up on it."""
+        return Settlement(
+            account_id=self.account_id,
+            key_id=self.key_id,
+            request_id=self.request_id,
+            estimated_tokens=self.estimated_tokens,
+            input_tokens=0,
+            output_tokens=0,
+            cost_nano=0,
+            model=model,
+            outcome=ABANDONED,
+            client_request_id=client_request_id,
+        )
+
 
 class Settlement(msgspec.Struct, frozen=True):
     account_id: str
@@ -57,15 +80,18 @@ class Settlement(msgspec.Struct, frozen=True):
     output_tokens: int
     cost_nano: int
     model: str
-    outcome: str  # "ok", "upstream_error", "client_disconnect", ...
+    outcome: str  # "ok", "upstream_error", "client_disconnect", ..., ABANDONED
     client_request_id: str = ""  # the x-request-id the caller saw; the ledger shows it
+    cache_read_tokens: int = 0  # input tokens the provider served from its prompt cache
+    cache_write_tokens: int = 0  # input tokens the provider wrote to its prompt cache
 
 
 class SettleResult(msgspec.Struct, frozen=True):
-    settled: bool  # False: this request id was settled before; nothing changed
+    settled: bool  # False: this request id was settled before, or no such account
     overrun: bool  # the balance went below zero
     balance_nano: int
     released_nano: int
+    account_missing: bool = False  # wiped or evicted: nothing was written (an orphan)
 
 
 def _bucket(limit: int, remaining: int, reset_ms: int) -> BucketReport | None:
@@ -123,6 +149,13 @@ class Limiter:
         """settle.lua started now; the future holds its raw reply (:func:`settle_result`)."""
         return self._storage.run_soon("settle", *_settle_call(s))
 
+    async def keep_orphan(self, s: Settlement) -> None:
+        """Keep a settlement that found no account, every field, in the orphan stream."""
+        fields = [part for item in msgspec.structs.asdict(s).items() for part in item]
+        await self._storage.call(
+            "XADD", ORPHAN_SETTLEMENTS, "MAXLEN", "~", ORPHANS_KEPT, "*", *fields
+        )
+
 
 def _settle_call(s: Settlement) -> tuple[list[str], list[Any]]:
     args = [
@@ -136,6 +169,8 @@ def _settle_call(s: Settlement) -> tuple[list[str], list[Any]]:
         s.output_tokens,
         s.outcome,
         s.client_request_id,
+        s.cache_read_tokens,
+        s.cache_write_tokens,
     ]
     return AccountKeys(s.account_id).settle_keys(s.key_id), args
 
@@ -146,4 +181,5 @@ def settle_result(reply: list[Any]) -> SettleResult:
         overrun=int(reply[1]) == 1,
         balance_nano=int(reply[2]),
         released_nano=int(reply[3]),
+        account_missing=int(reply[0]) < 0,
     )

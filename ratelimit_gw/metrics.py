@@ -23,6 +23,9 @@ from prometheus_client import (
     multiprocess,
 )
 
+from .errors import REJECTION_REASONS
+from .storage import SCRIPT_NAMES
+
 LATENCY_BUCKETS_S = (
     0.001,
     0.0025,
@@ -58,6 +61,27 @@ STORAGE_BUCKETS_S = (
     1,
 )
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+HOLD_EVENTS = ("placed", "settled", "expired")
+# Why an admission was released for a caller that gave up on it: the client hung up (or the
+# handler was cut at shutdown) while it ran, or storage failed after the call was sent.
+ABANDON_CAUSES = ("client_disconnect", "storage_error")
+# What rlgw_storage_*{operation} may name: the scripts, and the plain commands the gateway
+# sends (a pipeline counts as one). A call not listed here still gets its series, at its first.
+STORAGE_OPERATIONS = (
+    *SCRIPT_NAMES,
+    "pipeline",
+    "get",
+    "set",
+    "hgetall",
+    "hset",
+    "hdel",
+    "sadd",
+    "smembers",
+    "xrevrange",
+    "ping",
+    "config",
+    "info",
+)
 
 
 @dataclass(frozen=True)
@@ -78,6 +102,11 @@ class Metrics:
     breaker_state: Gauge
     inflight: Gauge
     storage_bypass: Counter
+    abandoned_admissions: Counter
+    orphan_settlements: Counter
+    eviction_policy: Gauge
+    admin_auth_failures: Counter
+    buffered_body_bytes: Gauge
 
     def account(self, account_id: str | None) -> tuple[str, ...]:
         """The extra label values for per-account series (none unless opted in)."""
@@ -87,7 +116,7 @@ class Metrics:
 def create_metrics(registry: CollectorRegistry | None, account_label: bool = False) -> Metrics:
     """Register every metric in ``registry`` (a fresh one per app, so tests stay isolated)."""
     acct = ("account",) if account_label else ()
-    return Metrics(
+    metrics = Metrics(
         account_label=account_label,
         requests=Counter(
             "rlgw_requests",
@@ -169,13 +198,65 @@ def create_metrics(registry: CollectorRegistry | None, account_label: bool = Fal
             multiprocess_mode="livesum",
             registry=registry,
         ),
+        abandoned_admissions=Counter(
+            "rlgw_abandoned_admissions",
+            "Admissions released because their caller gave up on them, by cause "
+            "(client_disconnect|storage_error)",
+            ["cause"],
+            registry=registry,
+        ),
+        orphan_settlements=Counter(
+            "rlgw_orphan_settlements",
+            "Settlements not applied because their account no longer exists (wiped or "
+            "evicted); kept in the rlgw:orphan-settlements stream",
+            registry=registry,
+        ),
         storage_bypass=Counter(
             "rlgw_storage_bypass",
             "Requests served without limits or balance because storage failed "
             '(storage.on_error = "allow")',
             registry=registry,
         ),
+        eviction_policy=Gauge(
+            "rlgw_storage_eviction_policy",
+            "Redis masters by maxmemory-policy (unknown: could not be read); anything but "
+            "noeviction may delete accounts, keys and balances when memory fills",
+            ["policy"],
+            # Every worker reads the same masters: the latest reading, whoever took it.
+            multiprocess_mode="mostrecent",
+            registry=registry,
+        ),
+        admin_auth_failures=Counter(
+            "rlgw_admin_auth_failures",
+            "Admin API calls refused for a missing or wrong admin token",
+            registry=registry,
+        ),
+        buffered_body_bytes=Gauge(
+            "rlgw_buffered_body_bytes",
+            "Request body bytes held in memory now (bounded by server.max_buffered_body_bytes)",
+            multiprocess_mode="livesum",
+            registry=registry,
+        ),
     )
+    _start_at_zero(metrics)
+    return metrics
+
+
+def _start_at_zero(metrics: Metrics) -> None:
+    """Make the series whose label values are few and known now, at zero: a dashboard shows
+    0 rather than no data, and ``increase()`` sees the first event. With the account label,
+    series per account appear at their first event; the ones made here carry ``account="-"``
+    (no known account), so sums over accounts still start at zero."""
+    acct = metrics.account(None)
+    for reason in REJECTION_REASONS:
+        labelled(metrics.rejections, reason, *acct)
+    for operation in STORAGE_OPERATIONS:
+        labelled(metrics.storage_duration, operation)
+        labelled(metrics.storage_errors, operation)
+    for cause in ABANDON_CAUSES:
+        labelled(metrics.abandoned_admissions, cause)
+    for event in HOLD_EVENTS:
+        labelled(metrics.holds, event)
 
 
 @functools.lru_cache(maxsize=8192)

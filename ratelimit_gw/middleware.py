@@ -29,8 +29,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def protocol_of(request: web.Request) -> str:
-    """The protocol a caller speaks, from the route it called (and, for /v1/models, its key)."""
+    """The protocol a caller speaks, from the route it called (and, for /v1/models, its key);
+    ``admin`` for the admin API, which answers in the OpenAI envelope (§7)."""
     path = request.path
+    if path == "/admin" or path.startswith("/admin/"):
+        return "admin"
     if path.startswith(("/v1/messages", "/anthropic/")):
         return "anthropic"
     if path.startswith(("/v1beta/", "/gemini/")) or (
@@ -80,13 +83,19 @@ async def _render(request: web.Request, ctx: RequestContext, err: GatewayError) 
     headers = own_headers(ctx)
     headers.update(retry_headers(err.retry_after_ms, err.should_retry))
     headers.update(err.headers)
-    adapter = ADAPTERS[ctx.protocol]
-    return web.Response(
+    adapter = ADAPTERS.get(ctx.protocol, ADAPTERS["openai"])  # admin: the OpenAI envelope
+    response = web.Response(
         status=err.status,
         body=adapter.error_body(err, ctx.request_id),
         content_type=adapter.error_content_type,
         headers=headers,
     )
+    if err.status == 408:
+        # RFC 9110 §15.5.9: the rest of the body was never read, so the connection cannot
+        # carry another request ("Connection: close"; aiohttp discards what still arrives
+        # for up to its lingering time, so the client can read this answer, then closes).
+        response.force_close()
+    return response
 
 
 # Probes and scrapes are not traffic: they are neither counted nor logged.
@@ -111,6 +120,15 @@ async def _answer(
         mapped = _as_gateway_error(exc)
         ctx.reason = mapped.reason
         return await _render(request, ctx, mapped)
+    except RecursionError:
+        # msgspec's answer to JSON nested deeper than the interpreter's recursion limit,
+        # whatever Struct it decodes into: the caller's input, not a gateway failure.
+        ctx.reason = "invalid_json"
+        return await _render(
+            request,
+            ctx,
+            GatewayError(400, "invalid_json", "Request body is nested too deeply."),
+        )
     except StorageError as exc:
         log.error("storage failed for %s: %s", ctx.request_id, exc)
         ctx.reason = "storage_unavailable"
@@ -173,6 +191,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if task is not None:
             svc.inflight.discard(task)
         svc.metrics.inflight.dec()
+        svc.bodies.release(request)
         record_request(svc, request, ctx, status)
 
 
@@ -184,8 +203,9 @@ def record_request(svc: Services, request: web.Request, ctx: RequestContext, sta
     m = svc.metrics
     labelled(m.requests, route, ctx.protocol, ctx.model, str(status), *m.account(account)).inc()
     labelled(m.request_duration, route, ctx.protocol).observe(duration_s)
-    if ctx.reason and status >= 400:
-        m.rejections.labels(ctx.reason, *m.account(account)).inc()
+    # Admin calls are management, not traffic: a refused one is no rejection.
+    if ctx.reason and status >= 400 and ctx.protocol != "admin":
+        labelled(m.rejections, ctx.reason, *m.account(account)).inc()
     if svc.settings.log.access_log:
         access_log.info(
             msgspec.json.encode(

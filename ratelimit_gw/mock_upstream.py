@@ -81,6 +81,10 @@ class _Controls:
     error_after_chunks: int | None  # x-mock-error-after-chunks: reset the stream after N
     ignore_cap: bool  # x-mock-ignore-cap: behave like an upstream that ignores max_tokens
     malformed_sse: bool  # x-mock-malformed-sse: garbage frames between a stream's own frames
+    # x-mock-cache-read-tokens / x-mock-cache-write-tokens: this many of the input tokens are
+    # reported as read from / written to a prompt cache (writes: Anthropic only)
+    cache_read_tokens: int
+    cache_write_tokens: int
 
 
 class _MockError(Exception):
@@ -165,6 +169,8 @@ class MockState:
             error_after_chunks=_int_header(headers, "x-mock-error-after-chunks", 0),
             ignore_cap=ignore_cap,
             malformed_sse=_flag_header(headers, "x-mock-malformed-sse"),
+            cache_read_tokens=_int_header(headers, "x-mock-cache-read-tokens", 0) or 0,
+            cache_write_tokens=_int_header(headers, "x-mock-cache-write-tokens", 0) or 0,
         )
 
     def reply(self, body: dict[str, Any], ctl: _Controls, model: str, cap: int | None) -> Reply:
@@ -177,6 +183,8 @@ class MockState:
             tokens_per_chunk=self.settings.tokens_per_chunk,
             cap_tokens=cap,
             ignore_cap=ctl.ignore_cap,
+            cache_read_tokens=ctl.cache_read_tokens,
+            cache_write_tokens=ctl.cache_write_tokens,
         )
 
 
@@ -350,8 +358,10 @@ async def _gemini_generate(call: _Call) -> web.StreamResponse:
     model, _, action = call.request.match_info["model_action"].rpartition(":")
     if action not in ("generateContent", "streamGenerateContent") or not model:
         raise _MockError(404, f"unknown method {action!r}")
-    config = call.body.get("generationConfig")
-    cap = _cap(config, "maxOutputTokens") if isinstance(config, dict) else None
+    config = call.body.get("generationConfig", call.body.get("generation_config"))
+    cap = _cap(config, "maxOutputTokens", "max_output_tokens") if isinstance(config, dict) else None
+    if cap == 0:
+        cap = None  # protobuf cannot tell 0 from unset: Gemini answers with its maximum
     reply = call.reply(model, cap)
     if action == "generateContent":
         return _json(wire.gemini_response(reply))

@@ -69,6 +69,9 @@ class Reply:
     piece_tokens: tuple[int, ...]
     output_tokens: int
     truncated: bool  # stopped by the request's output-token cap
+    # Parts of input_tokens reported as prompt-cache reads and writes.
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
 
     @property
     def text(self) -> str:
@@ -85,12 +88,27 @@ def plan_reply(
     tokens_per_chunk: int,
     cap_tokens: int | None,
     ignore_cap: bool,
+    cache_read_tokens: int = 0,
+    cache_write_tokens: int = 0,
 ) -> Reply:
     full_tokens = chunks * tokens_per_chunk
     truncated = cap_tokens is not None and cap_tokens < full_tokens and not ignore_cap
     n_tokens = max(0, cap_tokens) if truncated and cap_tokens is not None else full_tokens
     pieces, counts = _pieces(n_tokens, tokens_per_chunk)
-    return Reply(seq, model, created_s, input_tokens, pieces, counts, n_tokens, truncated)
+    cache_read = min(cache_read_tokens, input_tokens)
+    cache_write = min(cache_write_tokens, input_tokens - cache_read)
+    return Reply(
+        seq,
+        model,
+        created_s,
+        input_tokens,
+        pieces,
+        counts,
+        n_tokens,
+        truncated,
+        cache_read,
+        cache_write,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +159,7 @@ def _chat_usage(r: Reply) -> dict[str, Any]:
         "prompt_tokens": r.input_tokens,
         "completion_tokens": r.output_tokens,
         "total_tokens": r.input_tokens + r.output_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": r.cache_read_tokens},
         "completion_tokens_details": {"reasoning_tokens": 0},
     }
 
@@ -208,7 +226,7 @@ def _response(r: Reply, status: str) -> dict[str, Any]:
     done = status != "in_progress"
     usage = {
         "input_tokens": r.input_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": r.cache_read_tokens},
         "output_tokens": r.output_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": r.input_tokens + r.output_tokens,
@@ -293,11 +311,12 @@ def _anthropic_message(r: Reply, content: list[Any], stop: str | None, out: int)
         "content": content,
         "stop_reason": stop,
         "stop_sequence": None,
+        # Anthropic's input_tokens leaves out the cached ones, reported beside it.
         "usage": {
-            "input_tokens": r.input_tokens,
+            "input_tokens": r.input_tokens - r.cache_read_tokens - r.cache_write_tokens,
             "output_tokens": out,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
+            "cache_creation_input_tokens": r.cache_write_tokens,
+            "cache_read_input_tokens": r.cache_read_tokens,
         },
     }
 
@@ -366,9 +385,10 @@ def _gemini_chunk(r: Reply, text: str, candidates_tokens: int, last: bool) -> di
     return {
         "candidates": [candidate],
         "usageMetadata": {
-            "promptTokenCount": r.input_tokens,
+            "promptTokenCount": r.input_tokens,  # cached tokens included
             "candidatesTokenCount": candidates_tokens,
             "totalTokenCount": r.input_tokens + candidates_tokens,
+            **({"cachedContentTokenCount": r.cache_read_tokens} if r.cache_read_tokens else {}),
         },
         "modelVersion": r.model,
         "responseId": f"mock{r.seq}",

@@ -38,10 +38,29 @@ def format_usd(nano: int) -> str:
 
 
 def cost_nano(
-    tokens_in: int, tokens_out: int, in_per_mtok_nano: int, out_per_mtok_nano: int
+    tokens_in: int,
+    tokens_out: int,
+    in_per_mtok_nano: int,
+    out_per_mtok_nano: int,
+    *,
+    cache_read_tokens: int = 0,
+    cache_read_per_mtok_nano: int = 0,
+    cache_write_tokens: int = 0,
+    cache_write_per_mtok_nano: int = 0,
 ) -> int:
-    """Cost of a usage, rounded up to the next nano-USD (exact integer arithmetic)."""
-    numerator = tokens_in * in_per_mtok_nano + tokens_out * out_per_mtok_nano
+    """Cost of a usage, rounded up to the next nano-USD (exact integer arithmetic).
+
+    ``tokens_in`` counts every input token; the cache reads and writes among them are
+    priced at their own rates, the rest at the input rate.
+    """
+    cached = min(cache_read_tokens + cache_write_tokens, tokens_in)
+    cache_read = min(cache_read_tokens, cached)
+    numerator = (
+        (tokens_in - cached) * in_per_mtok_nano
+        + cache_read * cache_read_per_mtok_nano
+        + (cached - cache_read) * cache_write_per_mtok_nano
+        + tokens_out * out_per_mtok_nano
+    )
     return -(-numerator // TOKENS_PER_PRICE_UNIT)
 
 

@@ -16,20 +16,22 @@ if it has one), and relays the answer as it arrives.
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import unquote_plus
 
 import msgspec
 from aiohttp import web
 
+from .accounts import KeyRecord
 from .errors import GatewayError
 from .gateway import admit_request, billable_usage, own_headers, settle_request
 from .limiter import Decision
-from .money import cost_nano
-from .protocols import ADAPTERS, Route, StreamTap, Usage, estimate_input_tokens
+from .protocols import ADAPTERS, Route, StreamTap, UpstreamEdits, Usage, estimate_input_tokens
 from .quota import endpoint_ceiling
 from .rejections import per_request_rejection_error, rejection_error
-from .relay import RelayResult, UpstreamCall, upstream_request_headers
+from .relay import RelayResult, UpstreamCall, carries_gateway_key, upstream_request_headers
 from .services import SERVICES, context
 from .settings import CustomEndpoint, Model
+from .worst_case import Hold, plan_hold, protects_money, usage_cost_nano
 
 _OPENAI = ADAPTERS["openai"]
 
@@ -51,13 +53,40 @@ class PassThroughTap(StreamTap):
         return b""
 
 
-def _priced_model(body: bytes, models: dict[str, Model]) -> Model | None:
-    """The configured model with a price that a JSON body names, if any."""
+def _named_model(body: bytes) -> str | None:
+    """The ``model`` a JSON object body names, if it names one."""
     try:
-        name = _MODEL_VIEW.decode(body).model
+        return _MODEL_VIEW.decode(body).model
     except msgspec.DecodeError:  # not JSON, not an object, or a non-string model
         return None
-    model = models.get(name or "")
+
+
+def _check_restricted_key(key: KeyRecord, body: bytes) -> None:
+    """A key restricted to some models may send a body-less request, or a JSON body naming
+    one of them; any other body (no model, not JSON, multipart…) could reach any model."""
+    if not key.models or not body:
+        return
+    name = _named_model(body)
+    if name is None:
+        raise GatewayError(
+            403,
+            "model_not_allowed",
+            "This API key may only use some models: a request body to a custom endpoint "
+            "must be a JSON object whose `model` is one of them.",
+            param="model",
+        )
+    if not key.allows_model(name):
+        raise GatewayError(
+            403,
+            "model_not_allowed",
+            f"This API key may not use the model `{name}`.",
+            param="model",
+        )
+
+
+def _priced_model(body: bytes, models: dict[str, Model]) -> Model | None:
+    """The configured model with a price that a JSON body names, if any."""
+    model = models.get(_named_model(body) or "")
     if model is None or not (model.input_nano_usd_per_mtok or model.output_nano_usd_per_mtok):
         return None
     return model
@@ -72,12 +101,22 @@ def _declared_output_cap(route: Route, body: bytes) -> int:
 
 
 def _upstream_url(endpoint: CustomEndpoint, request: web.Request) -> str:
-    # The raw (still percent-encoded) suffix and query, so they reach the upstream as sent.
+    # The raw (still percent-encoded) suffix and query, so they reach the upstream as sent,
+    # less any parameter that carries a gateway key.
     suffix = request.rel_url.raw_path.split("/", 4)[4]
     url = f"{endpoint.base_url}/{suffix}"
-    if request.rel_url.raw_query_string:
-        url += "?" + request.rel_url.raw_query_string
+    if query := _forwarded_query(request.rel_url.raw_query_string):
+        url += "?" + query
     return url
+
+
+def _forwarded_query(raw_query: str) -> str:
+    kept = []
+    for part in raw_query.split("&"):
+        name, _, value = part.partition("=")
+        if not carries_gateway_key(unquote_plus(name), unquote_plus(value)):
+            kept.append(part)
+    return "&".join(kept)
 
 
 async def handle_proxy(request: web.Request) -> web.StreamResponse:
@@ -102,41 +141,27 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     suffix = info["path"]  # percent-decoded, so "%2e%2e" and "%2F" are seen for what they are
     segments = suffix.split("/")
     if (
-        any(segment in (".", "..") for segment in segments)
+        # "..;x" too: servers that take ";" as a segment's parameters (Tomcat) see "..".
+        any(segment.partition(";")[0] in (".", "..") for segment in segments)
         or "" in segments[:-1]  # "//": an empty segment, or an absolute URL ("http://…")
         or any(c == "\\" or c < " " or c == "\x7f" for c in suffix)
     ):
         raise GatewayError(
             400,
             "invalid_request",
-            "The path after the endpoint may not contain '.' or '..' segments, empty "
-            "segments ('//'), backslashes or control characters.",
+            "The path after the endpoint may not contain '.' or '..' segments (with or "
+            "without ';' parameters), empty segments ('//'), backslashes or control "
+            "characters.",
         )
-    body = await request.read()
+    body = await svc.bodies.read(request)
+    _check_restricted_key(key, body)
     route = Route.RESPONSES if suffix.rstrip("/").endswith("responses") else Route.CHAT
     model = _priced_model(body, svc.settings.models)
-    input_estimate = estimate_input_tokens(len(body))
-    upstream_body = body
-    if model is not None:
-        if not key.allows_model(model.id):
-            raise GatewayError(
-                403,
-                "model_not_allowed",
-                f"This API key may not use the model `{model.id}`.",
-                param="model",
-            )
+    request_info = None
+    if model is not None:  # a restricted key may use it: _check_restricted_key said so
         ctx.model = model.id
         request_info = _OPENAI.parse_request(route, body, None)
-        output_cap = request_info.max_output_tokens
-        if output_cap is None:
-            output_cap = model.default_max_output
-        hold_nano = cost_nano(
-            input_estimate,
-            output_cap,
-            model.input_nano_usd_per_mtok,
-            model.output_nano_usd_per_mtok,
-        )
-        upstream_body = _OPENAI.prepare_upstream_body(route, body, request_info)
+        hold = await plan_hold(svc, key, _OPENAI, route, body, request_info, model)
         strip_usage = (
             route is Route.CHAT and request_info.stream and not request_info.wants_usage_chunk
         )
@@ -144,28 +169,41 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
             (lambda: _OPENAI.new_stream_tap(route, strip_usage)) if request_info.stream else None
         )
     else:
-        output_cap = _declared_output_cap(route, body)
-        hold_nano = endpoint.price_per_request_nano
+        # Opaque: nothing to hold but the price, so the body's usual size is both numbers.
+        input_estimate = estimate_input_tokens(len(body))
+        hold = Hold(
+            input_estimate,
+            input_estimate,
+            _declared_output_cap(route, body),
+            1,
+            endpoint.price_per_request_nano,
+        )
         new_tap = PassThroughTap
 
     def reject(decision: Decision) -> GatewayError:
         if model is not None:
-            return rejection_error(decision, model, input_estimate, output_cap, hold_nano)
+            return rejection_error(decision, model, hold)
         return per_request_rejection_error(
-            decision, endpoint.id, input_estimate, output_cap, hold_nano
+            decision, endpoint.id, hold.estimated_input_tokens, hold.output_cap, hold.nano
         )
 
-    estimated_tokens = input_estimate + output_cap
     quota = await admit_request(
         svc,
         ctx,
         key,
-        estimated_tokens,
-        hold_nano,
+        hold.tokens,
+        hold.nano,
         endpoint.timeout_s,
         endpoint_ceiling(endpoint),
         reject,
     )
+    upstream_body = body
+    if request_info is not None:
+        # Whatever the hold assumed is what the upstream is allowed (§5); metered accounts
+        # keep their bytes (but for the usage chunk a stream must ask for).
+        cap = hold.output_cap if protects_money(ctx.decision) else None
+        edits = UpstreamEdits(output_cap=cap, chat_cap_field=endpoint.chat_cap_field)
+        upstream_body = _OPENAI.prepare_upstream_body(route, body, request_info, edits)
     call = UpstreamCall(
         provider=endpoint.id,
         model=ctx.model,
@@ -193,24 +231,19 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
         if result.outcome == "pending":
             result.outcome = "upstream_error"
         if model is not None:
-            usage = billable_usage(result, input_estimate, output_cap)
-            cost = cost_nano(
-                usage.input_tokens,
-                usage.output_tokens,
-                model.input_nano_usd_per_mtok,
-                model.output_nano_usd_per_mtok,
-            )
+            usage = billable_usage(result, hold)
+            cost = usage_cost_nano(usage, model)
         elif result.outcome == "upstream_error":
             usage, cost = Usage(0, 0), 0  # refused or unreachable: nothing delivered
         else:
-            usage, cost = Usage(input_estimate, output_cap), hold_nano
+            usage, cost = Usage(hold.input_tokens, hold.output_tokens), hold.nano
         settle_request(
             svc,
             ctx,
             result,
             usage,
             cost,
-            estimated_tokens,
+            hold.tokens,
             model.id if model is not None else endpoint.id,
             quota,
         )

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .errors import GatewayError, RateLimitInfo
 from .headers import go_duration
 from .limiter import Decision
 from .money import affordable_output_tokens, format_usd
+from .protocols import UnboundedInput
 from .quota import QuotaDecision
 from .settings import Model
+
+if TYPE_CHECKING:  # worst_case.py raises this module's errors
+    from .worst_case import Hold
 
 _KEY_MESSAGES = {
     "invalid_key": "Invalid API key.",
@@ -22,24 +28,44 @@ def key_error(reason: str) -> GatewayError | None:
     return None if message is None else GatewayError(401, reason, message)
 
 
-def rejection_error(
-    decision: Decision, model: Model, input_tokens: int, output_cap: int, hold_nano: int
-) -> GatewayError:
+def rejection_error(decision: Decision, model: Model, hold: Hold) -> GatewayError:
+    """Why admission refused a request held for ``hold`` on ``model``."""
     reason = decision.reason
+    choices = hold.choices
+    output = f"{choices} × {hold.output_cap}" if choices > 1 else str(hold.output_cap)
     if reason == "balance_exceeded":
         available = decision.available_nano or 0
-        input_cost = -(-input_tokens * model.input_nano_usd_per_mtok // 1_000_000)
+        input_cost = -(-hold.input_tokens * model.input_nano_usd_per_mtok // 1_000_000)
         affordable = affordable_output_tokens(available, input_cost, model.output_nano_usd_per_mtok)
+        each = " per answer" if choices > 1 else ""
         return GatewayError(
             402,
             reason,
             f"Insufficient balance: ${format_usd(max(available, 0))} available, but this "
-            f"request may cost up to ${format_usd(hold_nano)} ({input_tokens} estimated input "
-            f"tokens + {output_cap} output tokens on {model.id}). The balance can pay for at "
-            f"most {affordable} output tokens: lower max_tokens or top up the account.",
+            f"request may cost up to ${format_usd(hold.nano)} (at most {hold.input_tokens} "
+            f"input tokens + {output} output tokens on {model.id}). The balance can pay for at "
+            f"most {affordable // choices} output tokens{each}: lower max_tokens or top up "
+            "the account.",
             should_retry=False,
         )
-    return _limit_error(decision, input_tokens, output_cap)
+    return _limit_error(decision, hold.estimated_input_tokens, hold.output_tokens, output)
+
+
+def unbounded_input_error(model: Model, found: list[UnboundedInput]) -> GatewayError:
+    """A prepaid account's request carries input whose cost its bytes do not bound (§5)."""
+    first = found[0]
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    return GatewayError(
+        400,
+        "unbounded_input",
+        f"`{first.path}` ({first.kind}){more} is input whose cost the gateway cannot bound "
+        "from the request bytes (the provider prices it by pixels, pages or duration, or "
+        "fetches it from elsewhere), so a prepaid balance could not be held for its worst "
+        f"case. Send the content as text, or ask the operator to set "
+        f"`reference_allowance_tokens` for the model `{model.id}`: each such part then holds "
+        "that many input tokens.",
+        param=first.path,
+    )
 
 
 def per_request_rejection_error(
@@ -59,9 +85,12 @@ def per_request_rejection_error(
     return _limit_error(decision, input_tokens, output_cap)
 
 
-def _limit_error(decision: Decision, input_tokens: int, output_cap: int) -> GatewayError:
+def _limit_error(
+    decision: Decision, input_tokens: int, output_tokens: int, output: str | None = None
+) -> GatewayError:
+    """``output_tokens`` is the estimate's output part; ``output`` how to show it."""
     reason = decision.reason
-    estimate = input_tokens + output_cap
+    estimate = input_tokens + output_tokens
     if (refused_key := key_error(reason)) is not None:
         return refused_key
     limits = RateLimitInfo(
@@ -74,8 +103,8 @@ def _limit_error(decision: Decision, input_tokens: int, output_cap: int) -> Gate
             429,
             reason,
             f"This request needs an estimated {estimate} tokens ({input_tokens} input + "
-            f"{output_cap} max output), more than your limit of {limit} tokens per minute "
-            "can ever allow. Lower max_tokens or shorten the input.",
+            f"{output or output_tokens} max output), more than your limit of {limit} tokens "
+            "per minute can ever allow. Lower max_tokens or shorten the input.",
             should_retry=False,
             rate_limit=limits,
         )

@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from .accounts import KEY_PREFIX
 from .errors import GatewayError
 from .metrics import Metrics, labelled
 from .protocols import StreamTap, Usage
@@ -95,6 +96,13 @@ def upstream_request_headers(
     headers = {k: v for k, v in client_headers.items() if k.lower() not in replaced}
     headers.update(provider_headers)
     return headers
+
+
+def carries_gateway_key(name: str, value: str) -> bool:
+    """Does a (percent-decoded) query parameter hold a gateway key? Such a parameter is never
+    sent upstream, on any route: the caller's own key or another's, under any name (every
+    gateway key starts with the prefix; an upstream's own key does not)."""
+    return name.strip().startswith(KEY_PREFIX) or value.strip().startswith(KEY_PREFIX)
 
 
 def client_response_headers(

@@ -19,7 +19,9 @@ in the order they were sent, so no pool, lock or task sits between a handler and
 * NOSCRIPT (after SCRIPT FLUSH, a restart or a failover): the script is loaded and the call
   sent again, once, on the same connection — both queue behind what is already in flight.
 * A caller that gave up before its batch was written is dropped from the batch; once
-  written, a script runs whether or not anyone still waits for its answer.
+  written, a script runs whether or not anyone still waits for its answer. A call that fails
+  without ever being written (no connection could be made, or the channel was closed first)
+  fails with a :class:`NeverSent` error: it certainly did not run.
 """
 
 from __future__ import annotations
@@ -39,6 +41,19 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 # The longest a deferrable call waits for company (see the module docstring). Short beside a
 # request's own duration, so balances, ledgers and slots lag the response by at most this.
 DEFER_S = 0.002
+
+
+class NeverSent(Exception):
+    """Mixed into the error of a call that was never written to Redis."""
+
+
+class NotConnectedError(RedisConnectionError, NeverSent):
+    """No connection took the call: connecting failed, or the channel was closed first."""
+
+
+class ConnectTimeoutError(RedisTimeoutError, NeverSent):
+    """Connecting (or its handshake) outlasted the timeout; the calls waiting for it were
+    never written."""
 
 
 class FlushSchedule:
@@ -241,9 +256,9 @@ class ScriptChannel:
             if isinstance(exc, RedisError):  # e.g. AUTH refused
                 error = exc
             elif isinstance(exc, TimeoutError):
-                error = RedisTimeoutError("connecting to Redis timed out")
+                error = ConnectTimeoutError("connecting to Redis timed out")
             else:
-                error = RedisConnectionError(f"cannot connect to Redis: {exc!r}")
+                error = NotConnectedError(f"cannot connect to Redis: {exc!r}")
             for call in waiting:
                 if not call.future.done():
                     call.future.set_exception(error)
@@ -295,7 +310,7 @@ class ScriptChannel:
         queued, self._queue = self._queue, []
         for call in queued:  # nothing will send them now
             if not call.future.done():
-                call.future.set_exception(RedisConnectionError("storage closed"))
+                call.future.set_exception(NotConnectedError("storage closed"))
         if self._connecting is not None:
             self._connecting.cancel()
         if self._connection is not None:

@@ -15,8 +15,9 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from .app import create_app
+from .eviction_guard import check_before_serving
 from .services import SERVICES
-from .settings import Settings
+from .settings import ServerSettings, Settings
 
 log = logging.getLogger("ratelimit_gw")
 
@@ -41,15 +42,19 @@ _server_log = logging.getLogger("ratelimit_gw.http")
 _server_log.addFilter(_RedactMalformedRequests())
 
 
-def make_runner(app: web.Application, shutdown_timeout_s: float = 60.0) -> web.AppRunner:
+def make_runner(app: web.Application, server: ServerSettings | None = None) -> web.AppRunner:
+    """The runner for ``app`` with the ``[server]`` settings (defaults if none are given)."""
+    server = server or ServerSettings()
     # handler_cancellation: a client that hangs up cancels its handler, and with it the
     # upstream call; the handler's finally-block still hands the request to settlement.
+    # keepalive_timeout: aiohttp's own default keeps an idle connection for an hour.
     return web.AppRunner(
         app,
         handler_cancellation=True,
         access_log=None,
         logger=_server_log,
-        shutdown_timeout=shutdown_timeout_s,
+        shutdown_timeout=server.shutdown_timeout_s,
+        keepalive_timeout=server.keepalive_timeout_s,
     )
 
 
@@ -110,9 +115,7 @@ def install_fast_loop() -> None:
 async def serve_forever(
     settings: Settings, *, reuse_port: bool = False, passthrough: bool = False
 ) -> None:
-    runner = make_runner(
-        create_app(settings, passthrough=passthrough), settings.server.shutdown_timeout_s
-    )
+    runner = make_runner(create_app(settings, passthrough=passthrough), settings.server)
     await runner.setup()
     # Everything loaded so far (modules, config, the app) lives as long as the process:
     # keep it out of the cyclic collector's full passes, which otherwise grow with it.
@@ -161,6 +164,8 @@ def serve_workers(settings: Settings, workers: int, *, passthrough: bool = False
     # (The benchmark's pass-through never touches storage, so memory:// is fine there.)
     if settings.storage.url.startswith("memory://") and not passthrough:
         raise SystemExit("--workers needs shared storage (redis://…): memory:// is per process")
+    # Each worker checks again as it starts; a refusal here is one message and a failed command.
+    asyncio.run(check_before_serving(settings.storage))
     own_dir = None
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         own_dir = tempfile.TemporaryDirectory(prefix="rlgw-metrics-")

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from .accounts import AccountStore, KeyRecord
 from .auth import KeyCache
+from .body import BodyReader
 from .catalog import Catalog
 from .limiter import Decision, Limiter
 from .metrics import Metrics
@@ -33,6 +34,7 @@ class Services:
     metrics: Metrics
     registry: CollectorRegistry
     quota: UpstreamQuota  # shared upstream ceilings (§10)
+    bodies: BodyReader  # reads request bodies within the [server] limits
     # Benchmark baseline: relay without keys, limits or balance (``serve --passthrough-…``).
     passthrough: bool = False
     draining: bool = False  # set at shutdown: /readyz answers 503 so load balancers move on

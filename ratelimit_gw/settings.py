@@ -35,6 +35,10 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+Price = Annotated[float, msgspec.Meta(ge=0)] | str  # USD per million tokens
+TokenCount = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
+ChatCapField = Literal["max_completion_tokens", "max_tokens"]
+DEFAULT_MAX_OUTPUT_TOKENS = 4096
 
 
 class ConfigError(ValueError):
@@ -55,6 +59,18 @@ class ServerSettings(_Section):
     # On SIGTERM: how long in-flight requests and streams may run on before they are cut
     # (and settled with the usage relayed so far).
     shutdown_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    # A body must arrive whole this long after the gateway starts reading it, else 408
+    # body_timeout: a slow sender holds an in-flight slot no longer. 30 s takes the largest
+    # body (32 MiB) at ~9 Mbit/s and a 1 MiB prompt at ~280 kbit/s.
+    body_timeout_s: PositiveFloat = 30.0
+    # Request body bytes one process holds at once (a request holds its body until it
+    # ends); a body that does not fit gets 529 overloaded_error. 8 bodies of the maximum
+    # size, or ~650 prompts of 400 KB, in a bounded amount of memory.
+    max_buffered_body_bytes: PositiveInt = 256 * 1024 * 1024
+    # An idle keep-alive connection is closed after this long. Above the 60 s idle timeout
+    # of common load balancers (AWS ALB, GCP), so they, not the gateway, close first and
+    # never send a request on a connection the gateway is closing.
+    keepalive_timeout_s: PositiveFloat = 75.0
 
 
 class StorageSettings(_Section):
@@ -75,6 +91,12 @@ class StorageSettings(_Section):
     # Settlements and top-ups count as done only once this many replicas acknowledged them
     # (Redis WAIT), so a failover cannot lose a charge. Unset: 1 on redis+sentinel://, else 0.
     wait_replicas: Annotated[int, msgspec.Meta(ge=0, le=16)] | None = None
+    # A Redis master whose maxmemory-policy is anything but noeviction deletes keys when
+    # memory fills: accounts, API keys and balances vanish. The gateway refuses to start on
+    # one unless this is true; a running gateway re-reads the policy every
+    # eviction_check_interval_s (a failover or CONFIG SET can change it) into a metric.
+    allow_eviction: bool = False
+    eviction_check_interval_s: PositiveFloat = 60.0
 
 
 class ProviderSettings(_Section):
@@ -87,6 +109,9 @@ class ProviderSettings(_Section):
     tpm: PositiveInt | None = None
     timeout_s: PositiveFloat = 600.0
     connect_timeout_s: PositiveFloat = 10.0
+    # protocol "openai" only: the chat field that carries the output cap the gateway sends
+    # (§5). OpenAI's o-series refuse max_tokens; some compatible servers ignore the newer one.
+    chat_cap_field: ChatCapField | None = None
 
 
 class ModelSettings(_Section):
@@ -94,9 +119,18 @@ class ModelSettings(_Section):
     provider: str
     upstream_id: str | None = None
     display_name: str | None = None
-    input_per_mtok: Annotated[float, msgspec.Meta(ge=0)] | str = 0.0
-    output_per_mtok: Annotated[float, msgspec.Meta(ge=0)] | str = 0.0
-    default_max_output: PositiveInt = 4096
+    input_per_mtok: Price = 0.0
+    output_per_mtok: Price = 0.0
+    # Cached input read from / written to the provider's prompt cache; unset: input price.
+    cache_read_per_mtok: Price | None = None
+    cache_write_per_mtok: Price | None = None
+    # The model's own output limit: the cap held for, and sent to the upstream for a
+    # prepaid account, when the request sets none. default_max_output is its older name.
+    max_output_tokens: TokenCount | None = None
+    default_max_output: TokenCount | None = None
+    # Input tokens held per image, file, stored-state reference or server tool (input the
+    # bytes do not bound). Unset: prepaid accounts may not send such input to this model.
+    reference_allowance_tokens: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
     created: int = 0
 
 
@@ -113,6 +147,8 @@ class CustomEndpointSettings(_Section):
     price_per_request_usd: Annotated[float, msgspec.Meta(ge=0)] | str | None = None
     timeout_s: PositiveFloat = 600.0
     connect_timeout_s: PositiveFloat = 10.0
+    # The chat field that carries the output cap sent for a priced model (as a provider's).
+    chat_cap_field: ChatCapField = "max_completion_tokens"
 
 
 class MetricsSettings(_Section):
@@ -153,6 +189,7 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True):
     tpm: int | None
     timeout_s: float
     connect_timeout_s: float
+    chat_cap_field: str
 
 
 class Model(msgspec.Struct, frozen=True, kw_only=True):
@@ -162,7 +199,10 @@ class Model(msgspec.Struct, frozen=True, kw_only=True):
     display_name: str
     input_nano_usd_per_mtok: int
     output_nano_usd_per_mtok: int
-    default_max_output: int
+    cache_read_nano_usd_per_mtok: int
+    cache_write_nano_usd_per_mtok: int
+    max_output_tokens: int
+    reference_allowance_tokens: int | None
     created: int
 
     @property
@@ -183,6 +223,7 @@ class CustomEndpoint(msgspec.Struct, frozen=True, kw_only=True):
     price_per_request_nano: int  # charged when the body names no priced model
     timeout_s: float
     connect_timeout_s: float
+    chat_cap_field: str
 
     @property
     def id(self) -> str:
@@ -254,6 +295,11 @@ def _resolve_headers(
 def _resolve_provider(p: ProviderSettings, i: int, environ: Mapping[str, str]) -> Provider:
     path = f"providers[{i}]"
     _check_url(p.base_url, f"{path}.base_url", ("http", "https"))
+    if p.chat_cap_field is not None and p.protocol != "openai":
+        raise ConfigError(
+            f'{path}.chat_cap_field: applies only to protocol "openai" (this provider '
+            f"speaks {p.protocol}); remove it"
+        )
     headers = _resolve_headers(p.headers, path, environ)
     if p.api_key_env is not None:
         if p.api_key_env not in environ:
@@ -281,6 +327,42 @@ def _resolve_provider(p: ProviderSettings, i: int, environ: Mapping[str, str]) -
         tpm=p.tpm,
         timeout_s=p.timeout_s,
         connect_timeout_s=p.connect_timeout_s,
+        chat_cap_field=p.chat_cap_field or "max_completion_tokens",
+    )
+
+
+def _max_output_tokens(m: ModelSettings, path: str) -> int:
+    if m.max_output_tokens is None:
+        return m.default_max_output or DEFAULT_MAX_OUTPUT_TOKENS
+    if m.default_max_output is not None and m.default_max_output != m.max_output_tokens:
+        raise ConfigError(
+            f"{path}.default_max_output: is the older name of max_output_tokens, and the two "
+            f"differ ({m.default_max_output} vs {m.max_output_tokens}); keep one"
+        )
+    return m.max_output_tokens
+
+
+def _resolve_model(m: ModelSettings, path: str, provider: Provider) -> Model:
+    input_price = usd_to_nano(m.input_per_mtok, f"{path}.input_per_mtok")
+    cache_read, cache_write = (
+        input_price if price is None else usd_to_nano(price, f"{path}.{name}")
+        for name, price in (
+            ("cache_read_per_mtok", m.cache_read_per_mtok),
+            ("cache_write_per_mtok", m.cache_write_per_mtok),
+        )
+    )
+    return Model(
+        id=m.id,
+        provider=provider,
+        upstream_id=m.upstream_id or m.id,
+        display_name=m.display_name or m.id,
+        input_nano_usd_per_mtok=input_price,
+        output_nano_usd_per_mtok=usd_to_nano(m.output_per_mtok, f"{path}.output_per_mtok"),
+        cache_read_nano_usd_per_mtok=cache_read,
+        cache_write_nano_usd_per_mtok=cache_write,
+        max_output_tokens=_max_output_tokens(m, path),
+        reference_allowance_tokens=m.reference_allowance_tokens,
+        created=m.created,
     )
 
 
@@ -319,6 +401,7 @@ def _resolve_custom_endpoint(
         else usd_to_nano(price, f"{path}.price_per_request_usd"),
         timeout_s=e.timeout_s,
         connect_timeout_s=e.connect_timeout_s,
+        chat_cap_field=e.chat_cap_field,
     )
 
 
@@ -353,6 +436,8 @@ def _msgspec_path(exc: msgspec.ValidationError) -> str:
         return f"{field_path}{found[1]}: unknown field (allowed: {allowed})"
     if found := _MISSING_FIELD.fullmatch(message):
         return f"{field_path}{found[1]}: required field is missing"
+    if isinstance(node, msgspec.inspect.UnionType):  # an optional choice: Literal[...] | None
+        node = next((t for t in node.types if isinstance(t, msgspec.inspect.LiteralType)), node)
     if (found := _BAD_ENUM.fullmatch(message)) and isinstance(node, msgspec.inspect.LiteralType):
         return f"{path}: {found[1]} is not one of {', '.join(map(str, node.values))}"
     return f"{path}: {message}" if path else message
@@ -381,16 +466,7 @@ def build_settings(raw: dict[str, Any], environ: Mapping[str, str] | None = None
         if m.provider not in providers:
             known = ", ".join(sorted(providers)) or "none defined"
             raise ConfigError(f"{path}.provider: unknown provider {m.provider!r} ({known})")
-        models[m.id] = Model(
-            id=m.id,
-            provider=providers[m.provider],
-            upstream_id=m.upstream_id or m.id,
-            display_name=m.display_name or m.id,
-            input_nano_usd_per_mtok=usd_to_nano(m.input_per_mtok, f"{path}.input_per_mtok"),
-            output_nano_usd_per_mtok=usd_to_nano(m.output_per_mtok, f"{path}.output_per_mtok"),
-            default_max_output=m.default_max_output,
-            created=m.created,
-        )
+        models[m.id] = _resolve_model(m, path, providers[m.provider])
 
     custom_endpoints: dict[tuple[str, str], CustomEndpoint] = {}
     for i, e in enumerate(file.custom_endpoints):

@@ -2,6 +2,11 @@
 
 A request that passed a shared upstream ceiling (§10) also has that ceiling's tpm bucket
 corrected to its real usage here, after the account's settlement.
+
+An admission its caller gave up on is released here too (:meth:`Settler.abandon`), with the
+same retries, so what it placed does not wait for its TTL. A settlement that finds its
+account gone (wiped or evicted) is not applied: it is counted, logged and kept in the
+orphan-settlements stream.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
-from .limiter import Limiter, Settlement, SettleResult, settle_result
+from .keyspace import ORPHAN_SETTLEMENTS
+from .limiter import ABANDONED, Limiter, Settlement, SettleResult, settle_result
 from .metrics import Metrics, labelled
 from .money import NANO_PER_USD
 from .quota import QuotaDecision, UpstreamQuota
@@ -47,6 +53,14 @@ class Settler:
         self._pending.add(attempt)
         attempt.add_done_callback(functools.partial(self._first_attempt_done, settlement))
 
+    def abandon(self, release: Settlement, cause: str) -> None:
+        """Release an admission whose caller will never settle it (``release``: its
+        ``AdmissionRequest.abandoned``), counted by ``cause``. Submitted whether or not the
+        admission ran: settle.lua gives back what it placed, or keeps it from placing
+        anything if it runs later."""
+        labelled(self._metrics.abandoned_admissions, cause).inc()
+        self.submit(release)
+
     def _first_attempt_done(self, settlement: Settlement, attempt: asyncio.Future[Any]) -> None:
         self._pending.discard(attempt)
         if attempt.cancelled():
@@ -65,7 +79,7 @@ class Settler:
                 exc_info=exc,
             )
 
-    def _track(self, work: Coroutine[Any, Any, SettleResult | None]) -> None:
+    def _track(self, work: Coroutine[Any, Any, object]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
@@ -117,8 +131,19 @@ class Settler:
         log.warning("settlement of %s failed, retrying: %s", settlement.request_id, exc)
 
     def _record(self, s: Settlement, result: SettleResult) -> None:
-        if not result.settled:
-            return  # a repeat: counted the first time
+        if result.account_missing:
+            self._metrics.orphan_settlements.inc()
+            log.warning(
+                "settlement %s for account %s found no such account (wiped or evicted?): "
+                "not applied, kept in %s",
+                s.request_id,
+                s.account_id,
+                ORPHAN_SETTLEMENTS,
+            )
+            self._track(self._keep_orphan(s))
+            return
+        if not result.settled or s.outcome == ABANDONED:
+            return  # a repeat (counted the first time), or a release: nothing was used
         m = self._metrics
         account = m.account(s.account_id)
         labelled(m.tokens, s.model, "input", *account).inc(s.input_tokens)
@@ -128,6 +153,13 @@ class Settler:
             labelled(m.holds, "settled").inc()
         if result.overrun:
             m.balance_overruns.inc()
+
+    async def _keep_orphan(self, s: Settlement) -> None:
+        try:
+            await self._limiter.keep_orphan(s)
+        except StorageError as exc:
+            # Not retried (a repeat would be a second copy): the log keeps it instead.
+            log.error("keeping orphan settlement %r failed: %s", s, exc)
 
     @property
     def pending(self) -> int:

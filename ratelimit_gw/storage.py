@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from urllib.parse import unquote, urlsplit
 
 import fakeredis
@@ -39,7 +40,7 @@ from redis.exceptions import (
 
 from .breaker import Breaker
 from .script_batch import ScriptBatcher
-from .script_channel import ScriptChannel
+from .script_channel import NeverSent, ScriptChannel
 from .settings import ConfigError, StorageSettings
 
 SCRIPT_NAMES = ("admit", "settle", "topup", "create_account", "upstream_quota")
@@ -50,7 +51,16 @@ DURABLE_SCRIPTS = frozenset({"settle", "topup"})
 
 
 class StorageError(Exception):
-    """Storage could not be reached or failed to answer in time."""
+    """Storage could not be reached or failed to answer in time.
+
+    ``never_sent``: the call certainly never reached Redis (the breaker refused it, or no
+    connection took it), so it did not run. Otherwise it may have run, whatever its caller
+    saw: a script whose reply was lost still placed what it placed.
+    """
+
+    def __init__(self, message: str, *, never_sent: bool = False) -> None:
+        super().__init__(message)
+        self.never_sent = never_sent
 
 
 class NotReplicatedError(RedisError):
@@ -161,7 +171,9 @@ class Storage:
             return exc
         if self.observer is not None:
             self.observer.storage_call(operation, time.perf_counter() - started, False)
-        error = StorageError(f"storage call {operation} failed: {detail}")
+        error = StorageError(
+            f"storage call {operation} failed: {detail}", never_sent=isinstance(exc, NeverSent)
+        )
         error.__cause__ = exc
         return error
 
@@ -269,6 +281,49 @@ class Storage:
             return False
         return True
 
+    async def eviction_policies(self) -> dict[str, str | None]:
+        """Every master's ``maxmemory-policy``, by node: the server of a plain URL, the
+        master the sentinels name, every cluster primary; none on ``memory://`` (in-process,
+        nothing else evicts its keys). None for a node that refuses both ways of asking.
+        An outage raises :class:`StorageError`."""
+        if isinstance(self.client, RedisCluster):
+            if not self.client.get_primaries():  # the topology arrives with the first command
+                await self._guarded("cluster", self.client.initialize)
+            return {
+                node.name: await self._eviction_policy(target_nodes=node)
+                for node in self.client.get_primaries()
+            }
+        if self.url.startswith("memory://"):
+            return {}
+        policy = await self._eviction_policy()  # first, so a sentinel pool knows its master
+        pool = self.client.connection_pool
+        if isinstance(pool, SentinelConnectionPool):
+            host, port = cast(tuple[str, int], pool.master_address)  # set by the call above
+            return {f"{host}:{port}": policy}
+        options = pool.connection_kwargs
+        return {str(options.get("path") or f"{options['host']}:{options['port']}"): policy}
+
+    async def _eviction_policy(self, **target: Any) -> str | None:
+        """CONFIG GET, else INFO memory (ACLs may deny CONFIG, managed Redis may rename it)."""
+        for operation, command, field in (
+            ("config", ("CONFIG", "GET", "maxmemory-policy"), "maxmemory-policy"),
+            ("info", ("INFO", "memory"), "maxmemory_policy"),
+        ):
+            reply = await self._guarded(operation, partial(self._ask, command, target))
+            if isinstance(reply, dict) and reply.get(field):
+                return str(reply[field])
+        return None
+
+    async def _ask(self, command: tuple[str, ...], target: dict[str, Any]) -> Any:
+        """The reply, or the refusal (NOPERM, unknown command) as a value: an answer, so it
+        counts neither as a storage error nor against the breaker, at every periodic check."""
+        try:
+            return await self.client.execute_command(*command, **target)  # type: ignore[no-untyped-call,unused-ignore]
+        except ResponseError as refusal:
+            if _unavailable(refusal):
+                raise
+            return refusal
+
     async def close(self) -> None:
         if isinstance(self._batcher, ScriptChannel):
             await self._batcher.aclose()
@@ -278,7 +333,7 @@ class Storage:
 
 
 def _refused(operation: str) -> StorageError:
-    return StorageError(f"storage call {operation} refused: circuit breaker open")
+    return StorageError(f"storage call {operation} refused: circuit breaker open", never_sent=True)
 
 
 def _unavailable(exc: BaseException) -> bool:

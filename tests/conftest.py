@@ -152,7 +152,7 @@ async def start_gateway(
     env = {"RLGW_TEST_UPSTREAM_KEY": UPSTREAM_KEY, **(environ or {})}
     settings = build_settings(gateway_config(upstream.url, storage.url, **overrides), env)
     app = create_app(settings, storage)
-    runner = make_runner(app)
+    runner = make_runner(app, settings.server)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

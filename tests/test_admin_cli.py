@@ -352,11 +352,11 @@ async def test_topup_credits_once_per_idempotency_key(admin: Admin) -> None:
     status, again = await admin.call("POST", "/admin/accounts/acme/topup", body)
     assert (status, again["credited"]) == (200, False)
     assert again["account"] == first["account"]
-    # The same key with another amount is still the same payment.
+    # The same key with another amount is a conflict (tests/test_topup_idempotency.py).
     status, other = await admin.call(
         "POST", "/admin/accounts/acme/topup", {"amount_usd": "1.00", "idempotency_key": "invoice-7"}
     )
-    assert (status, other["credited"], other["account"]["balance_usd"]) == (200, False, "15.75")
+    assert (status, other["error"]["reason"]) == (409, "idempotency_conflict")
 
 
 @pytest.mark.parametrize(
@@ -425,7 +425,7 @@ async def test_ledger_lists_topups_newest_first(admin: Admin) -> None:
             "type": "topup",
             "amount_usd": "10.50",
             "balance_usd": "10.50",
-            "idempotency_key": "initial-balance:acme",
+            "idempotency_key": "rlgw:initial-balance:acme",
         },
     ]
     status, body = await admin.call("GET", "/admin/accounts/acme/ledger?limit=1")
@@ -796,7 +796,7 @@ def test_cli_accounts_with_json_output(redis_url: str) -> None:
         (e["type"], e["amount_usd"], e["balance_usd"], e["idempotency_key"]) for e in ledger
     ] == [
         ("topup", "2.50", "12.50", "inv-1"),
-        ("topup", "10.00", "10.00", "initial-balance:acme"),
+        ("topup", "10.00", "10.00", "rlgw:initial-balance:acme"),
     ]
     assert len(cli_json("accounts", "ledger", "acme", "--limit", "1", *storage)) == 1
 
@@ -826,7 +826,7 @@ def test_cli_accounts_with_text_output(redis_url: str) -> None:
     blocks = [block for block in ledger.stdout.split("\n\n") if block.strip()]
     assert len(blocks) == 2
     assert "amount_usd       1.25" in blocks[0]
-    assert "idempotency_key  initial-balance:acme" in blocks[1]
+    assert "idempotency_key  rlgw:initial-balance:acme" in blocks[1]
     listed = cli("accounts", "list", *storage)
     assert (listed.returncode, listed.stdout) == (0, "acme\n")
 

@@ -14,7 +14,7 @@ import pytest
 
 from ratelimit_gw.accounts import AccountStore
 from ratelimit_gw.money import cost_nano, format_usd
-from ratelimit_gw.protocols import estimate_input_tokens
+from ratelimit_gw.protocols import input_token_bound
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import Storage, open_storage
 
@@ -25,7 +25,7 @@ from .redis_process import RedisProcess
 BODY = b'{"model":"gpt-4o-mini","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}'
 _, _, IN_USD, OUT_USD = MODELS[0]
 IN_NANO, OUT_NANO = int(float(IN_USD) * 1e9), int(float(OUT_USD) * 1e9)
-HOLD_NANO = cost_nano(estimate_input_tokens(len(BODY)), 100, IN_NANO, OUT_NANO)
+HOLD_NANO = cost_nano(input_token_bound(len(BODY)), 100, IN_NANO, OUT_NANO)
 # The mock takes this long to answer, so every request is decided while all holds are live.
 UPSTREAM_LATENCY_MS = 3000
 

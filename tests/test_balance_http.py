@@ -20,6 +20,7 @@ from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 
 from ratelimit_gw.money import cost_nano, format_usd, parse_usd
+from ratelimit_gw.protocols import input_token_bound
 
 from .conftest import Gateway
 
@@ -128,13 +129,13 @@ async def test_402_message_states_how_many_output_tokens_the_balance_affords(
 ) -> None:
     key = await gateway.new_key(balance_usd="0.0003")
     body = b'{"model":"gpt-4o-mini","max_tokens":1000,"messages":[{"role":"user","content":"h"}]}'
-    input_estimate = -(-len(body) // 4)
+    input_bound = input_token_bound(len(body))
     async with http.post(
         f"{gateway.url}/v1/chat/completions", data=body, headers={"Authorization": f"Bearer {key}"}
     ) as response:
         assert response.status == 402
         error = (await response.json())["error"]
-    affordable = (300_000 - cost_nano(input_estimate, 0, 150_000_000, 0)) * 10**6 // 600_000_000
+    affordable = (300_000 - cost_nano(input_bound, 0, 150_000_000, 0)) * 10**6 // 600_000_000
     assert f"at most {affordable} output tokens" in error["message"]
     # Asking for exactly that many passes; one more would not.
     fitted = body.replace(b"1000", str(affordable).encode())
@@ -194,16 +195,19 @@ async def test_upstream_error_releases_the_hold_and_charges_nothing(
 async def test_an_upstream_ignoring_the_cap_overruns_and_the_next_request_gets_402(
     gateway: Gateway, http: aiohttp.ClientSession
 ) -> None:
-    # Balance pays for the worst case of max_tokens=1 but the upstream sends 20 tokens.
+    # Balance pays for the worst case of max_tokens=1 but the upstream sends 200 tokens.
     body = {"model": "gpt-4o", "max_tokens": 1, "messages": CHAT}
     hold = cost_nano(
-        -(-len(aiohttp.JsonPayload(body)._value) // 4), 1, 2_500_000_000, 10_000_000_000
+        input_token_bound(len(aiohttp.JsonPayload(body)._value)),
+        1,
+        2_500_000_000,
+        10_000_000_000,
     )
     key = await gateway.new_key(balance_usd=format_usd(hold))
     async with http.post(
         f"{gateway.url}/v1/chat/completions",
         json=body,
-        headers={"Authorization": f"Bearer {key}", "x-mock-ignore-cap": "1"},
+        headers={"Authorization": f"Bearer {key}", "x-mock-ignore-cap": "1", "x-mock-chunks": "40"},
     ) as response:
         assert response.status == 200
     state = await _settled(gateway)

@@ -393,6 +393,9 @@ def test_full_config_resolves_server_storage_and_admin(full: Settings) -> None:
         "max_body_bytes": 1048576,
         "max_inflight": 1024,
         "shutdown_timeout_s": 30.0,
+        "body_timeout_s": 30.0,
+        "max_buffered_body_bytes": 256 * 1024 * 1024,
+        "keepalive_timeout_s": 75.0,
     }
     assert full.storage.url == "redis://redis.internal:6379/0"
     assert full.storage.on_error == "reject"
@@ -448,7 +451,7 @@ def test_prices_become_exact_nano_usd_per_mtok(full: Settings) -> None:
 def test_full_config_resolves_models(full: Settings) -> None:
     mini = full.models["gpt-4o-mini"]
     assert mini.provider is full.providers["openai-main"]
-    assert (mini.upstream_id, mini.display_name, mini.default_max_output, mini.created) == (
+    assert (mini.upstream_id, mini.display_name, mini.max_output_tokens, mini.created) == (
         "gpt-4o-mini-2024-07-18",
         "gpt-4o-mini",
         4096,
@@ -456,7 +459,7 @@ def test_full_config_resolves_models(full: Settings) -> None:
     )
     assert mini.protocol == "openai"
     claude = full.models["claude-sonnet-4-6"]
-    assert (claude.upstream_id, claude.display_name, claude.default_max_output) == (
+    assert (claude.upstream_id, claude.display_name, claude.max_output_tokens) == (
         "claude-sonnet-4-6",
         "Claude Sonnet 4.6",
         8192,
@@ -488,7 +491,7 @@ def test_provider_and_model_defaults() -> None:
     model = settings.models["gpt-4o-mini"]
     assert (model.upstream_id, model.display_name) == ("gpt-4o-mini", "gpt-4o-mini")
     assert (model.input_nano_usd_per_mtok, model.output_nano_usd_per_mtok) == (0, 0)
-    assert (model.default_max_output, model.created) == (4096, 0)
+    assert (model.max_output_tokens, model.created) == (4096, 0)
 
 
 def test_a_provider_without_api_key_env_sends_only_its_configured_headers() -> None:

@@ -33,6 +33,7 @@ from aiohttp import web
 from ratelimit_gw.accounts import LedgerEntry
 from ratelimit_gw.keyspace import AccountKeys
 from ratelimit_gw.money import parse_usd
+from ratelimit_gw.protocols import estimate_input_tokens, input_token_bound
 from ratelimit_gw.services import SERVICES
 from ratelimit_gw.storage import Storage
 
@@ -116,7 +117,7 @@ def auth(protocol: str, key: str) -> dict[str, str]:
 
 def estimated_input(route: Route) -> int:
     """The admission estimate the gateway charges when no usage was reported."""
-    return math.ceil(len(route.raw) / 4)
+    return estimate_input_tokens(len(route.raw))
 
 
 def relayed_tokens(pieces: int) -> int:
@@ -423,7 +424,7 @@ async def test_malformed_json_array_stream_is_relayed_and_charged_the_held_worst
     # The array cannot be parsed, so no usage is known: what was held is charged (§5).
     assert (entry.outcome, entry.input_tokens, entry.output_tokens) == (
         "ok",
-        estimated_input(route),
+        input_token_bound(len(route.raw)),
         1000,
     )
 
@@ -488,14 +489,15 @@ async def test_a_slow_reader_gets_the_whole_stream_and_the_exact_charge(
 ) -> None:
     caller = await new_caller(gw)
     route = ROUTES[name]
-    # 300 pieces (1500 tokens, ~100 KB) to a 4 KB receive buffer read 1 KB at a time.
-    call = await open_call(gw, route, caller.key, {"x-mock-chunks": "300"}, receive_buffer=4096)
+    # 180 pieces (900 tokens, ~60 KB) to a 4 KB receive buffer read 1 KB at a time; under
+    # the cap of 1000 a prepaid caller's stream is held for (and its upstream sent).
+    call = await open_call(gw, route, caller.key, {"x-mock-chunks": "180"}, receive_buffer=4096)
     await call.read_all(chunk=1024, pause_s=0.001)
     await call.hang_up()
 
     assert call.status == 200
     assert route.end_marker in call.received
-    expected_output = 1000 if name == "messages-stream" else 1500  # max_tokens caps it
+    expected_output = 900
     assert f" tok{expected_output - 1}".encode() in call.received
     entries = await assert_books_balance(gw, caller, [call.request_id])
     entry = entries[call.request_id]

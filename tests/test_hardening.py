@@ -31,6 +31,7 @@ from ratelimit_gw.gateway import billable_usage
 from ratelimit_gw.protocols import Usage
 from ratelimit_gw.relay import RelayResult
 from ratelimit_gw.storage import Storage
+from ratelimit_gw.worst_case import Hold
 
 from .conftest import ADMIN_TOKEN, UPSTREAM_KEY, Gateway, Upstream, start_gateway
 
@@ -523,7 +524,8 @@ def test_reported_usage_can_neither_credit_an_account_nor_overflow(
     reported: Usage, outcome: str, charged: Usage
 ) -> None:
     result = RelayResult(outcome=outcome, usage=reported, output_chars=4)
-    assert billable_usage(result, input_estimate=10, output_cap=100) == charged
+    hold = Hold(input_tokens=40, estimated_input_tokens=10, output_cap=100, choices=1, nano=1)
+    assert billable_usage(result, hold) == charged
 
 
 # --- fuzzing request parsing ---------------------------------------------------------------

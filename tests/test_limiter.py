@@ -923,7 +923,9 @@ async def test_topup_credits_once_per_idempotency_key(
     await accounts.create_account("acme", balance_nano=0)
     assert await accounts.topup("acme", parse_usd("2.50"), "invoice-1")
     assert not await accounts.topup("acme", parse_usd("2.50"), "invoice-1")
-    assert not await accounts.topup("acme", parse_usd("9.00"), "invoice-1")
+    with pytest.raises(AccountError) as conflict:  # the key again, another amount
+        await accounts.topup("acme", parse_usd("9.00"), "invoice-1")
+    assert (conflict.value.status, conflict.value.reason) == (409, "idempotency_conflict")
     account = await accounts.get_account("acme")
     assert (account.balance_usd, account.topped_up_usd) == ("2.50", "2.50")
 
@@ -1024,5 +1026,6 @@ def test_script_key_lists_name_the_same_keys_as_the_keyspace() -> None:
         keys.inflight,
         keys.holds,
         keys.ledger,
+        keys.settled,
     ]
-    assert keys.settle_keys("key_1") == [*keys.admit_keys("key_1"), keys.settled]
+    assert keys.settle_keys("key_1") == keys.admit_keys("key_1")

@@ -2,11 +2,14 @@
 
 Hypothesis drives one prepaid account with two keys, each scope with random rpm / tpm /
 concurrency limits (or none), through random sequences of admissions, settlements (honest
-or, rarely, an upstream that ignored the output cap), repeated settlements, top-ups (some
-reusing an idempotency key), peeks, revocations, holds that outlive their TTL, and time
-passing. Time is Redis's (``TIME``); "time passing" rewinds every bucket's ``ts``, as
-test_limiter.py does, and the model brackets each script's clock between a ``TIME`` read
-just before and just after it, so the few milliseconds that really pass are accounted for.
+or, rarely, an upstream that ignored the output cap), repeated settlements, releases of
+abandoned admissions (after the admission ran, or before it: then the admission is refused),
+settlements and top-ups for an account that does not exist, top-ups (some reusing an
+idempotency key, with the same amount or another), peeks, revocations, holds that outlive
+their TTL, and time passing. Time is Redis's (``TIME``); "time passing" rewinds every
+bucket's ``ts``, as test_limiter.py does, and the model brackets each script's clock between
+a ``TIME`` read just before and just after it, so the few milliseconds that really pass are
+accounted for.
 
 The model predicts each admission's verdict and reason wherever the bracket makes it certain,
 and after every step these invariants must hold:
@@ -16,7 +19,11 @@ and after every step these invariants must hold:
 - Σ top-ups − Σ ledger charges = balance, and every ledger entry's cost is in ``spent``;
 - ``held_nano`` = Σ live holds (the model's and the holds hash's);
 - concurrency leases = the model's live requests per scope (the account's: its in-flight set);
-- a rejected admission, a peek and a repeated settlement change nothing at all.
+- a rejected admission, a peek and a repeated settlement change nothing at all;
+- a release that finds no admission writes only its tombstone, and the admission it was
+  for, arriving later, writes nothing;
+- a settlement or top-up for a missing account writes nothing, and a conflicting top-up
+  credits nothing.
 
 Runs on ``memory://`` and on a real redis-server (the ``storage_url`` fixture).
 """
@@ -44,9 +51,9 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from ratelimit_gw.accounts import AccountStore
+from ratelimit_gw.accounts import AccountError, AccountStore
 from ratelimit_gw.keyspace import AccountKeys
-from ratelimit_gw.limiter import AdmissionRequest, Decision, Limiter, Settlement
+from ratelimit_gw.limiter import ABANDONED, AdmissionRequest, Decision, Limiter, Settlement
 from ratelimit_gw.money import parse_usd
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import Storage, open_storage
@@ -90,7 +97,7 @@ class Model:
     spent: int = 0
     charges: int = 0  # Σ cost_nano in the ledger
     overrun_injected: bool = False
-    idempotency: set[str] = field(default_factory=set)
+    idempotency: dict[str, int] = field(default_factory=dict)  # a caller's key -> its amount
     live: dict[str, Live] = field(default_factory=dict)
     settled: set[str] = field(default_factory=set)
     revoked: set[str] = field(default_factory=set)
@@ -238,8 +245,6 @@ class LuaMachine(RuleBasedStateMachine):
             created = self.run(self.accounts.create_key(ACCOUNT, **limits))
             self.key_ids[name] = created.record.id
         self.model.balance = self.model.topped_up = balance
-        if balance:
-            self.model.idempotency.add(f"initial-balance:{ACCOUNT}")
 
     # ------------------------------------------------------------ admission
 
@@ -414,6 +419,73 @@ class LuaMachine(RuleBasedStateMachine):
         assert result.balance_nano == self.model.balance
         assert self.run(self.snapshot()) == before, "a repeated settlement wrote"
 
+    @rule(target=settled_requests, rid=consumes(requests))
+    def abandon(self, rid: str) -> str:
+        """Its caller gave up after the admission ran: everything it placed comes back."""
+        live = self.model.live[rid]
+        self.model.pending_sweep.discard(rid)
+        buckets = [(b, k) for b, k in self.buckets_for(live.key) if k == "tpm"]
+        before_state = {b.name: self.run(self.bucket_state(b)) for b, _ in buckets}
+        before = self.run(self.snapshot())
+        t0 = self.run(self.redis_ms())
+        result = self.run(self.limiter.settle(self.release(live.key, rid, live.estimate)))
+        t1 = self.run(self.redis_ms())
+        del self.model.live[rid]
+        assert result.settled and not result.overrun
+        assert result.balance_nano == self.model.balance
+        if live.expired:
+            # Its hold was swept already: only the tombstone is written (a lingering lease
+            # is left to expire, as after any sweep).
+            assert result.released_nano == 0
+            self.assert_only_tombstone_written(before, rid)
+            return rid
+        assert result.released_nano == live.hold
+        self.model.stale_leases = {(sc, r) for sc, r in self.model.stale_leases if r != rid}
+        self.model.settled.add(rid)  # a `release` ledger entry
+        for bucket, _ in buckets:  # the whole estimate refunded (capped at full)
+            level, ts = self.run(self.bucket_state(bucket))
+            if live.estimate == 0:
+                assert [level, ts] == before_state[bucket.name]
+                continue
+            assert level is not None and ts is not None and t0 <= int(ts) <= t1
+            state = before_state[bucket.name]
+            low = min(bucket.capacity, bucket_level_at(state, bucket.capacity, t0) + live.estimate)
+            high = min(bucket.capacity, bucket_level_at(state, bucket.capacity, t1) + live.estimate)
+            assert low - EPS <= float(level) <= high + EPS
+        entry = self.run(self.accounts.ledger(ACCOUNT, limit=1))[0]
+        assert (entry.type, entry.settlement_id, entry.outcome) == ("release", rid, ABANDONED)
+        return rid
+
+    @rule(key=st.sampled_from(KEYS), estimate=st.integers(0, 160), hold=st.integers(0, 700))
+    def abandon_before_the_admission_runs(self, key: str, estimate: int, hold: int) -> None:
+        """The release reaches Redis first: it leaves a tombstone, and the admission, when it
+        runs, is refused and writes nothing at all (not even the expired-hold sweep)."""
+        self.counter += 1
+        rid = f"req-{self.counter}"
+        before = self.run(self.snapshot())
+        result = self.run(self.limiter.settle(self.release(key, rid, estimate)))
+        assert result.settled and result.released_nano == 0
+        self.assert_only_tombstone_written(before, rid)
+        tombstoned = self.run(self.snapshot())
+        decision = self.run(
+            self.limiter.admit(
+                AdmissionRequest(ACCOUNT, self.key_ids[key], rid, estimate, hold, TTL_MS)
+            )
+        )
+        assert (decision.allowed, decision.reason) == (False, "abandoned")
+        assert self.run(self.snapshot()) == tombstoned, "an abandoned admission wrote"
+
+    def release(self, key: str, rid: str, estimate: int) -> Settlement:
+        admission = AdmissionRequest(ACCOUNT, self.key_ids[key], rid, estimate, 0, TTL_MS)
+        return admission.abandoned("m", "")
+
+    def assert_only_tombstone_written(self, before: dict[str, Any], rid: str) -> None:
+        after = self.run(self.snapshot())
+        after.pop(self.keys.settled)
+        before.pop(self.keys.settled, None)
+        assert after == before, "a release without an admission wrote more than its tombstone"
+        assert self.run(self.storage.call("ZSCORE", self.keys.settled, rid)) is not None
+
     @rule(rid=requests)
     def hold_outlives_its_ttl(self, rid: str) -> None:
         """Make the request's TTL pass: the next admission must sweep its hold and leases."""
@@ -430,19 +502,42 @@ class LuaMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ the rest
 
-    @rule(amount=st.integers(1, 2000), reuse=st.booleans())
-    def topup(self, amount: int, reuse: bool) -> None:
-        idempotency = (
-            sorted(self.model.idempotency)[0]
-            if reuse and self.model.idempotency
-            else f"topup-{len(self.model.idempotency)}"
-        )
+    @rule(amount=st.integers(1, 2000), reuse=st.booleans(), same_amount=st.booleans())
+    def topup(self, amount: int, reuse: bool, same_amount: bool) -> None:
+        if reuse and self.model.idempotency:
+            idempotency = sorted(self.model.idempotency)[0]
+            if same_amount:
+                amount = self.model.idempotency[idempotency]
+        else:
+            idempotency = f"topup-{len(self.model.idempotency)}"
+        first = self.model.idempotency.get(idempotency)
+        if first is not None and first != amount:
+            before = self.run(self.snapshot())
+            with pytest.raises(AccountError) as conflict:
+                self.run(self.accounts.topup(ACCOUNT, amount, idempotency))
+            assert (conflict.value.status, conflict.value.reason) == (409, "idempotency_conflict")
+            assert self.run(self.snapshot()) == before, "a conflicting top-up wrote"
+            return
         credited = self.run(self.accounts.topup(ACCOUNT, amount, idempotency))
-        assert credited == (idempotency not in self.model.idempotency)
+        assert credited == (first is None)
         if credited:
-            self.model.idempotency.add(idempotency)
+            self.model.idempotency[idempotency] = amount
             self.model.balance += amount
             self.model.topped_up += amount
+
+    @rule(amount=st.integers(1, 2000))
+    def money_for_a_missing_account_writes_nothing(self, amount: int) -> None:
+        before = self.run(self.snapshot())
+        result = self.run(
+            self.limiter.settle(
+                Settlement("ghost", self.key_ids["k1"], "req-ghost", 10, 5, 5, amount, "m", "ok")
+            )
+        )
+        assert result.account_missing and not result.settled
+        with pytest.raises(AccountError) as missing:
+            self.run(self.accounts.topup("ghost", amount, "topup-ghost"))
+        assert missing.value.status == 404
+        assert self.run(self.snapshot()) == before, "money for a missing account wrote"
 
     @rule(key=st.sampled_from(KEYS))
     def peek(self, key: str) -> None:

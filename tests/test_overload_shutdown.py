@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import signal
 import subprocess
@@ -28,6 +27,7 @@ import pytest
 
 from ratelimit_gw.accounts import AccountStore
 from ratelimit_gw.money import parse_usd
+from ratelimit_gw.protocols import estimate_input_tokens
 from ratelimit_gw.services import SERVICES
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import Storage, open_storage
@@ -375,7 +375,7 @@ async def test_sigterm_cuts_a_stream_still_running_at_the_deadline_and_settles_i
 
     entry = await books(AccountStore(redis_storage), "cut-1")
     # Settled by the handler's finally-block with what was relayed: one piece, 24 chars.
-    body_tokens = math.ceil(len(json.dumps(CHAT_STREAM)) / 4)
+    body_tokens = estimate_input_tokens(len(json.dumps(CHAT_STREAM)))
     assert (entry.outcome, entry.input_tokens, entry.output_tokens) == (
         "client_disconnect",
         body_tokens,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Callable, Iterator
@@ -16,8 +17,10 @@ from ratelimit_gw.protocols import (
     RequestInfo,
     Route,
     StreamTap,
+    UpstreamEdits,
     Usage,
     estimate_input_tokens,
+    input_token_bound,
 )
 
 OPENAI = ADAPTERS["openai"]
@@ -102,7 +105,13 @@ GEMINI_ARRAY_STREAM = b"[" + b"\n,\r\n".join(GEMINI_CHUNKS) + b"]"
 STREAM_CASES = {
     "openai-chat": (OPENAI, Route.CHAT, CHAT_STREAM, Usage(13, 5), 2 + 7),
     "openai-responses": (OPENAI, Route.RESPONSES, RESPONSES_STREAM, Usage(9, 2), 5),
-    "anthropic": (ANTHROPIC, Route.MESSAGES, ANTHROPIC_STREAM, Usage(115, 15), 2 + 5),
+    "anthropic": (
+        ANTHROPIC,
+        Route.MESSAGES,
+        ANTHROPIC_STREAM,
+        Usage(115, 15, cache_read_tokens=100, cache_write_tokens=3),
+        2 + 5,
+    ),
     "gemini-sse": (GEMINI, Route.STREAM_GENERATE, GEMINI_SSE_STREAM, Usage(8, 7), 6),
 }
 
@@ -196,9 +205,10 @@ def test_anthropic_usage_takes_the_last_cumulative_message_delta() -> None:
     tap = ANTHROPIC.new_stream_tap(Route.MESSAGES, False)
     head, _, _ = ANTHROPIC_STREAM.partition(b"event: message_delta")
     tap.feed(head)
-    assert tap.usage == Usage(115, 1)  # message_start: input + cache writes + cache reads
+    # message_start: input + cache writes + cache reads
+    assert tap.usage == Usage(115, 1, cache_read_tokens=100, cache_write_tokens=3)
     relay(tap, [ANTHROPIC_STREAM[len(head) :]])
-    assert tap.usage == Usage(115, 15)  # 15, not 7 + 15
+    assert tap.usage == Usage(115, 15, 100, 3)  # 15, not 7 + 15
 
 
 def test_anthropic_message_delta_may_restate_input_tokens() -> None:
@@ -212,7 +222,7 @@ def test_anthropic_message_delta_may_restate_input_tokens() -> None:
     )
     tap = ANTHROPIC.new_stream_tap(Route.MESSAGES, False)
     relay(tap, [stream])
-    assert tap.usage == Usage(70, 9)
+    assert tap.usage == Usage(70, 9, cache_read_tokens=50)
 
 
 def test_gemini_usage_is_the_last_running_total_and_survives_chunks_without_it() -> None:
@@ -254,7 +264,7 @@ def test_gemini_json_array_cut_between_elements_still_yields_usage() -> None:
             b'{"model":"gpt-4o","messages":[],"stream":true,"max_tokens":50,'
             b'"stream_options":{"include_usage":true}}',
             None,
-            RequestInfo("gpt-4o", True, 50, 0, True),
+            RequestInfo("gpt-4o", True, 50, 0, True, cap_fields=frozenset({"max_tokens"})),
         ),
         (
             OPENAI,
@@ -268,21 +278,44 @@ def test_gemini_json_array_cut_between_elements_still_yields_usage() -> None:
             Route.CHAT,
             b'{"model":"o3","max_tokens":10,"max_completion_tokens":90,"stream":null}',
             None,
-            RequestInfo("o3", False, 90, 0, False),
+            RequestInfo(
+                "o3",
+                False,
+                90,
+                0,
+                False,
+                cap_fields=frozenset({"max_tokens", "max_completion_tokens"}),
+            ),
         ),
+        (
+            OPENAI,
+            Route.CHAT,
+            b'{"model":"o3","max_tokens":90,"max_completion_tokens":10,"n":3}',
+            None,
+            RequestInfo(
+                "o3",
+                False,
+                90,
+                0,
+                False,
+                choices=3,
+                cap_fields=frozenset({"max_tokens", "max_completion_tokens"}),
+            ),
+        ),
+        (OPENAI, Route.CHAT, b'{"model":"m","n":0}', None, RequestInfo("m", False, None, 0, False)),
         (
             OPENAI,
             Route.RESPONSES,
             b'{"model":"gpt-4o","input":"hi","stream":true,"max_output_tokens":64}',
             None,
-            RequestInfo("gpt-4o", True, 64, 0, False),
+            RequestInfo("gpt-4o", True, 64, 0, False, cap_fields=frozenset({"max_output_tokens"})),
         ),
         (
             ANTHROPIC,
             Route.MESSAGES,
             b'{"model":"claude-x","max_tokens":1024,"stream":true,"messages":[]}',
             None,
-            RequestInfo("claude-x", True, 1024, 0, False),
+            RequestInfo("claude-x", True, 1024, 0, False, cap_fields=frozenset({"max_tokens"})),
         ),
         (
             GEMINI,
@@ -299,6 +332,20 @@ def test_gemini_json_array_cut_between_elements_still_yields_usage() -> None:
             RequestInfo("gemini-2.5-flash", True, 32, 0, False),
         ),
         (GEMINI, Route.GENERATE, b"{}", "g", RequestInfo("g", False, None, 0, False)),
+        (
+            GEMINI,
+            Route.GENERATE,
+            b'{"generationConfig":{"maxOutputTokens":0,"candidateCount":3}}',
+            "g",
+            RequestInfo("g", False, None, 0, False, choices=3),  # protobuf's 0 is "unset"
+        ),
+        (
+            GEMINI,
+            Route.GENERATE,
+            b'{"generation_config":{"candidate_count":2}}',
+            "g",
+            RequestInfo("g", False, None, 0, False, choices=2),
+        ),
     ],
 )
 def test_request_view_reads_only_the_fields_the_gateway_needs(
@@ -309,13 +356,7 @@ def test_request_view_reads_only_the_fields_the_gateway_needs(
     expected: RequestInfo,
 ) -> None:
     info = adapter.parse_request(route, body, path_model)
-    assert info == RequestInfo(
-        expected.model,
-        expected.stream,
-        expected.max_output_tokens,
-        len(body),
-        expected.wants_usage_chunk,
-    )
+    assert info == dataclasses.replace(expected, input_chars=len(body))
 
 
 @pytest.mark.parametrize(
@@ -337,6 +378,13 @@ def test_request_view_reads_only_the_fields_the_gateway_needs(
         ),
         ("openai", Route.CHAT, b'{"model":7}', "model"),
         ("openai", Route.RESPONSES, b'{"model":"m","max_output_tokens":1.5}', "max_output_tokens"),
+        ("openai", Route.CHAT, b'{"model":"m","n":129}', "n"),
+        (
+            "gemini",
+            Route.GENERATE,
+            b'{"generationConfig":{"candidateCount":1000}}',
+            "generationConfig.candidateCount",
+        ),
         ("anthropic", Route.MESSAGES, b'{"model":"m","max_tokens":-5}', "max_tokens"),
         (
             "gemini",
@@ -390,13 +438,17 @@ def test_input_estimate_is_a_quarter_of_the_body_rounded_up_and_never_zero() -> 
     assert [estimate_input_tokens(n) for n in (0, 1, 4, 5, 4000)] == [1, 1, 1, 2, 1000]
 
 
+def test_input_bound_is_one_token_per_body_byte_and_never_zero() -> None:
+    assert [input_token_bound(n) for n in (0, 1, 4, 5, 4000)] == [1, 1, 4, 5, 4000]
+
+
 # --- upstream body --------------------------------------------------------------------
 
 
 def test_chat_stream_without_include_usage_asks_upstream_for_usage() -> None:
     body = b'{"model":"m","stream":true,"stream_options":{"include_obfuscation":false},"n":1}'
     info = OPENAI.parse_request(Route.CHAT, body, None)
-    sent = json.loads(OPENAI.prepare_upstream_body(Route.CHAT, body, info))
+    sent = json.loads(OPENAI.prepare_upstream_body(Route.CHAT, body, info, UpstreamEdits()))
     assert sent == {
         "model": "m",
         "stream": True,
@@ -422,7 +474,122 @@ def test_chat_stream_without_include_usage_asks_upstream_for_usage() -> None:
 def test_every_other_body_is_forwarded_untouched(name: str, route: Route, body: bytes) -> None:
     adapter = ADAPTERS[name]
     info = adapter.parse_request(route, body, "g")
-    assert adapter.prepare_upstream_body(route, body, info) is body
+    assert adapter.prepare_upstream_body(route, body, info, UpstreamEdits()) is body
+
+
+# The held cap goes where each upstream reads it (§5); a caller's own cap is never touched.
+@pytest.mark.parametrize(
+    ("name", "route", "body", "edits", "sent"),
+    [
+        (
+            "openai",
+            Route.CHAT,
+            b'{"model":"m"}',
+            UpstreamEdits(output_cap=700),
+            {"model": "m", "max_completion_tokens": 700},
+        ),
+        (
+            "openai",
+            Route.CHAT,
+            b'{"model":"m"}',
+            UpstreamEdits(output_cap=700, chat_cap_field="max_tokens"),
+            {"model": "m", "max_tokens": 700},
+        ),
+        (  # an upstream that reads max_tokens only would see no cap at all
+            "openai",
+            Route.CHAT,
+            b'{"model":"m","max_completion_tokens":5}',
+            UpstreamEdits(output_cap=5, chat_cap_field="max_tokens"),
+            {"model": "m", "max_completion_tokens": 5, "max_tokens": 5},
+        ),
+        (  # one decode and one encode for the usage request, the rename and the cap
+            "openai",
+            Route.CHAT,
+            b'{"model":"m","stream":true}',
+            UpstreamEdits(model="m-2025", output_cap=9),
+            {
+                "model": "m-2025",
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "max_completion_tokens": 9,
+            },
+        ),
+        (
+            "openai",
+            Route.RESPONSES,
+            b'{"model":"m","input":"hi"}',
+            UpstreamEdits(output_cap=700),
+            {"model": "m", "input": "hi", "max_output_tokens": 700},
+        ),
+        (
+            "anthropic",
+            Route.MESSAGES,
+            b'{"model":"m","messages":[]}',
+            UpstreamEdits(model="m-1", output_cap=700),
+            {"model": "m-1", "messages": [], "max_tokens": 700},
+        ),
+        (  # the model is in the URL: a rename leaves a Gemini body alone
+            "gemini",
+            Route.GENERATE,
+            b'{"contents":[]}',
+            UpstreamEdits(model="g-1", output_cap=700),
+            {"contents": [], "generationConfig": {"maxOutputTokens": 700}},
+        ),
+        (
+            "gemini",
+            Route.GENERATE,
+            b'{"generationConfig":{"maxOutputTokens":0,"temperature":1}}',
+            UpstreamEdits(output_cap=700),
+            {"generationConfig": {"maxOutputTokens": 700, "temperature": 1}},
+        ),
+        (
+            "gemini",
+            Route.STREAM_GENERATE,
+            b'{"generation_config":{"max_output_tokens":0}}',
+            UpstreamEdits(output_cap=700),
+            {"generation_config": {"max_output_tokens": 700}},
+        ),
+        (
+            "gemini",
+            Route.GENERATE,
+            b'{"generation_config":{"temperature":1}}',
+            UpstreamEdits(output_cap=700),
+            {"generation_config": {"temperature": 1, "maxOutputTokens": 700}},
+        ),
+    ],
+)
+def test_uncapped_body_is_sent_with_the_held_cap(
+    name: str, route: Route, body: bytes, edits: UpstreamEdits, sent: dict[str, object]
+) -> None:
+    adapter = ADAPTERS[name]
+    info = adapter.parse_request(route, body, "g")
+    assert json.loads(adapter.prepare_upstream_body(route, body, info, edits)) == sent
+
+
+@pytest.mark.parametrize(
+    ("name", "route", "body", "chat_cap_field"),
+    [
+        ("openai", Route.CHAT, b'{"model":"m","max_completion_tokens":3}', "max_completion_tokens"),
+        ("openai", Route.CHAT, b'{"model":"m","max_tokens":3}', "max_completion_tokens"),
+        ("openai", Route.CHAT, b'{"model":"m","max_tokens":3}', "max_tokens"),
+        (
+            "openai",
+            Route.RESPONSES,
+            b'{"model":"m","max_output_tokens":3}',
+            "max_completion_tokens",
+        ),
+        ("anthropic", Route.MESSAGES, b'{"model":"m","max_tokens":3}', "max_completion_tokens"),
+        ("gemini", Route.GENERATE, b'{"generationConfig":{"maxOutputTokens":3}}', "-"),
+        ("gemini", Route.GENERATE, b'{"generation_config":{"max_output_tokens":3}}', "-"),
+    ],
+)
+def test_body_whose_caller_gave_a_cap_is_sent_byte_identical(
+    name: str, route: Route, body: bytes, chat_cap_field: str
+) -> None:
+    adapter = ADAPTERS[name]
+    info = adapter.parse_request(route, body, "g")
+    edits = UpstreamEdits(output_cap=3, chat_cap_field=chat_cap_field)
+    assert adapter.prepare_upstream_body(route, body, info, edits) is body
 
 
 # --- usage of buffered answers ----------------------------------------------------------
@@ -449,7 +616,7 @@ def test_every_other_body_is_forwarded_untouched(name: str, route: Route, body: 
             Route.MESSAGES,
             b'{"content":[],"usage":{"input_tokens":5,"cache_creation_input_tokens":2,'
             b'"cache_read_input_tokens":30,"output_tokens":4,"service_tier":"standard"}}',
-            Usage(37, 4),
+            Usage(37, 4, cache_read_tokens=30, cache_write_tokens=2),
         ),
         (
             "gemini",

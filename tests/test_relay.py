@@ -27,6 +27,7 @@ from ratelimit_gw import mock_wire
 from ratelimit_gw.accounts import LedgerEntry
 from ratelimit_gw.limiter import Limiter
 from ratelimit_gw.money import NANO_PER_USD, format_usd
+from ratelimit_gw.protocols import estimate_input_tokens
 
 from .conftest import MODELS, UPSTREAM_KEY, Gateway, Upstream, gateway_config, start_gateway
 
@@ -296,7 +297,8 @@ async def test_chat_stream_without_include_usage_asks_upstream_and_hides_the_usa
     sent = gateway.upstream.state.requests[-1].json()
     assert sent["stream_options"] == upstream_options
     assert {k: v for k, v in sent.items() if k != "stream_options"} == {
-        k: v for k, v in body.items() if k != "stream_options"
+        **{k: v for k, v in body.items() if k != "stream_options"},
+        "max_completion_tokens": 1000,  # prepaid and uncapped: sent the cap it was held for
     }
 
     events = sse_data(reply.body)
@@ -513,7 +515,7 @@ async def test_client_disconnect_cancels_the_upstream_call_and_charges_what_was_
     # Charged for the one piece relayed (24 chars -> 6 tokens) on top of the input: the
     # reported input where the stream had already said it, else the admission estimate.
     reported_input = route.protocol in ("anthropic", "gemini")
-    input_tokens = PROMPT_TOKENS if reported_input else math.ceil(len(route.raw) / 4)
+    input_tokens = PROMPT_TOKENS if reported_input else estimate_input_tokens(len(route.raw))
     assert (entry.input_tokens, entry.output_tokens) == (input_tokens, 6)
     expected = cost_nano(route.model, input_tokens, 6)
     assert entry.cost_usd == format_usd(expected)
@@ -640,7 +642,7 @@ async def test_upstream_reset_mid_stream_ends_the_stream_and_charges_what_was_re
     # Two pieces relayed: 24 + 25 chars -> 13 tokens estimated (more than any running
     # count the stream reported); the input as reported, else as estimated at admission.
     reported_input = route.protocol in ("anthropic", "gemini")
-    input_tokens = PROMPT_TOKENS if reported_input else math.ceil(len(route.raw) / 4)
+    input_tokens = PROMPT_TOKENS if reported_input else estimate_input_tokens(len(route.raw))
     assert (entry.input_tokens, entry.output_tokens) == (input_tokens, 13)
     expected = cost_nano(route.model, input_tokens, 13)
     assert entry.cost_usd == format_usd(expected)
@@ -674,7 +676,7 @@ async def test_renamed_model_reaches_the_upstream_under_its_upstream_id(
         for model_id, provider, upstream_id in renamed
     ]
     gw = await other_gateway(models=models)
-    key = await gateway.new_key(balance_usd="1.00")
+    key = await gateway.new_key()  # metered: the rename is the only change to the body
     log = gateway.upstream.state
 
     chat = {**CHAT, "model": "house-mini", "temperature": 0.3}

@@ -27,7 +27,7 @@ from ratelimit_gw import keyspace
 from ratelimit_gw.accounts import AccountStore
 from ratelimit_gw.keyspace import AccountKeys
 from ratelimit_gw.money import NANO_PER_USD, cost_nano, parse_usd
-from ratelimit_gw.protocols import estimate_input_tokens
+from ratelimit_gw.protocols import input_token_bound
 from ratelimit_gw.services import SERVICES
 from ratelimit_gw.settings import ConfigError, StorageSettings
 from ratelimit_gw.storage import Storage, open_storage
@@ -275,7 +275,7 @@ async def test_two_gateway_processes_on_one_cluster_keep_limits_exact(
         b'{"model": "gpt-4o-mini", "max_tokens": 5, "messages": '
         b'[{"role": "user", "content": "hi"}]}'
     )
-    hold = cost_nano(estimate_input_tokens(body_len), 5, parse_usd(IN_USD), parse_usd(OUT_USD))
+    hold = cost_nano(input_token_bound(body_len), 5, parse_usd(IN_USD), parse_usd(OUT_USD))
     k = 23
     start_nano = k * hold + hold - 1
     await accounts.create_account(cash_acct, balance_nano=start_nano)

@@ -12,8 +12,11 @@ from ratelimit_gw.protocols.base import (
     RequestInfo,
     Route,
     StreamTap,
+    UnboundedInput,
+    UpstreamEdits,
     Usage,
     estimate_input_tokens,
+    input_token_bound,
 )
 from ratelimit_gw.protocols.gemini import GeminiAdapter
 from ratelimit_gw.protocols.openai import OpenAIAdapter
@@ -28,6 +31,9 @@ __all__ = [
     "RequestInfo",
     "Route",
     "StreamTap",
+    "UnboundedInput",
+    "UpstreamEdits",
     "Usage",
     "estimate_input_tokens",
+    "input_token_bound",
 ]

@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import msgspec
 
 from ratelimit_gw.errors import GatewayError
 from ratelimit_gw.protocols.base import (
+    ABSENT,
     MaxTokens,
     ProtocolAdapter,
     RequestInfo,
     Route,
     SseStreamTap,
     StreamTap,
+    UnboundedInput,
+    UpstreamEdits,
     Usage,
     bearer_token,
+    decode_any_json,
     decode_view,
     encode_json,
     header_value,
+    is_array,
+    is_given,
+    lenient,
     rate_limit_body,
     require_model,
     sse_event_fields,
@@ -68,12 +76,89 @@ _READ_EVENTS = frozenset({"message_start", "message_delta", "content_block_delta
 
 def _usage(usage: _Usage) -> Usage:
     # input_tokens excludes cached input; cache writes and reads are input too.
+    cache_write = usage.cache_creation_input_tokens or 0
+    cache_read = usage.cache_read_input_tokens or 0
     return Usage(
-        (usage.input_tokens or 0)
-        + (usage.cache_creation_input_tokens or 0)
-        + (usage.cache_read_input_tokens or 0),
+        (usage.input_tokens or 0) + cache_write + cache_read,
         usage.output_tokens or 0,
+        cache_read_tokens=cache_read,
+        cache_write_tokens=cache_write,
     )
+
+
+# Content blocks whose cost is not their bytes: images are priced by their pixels, PDFs by
+# their pages (text plus an image each), uploads by what the container makes of them. A
+# document whose source is plain text (or text blocks) is bounded like any text.
+_MEDIA_BLOCKS = frozenset({"image", "document", "container_upload"})
+_TEXT_SOURCES = frozenset({"text", "content"})
+
+
+# One msgspec pass with blocks kept as zero-copy Raw slices; a body without the API's shape
+# finds nothing (the upstream refuses it, so it can bill nothing).
+class _Source(msgspec.Struct):
+    type: str | None = None
+    content: msgspec.Raw = ABSENT
+
+
+class _Block(msgspec.Struct):
+    type: str | None = None
+    source: msgspec.Raw = ABSENT
+    content: msgspec.Raw = ABSENT  # tool_result and search_result nest blocks here
+
+
+class _RequestMessage(msgspec.Struct):
+    content: msgspec.Raw = ABSENT
+
+
+class _Tool(msgspec.Struct):
+    type: str | None = None
+
+
+class _Refs(msgspec.Struct):
+    system: msgspec.Raw = ABSENT
+    messages: list[_RequestMessage] | None = None
+    tools: list[_Tool] | None = None
+    # Content brought in from elsewhere: remote MCP servers, a container's files.
+    mcp_servers: msgspec.Raw = ABSENT
+    container: msgspec.Raw = ABSENT
+
+
+_REFS = msgspec.json.Decoder(_Refs)
+_BLOCKS = msgspec.json.Decoder(list[_Block])
+_SOURCE = msgspec.json.Decoder(_Source)
+
+
+def _unbounded(body: bytes) -> list[UnboundedInput]:
+    found: list[UnboundedInput] = []
+    refs = lenient(_REFS, body)
+    if refs is None:
+        return found
+    for name in ("mcp_servers", "container"):
+        if is_given(getattr(refs, name)):
+            found.append(UnboundedInput(name, name))
+    for i, tool in enumerate(refs.tools or ()):
+        # Server tools (web search, code execution…) run on Anthropic's side; the versioned
+        # client tools (bash, computer…) bring a system prompt of Anthropic's own.
+        if tool.type not in (None, "custom"):
+            found.append(UnboundedInput(f"tools[{i}]", f"tool type {tool.type!r}"))
+    _walk_blocks(refs.system, "system", found)
+    for i, message in enumerate(refs.messages or ()):
+        _walk_blocks(message.content, f"messages[{i}].content", found)
+    return found
+
+
+def _walk_blocks(raw: msgspec.Raw, path: str, found: list[UnboundedInput]) -> None:
+    blocks = lenient(_BLOCKS, raw) if is_array(raw) else None
+    for i, block in enumerate(blocks or ()):
+        source = None
+        if block.type == "document":
+            source = lenient(_SOURCE, block.source)
+        if source is not None and source.type in _TEXT_SOURCES:
+            _walk_blocks(source.content, f"{path}[{i}].source.content", found)
+        elif block.type in _MEDIA_BLOCKS:
+            found.append(UnboundedInput(f"{path}[{i}]", f"{block.type} block"))
+        else:
+            _walk_blocks(block.content, f"{path}[{i}].content", found)
 
 
 class MessagesStreamTap(SseStreamTap):
@@ -129,7 +214,24 @@ class AnthropicAdapter(ProtocolAdapter):
             max_output_tokens=request.max_tokens,
             input_chars=len(body),
             wants_usage_chunk=False,
+            cap_fields=frozenset() if request.max_tokens is None else frozenset({"max_tokens"}),
         )
+
+    def prepare_upstream_body(
+        self, route: Route, body: bytes, info: RequestInfo, edits: UpstreamEdits
+    ) -> bytes:
+        cap = edits.output_cap if info.max_output_tokens is None else None
+        if cap is None and edits.model is None:
+            return body
+        doc: dict[str, Any] = decode_any_json(body)
+        if cap is not None:
+            doc["max_tokens"] = cap
+        if edits.model is not None:
+            doc["model"] = edits.model
+        return encode_json(doc)
+
+    def unbounded_inputs(self, route: Route, body: bytes) -> list[UnboundedInput]:
+        return _unbounded(body)
 
     def usage_from_body(self, route: Route, body: bytes) -> Usage | None:
         try:

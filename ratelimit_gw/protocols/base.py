@@ -35,8 +35,12 @@ class Route(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    input_tokens: int
+    input_tokens: int  # every input token billed, cached ones included
     output_tokens: int
+    # The parts of input_tokens the provider read from or wrote to its prompt cache: they
+    # have prices of their own (§5).
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,22 +49,92 @@ class RequestInfo:
 
     model: str | None
     stream: bool
-    max_output_tokens: int | None
+    max_output_tokens: int | None  # the caller's cap (the largest, if it gave several)
     input_chars: int
     wants_usage_chunk: bool
+    # Answers generated at once (chat `n`, Gemini `candidateCount`): each may use the cap.
+    choices: int = 1
+    # The request fields that carry the caller's cap, for the adapter to tell whether the
+    # field the upstream honours is among them.
+    cap_fields: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamEdits:
+    """What the gateway needs changed in the body it sends upstream (§8's exceptions)."""
+
+    model: str | None = None  # the upstream's own id, when the model is renamed
+    # The cap the request was held for; sent when the caller's body gives the upstream none.
+    output_cap: int | None = None
+    chat_cap_field: str = "max_completion_tokens"  # the chat field the upstream honours
+
+
+# At most this many answers per request: OpenAI's own limit for `n` (Gemini allows 8).
+# Bounded so cap × choices stays a small integer in the limiter's arithmetic.
+Choices = Annotated[int, msgspec.Meta(le=128)]
+
+
+def input_token_bound(body_len: int) -> int:
+    """The most input tokens a body's text can cost: one per body byte, at least 1.
+
+    An upper bound for text in any script, not a guess: the providers' tokenizers
+    (byte-level BPE for OpenAI and Anthropic, SentencePiece with byte fallback for
+    Gemini) never emit more tokens than the UTF-8 bytes of the text, and the JSON body
+    holds each text character in at least as many bytes as its UTF-8 encoding (escapes
+    only add). Rarer symbol sequences really do reach one token per byte, so no smaller
+    ratio bounds ASCII either. What bytes cannot bound (prompts a provider adds for
+    tools, media priced by its pixels or pages, referenced content) is refused or held
+    separately (``ProtocolAdapter.unbounded_inputs``). Balance holds use this bound.
+    """
+    return max(1, body_len)
 
 
 def estimate_input_tokens(body_len: int) -> int:
-    """Admission-time input estimate: one token per 4 body bytes, at least 1.
+    """The usual input of a body: one token per 4 bytes, at least 1 (§4's fast heuristic).
 
-    No tokenizer and no network call on the hot path (§4). JSON syntax, roles and
-    non-text parts make the body longer than its text, so this overestimates, which
-    only makes the hold safer; settlement corrects it to the real usage.
+    What token buckets charge at admission (settlement corrects them to the real usage) and
+    what a stream cut before its usage arrived is charged for its prompt. Not a bound
+    (CJK, emoji and dense symbols cost more per byte): money is held on
+    :func:`input_token_bound`. Limits use the estimate so that a prompt an upstream would
+    accept under the same tpm limit is not refused as larger than the limit can ever allow.
     """
     return max(1, -(-body_len // 4))
 
 
+@dataclass(frozen=True, slots=True)
+class UnboundedInput:
+    """A part of a request whose input cost its bytes do not bound."""
+
+    path: str  # the field, e.g. ``messages[0].content[1]``
+    kind: str  # what it is, e.g. ``image_url part`` or ``previous_response_id``
+
+
 encode_json = msgspec.json.Encoder().encode
+decode_any_json = msgspec.json.Decoder().decode
+
+
+# A Raw field the body does not have: msgspec cannot take Raw in a union with None.
+ABSENT = msgspec.Raw()
+
+
+def lenient(decoder: msgspec.json.Decoder[T], data: bytes | msgspec.Raw) -> T | None:
+    """A view of ``data``, or None when it does not have the view's shape (the upstream
+    refuses such a body, so it can bill nothing)."""
+    try:
+        return decoder.decode(data)
+    except msgspec.DecodeError:
+        return None
+
+
+def is_array(raw: msgspec.Raw) -> bool:
+    """Whether a zero-copy slice of the body holds a JSON array."""
+    return bytes(memoryview(raw)[:1]) == b"["
+
+
+def is_given(raw: msgspec.Raw) -> bool:
+    """Whether a field is present with a value (not null, nor an empty string or list)."""
+    return len(raw) > 4 or bytes(raw) not in (b"", b"null", b'""', b"[]")
+
 
 _ERROR_PATH = re.compile(r" - at `\$\.?(.*)`$")
 
@@ -204,9 +278,21 @@ class ProtocolAdapter(ABC):
     def parse_request(self, route: Route, body: bytes, path_model: str | None) -> RequestInfo:
         """Decode only the fields the gateway needs; raise GatewayError (400) on bad input."""
 
-    def prepare_upstream_body(self, route: Route, body: bytes, info: RequestInfo) -> bytes:
-        """The bytes sent upstream: the client's own, unless the protocol must ask for usage."""
-        return body
+    @abstractmethod
+    def prepare_upstream_body(
+        self, route: Route, body: bytes, info: RequestInfo, edits: UpstreamEdits
+    ) -> bytes:
+        """The bytes sent upstream: the client's own, unless ``edits`` or the protocol's own
+        needs (asking for usage) change them — then decoded and encoded once for all."""
+
+    @abstractmethod
+    def unbounded_inputs(self, route: Route, body: bytes) -> list[UnboundedInput]:
+        """Input the body references, or whose cost its bytes do not bound (media priced
+        by pixels or pages, stored state, server-side tools): one entry per part.
+
+        A body that ``parse_request`` accepted; never raises. A plain text body costs byte
+        searches only.
+        """
 
     @abstractmethod
     def usage_from_body(self, route: Route, body: bytes) -> Usage | None:

@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import msgspec
 
 from ratelimit_gw.errors import GatewayError
 from ratelimit_gw.protocols.base import (
+    ABSENT,
+    Choices,
     MaxTokens,
     ProtocolAdapter,
     RequestInfo,
     Route,
     SseStreamTap,
     StreamTap,
+    UnboundedInput,
+    UpstreamEdits,
     Usage,
     bearer_token,
+    decode_any_json,
     decode_view,
     encode_json,
     header_value,
+    is_array,
+    is_given,
+    lenient,
     rate_limit_body,
     require_model,
     sse_event_fields,
@@ -31,6 +40,8 @@ class _GenerationConfig(msgspec.Struct):
     max_output_tokens_snake: MaxTokens | None = msgspec.field(
         default=None, name="max_output_tokens"
     )
+    candidate_count: Choices | None = msgspec.field(default=None, name="candidateCount")
+    candidate_count_snake: Choices | None = msgspec.field(default=None, name="candidate_count")
 
 
 class _GenerateRequest(msgspec.Struct):
@@ -47,6 +58,7 @@ class _UsageMetadata(msgspec.Struct, rename="camel"):
     candidates_token_count: int | None = None
     thoughts_token_count: int | None = None
     tool_use_prompt_token_count: int | None = None
+    cached_content_token_count: int | None = None
 
 
 class _Part(msgspec.Struct):
@@ -78,6 +90,7 @@ _STATUS_BY_CODE = {
     403: "PERMISSION_DENIED",
     404: "NOT_FOUND",
     405: "INVALID_ARGUMENT",
+    408: "DEADLINE_EXCEEDED",
     413: "INVALID_ARGUMENT",
     429: "RESOURCE_EXHAUSTED",
     500: "INTERNAL",
@@ -93,10 +106,110 @@ _RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
 def _usage(meta: _UsageMetadata) -> Usage:
     # Per the API, total = prompt + candidates + toolUsePrompt + thoughts: tool-use prompt
     # tokens are billed as input, thinking tokens as output.
+    # promptTokenCount includes the cached tokens.
     return Usage(
         (meta.prompt_token_count or 0) + (meta.tool_use_prompt_token_count or 0),
         (meta.candidates_token_count or 0) + (meta.thoughts_token_count or 0),
+        cache_read_tokens=meta.cached_content_token_count or 0,
     )
+
+
+def _first(camel: int | None, snake: int | None) -> int | None:
+    return camel if camel is not None else snake
+
+
+# Parts whose cost is not their bytes: media is priced per image, page, second or frame
+# (258 tokens for an image of any size), and fileData/cachedContent name stored content.
+# One msgspec pass with parts kept as zero-copy Raw slices; both JSON spellings are read,
+# and a part is named in the caller's own. A body without the API's shape finds nothing.
+_MEDIA_FIELDS = (
+    ("inline_data", "inlineData"),
+    ("inline_data_snake", "inline_data"),
+    ("file_data", "fileData"),
+    ("file_data_snake", "file_data"),
+)
+_FUNCTION_TOOLS = frozenset({"functionDeclarations", "function_declarations"})
+
+
+class _FunctionResponse(msgspec.Struct):
+    parts: msgspec.Raw = ABSENT  # a function response may carry media of its own
+
+
+class _RequestPart(msgspec.Struct):
+    inline_data: msgspec.Raw = msgspec.field(default=ABSENT, name="inlineData")
+    inline_data_snake: msgspec.Raw = msgspec.field(default=ABSENT, name="inline_data")
+    file_data: msgspec.Raw = msgspec.field(default=ABSENT, name="fileData")
+    file_data_snake: msgspec.Raw = msgspec.field(default=ABSENT, name="file_data")
+    function_response: _FunctionResponse | None = msgspec.field(
+        default=None, name="functionResponse"
+    )
+    function_response_snake: _FunctionResponse | None = msgspec.field(
+        default=None, name="function_response"
+    )
+
+
+class _RequestContent(msgspec.Struct):
+    parts: msgspec.Raw = ABSENT
+
+
+class _Refs(msgspec.Struct):
+    cached_content: msgspec.Raw = msgspec.field(default=ABSENT, name="cachedContent")
+    cached_content_snake: msgspec.Raw = msgspec.field(default=ABSENT, name="cached_content")
+    contents: list[_RequestContent] | None = None
+    system_instruction: _RequestContent | None = msgspec.field(
+        default=None, name="systemInstruction"
+    )
+    system_instruction_snake: _RequestContent | None = msgspec.field(
+        default=None, name="system_instruction"
+    )
+    tools: list[dict[str, msgspec.Raw]] | None = None
+
+
+_REFS = msgspec.json.Decoder(_Refs)
+_PARTS = msgspec.json.Decoder(list[_RequestPart])
+
+
+def _unbounded(body: bytes) -> list[UnboundedInput]:
+    found: list[UnboundedInput] = []
+    refs = lenient(_REFS, body)
+    if refs is None:
+        return found
+    for name, value in (
+        ("cachedContent", refs.cached_content),
+        ("cached_content", refs.cached_content_snake),
+    ):
+        if is_given(value):
+            found.append(UnboundedInput(name, "cached content"))
+    for i, tool in enumerate(refs.tools or ()):
+        # Every tool but function declarations runs on Google's side (search, code…).
+        found.extend(
+            UnboundedInput(f"tools[{i}].{name}", f"tool {name!r}")
+            for name in tool
+            if name not in _FUNCTION_TOOLS
+        )
+    for name, instruction in (
+        ("systemInstruction", refs.system_instruction),
+        ("system_instruction", refs.system_instruction_snake),
+    ):
+        if instruction is not None:
+            _walk_parts(instruction.parts, f"{name}.parts", found)
+    for i, content in enumerate(refs.contents or ()):
+        _walk_parts(content.parts, f"contents[{i}].parts", found)
+    return found
+
+
+def _walk_parts(raw: msgspec.Raw, path: str, found: list[UnboundedInput]) -> None:
+    parts = lenient(_PARTS, raw) if is_array(raw) else None
+    for i, part in enumerate(parts or ()):
+        for attr, name in _MEDIA_FIELDS:
+            if is_given(getattr(part, attr)):
+                found.append(UnboundedInput(f"{path}[{i}].{name}", name))
+        for name, response in (
+            ("functionResponse", part.function_response),
+            ("function_response", part.function_response_snake),
+        ):
+            if response is not None:
+                _walk_parts(response.parts, f"{path}[{i}].{name}.parts", found)
 
 
 def _text_chars(response: _Response) -> int:
@@ -184,20 +297,39 @@ class GeminiAdapter(ProtocolAdapter):
     def parse_request(self, route: Route, body: bytes, path_model: str | None) -> RequestInfo:
         request = decode_view(_GENERATE_REQUEST, body)
         config = request.generation_config or request.generation_config_snake
-        max_output_tokens = None
+        max_output_tokens = candidates = None
         if config is not None:
-            max_output_tokens = (
-                config.max_output_tokens
-                if config.max_output_tokens is not None
-                else config.max_output_tokens_snake
-            )
+            max_output_tokens = _first(config.max_output_tokens, config.max_output_tokens_snake)
+            candidates = _first(config.candidate_count, config.candidate_count_snake)
         return RequestInfo(
             model=require_model(path_model),
             stream=route is Route.STREAM_GENERATE,
-            max_output_tokens=max_output_tokens,
+            # Protobuf cannot tell 0 from unset: Gemini answers a 0 with the model's maximum.
+            max_output_tokens=max_output_tokens or None,
             input_chars=len(body),
             wants_usage_chunk=False,
+            choices=max(candidates or 1, 1),
         )
+
+    def prepare_upstream_body(
+        self, route: Route, body: bytes, info: RequestInfo, edits: UpstreamEdits
+    ) -> bytes:
+        # The model is named in the URL, never in the body: only the cap can change here.
+        if edits.output_cap is None or info.max_output_tokens is not None:
+            return body
+        doc: dict[str, Any] = decode_any_json(body)
+        # The config object parse_request read (camelCase first), else a new one.
+        name = "generation_config" if doc.get("generationConfig") is None else "generationConfig"
+        if doc.get(name) is None:
+            name = "generationConfig"
+        config = doc[name] = doc.get(name) or {}
+        spellings = [field for field in ("maxOutputTokens", "max_output_tokens") if field in config]
+        for field in spellings or ["maxOutputTokens"]:
+            config[field] = edits.output_cap
+        return encode_json(doc)
+
+    def unbounded_inputs(self, route: Route, body: bytes) -> list[UnboundedInput]:
+        return _unbounded(body)
 
     def usage_from_body(self, route: Route, body: bytes) -> Usage | None:
         responses = _decode_array(body)

@@ -1,0 +1,127 @@
+"""The worst case one LLM request is held for (§4, §5), and what keeps the upstream inside it.
+
+Guarantee for an account whose money is protected (prepaid): the hold covers everything the
+upstream is allowed to bill. Input is bounded by the body's bytes (see
+``estimate_input_tokens``); input the bytes do not bound (media, stored state, server tools)
+is refused unless the model gives an allowance per part; output is bounded by the cap the
+request was held for, which the upstream is sent whenever the caller's body gives it none —
+times the number of answers asked for. Overspend is then possible only if the upstream
+exceeds the cap it was sent, a part costs more than the model's allowance, or the provider
+adds prompt tokens of its own (tool-use system prompts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .accounts import KeyRecord
+from .limiter import Decision
+from .money import cost_nano
+from .protocols import (
+    ProtocolAdapter,
+    RequestInfo,
+    Route,
+    UpstreamEdits,
+    Usage,
+    estimate_input_tokens,
+    input_token_bound,
+)
+from .rejections import unbounded_input_error
+from .services import Services
+from .settings import Model
+from .storage import StorageError
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """One request's worst case, in tokens and nano-USD, and its token-bucket estimate."""
+
+    input_tokens: int  # the body's bound, plus the allowance of each unbounded part
+    # What the token buckets are charged for input (§4's heuristic, plus the allowances).
+    estimated_input_tokens: int
+    output_cap: int  # per answer: the caller's cap, else the model's maximum
+    choices: int
+    nano: int  # the balance hold: input_tokens and output_tokens at the model's prices
+
+    @property
+    def output_tokens(self) -> int:
+        return self.output_cap * self.choices
+
+    @property
+    def tokens(self) -> int:
+        """The tokens-per-minute estimate admission charges (§4)."""
+        return self.estimated_input_tokens + self.output_tokens
+
+
+async def plan_hold(
+    svc: Services,
+    key: KeyRecord,
+    adapter: ProtocolAdapter,
+    route: Route,
+    body: bytes,
+    info: RequestInfo,
+    model: Model,
+) -> Hold:
+    """The hold for ``body`` on ``model``; raises the 400 for input a prepaid account may not
+    send (one storage read, only when the body has such input and the model no allowance)."""
+    input_tokens = input_token_bound(len(body))
+    estimated_input_tokens = estimate_input_tokens(len(body))
+    unbounded = adapter.unbounded_inputs(route, body)
+    if unbounded:
+        allowance = model.reference_allowance_tokens
+        if allowance is not None:
+            input_tokens += len(unbounded) * allowance
+            estimated_input_tokens += len(unbounded) * allowance
+        elif await _is_prepaid(svc, key):
+            raise unbounded_input_error(model, unbounded)
+    output_cap = info.max_output_tokens
+    if output_cap is None:
+        output_cap = model.max_output_tokens
+    nano = cost_nano(
+        input_tokens,
+        output_cap * info.choices,
+        model.input_nano_usd_per_mtok,
+        model.output_nano_usd_per_mtok,
+    )
+    return Hold(input_tokens, estimated_input_tokens, output_cap, info.choices, nano)
+
+
+async def _is_prepaid(svc: Services, key: KeyRecord) -> bool:
+    try:
+        return await svc.accounts.is_prepaid(key.account)
+    except StorageError:
+        if svc.settings.storage.on_error != "allow":
+            raise
+        return False  # admission will be bypassed too: nothing is held or charged
+
+
+def protects_money(decision: Decision | None) -> bool:
+    """Whether admission held this request against money that must not be overspent.
+
+    ``available_nano`` is reported for prepaid accounts only. None (storage bypassed under
+    ``on_error = "allow"``): nothing was held, so there is nothing to keep inside.
+    """
+    return decision is not None and decision.available_nano is not None
+
+
+def upstream_edits(model: Model, output_cap: int | None) -> UpstreamEdits:
+    """The body changes a native call to ``model`` needs: its upstream id, and the cap to
+    send when the caller's body gives the upstream none (None: keep the caller's bytes)."""
+    return UpstreamEdits(
+        model=model.upstream_id if model.upstream_id != model.id else None,
+        output_cap=output_cap,
+        chat_cap_field=model.provider.chat_cap_field,
+    )
+
+
+def usage_cost_nano(usage: Usage, model: Model) -> int:
+    return cost_nano(
+        usage.input_tokens,
+        usage.output_tokens,
+        model.input_nano_usd_per_mtok,
+        model.output_nano_usd_per_mtok,
+        cache_read_tokens=usage.cache_read_tokens,
+        cache_read_per_mtok_nano=model.cache_read_nano_usd_per_mtok,
+        cache_write_tokens=usage.cache_write_tokens,
+        cache_write_per_mtok_nano=model.cache_write_nano_usd_per_mtok,
+    )
