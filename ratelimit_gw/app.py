@@ -4,42 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator
 from functools import partial
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from . import admin, listing
+from . import admin
 from .accounts import AccountStore
 from .auth import KeyCache
 from .body import BodyReader
 from .catalog import Catalog
 from .eviction_guard import EvictionGuard
-from .gateway import handle_llm
 from .limiter import Limiter
-from .metrics import StorageMetrics, create_metrics, exposition
+from .metrics import StorageMetrics, create_metrics
 from .middleware import error_middleware
 from .protocols import Route
-from .proxy import handle_proxy
-from .quota import UpstreamQuota
 from .relay import Relay
+from .routes import models
+from .routes.custom_endpoints import handle_custom_endpoint
+from .routes.native import gemini_model_action, handle_llm
+from .routes.probes import healthz, metrics_endpoint, readyz
 from .services import SERVICES, Services
 from .settings import Settings
 from .settler import Settler
 from .storage import Storage, open_storage
 from .upstream_client import UpstreamClient
-
-
-async def gemini_model_action(request: web.Request) -> web.StreamResponse:
-    """POST …/models/{model}:generateContent | :streamGenerateContent."""
-    model, sep, action = request.match_info["model_action"].rpartition(":")
-    if sep and action == "generateContent":
-        return await handle_llm(request, Route.GENERATE, model)
-    if sep and action == "streamGenerateContent":
-        return await handle_llm(request, Route.STREAM_GENERATE, model)
-    raise web.HTTPNotFound()
+from .upstream_quota import UpstreamQuota
 
 
 def create_app(
@@ -101,44 +92,21 @@ def create_app(
     app.router.add_post("/v1/chat/completions", partial(handle_llm, route=Route.CHAT))
     app.router.add_post("/v1/responses", partial(handle_llm, route=Route.RESPONSES))
     app.router.add_post("/v1/messages", partial(handle_llm, route=Route.MESSAGES))
-    app.router.add_get("/v1/models", listing.list_models)
-    app.router.add_get("/v1beta/models", listing.list_gemini_models)
-    app.router.add_get("/v1beta/models/{name}", listing.get_gemini_model)
+    app.router.add_get("/v1/models", models.list_models)
+    app.router.add_get("/v1beta/models", models.list_gemini_models)
+    app.router.add_get("/v1beta/models/{name}", models.get_gemini_model)
     for version in ("v1beta", "v1"):
         # Any character, CR/LF included: a malformed model name is a typed 404, not a 405.
         app.router.add_post(f"/{version}/models/{{model_action:[\\s\\S]+}}", gemini_model_action)
-    app.router.add_route("*", "/proxy-api/{provider_account}/{endpoint}/{path:.*}", handle_proxy)
+    app.router.add_route(
+        "*", "/proxy-api/{provider_account}/{endpoint}/{path:.*}", handle_custom_endpoint
+    )
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     app.on_shutdown.append(start_draining)
     admin.add_routes(app)
     return app
-
-
-async def healthz(request: web.Request) -> web.Response:
-    """Liveness: the process answers."""
-    return web.json_response({"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    """Readiness: config loaded, storage answering, not shutting down."""
-    svc = request.app[SERVICES]
-    checks = {
-        "config": True,
-        "storage": await svc.storage.ping(),
-        "draining": svc.draining,
-    }
-    ready = checks["storage"] and not svc.draining
-    return web.json_response({"ready": ready, **checks}, status=200 if ready else 503)
-
-
-async def metrics_endpoint(request: web.Request) -> web.Response:
-    body, content_type = exposition(request.app[SERVICES].registry)
-    response = web.Response(body=body)
-    response.headers["Content-Type"] = content_type
-    response.headers["X-Rlgw-Worker"] = str(os.getpid())  # which process of a pool answered
-    return response
 
 
 async def start_draining(app: web.Application) -> None:

@@ -9,14 +9,8 @@ from typing import Any
 from .accounts import KeyRecord
 from .errors import GatewayError
 from .money import format_usd
+from .protocols import ADAPTERS
 from .settings import Model
-
-# Where a model of another protocol can be reached from a caller speaking this one (§9).
-CONVERTER_ROUTE = {
-    "openai": "/openai/v1/chat/completions",
-    "anthropic": "/anthropic/v1/messages",
-    "gemini": "/gemini/v1beta/models/{model}:generateContent",
-}
 
 
 class Catalog:
@@ -36,7 +30,7 @@ class Catalog:
                 param="model",
             )
         if model.protocol != protocol:
-            converter = CONVERTER_ROUTE[protocol].format(model=model_id)
+            converter = ADAPTERS[protocol].converter_route.format(model=model_id)
             raise GatewayError(
                 400,
                 "protocol_mismatch",

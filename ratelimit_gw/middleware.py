@@ -13,14 +13,14 @@ from datetime import UTC, datetime
 import msgspec
 from aiohttp import web
 
+from .context import CONTEXT, RequestContext, new_request_ids, own_headers
 from .errors import GatewayError
-from .gateway import new_request_ids, own_headers
-from .headers import retry_headers
 from .metrics import labelled
 from .money import format_usd
-from .protocols import ADAPTERS
+from .protocols import ADAPTERS, caller_protocol
+from .rate_limit_headers import retry_headers
 from .rejections import key_error
-from .services import CONTEXT, SERVICES, RequestContext, Services
+from .services import SERVICES, Services
 from .storage import StorageError
 
 log = logging.getLogger("ratelimit_gw.errors")
@@ -29,20 +29,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def protocol_of(request: web.Request) -> str:
-    """The protocol a caller speaks, from the route it called (and, for /v1/models, its key);
-    ``admin`` for the admin API, which answers in the OpenAI envelope (§7)."""
+    """The protocol a caller speaks; ``admin`` for the admin API, which answers in the OpenAI
+    envelope (§7)."""
     path = request.path
     if path == "/admin" or path.startswith("/admin/"):
         return "admin"
-    if path.startswith(("/v1/messages", "/anthropic/")):
-        return "anthropic"
-    if path.startswith(("/v1beta/", "/gemini/")) or (
-        path.startswith("/v1/models/") and ":" in path
-    ):
-        return "gemini"
-    if path == "/v1/models" and ("x-goog-api-key" in request.headers or "key" in request.query):
-        return "gemini"
-    return "openai"
+    return caller_protocol(path, request.headers, request.query)
 
 
 def _as_gateway_error(exc: web.HTTPException) -> GatewayError:

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .errors import GatewayError, RateLimitInfo
-from .headers import go_duration
 from .limiter import Decision
 from .money import affordable_output_tokens, format_usd
 from .protocols import UnboundedInput
-from .quota import QuotaDecision
+from .rate_limit_headers import go_duration
 from .settings import Model
+from .upstream_quota import QuotaDecision
 
 if TYPE_CHECKING:  # worst_case.py raises this module's errors
     from .worst_case import Hold
@@ -129,17 +129,17 @@ def _limit_error(
 
 
 def upstream_quota_error(decision: QuotaDecision) -> GatewayError:
-    """The shared upstream key's ceiling refused the request (§10): 429 upstream_quota."""
-    ceiling = decision.ceiling
-    limits = RateLimitInfo(rpm=ceiling.rpm, tpm=ceiling.tpm)
+    """The shared upstream key's quota refused the request (§10): 429 upstream_quota."""
+    quota = decision.quota
+    limits = RateLimitInfo(rpm=quota.rpm, tpm=quota.tpm)
     limit = decision.hit_limit or 0
-    shared = f"Shared upstream limit reached: {ceiling.label} allows"
+    shared = f"Shared upstream limit reached: {quota.label} allows"
     if decision.reason == "request_exceeds_limit":
         return GatewayError(
             429,
             "upstream_quota",
             f"This request needs an estimated {decision.tokens} tokens, more than the shared "
-            f"upstream limit of {ceiling.label} ({limit} tokens per minute for all callers) "
+            f"upstream limit of {quota.label} ({limit} tokens per minute for all callers) "
             "can ever allow. Lower max_tokens or shorten the input.",
             should_retry=False,
             rate_limit=limits,

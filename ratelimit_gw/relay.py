@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 from .accounts import KEY_PREFIX
 from .errors import GatewayError
 from .metrics import Metrics, labelled
-from .protocols import StreamTap, Usage
+from .protocols import CREDENTIAL_HEADERS, StreamTap, Usage
 from .upstream_client import (
     UpstreamClient,
     UpstreamConnectionError,
@@ -45,9 +45,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Whatever a client sends to prove who it is must never reach the upstream (§8).
-CLIENT_CREDENTIALS = frozenset(
-    {"authorization", "proxy-authorization", "x-api-key", "x-goog-api-key", "api-key", "cookie"}
-)
+CLIENT_CREDENTIALS = CREDENTIAL_HEADERS | {"cookie"}
 # Compression is negotiated per hop: the gateway asks the upstream for none (the client decodes
 # a compressed answer anyway) and sends the caller plain bytes.
 _DROP_REQUEST = HOP_BY_HOP | CLIENT_CREDENTIALS | {"accept-encoding"}
@@ -67,6 +65,8 @@ MAX_ERROR_BODY_BYTES = 1 << 20
 
 @dataclass(frozen=True, slots=True)
 class UpstreamCall:
+    """One call to an upstream, and how to read its answer."""
+
     provider: str  # labels for the upstream metrics
     model: str
     method: str
@@ -75,6 +75,8 @@ class UpstreamCall:
     body: bytes
     connect_timeout_s: float
     total_timeout_s: float
+    parse_usage: Callable[[bytes], Usage | None]  # reads a whole answer's usage
+    new_tap: Callable[[], StreamTap] | None  # for a streamed answer; None: read it whole
 
 
 @dataclass(slots=True)
@@ -96,6 +98,11 @@ def upstream_request_headers(
     headers = {k: v for k, v in client_headers.items() if k.lower() not in replaced}
     headers.update(provider_headers)
     return headers
+
+
+def gateway_key_free(query: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+    """The (percent-decoded) query parameters that carry no gateway key."""
+    return ((name, value) for name, value in query if not carries_gateway_key(name, value))
 
 
 def carries_gateway_key(name: str, value: str) -> bool:
@@ -141,10 +148,8 @@ class Relay:
         call: UpstreamCall,
         result: RelayResult,
         own_headers: Mapping[str, str],
-        parse_usage: Callable[[bytes], Usage | None],
-        new_tap: Callable[[], StreamTap] | None,
     ) -> web.StreamResponse:
-        """Call the upstream; stream when ``new_tap`` is given and the answer is a 2xx stream."""
+        """Call the upstream; stream when the call has a tap and the answer is a 2xx stream."""
         started = time.perf_counter()
         # One deadline for the whole call, the streamed body included (§8 timeout_s).
         deadline = asyncio.get_running_loop().time() + call.total_timeout_s
@@ -163,12 +168,14 @@ class Relay:
                 ttfb = labelled(self._metrics.upstream_ttfb, call.provider, call.model)
                 ttfb.observe(result.ttfb_s)
                 headers = client_response_headers(upstream.headers, own_headers)
-                if upstream.status >= 400 or new_tap is None:
+                if upstream.status >= 400 or call.new_tap is None:
                     response: web.StreamResponse = await self._buffered(
-                        upstream, headers, result, parse_usage
+                        upstream, headers, result, call.parse_usage
                     )
                 else:
-                    response = await self._streamed(request, upstream, headers, result, new_tap())
+                    response = await self._streamed(
+                        request, upstream, headers, result, call.new_tap()
+                    )
             finally:
                 upstream.release()
         except TimeoutError:

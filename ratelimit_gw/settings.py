@@ -20,14 +20,11 @@ import msgspec
 
 from .keyspace import ID_PATTERN
 from .money import MoneyError, parse_usd
+from .protocols import ADAPTERS, CREDENTIAL_HEADERS
 
 PROTOCOLS = ("openai", "anthropic", "gemini")
 # unix:///path/redis.sock[?db=N]: a Redis on the same host, over its socket file.
 STORAGE_SCHEMES = ("memory", "redis", "rediss", "unix", "redis+cluster", "redis+sentinel")
-# Headers that carry credentials: their values must come from the environment.
-CREDENTIAL_HEADERS = frozenset(
-    {"authorization", "proxy-authorization", "x-api-key", "x-goog-api-key", "api-key"}
-)
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # RFC 9110 token characters: what an HTTP header name may be made of.
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -310,12 +307,7 @@ def _resolve_provider(p: ProviderSettings, i: int, environ: Mapping[str, str]) -
         _check_header_value(key, f"{path}.api_key_env ({p.api_key_env})")
         # Each protocol's upstream expects its credential in its own header; one written in
         # `headers` wins, whatever its letter case (two would both be sent).
-        if p.protocol == "anthropic":
-            credential = ("x-api-key", key)
-        elif p.protocol == "gemini":
-            credential = ("x-goog-api-key", key)
-        else:
-            credential = ("Authorization", f"Bearer {key}")
+        credential = ADAPTERS[p.protocol].upstream_credential(key)
         if credential[0].lower() not in {name.lower() for name in headers}:
             headers[credential[0]] = credential[1]
     return Provider(

@@ -1,6 +1,6 @@
 """Settlement off the client's path, never lost: tracked, retried, drained at shutdown.
 
-A request that passed a shared upstream ceiling (§10) also has that ceiling's tpm bucket
+A request that passed an upstream quota (§10) also has that quota's tpm bucket
 corrected to its real usage here, after the account's settlement.
 
 An admission its caller gave up on is released here too (:meth:`Settler.abandon`), with the
@@ -21,8 +21,8 @@ from .keyspace import ORPHAN_SETTLEMENTS
 from .limiter import ABANDONED, Limiter, Settlement, SettleResult, settle_result
 from .metrics import Metrics, labelled
 from .money import NANO_PER_USD
-from .quota import QuotaDecision, UpstreamQuota
 from .storage import StorageError
+from .upstream_quota import QuotaDecision, UpstreamQuota
 
 log = logging.getLogger("ratelimit_gw.settle")
 # ~32 s in all, then every 5 s: long enough to outlast a Redis restart or a sentinel failover,
@@ -42,9 +42,9 @@ class Settler:
     def submit(self, settlement: Settlement, quota: QuotaDecision | None = None) -> None:
         """Start settling now; it goes on even if the request's handler is cancelled.
 
-        ``quota`` is the request's reservation on a shared upstream ceiling, if it had one.
+        ``quota`` is the request's reservation on an upstream quota, if it had one.
         Without one (the common case) the first attempt is a bare storage future — no task
-        per request; a task is made only to retry after a failure, or to correct a ceiling.
+        per request; a task is made only to retry after a failure, or to correct an upstream quota.
         """
         if quota is not None:
             self._track(self._finish(settlement, quota))
@@ -95,7 +95,7 @@ class Settler:
             except StorageError as exc:
                 # Not retried: a correction is not idempotent, and the bucket refills anyway.
                 log.warning(
-                    "correcting the upstream ceiling for %s failed: %s",
+                    "correcting the upstream quota for %s failed: %s",
                     settlement.request_id,
                     exc,
                 )

@@ -23,14 +23,15 @@ import pytest
 import redis.asyncio as aioredis
 
 from ratelimit_gw.accounts import AccountStore, KeyRecord
-from ratelimit_gw.errors import GatewayError
-from ratelimit_gw.gateway import admit_request
+from ratelimit_gw.context import RequestContext
 from ratelimit_gw.keyspace import AccountKeys
 from ratelimit_gw.limiter import AdmissionRequest, Decision, Limiter, Settlement
+from ratelimit_gw.metering import MeteredRequest
 from ratelimit_gw.money import parse_usd
-from ratelimit_gw.services import SERVICES, RequestContext, Services
+from ratelimit_gw.services import SERVICES, Services
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import Storage, StorageError, open_storage
+from ratelimit_gw.worst_case import Hold
 
 from .conftest import ADMIN_TOKEN, Gateway, Upstream, start_gateway
 from .redis_process import RedisProcess
@@ -96,8 +97,17 @@ def admissions_entered(svc: Services, count: int) -> asyncio.Event:
     return entered
 
 
-def refuse(decision: Decision) -> GatewayError:
-    return GatewayError(429, decision.reason, "refused")
+def metered(ctx: RequestContext, key: KeyRecord, hold_nano: int) -> MeteredRequest:
+    """A request estimated at 300 tokens, holding ``hold_nano``, behind no upstream quota."""
+    return MeteredRequest(
+        ctx=ctx,
+        key=key,
+        hold=Hold(300, 300, 0, 1, hold_nano),
+        model=None,
+        charged_as="test",
+        quota=None,
+        upstream_timeout_s=30.0,
+    )
 
 
 async def handlers_finished(svc: Services) -> None:
@@ -289,9 +299,7 @@ async def test_an_admission_cancelled_on_its_way_is_released_on_every_backend(
     key = await svc.keys.authenticate(created.key)
     ctx = RequestContext("req_client", "openai", 0.0, "req_gateway_own")
     entered = admissions_entered(svc, 1)
-    admitting = asyncio.ensure_future(
-        admit_request(svc, ctx, key, 300, parse_usd("0.5"), 30.0, None, refuse)
-    )
+    admitting = asyncio.ensure_future(metered(ctx, key, parse_usd("0.5")).admit(svc))
     await entered.wait()
     admitting.cancel()  # the client hangs up while admit.lua is on its way
     with pytest.raises(asyncio.CancelledError):
@@ -325,7 +333,7 @@ async def test_a_call_that_never_reached_redis_starts_no_release(upstream: Upstr
         for n in range(4):
             ctx = RequestContext(f"req_{n}", "openai", 0.0, f"req_own_{n}")
             with pytest.raises(StorageError) as failed:
-                await admit_request(svc, ctx, key, 300, 1000, 30.0, None, refuse)
+                await metered(ctx, key, 1000).admit(svc)
             assert failed.value.never_sent
         assert storage.breaker.state == "open"
         assert svc.settler.pending == 0

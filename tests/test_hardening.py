@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from yarl import URL
 
 from ratelimit_gw.errors import ERROR_TYPE_BY_STATUS
-from ratelimit_gw.gateway import billable_usage
+from ratelimit_gw.metering import billable_usage
 from ratelimit_gw.protocols import Usage
 from ratelimit_gw.relay import RelayResult
 from ratelimit_gw.storage import Storage

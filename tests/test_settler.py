@@ -12,9 +12,9 @@ from prometheus_client import CollectorRegistry
 from ratelimit_gw import settler as settler_module
 from ratelimit_gw.limiter import Limiter, Settlement, SettleResult
 from ratelimit_gw.metrics import create_metrics
-from ratelimit_gw.quota import UpstreamQuota
 from ratelimit_gw.settler import Settler
 from ratelimit_gw.storage import StorageError
+from ratelimit_gw.upstream_quota import UpstreamQuota
 
 SETTLEMENT = Settlement(
     account_id="acct",

@@ -23,9 +23,9 @@ import openai
 import pytest
 
 from ratelimit_gw.keyspace import quota_keys
-from ratelimit_gw.quota import Ceiling, UpstreamQuota
 from ratelimit_gw.services import SERVICES
 from ratelimit_gw.storage import Storage
+from ratelimit_gw.upstream_quota import Quota, UpstreamQuota
 
 from .conftest import Gateway, Upstream, gateway_config, start_gateway
 
@@ -326,7 +326,7 @@ async def test_provider_tpm_ceiling_is_refunded_when_the_account_refuses(
 
 async def test_quota_script_reserves_refunds_and_corrects(storage: Storage) -> None:
     quota = UpstreamQuota(storage)
-    ceiling = Ceiling("endpoint:unit/test", "custom endpoint `unit/test`", 2, 1000)
+    ceiling = Quota("endpoint:unit/test", "custom endpoint `unit/test`", 2, 1000)
     first = await quota.reserve(ceiling, 400)
     assert (first.allowed, first.reason) == (True, "ok")
     assert first.levels.rpm == pytest.approx(1, abs=0.01)

@@ -29,7 +29,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from ratelimit_gw.gateway import billable_usage
+from ratelimit_gw.metering import billable_usage
 from ratelimit_gw.money import cost_nano, format_usd, parse_usd
 from ratelimit_gw.protocols import (
     ADAPTERS,

@@ -1,10 +1,14 @@
-"""Per-protocol adapters: request views, usage taps and error envelopes (§3, §7, §8).
+"""Per-protocol adapters: request views, usage taps, error envelopes, headers, upstream URLs
+and credentials (§3, §7, §8). Nothing outside this package knows a protocol's details.
 
-``ADAPTERS`` maps each client protocol to its stateless adapter; the gateway picks one
-per route and never looks at protocol details itself.
+``ADAPTERS`` maps each protocol to its stateless adapter. A route picks the caller's adapter
+from the path it was called on (:func:`caller_protocol`) and the upstream's from the model's
+provider; they are one adapter today, two (with a translator) on a converter route.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from ratelimit_gw.protocols.anthropic import AnthropicAdapter
 from ratelimit_gw.protocols.base import (
@@ -24,9 +28,23 @@ from ratelimit_gw.protocols.openai import OpenAIAdapter
 ADAPTERS: dict[str, ProtocolAdapter] = {
     adapter.name: adapter for adapter in (OpenAIAdapter(), AnthropicAdapter(), GeminiAdapter())
 }
+# Every header that carries a credential, in any protocol or for an HTTP proxy.
+CREDENTIAL_HEADERS = frozenset({"proxy-authorization"}).union(
+    *(adapter.credential_headers for adapter in ADAPTERS.values())
+)
+
+
+def caller_protocol(path: str, headers: Mapping[str, str], query: Mapping[str, str]) -> str:
+    """The protocol a caller speaks, from the route it called (and, for /v1/models, its key)."""
+    for adapter in ADAPTERS.values():
+        if adapter.is_called_on(path, headers, query):
+            return adapter.name
+    return "openai"
+
 
 __all__ = [
     "ADAPTERS",
+    "CREDENTIAL_HEADERS",
     "ProtocolAdapter",
     "RequestInfo",
     "Route",
@@ -34,6 +52,7 @@ __all__ = [
     "UnboundedInput",
     "UpstreamEdits",
     "Usage",
+    "caller_protocol",
     "estimate_input_tokens",
     "input_token_bound",
 ]

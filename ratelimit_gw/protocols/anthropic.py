@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import time
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -31,6 +33,9 @@ from ratelimit_gw.protocols.base import (
     require_model,
     sse_event_fields,
 )
+
+if TYPE_CHECKING:  # see base.py: the limiter is not imported at run time
+    from ratelimit_gw.limiter import Decision
 
 
 class _MessagesRequest(msgspec.Struct):
@@ -200,8 +205,42 @@ class MessagesStreamTap(SseStreamTap):
         self.usage = _usage(counts)
 
 
+# The Anthropic forms of the rate-limit headers, per bucket kind: (limit, remaining, reset).
+_RATE_LIMIT_HEADERS = {
+    kind: (
+        f"anthropic-ratelimit-{kind}-limit",
+        f"anthropic-ratelimit-{kind}-remaining",
+        f"anthropic-ratelimit-{kind}-reset",
+    )
+    for kind in ("requests", "tokens")
+}
+
+
+def rfc3339_in(ms: int) -> str:
+    moment = datetime.fromtimestamp(time.time() + ms / 1000, UTC).replace(microsecond=0)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
 class AnthropicAdapter(ProtocolAdapter):
     name = "anthropic"
+    credential_headers = frozenset({"x-api-key", "authorization"})
+    converter_route = "/anthropic/v1/messages"
+
+    def is_called_on(self, path: str, headers: Mapping[str, str], query: Mapping[str, str]) -> bool:
+        return path.startswith(("/v1/messages", "/anthropic/"))
+
+    def add_own_headers(
+        self, request_id: str, decision: Decision | None, headers: dict[str, str]
+    ) -> None:
+        headers["request-id"] = request_id  # the Anthropic SDK reads its request id here
+        if decision is None:
+            return
+        for kind, bucket in (("requests", decision.requests), ("tokens", decision.tokens)):
+            if bucket is not None:
+                limit, remaining, reset = _RATE_LIMIT_HEADERS[kind]
+                headers[limit] = str(bucket.limit)
+                headers[remaining] = str(bucket.remaining)
+                headers[reset] = rfc3339_in(bucket.reset_ms)
 
     def credential(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
         return header_value(headers, "x-api-key") or bearer_token(headers)
@@ -255,3 +294,16 @@ class AnthropicAdapter(ProtocolAdapter):
         if err.status == 429:
             error["rate_limit"] = rate_limit_body(err)
         return encode_json({"type": "error", "error": error, "request_id": request_id})
+
+    def upstream_url(
+        self,
+        base_url: str,
+        route: Route,
+        upstream_model: str,
+        path: str,
+        query: Iterable[tuple[str, str]],
+    ) -> str:
+        return base_url + "/v1/messages"
+
+    def upstream_credential(self, api_key: str) -> tuple[str, str]:
+        return "x-api-key", api_key

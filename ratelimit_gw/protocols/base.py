@@ -3,6 +3,12 @@
 The gateway forwards the client's bytes untouched (§8), so adapters never build full
 request objects: they decode a few fields with small msgspec "view" Structs whose decoders
 are built once at import, and read usage from the answer as it streams past.
+
+An adapter plays two parts, and a route picks one adapter for each: the *caller's* protocol
+(the paths it owns, the gateway key it sends, its request view, its error envelope and its
+own response headers) and the *upstream's* protocol (the URL and credential header the
+upstream takes, the body sent to it, the usage read from its answer). A native route uses
+one adapter for both; a converter pairs two with a translator between them.
 """
 
 from __future__ import annotations
@@ -10,13 +16,16 @@ from __future__ import annotations
 import enum
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import msgspec
 
 from ratelimit_gw.errors import GatewayError
+
+if TYPE_CHECKING:  # the limiter imports storage, which imports settings, which imports this
+    from ratelimit_gw.limiter import Decision
 
 T = TypeVar("T")
 
@@ -265,10 +274,29 @@ def _event_end(buf: bytes, scan_from: int) -> int:
 
 
 class ProtocolAdapter(ABC):
-    """One client protocol: credentials, request views, usage, and error envelopes."""
+    """One protocol: credentials, request views, usage, error envelopes, upstream URLs."""
 
     name: str
     error_content_type = "application/json"
+    # The headers that carry a credential in this protocol: never relayed from a caller, and
+    # written in config only as an env reference.
+    credential_headers: frozenset[str] = frozenset({"authorization"})
+    # Where a model of another protocol can be reached from a caller speaking this one (§9).
+    converter_route: str
+
+    # --- the caller's side --------------------------------------------------------------
+
+    def is_called_on(self, path: str, headers: Mapping[str, str], query: Mapping[str, str]) -> bool:
+        """Whether a request to ``path`` speaks this protocol (the default protocol, OpenAI,
+        takes every path no other claims)."""
+        return False
+
+    def add_own_headers(
+        self, request_id: str, decision: Decision | None, headers: dict[str, str]
+    ) -> None:
+        """Add this protocol's own forms of the gateway's response headers (request id,
+        rate limits) to ``headers``, which already holds the forms every caller gets."""
+        return None  # most protocols have no forms of their own
 
     @abstractmethod
     def credential(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
@@ -308,9 +336,35 @@ class ProtocolAdapter(ABC):
         for (§8); ``sse=False`` selects Gemini's JSON-array stream (no ``?alt=sse``).
         """
 
+    def answer_tap(
+        self, route: Route, info: RequestInfo, query: Mapping[str, str]
+    ) -> Callable[[], StreamTap] | None:
+        """How to make the tap for a streamed answer to ``info``; None: it comes whole."""
+        if not info.stream:
+            return None
+        return lambda: self.new_stream_tap(route, False)
+
     @abstractmethod
     def error_body(self, err: GatewayError, request_id: str) -> bytes:
         """The §7 envelope for ``err`` in this protocol."""
+
+    # --- the upstream's side ------------------------------------------------------------
+
+    @abstractmethod
+    def upstream_url(
+        self,
+        base_url: str,
+        route: Route,
+        upstream_model: str,
+        path: str,
+        query: Iterable[tuple[str, str]],
+    ) -> str:
+        """The upstream URL for ``route`` on ``upstream_model``. ``path`` is the path the
+        caller called; ``query`` its query, already without any gateway key."""
+
+    @abstractmethod
+    def upstream_credential(self, api_key: str) -> tuple[str, str]:
+        """The header (name, value) this protocol's upstream takes its API key in."""
 
 
 def rate_limit_body(err: GatewayError) -> dict[str, int | float | None]:

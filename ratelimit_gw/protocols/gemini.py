@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import msgspec
 
@@ -286,6 +287,16 @@ def _decode_array(text: bytes) -> list[_Response] | None:
 
 class GeminiAdapter(ProtocolAdapter):
     name = "gemini"
+    credential_headers = frozenset({"x-goog-api-key", "authorization"})
+    converter_route = "/gemini/v1beta/models/{model}:generateContent"
+
+    def is_called_on(self, path: str, headers: Mapping[str, str], query: Mapping[str, str]) -> bool:
+        if path.startswith(("/v1beta/", "/gemini/")) or (
+            path.startswith("/v1/models/") and ":" in path
+        ):
+            return True
+        # GET /v1/models is shared with OpenAI and Anthropic callers: a Gemini key says who.
+        return path == "/v1/models" and ("x-goog-api-key" in headers or "key" in query)
 
     def credential(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
         return (
@@ -339,6 +350,35 @@ class GeminiAdapter(ProtocolAdapter):
         self, route: Route, strip_usage_chunk: bool, *, sse: bool = True
     ) -> StreamTap:
         return GeminiSseTap() if sse else GeminiArrayTap()
+
+    def answer_tap(
+        self, route: Route, info: RequestInfo, query: Mapping[str, str]
+    ) -> Callable[[], StreamTap] | None:
+        if not info.stream:
+            return None
+        # Without ?alt=sse, Gemini streams one JSON array.
+        sse = query.get("alt") == "sse"
+        return lambda: self.new_stream_tap(route, False, sse=sse)
+
+    def upstream_url(
+        self,
+        base_url: str,
+        route: Route,
+        upstream_model: str,
+        path: str,
+        query: Iterable[tuple[str, str]],
+    ) -> str:
+        version = path.split("/", 2)[1]  # "v1beta" or "v1", as the client called it
+        action = "streamGenerateContent" if route is Route.STREAM_GENERATE else "generateContent"
+        url = f"{base_url}/{version}/models/{upstream_model}:{action}"
+        # `key` is the gateway key here (§2), never the upstream's.
+        kept = [(k, v) for k, v in query if k != "key"]
+        if kept:
+            url += "?" + urlencode(kept, quote_via=quote)  # re-encode what aiohttp decoded
+        return url
+
+    def upstream_credential(self, api_key: str) -> tuple[str, str]:
+        return "x-goog-api-key", api_key
 
     def error_body(self, err: GatewayError, request_id: str) -> bytes:
         details: list[dict[str, str]] = [

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import msgspec
@@ -290,8 +290,13 @@ class ResponsesStreamTap(SseStreamTap):
         return True
 
 
+_UPSTREAM_PATH = {Route.CHAT: "/v1/chat/completions", Route.RESPONSES: "/v1/responses"}
+
+
 class OpenAIAdapter(ProtocolAdapter):
     name = "openai"
+    credential_headers = frozenset({"authorization", "api-key"})  # api-key: Azure OpenAI's
+    converter_route = "/openai/v1/chat/completions"
 
     def credential(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
         return bearer_token(headers)
@@ -374,6 +379,28 @@ class OpenAIAdapter(ProtocolAdapter):
         if route is Route.CHAT:
             return ChatStreamTap(strip_usage_chunk)
         return ResponsesStreamTap()
+
+    def answer_tap(
+        self, route: Route, info: RequestInfo, query: Mapping[str, str]
+    ) -> Callable[[], StreamTap] | None:
+        if not info.stream:
+            return None
+        # The usage chunk the gateway asked for, and the caller did not, is not relayed.
+        strip_usage = route is Route.CHAT and not info.wants_usage_chunk
+        return lambda: self.new_stream_tap(route, strip_usage)
+
+    def upstream_url(
+        self,
+        base_url: str,
+        route: Route,
+        upstream_model: str,
+        path: str,
+        query: Iterable[tuple[str, str]],
+    ) -> str:
+        return base_url + _UPSTREAM_PATH[route]
+
+    def upstream_credential(self, api_key: str) -> tuple[str, str]:
+        return "Authorization", f"Bearer {api_key}"
 
     def error_body(self, err: GatewayError, request_id: str) -> bytes:
         error: dict[str, object] = {

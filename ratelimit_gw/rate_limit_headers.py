@@ -1,10 +1,12 @@
-"""Turn a limiter Decision into response headers (§6): one function, every route."""
+"""Rate-limit response headers (§6): a limiter Decision, or a refusal's wait, as headers.
+
+The forms every caller gets (OpenAI's ``x-ratelimit-*`` and the IETF ``RateLimit`` pair);
+a protocol's own forms are its adapter's (``ProtocolAdapter.add_own_headers``).
+"""
 
 from __future__ import annotations
 
 import math
-import time
-from datetime import UTC, datetime
 
 from .limiter import Decision
 
@@ -23,11 +25,6 @@ def go_duration(ms: int) -> str:
     return f"{seconds}s"
 
 
-def rfc3339_in(ms: int) -> str:
-    moment = datetime.fromtimestamp(time.time() + ms / 1000, UTC).replace(microsecond=0)
-    return moment.isoformat().replace("+00:00", "Z")
-
-
 # Header names per bucket kind, built once: this runs for every admitted request.
 _KINDS = (("requests", "rpm"), ("tokens", "tpm"))
 _OPENAI_NAMES = {
@@ -38,18 +35,10 @@ _OPENAI_NAMES = {
     )
     for kind, _ in _KINDS
 }
-_ANTHROPIC_NAMES = {
-    kind: (
-        f"anthropic-ratelimit-{kind}-limit",
-        f"anthropic-ratelimit-{kind}-remaining",
-        f"anthropic-ratelimit-{kind}-reset",
-    )
-    for kind, _ in _KINDS
-}
 
 
-def rate_limit_headers(decision: Decision, protocol: str) -> dict[str, str]:
-    """Headers describing the tightest bucket of each kind, in every form clients read."""
+def rate_limit_headers(decision: Decision) -> dict[str, str]:
+    """Headers describing the tightest bucket of each kind, in the forms every caller reads."""
     out: dict[str, str] = {}
     policies: list[str] = []
     states: list[str] = []
@@ -61,11 +50,6 @@ def rate_limit_headers(decision: Decision, protocol: str) -> dict[str, str]:
         out[names[0]] = limit
         out[names[1]] = remaining
         out[names[2]] = go_duration(bucket.reset_ms)
-        if protocol == "anthropic":
-            names = _ANTHROPIC_NAMES[kind]
-            out[names[0]] = limit
-            out[names[1]] = remaining
-            out[names[2]] = rfc3339_in(bucket.reset_ms)
         policies.append(f'"{name}";q={limit};w=60')
         states.append(f'"{name}";r={remaining};t={-(-bucket.reset_ms // 1000)}')
     if decision.concurrency_limit is not None and decision.concurrency_in_use is not None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from .accounts import KeyRecord
-from .catalog import gemini_model
-from .errors import GatewayError
-from .protocols import ADAPTERS
-from .rejections import key_error
-from .services import SERVICES, context
+from ..accounts import KeyRecord
+from ..catalog import gemini_model
+from ..context import context
+from ..errors import GatewayError
+from ..protocols import ADAPTERS
+from ..rejections import key_error
+from ..services import SERVICES
 
 
 async def _authenticated(request: web.Request) -> KeyRecord:

@@ -2,8 +2,8 @@
 
 The request goes to the endpoint's base URL untranslated — method, path suffix, query,
 headers and body — with the endpoint's configured headers (its upstream credential) in place
-of the caller's gateway key. Authentication, limits, balance and the endpoint's shared
-ceiling apply as on the native routes, through the same admission, relay and settler.
+of the caller's gateway key. Authentication, limits, balance and the endpoint's upstream
+quota apply as on the native routes, through the same metering (``metering.py``).
 
 Metering: when the JSON body names a model with a configured price, the request is held and
 charged like a native OpenAI call, from the OpenAI-shaped answer's usage (a streamed chat
@@ -15,23 +15,29 @@ if it has one), and relays the answer as it arrives.
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Callable
 from urllib.parse import unquote_plus
 
 import msgspec
 from aiohttp import web
 
-from .accounts import KeyRecord
-from .errors import GatewayError
-from .gateway import admit_request, billable_usage, own_headers, settle_request
-from .limiter import Decision
-from .protocols import ADAPTERS, Route, StreamTap, UpstreamEdits, Usage, estimate_input_tokens
-from .quota import endpoint_ceiling
-from .rejections import per_request_rejection_error, rejection_error
-from .relay import RelayResult, UpstreamCall, carries_gateway_key, upstream_request_headers
-from .services import SERVICES, context
-from .settings import CustomEndpoint, Model
-from .worst_case import Hold, plan_hold, protects_money, usage_cost_nano
+from ..accounts import KeyRecord
+from ..context import context
+from ..errors import GatewayError
+from ..metering import MeteredRequest
+from ..protocols import (
+    ADAPTERS,
+    RequestInfo,
+    Route,
+    StreamTap,
+    UpstreamEdits,
+    estimate_input_tokens,
+)
+from ..relay import UpstreamCall, carries_gateway_key, upstream_request_headers
+from ..services import SERVICES
+from ..settings import CustomEndpoint, Model
+from ..upstream_quota import endpoint_quota
+from ..worst_case import Hold, plan_hold
 
 _OPENAI = ADAPTERS["openai"]
 
@@ -119,7 +125,7 @@ def _forwarded_query(raw_query: str) -> str:
     return "&".join(kept)
 
 
-async def handle_proxy(request: web.Request) -> web.StreamResponse:
+async def handle_custom_endpoint(request: web.Request) -> web.StreamResponse:
     svc = request.app[SERVICES]
     ctx = context(request)
     key = await svc.keys.authenticate(_OPENAI.credential(request.headers, request.query))
@@ -158,16 +164,12 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
     route = Route.RESPONSES if suffix.rstrip("/").endswith("responses") else Route.CHAT
     model = _priced_model(body, svc.settings.models)
     request_info = None
+    new_tap: Callable[[], StreamTap] | None
     if model is not None:  # a restricted key may use it: _check_restricted_key said so
         ctx.model = model.id
         request_info = _OPENAI.parse_request(route, body, None)
         hold = await plan_hold(svc, key, _OPENAI, route, body, request_info, model)
-        strip_usage = (
-            route is Route.CHAT and request_info.stream and not request_info.wants_usage_chunk
-        )
-        new_tap = (
-            (lambda: _OPENAI.new_stream_tap(route, strip_usage)) if request_info.stream else None
-        )
+        new_tap = _OPENAI.answer_tap(route, request_info, request.query)
     else:
         # Opaque: nothing to hold but the price, so the body's usual size is both numbers.
         input_estimate = estimate_input_tokens(len(body))
@@ -180,70 +182,45 @@ async def handle_proxy(request: web.Request) -> web.StreamResponse:
         )
         new_tap = PassThroughTap
 
-    def reject(decision: Decision) -> GatewayError:
-        if model is not None:
-            return rejection_error(decision, model, hold)
-        return per_request_rejection_error(
-            decision, endpoint.id, hold.estimated_input_tokens, hold.output_cap, hold.nano
-        )
+    metered = MeteredRequest(
+        ctx=ctx,
+        key=key,
+        hold=hold,
+        model=model,
+        charged_as=model.id if model is not None else endpoint.id,
+        quota=endpoint_quota(endpoint),
+        upstream_timeout_s=endpoint.timeout_s,
+    )
+    await metered.admit(svc)
+    output_cap = metered.upstream_output_cap()
 
-    quota = await admit_request(
-        svc,
-        ctx,
-        key,
-        hold.tokens,
-        hold.nano,
-        endpoint.timeout_s,
-        endpoint_ceiling(endpoint),
-        reject,
-    )
-    upstream_body = body
-    if request_info is not None:
-        # Whatever the hold assumed is what the upstream is allowed (§5); metered accounts
-        # keep their bytes (but for the usage chunk a stream must ask for).
-        cap = hold.output_cap if protects_money(ctx.decision) else None
-        edits = UpstreamEdits(output_cap=cap, chat_cap_field=endpoint.chat_cap_field)
-        upstream_body = _OPENAI.prepare_upstream_body(route, body, request_info, edits)
-    call = UpstreamCall(
-        provider=endpoint.id,
-        model=ctx.model,
-        method=request.method,
-        url=_upstream_url(endpoint, request),
-        headers=upstream_request_headers(request.headers, endpoint.upstream_headers),
-        body=upstream_body,
-        connect_timeout_s=endpoint.connect_timeout_s,
-        total_timeout_s=endpoint.timeout_s,
-    )
-    result = RelayResult()
-    try:
-        return await svc.relay.forward(
-            request,
-            call,
-            result,
-            own_headers(ctx),
+    def upstream_call() -> UpstreamCall:
+        return UpstreamCall(
+            provider=endpoint.id,
+            model=ctx.model,
+            method=request.method,
+            url=_upstream_url(endpoint, request),
+            headers=upstream_request_headers(request.headers, endpoint.upstream_headers),
+            body=_upstream_body(endpoint, route, body, request_info, output_cap),
+            connect_timeout_s=endpoint.connect_timeout_s,
+            total_timeout_s=endpoint.timeout_s,
             parse_usage=lambda data: _OPENAI.usage_from_body(route, data),
             new_tap=new_tap,
         )
-    except asyncio.CancelledError:
-        result.outcome = "client_disconnect"  # the handler is cancelled when the client leaves
-        raise
-    finally:
-        if result.outcome == "pending":
-            result.outcome = "upstream_error"
-        if model is not None:
-            usage = billable_usage(result, hold)
-            cost = usage_cost_nano(usage, model)
-        elif result.outcome == "upstream_error":
-            usage, cost = Usage(0, 0), 0  # refused or unreachable: nothing delivered
-        else:
-            usage, cost = Usage(hold.input_tokens, hold.output_tokens), hold.nano
-        settle_request(
-            svc,
-            ctx,
-            result,
-            usage,
-            cost,
-            hold.tokens,
-            model.id if model is not None else endpoint.id,
-            quota,
-        )
+
+    return await metered.relay(svc, request, upstream_call)
+
+
+def _upstream_body(
+    endpoint: CustomEndpoint,
+    route: Route,
+    body: bytes,
+    info: RequestInfo | None,
+    output_cap: int | None,
+) -> bytes:
+    """The caller's bytes; for a priced model, with the cap the request was held for when
+    it sets none (§5), and the usage chunk a stream must ask for."""
+    if info is None:
+        return body
+    edits = UpstreamEdits(output_cap=output_cap, chat_cap_field=endpoint.chat_cap_field)
+    return _OPENAI.prepare_upstream_body(route, body, info, edits)

@@ -1,0 +1,1 @@
+"""The HTTP routes: each parses its request, prices it and hands it to the metering."""
