@@ -20,7 +20,13 @@ from multidict import CIMultiDict
 from .accounts import KEY_PREFIX
 from .errors import GatewayError
 from .metrics import Metrics, labelled
-from .protocols import CREDENTIAL_HEADERS, StreamTap, Usage
+from .protocols import (
+    CREDENTIAL_HEADERS,
+    OWN_HEADER_NAMES,
+    OWN_HEADER_PREFIXES,
+    StreamTap,
+    Usage,
+)
 from .upstream_client import (
     UpstreamClient,
     UpstreamConnectionError,
@@ -49,17 +55,21 @@ CLIENT_CREDENTIALS = CREDENTIAL_HEADERS | {"cookie"}
 # Compression is negotiated per hop: the gateway asks the upstream for none (the client decodes
 # a compressed answer anyway) and sends the caller plain bytes.
 _DROP_REQUEST = HOP_BY_HOP | CLIENT_CREDENTIALS | {"accept-encoding"}
-_DROP_RESPONSE = HOP_BY_HOP | {
-    "content-encoding",
-    "set-cookie",
-    "x-request-id",
-    "request-id",
-    "ratelimit",
-    "ratelimit-policy",
-    "date",
-    "server",
-}
-_DROP_RESPONSE_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
+# The upstream's own request id and rate limits would contradict the gateway's.
+_DROP_RESPONSE = (
+    HOP_BY_HOP
+    | OWN_HEADER_NAMES
+    | {
+        "content-encoding",
+        "set-cookie",
+        "x-request-id",
+        "ratelimit",
+        "ratelimit-policy",
+        "date",
+        "server",
+    }
+)
+_DROP_RESPONSE_PREFIXES = ("x-ratelimit-", *OWN_HEADER_PREFIXES)
 MAX_ERROR_BODY_BYTES = 1 << 20
 
 

@@ -33,6 +33,10 @@ CREDENTIAL_HEADERS = frozenset({"proxy-authorization"}).union(
     *(adapter.credential_headers for adapter in ADAPTERS.values())
 )
 
+# Every response header some protocol's adapter sets itself (add_own_headers).
+OWN_HEADER_NAMES = frozenset[str]().union(*(a.own_header_names for a in ADAPTERS.values()))
+OWN_HEADER_PREFIXES = tuple(p for a in ADAPTERS.values() for p in a.own_header_prefixes)
+
 
 def caller_protocol(path: str, headers: Mapping[str, str], query: Mapping[str, str]) -> str:
     """The protocol a caller speaks, from the route it called (and, for /v1/models, its key)."""
@@ -45,6 +49,8 @@ def caller_protocol(path: str, headers: Mapping[str, str], query: Mapping[str, s
 __all__ = [
     "ADAPTERS",
     "CREDENTIAL_HEADERS",
+    "OWN_HEADER_NAMES",
+    "OWN_HEADER_PREFIXES",
     "ProtocolAdapter",
     "RequestInfo",
     "Route",

@@ -225,6 +225,8 @@ class AnthropicAdapter(ProtocolAdapter):
     name = "anthropic"
     credential_headers = frozenset({"x-api-key", "authorization"})
     converter_route = "/anthropic/v1/messages"
+    own_header_names = frozenset({"request-id"})
+    own_header_prefixes = ("anthropic-ratelimit-",)
 
     def is_called_on(self, path: str, headers: Mapping[str, str], query: Mapping[str, str]) -> bool:
         return path.startswith(("/v1/messages", "/anthropic/"))

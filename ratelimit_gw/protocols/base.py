@@ -283,6 +283,9 @@ class ProtocolAdapter(ABC):
     credential_headers: frozenset[str] = frozenset({"authorization"})
     # Where a model of another protocol can be reached from a caller speaking this one (§9).
     converter_route: str
+    # The headers add_own_headers sets (by name, and by prefix): an upstream's are dropped.
+    own_header_names: frozenset[str] = frozenset()
+    own_header_prefixes: tuple[str, ...] = ()
 
     # --- the caller's side --------------------------------------------------------------
 
