@@ -16,7 +16,6 @@ from .accounts import AccountStore
 from .auth import KeyCache
 from .body import BodyReader
 from .catalog import Catalog
-from .eviction_guard import EvictionGuard
 from .gateway import handle_llm
 from .limiter import Limiter
 from .metrics import StorageMetrics, create_metrics, exposition
@@ -29,6 +28,7 @@ from .services import SERVICES, Services
 from .settings import Settings
 from .settler import Settler
 from .storage import Storage, open_storage
+from .storage.eviction_guard import EvictionGuard
 from .upstream_client import UpstreamClient
 
 

@@ -301,7 +301,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             )
         )
     elif args.command == "mock-upstream":
-        from .mock_upstream import MockSettings, run_mock_upstream
+        from .testing.mock_upstream import MockSettings, run_mock_upstream
 
         mock_settings = MockSettings(
             latency_ms=args.latency_ms,

@@ -4,10 +4,10 @@ In the benchmark the upstream stands in for a provider that, deployed, runs on a
 machine. On the bench's two cores it does not: every microsecond it spends is taken from
 the gateway being measured, and more from the gateway with full checks (which, with Redis,
 needs both cores) than from the pass-through (which needs one). The aiohttp mock
-(:mod:`ratelimit_gw.mock_upstream`) spends ~45 µs of CPU per request, mostly in aiohttp's
+(:mod:`ratelimit_gw.testing.mock_upstream`) spends ~45 µs of CPU per request, mostly in aiohttp's
 server machinery. This server does only what the benchmark sends, ``POST
 /v1/chat/completions``, plain or streamed, and answers with the bytes of the same
-:mod:`ratelimit_gw.mock_wire` builders, so usage and text are exactly the aiohttp mock's.
+:mod:`ratelimit_gw.testing.mock_wire` builders, so usage and text are exactly the aiohttp mock's.
 
 Left out: the request log, ``x-mock-*`` controls, latency, other routes and protocols (404),
 and flow control. Tests, the demo and anything that needs those use the aiohttp mock.
@@ -24,8 +24,8 @@ from typing import Any
 import httptools
 import msgspec
 
-from ratelimit_gw import mock_wire as wire
-from ratelimit_gw.mock_upstream import MockSettings
+from ratelimit_gw.testing import mock_wire as wire
+from ratelimit_gw.testing.mock_upstream import MockSettings
 
 CHAT_PATH = b"/v1/chat/completions"
 _SERVER = b"Server: ratelimit-gw-mock-lean\r\n"

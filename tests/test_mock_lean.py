@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from ratelimit_gw.mock_lean import serve_lean
-from ratelimit_gw.mock_upstream import MockSettings, start_mock_upstream
+from ratelimit_gw.testing.mock_upstream import MockSettings, start_mock_upstream
 
 SETTINGS = MockSettings(chunks=3, tokens_per_chunk=4)
 MESSAGES = [{"role": "user", "content": "Count to twenty, slowly."}]

@@ -8,13 +8,14 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = sorted(p.name for p in (ROOT / "lua").glob("*.lua"))
+SCRIPTS = sorted(p.name for p in (ROOT / "ratelimit_gw" / "lua").glob("*.lua"))
 
 PROBE = """
 import asyncio, pathlib, sys
 import ratelimit_gw
 from ratelimit_gw.settings import StorageSettings
-from ratelimit_gw.storage import SCRIPT_NAMES, load_script, open_storage
+from ratelimit_gw.storage import open_storage
+from ratelimit_gw.storage.scripts import SCRIPT_NAMES, load_script
 from ratelimit_gw.accounts import AccountStore
 
 async def main():
@@ -30,7 +31,7 @@ print(asyncio.run(main()))
 
 
 def test_every_lua_script_is_registered() -> None:
-    from ratelimit_gw.storage import SCRIPT_NAMES
+    from ratelimit_gw.storage.scripts import SCRIPT_NAMES
 
     assert sorted(f"{name}.lua" for name in SCRIPT_NAMES) == SCRIPTS
 
