@@ -1,4 +1,5 @@
-"""The Lua scripts ship inside the wheel and load the same way as from a checkout."""
+"""The wheel ships the product (the Lua scripts and the mock upstream, not the benchmark),
+and the scripts load the same way as from a checkout."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def test_every_lua_script_is_registered() -> None:
     assert sorted(f"{name}.lua" for name in SCRIPT_NAMES) == SCRIPTS
 
 
-def test_wheel_ships_the_lua_scripts_and_loads_them(tmp_path: Path) -> None:
+def test_wheel_ships_the_product_and_loads_the_lua_scripts(tmp_path: Path) -> None:
     subprocess.run(
         [
             sys.executable,
@@ -58,6 +59,10 @@ def test_wheel_ships_the_lua_scripts_and_loads_them(tmp_path: Path) -> None:
             Path(n).name for n in archive.namelist() if n.startswith("ratelimit_gw/lua/")
         )
         assert shipped == SCRIPTS
+        # The product only: the mock upstream (demo, users) ships; the benchmark does not.
+        names = set(archive.namelist())
+        assert "ratelimit_gw/testing/mock_upstream.py" in names
+        assert not [n for n in names if n.startswith("benchmarks/") or "openloop" in n]
         site = tmp_path / "site"
         archive.extractall(site)
 

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ratelimit_gw.local_redis import RedisProcess, start_redis
+from benchmarks.local_redis import RedisProcess, start_redis
 from ratelimit_gw.settings import StorageSettings, parse_settings
 from ratelimit_gw.storage import StorageError, open_storage, script_channel
 from ratelimit_gw.storage.script_batch import ScriptBatcher
