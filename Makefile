@@ -55,7 +55,7 @@ wrk:
 	  fi; \
 	  command -v wrk >/dev/null 2>&1 || echo "no wrk: install it (Debian: apt-get install wrk)"; }
 
-# The benchmark's fixed-rate generator is C (ratelimit_gw/openloop/), compiled on first use.
+# The benchmark's fixed-rate generator is C (benchmarks/openloop/), compiled on first use.
 cc:
 	@command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -66,19 +66,21 @@ cc:
 	  command -v gcc >/dev/null 2>&1 || echo "no C compiler: install one (Debian: apt-get install gcc)"; }
 
 lint: $(STAMP)
-	$(BIN)/ruff check ratelimit_gw tests
-	$(BIN)/ruff format --check ratelimit_gw tests
+	$(BIN)/ruff check ratelimit_gw benchmarks tests
+	$(BIN)/ruff format --check ratelimit_gw benchmarks tests
 
+# The product and the benchmark (pyproject's [tool.mypy] files).
 typecheck: $(STAMP)
-	$(BIN)/mypy ratelimit_gw
+	$(BIN)/mypy
 
 pytest: $(STAMP) redis-server prometheus wrk cc
 	$(BIN)/pytest
 
 test: lint typecheck pytest
 
+# The benchmark lives beside the package (benchmarks/, not shipped); options after ARGS=.
 bench: $(STAMP) redis-server wrk cc
-	$(BIN)/ratelimit-gw bench
+	$(BIN)/python -m benchmarks $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

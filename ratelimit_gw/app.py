@@ -15,7 +15,6 @@ from .accounts import AccountStore
 from .auth import KeyCache
 from .body import BodyReader
 from .catalog import Catalog
-from .eviction_guard import EvictionGuard
 from .limiter import Limiter
 from .metrics import StorageMetrics, create_metrics
 from .middleware import error_middleware
@@ -29,6 +28,7 @@ from .services import SERVICES, Services
 from .settings import Settings
 from .settler import Settler
 from .storage import Storage, open_storage
+from .storage.eviction_guard import EvictionGuard
 from .upstream_client import UpstreamClient
 from .upstream_quota import UpstreamQuota
 

@@ -45,8 +45,8 @@ def _usd(text: str) -> int:
         raise SystemExit(f"error: {exc}") from None
 
 
-def _worker_count(text: str) -> int:
-    """``--workers`` of serve and bench: one check for both."""
+def worker_count(text: str) -> int:
+    """``--workers`` of serve and of the benchmark (``python -m benchmarks``): one check."""
     count = int(text)
     if count < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
@@ -141,9 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML config file (default: $RLGW_CONFIG)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument(
-        "--workers", type=_worker_count, default=1, help="processes sharing the port"
-    )
+    serve.add_argument("--workers", type=worker_count, default=1, help="processes sharing the port")
     # The benchmark's baseline: relay with no keys, limits or balance. Never for real traffic.
     serve.add_argument("--passthrough-for-benchmark", action="store_true", help=argparse.SUPPRESS)
 
@@ -163,36 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep no log of received requests (benchmark baseline)",
     )
-    mock.add_argument(
-        "--lean",
-        action="store_true",
-        help="the benchmark's upstream: chat completions only, on a bare asyncio server "
-        "(no request log, x-mock-* controls, latency or other routes)",
-    )
-
-    bench = sub.add_parser("bench", help="measure the gateway against the mock, side by side")
-    bench.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run")
-    bench.add_argument(
-        "--rounds", type=int, default=3, help="times (a), (b) and (c) are measured back to back"
-    )
-    bench.add_argument(
-        "--connections", type=int, default=128, help="wrk connections in the saturation runs"
-    )
-    bench.add_argument(
-        "--upstream",
-        choices=("lean", "aiohttp"),
-        default="lean",
-        help="the mock upstream: lean (the benchmark's, costing least CPU) or the full aiohttp one",
-    )
-    bench.add_argument(
-        "--workers",
-        type=_worker_count,
-        default=1,
-        help="gateway processes for (b) and (c) (serve --workers)",
-    )
-    bench.add_argument("--keys", type=int, default=100_000, help="keys in the many-keys run")
-    bench.add_argument("--fixed-rate-duration", type=float, default=6.0)
-    bench.add_argument("--output", default="bench-results/bench.json")
 
     for group, verbs in (
         ("accounts", ("create", "show", "update", "topup", "ledger", "list")),
@@ -282,26 +250,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .demo import run_demo
 
         asyncio.run(run_demo(args.host, args.port))
-    elif args.command == "bench":
-        from pathlib import Path
-
-        from .bench import BenchOptions
-        from .bench import main as bench_main
-
-        bench_main(
-            BenchOptions(
-                duration_s=args.duration,
-                rounds=args.rounds,
-                connections=args.connections,
-                upstream=args.upstream,
-                workers=args.workers,
-                many_keys=args.keys,
-                fixed_rate_duration_s=args.fixed_rate_duration,
-                output=Path(args.output),
-            )
-        )
     elif args.command == "mock-upstream":
-        from .mock_upstream import MockSettings, run_mock_upstream
+        from .testing.mock_upstream import MockSettings, run_mock_upstream
 
         mock_settings = MockSettings(
             latency_ms=args.latency_ms,
@@ -310,14 +260,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             tokens_per_chunk=args.tokens_per_chunk,
             record_requests=not args.no_request_log,
         )
-        if not args.lean:
-            run_mock_upstream(args.host, args.port, mock_settings)
-        elif args.latency_ms or args.chunk_delay_ms:
-            raise SystemExit("--lean has no latency: drop --latency-ms and --chunk-delay-ms")
-        else:
-            from .mock_lean import run_lean
-
-            run_lean(args.host, args.port, mock_settings)
+        run_mock_upstream(args.host, args.port, mock_settings)
     else:
         operation = OPERATIONS[f"{args.command} {args.verb}"]
         _print(asyncio.run(_with_store(args, operation)), args.json)

@@ -11,10 +11,10 @@ from aiohttp import web
 
 from .accounts import AccountStore
 from .app import create_app
-from .mock_upstream import MockSettings, start_mock_upstream
 from .serve import make_runner
 from .settings import build_settings
 from .storage import open_storage
+from .testing.mock_upstream import MockSettings, start_mock_upstream
 
 DEMO_MODELS = (
     ("gpt-4o-mini", "openai", 0.15, 0.60),

@@ -24,7 +24,7 @@ from prometheus_client import (
 )
 
 from .errors import REJECTION_REASONS
-from .storage import SCRIPT_NAMES
+from .storage.scripts import SCRIPT_NAMES
 
 LATENCY_BUCKETS_S = (
     0.001,

@@ -15,9 +15,9 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from .app import create_app
-from .eviction_guard import check_before_serving
 from .services import SERVICES
 from .settings import ServerSettings, Settings
+from .storage.eviction_guard import check_before_serving
 
 log = logging.getLogger("ratelimit_gw")
 

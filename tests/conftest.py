@@ -17,10 +17,15 @@ from aiohttp import web
 
 from ratelimit_gw.accounts import AccountStore
 from ratelimit_gw.app import create_app
-from ratelimit_gw.mock_upstream import MOCK_STATE, MockSettings, MockState, start_mock_upstream
 from ratelimit_gw.serve import make_runner
 from ratelimit_gw.settings import Settings, StorageSettings, build_settings
 from ratelimit_gw.storage import Storage, open_storage
+from ratelimit_gw.testing.mock_upstream import (
+    MOCK_STATE,
+    MockSettings,
+    MockState,
+    start_mock_upstream,
+)
 
 from .redis_process import RedisProcess, start_redis
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import aiohttp
 
-from ratelimit_gw.local_redis import free_port
+from benchmarks.local_redis import free_port
 
 from .conftest import UPSTREAM_KEY
 

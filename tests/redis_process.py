@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# The single-server helpers are the package's own (the benchmark uses them too).
-from ratelimit_gw.local_redis import (
+# The single-server helpers are the benchmark's own (shared, not copied).
+from benchmarks.local_redis import (
     RedisProcess,
     find_redis_server,
     free_port,

@@ -26,10 +26,10 @@ import redis
 from aiohttp import web
 
 from ratelimit_gw.app import create_app
-from ratelimit_gw.eviction_guard import EvictionPolicyError
 from ratelimit_gw.serve import make_runner
 from ratelimit_gw.services import SERVICES
 from ratelimit_gw.settings import Settings, build_settings
+from ratelimit_gw.storage.eviction_guard import EvictionPolicyError
 
 from .redis_process import (
     RedisProcess,

@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ratelimit_gw.errors import REJECTION_REASONS
 from ratelimit_gw.metrics import HOLD_EVENTS, STORAGE_OPERATIONS
-from ratelimit_gw.storage import SCRIPT_NAMES, Storage
+from ratelimit_gw.storage import Storage
+from ratelimit_gw.storage.scripts import SCRIPT_NAMES
 
 from .conftest import ADMIN_TOKEN, Gateway, Upstream, start_gateway
 

@@ -21,7 +21,7 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 
-from ratelimit_gw.mock_upstream import (
+from ratelimit_gw.testing.mock_upstream import (
     MOCK_STATE,
     MockSettings,
     MockState,
@@ -466,7 +466,7 @@ async def test_request_log_is_bounded() -> None:
 
 
 def test_create_mock_app_is_an_aiohttp_app() -> None:
-    from ratelimit_gw.mock_upstream import create_mock_app
+    from ratelimit_gw.testing.mock_upstream import create_mock_app
 
     app = create_mock_app(MockSettings(chunks=2))
     assert isinstance(app, web.Application)

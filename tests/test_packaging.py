@@ -1,4 +1,5 @@
-"""The Lua scripts ship inside the wheel and load the same way as from a checkout."""
+"""The wheel ships the product (the Lua scripts and the mock upstream, not the benchmark),
+and the scripts load the same way as from a checkout."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = sorted(p.name for p in (ROOT / "lua").glob("*.lua"))
+SCRIPTS = sorted(p.name for p in (ROOT / "ratelimit_gw" / "lua").glob("*.lua"))
 
 PROBE = """
 import asyncio, pathlib, sys
 import ratelimit_gw
 from ratelimit_gw.settings import StorageSettings
-from ratelimit_gw.storage import SCRIPT_NAMES, load_script, open_storage
+from ratelimit_gw.storage import open_storage
+from ratelimit_gw.storage.scripts import SCRIPT_NAMES, load_script
 from ratelimit_gw.accounts import AccountStore
 
 async def main():
@@ -30,12 +32,12 @@ print(asyncio.run(main()))
 
 
 def test_every_lua_script_is_registered() -> None:
-    from ratelimit_gw.storage import SCRIPT_NAMES
+    from ratelimit_gw.storage.scripts import SCRIPT_NAMES
 
     assert sorted(f"{name}.lua" for name in SCRIPT_NAMES) == SCRIPTS
 
 
-def test_wheel_ships_the_lua_scripts_and_loads_them(tmp_path: Path) -> None:
+def test_wheel_ships_the_product_and_loads_the_lua_scripts(tmp_path: Path) -> None:
     subprocess.run(
         [
             sys.executable,
@@ -57,6 +59,10 @@ def test_wheel_ships_the_lua_scripts_and_loads_them(tmp_path: Path) -> None:
             Path(n).name for n in archive.namelist() if n.startswith("ratelimit_gw/lua/")
         )
         assert shipped == SCRIPTS
+        # The product only: the mock upstream (demo, users) ships; the benchmark does not.
+        names = set(archive.namelist())
+        assert "ratelimit_gw/testing/mock_upstream.py" in names
+        assert not [n for n in names if n.startswith("benchmarks/") or "openloop" in n]
         site = tmp_path / "site"
         archive.extractall(site)
 

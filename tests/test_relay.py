@@ -23,11 +23,11 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from ratelimit_gw import mock_wire
 from ratelimit_gw.accounts import LedgerEntry
 from ratelimit_gw.limiter import Limiter
 from ratelimit_gw.money import NANO_PER_USD, format_usd
 from ratelimit_gw.protocols import estimate_input_tokens
+from ratelimit_gw.testing import mock_wire
 
 from .conftest import MODELS, UPSTREAM_KEY, Gateway, Upstream, gateway_config, start_gateway
 

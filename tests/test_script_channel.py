@@ -13,12 +13,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ratelimit_gw import script_channel
-from ratelimit_gw.local_redis import RedisProcess, start_redis
-from ratelimit_gw.script_batch import ScriptBatcher
-from ratelimit_gw.script_channel import DEFER_S, ScriptChannel, _Connection
+from benchmarks.local_redis import RedisProcess, start_redis
 from ratelimit_gw.settings import StorageSettings, parse_settings
-from ratelimit_gw.storage import StorageError, open_storage
+from ratelimit_gw.storage import StorageError, open_storage, script_channel
+from ratelimit_gw.storage.script_batch import ScriptBatcher
+from ratelimit_gw.storage.script_channel import DEFER_S, ScriptChannel, _Connection
 
 SOURCES = {
     "incr": "return redis.call('INCR', KEYS[1])",

@@ -24,12 +24,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ratelimit_gw.accounts import AccountStore, LedgerEntry
 from ratelimit_gw.app import create_app
-from ratelimit_gw.breaker import Breaker
 from ratelimit_gw.money import parse_usd
 from ratelimit_gw.serve import make_runner
 from ratelimit_gw.services import SERVICES
 from ratelimit_gw.settings import ConfigError, StorageSettings, build_settings
 from ratelimit_gw.storage import Storage, StorageError, open_storage
+from ratelimit_gw.storage.breaker import Breaker
 
 from .conftest import ADMIN_TOKEN, UPSTREAM_KEY, Gateway, Upstream, gateway_config
 from .redis_process import RedisProcess, start_redis
@@ -459,7 +459,7 @@ def test_breaker_opens_after_consecutive_failures_and_half_opens_after_cooldown(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     now = [1000.0]
-    monkeypatch.setattr("ratelimit_gw.breaker.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("ratelimit_gw.storage.breaker.time.monotonic", lambda: now[0])
     changes: list[str] = []
     breaker = Breaker(failure_threshold=3, cooldown_s=2.0, on_change=changes.append)
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from benchmarks.local_redis import free_port, wait_for_port
+from benchmarks.processes import gateway_workers, rss_mib
 from ratelimit_gw.accounts import AccountStore
-from ratelimit_gw.bench import gateway_workers, rss_mib
 from ratelimit_gw.cli import build_parser
-from ratelimit_gw.local_redis import free_port, wait_for_port
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import open_storage
 
@@ -154,8 +154,8 @@ async def test_workers_share_the_port_and_report_pooled_metrics(
 async def test_bench_measures_each_worker_of_a_passthrough_pool(
     upstream: Upstream, tmp_path: Path
 ) -> None:
-    # `bench --workers N` runs its pass-through (storage disabled, memory:// in its config)
-    # as a pool too, and reads each worker's RSS: the pids it finds are the ones answering.
+    # The benchmark's `--workers N` runs its pass-through (storage disabled, memory:// in its
+    # config) as a pool too, and reads each worker's RSS: the pids it finds are the ones answering.
     port = free_port()
     config = tmp_path / "passthrough.toml"
     config.write_text(_config(upstream.url, "memory://", port))
@@ -197,8 +197,7 @@ def test_a_pool_refuses_per_process_storage(tmp_path: Path) -> None:
     assert "--workers needs shared storage" in refused.stderr
 
 
-@pytest.mark.parametrize("command", ["serve", "bench"])
-def test_workers_below_one_are_refused(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_workers_below_one_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        build_parser().parse_args([command, "--workers", "0"])
+        build_parser().parse_args(["serve", "--workers", "0"])
     assert "argument --workers: must be at least 1" in capsys.readouterr().err

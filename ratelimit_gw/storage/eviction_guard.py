@@ -21,9 +21,10 @@ import asyncio
 import collections
 import logging
 
-from .metrics import Metrics, labelled
-from .settings import ConfigError, StorageSettings
-from .storage import Storage, StorageError, open_storage
+from ..metrics import Metrics, labelled
+from ..settings import ConfigError, StorageSettings
+from .backends import open_storage
+from .front import Storage, StorageError
 
 log = logging.getLogger("ratelimit_gw.storage")
 

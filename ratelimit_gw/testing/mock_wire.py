@@ -1,7 +1,7 @@
 """Wire-format builders for the mock upstream: OpenAI, Anthropic and Gemini bodies and frames.
 
 Everything here is a pure function of a :class:`Reply` and returns ready-to-send bytes, so
-:mod:`ratelimit_gw.mock_upstream` only decides *when* to write them. Shapes follow
+:mod:`ratelimit_gw.testing.mock_upstream` only decides *when* to write them. Shapes follow
 ``/work/shared/reference/protocol-notes.md`` §1.3, §1.4, §2.3, §3.2 and §6.
 """
 

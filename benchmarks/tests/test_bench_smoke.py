@@ -7,6 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from benchmarks.__main__ import build_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def _added_over_two_rounds(
     by_round: dict[int, dict[str, dict[str, float]]], scenario: str, percentile: str
@@ -22,8 +28,7 @@ def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "ratelimit_gw",
-            "bench",
+            "benchmarks",
             "--duration",
             "1",
             "--rounds",
@@ -39,7 +44,8 @@ def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=300,
+        cwd=ROOT,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(output.read_text())
@@ -57,9 +63,10 @@ def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
     per_round = [(r["scenario"], r["kind"], r["keys"]) for r in wrk_rounds]
     assert sorted({r["extra"]["round"] for r in wrk_rounds}) == [0, 1]
     assert len(per_round) == 2 * 7 and len(set(per_round)) == 7
-    # The fixed-rate runs take rounds too: (a), (b) and (c) at two rates per kind, twice each.
+    # The fixed-rate runs take rounds too: (a), (b) and (c) at three rates per kind (the
+    # target's, half of saturation, unloaded), twice each.
     fixed_rounds = [r for r in result["rounds"] if r["tool"] == "fixed-rate"]
-    assert len(fixed_rounds) == 3 * 2 * 2 * 2
+    assert len(fixed_rounds) == 3 * 3 * 2 * 2
     assert sorted({r["extra"]["round"] for r in fixed_rounds}) == [0, 1]
     wrk_rows = [r for r in result["runs"] if r["tool"] == "wrk"]
     assert all(r["extra"]["rounds"] == 2 for r in wrk_rows)
@@ -68,7 +75,7 @@ def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
     # The fixed-rate runs use the C generator (a compiler is part of the test setup), which
     # keeps its schedule: the Python fallback would eat the core the gateway needs.
     fixed = [r for r in result["runs"] if r["tool"] == "fixed-rate"]
-    assert len(fixed) == 12 and all(r["extra"]["rounds"] == 2 for r in fixed)
+    assert len(fixed) == 18 and all(r["extra"]["rounds"] == 2 for r in fixed)
     assert all(r["extra"]["p99_min_ms"] <= r["p99_ms"] <= r["extra"]["p99_max_ms"] for r in fixed)
     assert all("generator_cpu_share" in r["extra"] for r in fixed)
     assert all(r["extra"]["generator_lateness_p99_ms"] < 50 for r in fixed)
@@ -77,15 +84,39 @@ def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
     plain_rates = {r["rps"] for r in fixed if r["kind"] == "plain"}
     assert stream_rates != plain_rates
     summary = result["summary"]
-    assert set(summary) == {"gateway_workers", "gateway_rss_mib", "plain", "stream", "keys_scaling"}
+    assert set(summary) == {
+        "gateway_workers",
+        "gateway_rss_mib",
+        "targets",
+        "plain",
+        "stream",
+        "keys_scaling",
+    }
+    # The target: a fixed open-loop rate of 1,000 req/s, p50 and p99 added over the mock
+    # direct; and the throughput floor, (c) at least 60 % of (b) in the same run.
+    assert summary["targets"] == {
+        "fixed_rate_rps": 1000.0,
+        "added_p50_ms": 1.0,
+        "added_p99_ms": 5.0,
+        "throughput_c_over_b": 0.6,
+    }
+    for kind in ("plain", "stream"):
+        target = summary[kind]["target"]
+        assert target["rps"] == 1000.0
+        assert target["met"] == (target["added_p50_ms"] <= 1.0 and target["added_p99_ms"] <= 5.0)
+        floor_met = summary[kind]["throughput_c_over_b"] >= 0.6
+        assert summary[kind]["throughput_floor_met"] == floor_met
+        # Half of saturation is information beside the target, at a rate of its own.
+        assert summary[kind]["half_saturation"]["rps"] not in (1000.0, 100.0)
     assert summary["gateway_workers"] == 1 and summary["gateway_rss_mib"] > 0
     # Added latency: the median over rounds of (c) - (a) measured in the same round, and
     # beside it (b) - (a), the pass-through's share.
     for kind in ("plain", "stream"):
-        for label, idle in (("half_saturation", False), ("idle", True)):
+        for label in ("target", "half_saturation", "idle"):
             figures = summary[kind][label]
+            assert (figures["rps"] == 100.0) == (label == "idle")
             same_rate = [
-                r for r in fixed_rounds if r["kind"] == kind and (r["rps"] == 100.0) == idle
+                r for r in fixed_rounds if r["kind"] == kind and r["rps"] == figures["rps"]
             ]
             by_round: dict[int, dict[str, dict[str, float]]] = {}
             for r in same_rate:
@@ -135,3 +166,12 @@ def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
     assert "on-CPU us per request under wrk" in run.stdout and "cores" in run.stdout
     assert "throughput (c)/(a)" in run.stdout and "(c)/(b)" in run.stdout
     assert "of which the pass-through alone" in run.stdout
+    assert "targets: at a fixed 1000 req/s" in run.stdout
+    assert "plain: target: added latency at 1000 req/s" in run.stdout
+    assert "stream: target: added time to first byte at 1000 req/s" in run.stdout
+
+
+def test_workers_below_one_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--workers", "0"])
+    assert "argument --workers: must be at least 1" in capsys.readouterr().err

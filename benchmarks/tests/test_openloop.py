@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import time
-import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -25,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from ratelimit_gw import openloop
-from ratelimit_gw.local_redis import free_port, wait_for_port
+from benchmarks import openloop
+from benchmarks.local_redis import free_port, wait_for_port
 
 # No skip without a compiler: `make test` installs one (the C generator is the benchmark's).
 ROOT = Path(__file__).resolve().parent.parent
@@ -457,18 +456,3 @@ def test_cc_from_the_environment_is_respected(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("CC", "cc -pipe")
     compiler = openloop.compiler()
     assert compiler is not None and compiler[1:] == ["-pipe"]
-
-
-def test_the_wheel_ships_the_c_source(tmp_path: Path) -> None:
-    subprocess.run(
-        [
-            *(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps"),
-            *("-w", str(tmp_path), str(ROOT)),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    (wheel,) = tmp_path.glob("ratelimit_gw-*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        names = set(archive.namelist())
-    assert {"ratelimit_gw/openloop/__init__.py", "ratelimit_gw/openloop/openloop.c"} <= names

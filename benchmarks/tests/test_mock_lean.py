@@ -8,14 +8,16 @@ import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import openai
 import pytest
 
-from ratelimit_gw.mock_lean import serve_lean
-from ratelimit_gw.mock_upstream import MockSettings, start_mock_upstream
+from benchmarks.mock_lean import serve_lean
+from ratelimit_gw.testing.mock_upstream import MockSettings, start_mock_upstream
 
+ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = MockSettings(chunks=3, tokens_per_chunk=4)
 MESSAGES = [{"role": "user", "content": "Count to twenty, slowly."}]
 BODIES = {
@@ -128,10 +130,11 @@ async def test_anything_else_is_a_typed_openai_error(both: tuple[str, str]) -> N
 
 def test_the_cli_refuses_latency_it_cannot_add() -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "ratelimit_gw", "mock-upstream", "--lean", "--latency-ms", "5"],
+        [sys.executable, "-m", "benchmarks.mock_lean", "--latency-ms", "5"],
         capture_output=True,
         text=True,
         timeout=30,
+        cwd=ROOT,
     )
     assert run.returncode != 0
-    assert "--lean has no latency" in run.stderr
+    assert "unrecognized arguments: --latency-ms" in run.stderr

@@ -4,10 +4,10 @@ In the benchmark the upstream stands in for a provider that, deployed, runs on a
 machine. On the bench's two cores it does not: every microsecond it spends is taken from
 the gateway being measured, and more from the gateway with full checks (which, with Redis,
 needs both cores) than from the pass-through (which needs one). The aiohttp mock
-(:mod:`ratelimit_gw.mock_upstream`) spends ~45 µs of CPU per request, mostly in aiohttp's
+(:mod:`ratelimit_gw.testing.mock_upstream`) spends ~45 µs of CPU per request, mostly in aiohttp's
 server machinery. This server does only what the benchmark sends, ``POST
 /v1/chat/completions``, plain or streamed, and answers with the bytes of the same
-:mod:`ratelimit_gw.mock_wire` builders, so usage and text are exactly the aiohttp mock's.
+:mod:`ratelimit_gw.testing.mock_wire` builders, so usage and text are exactly the aiohttp mock's.
 
 Left out: the request log, ``x-mock-*`` controls, latency, other routes and protocols (404),
 and flow control. Tests, the demo and anything that needs those use the aiohttp mock.
@@ -15,6 +15,7 @@ and flow control. Tests, the demo and anything that needs those use the aiohttp 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import itertools
@@ -24,8 +25,9 @@ from typing import Any
 import httptools
 import msgspec
 
-from ratelimit_gw import mock_wire as wire
-from ratelimit_gw.mock_upstream import MockSettings
+from ratelimit_gw.serve import install_fast_loop
+from ratelimit_gw.testing import mock_wire as wire
+from ratelimit_gw.testing.mock_upstream import MockSettings
 
 CHAT_PATH = b"/v1/chat/completions"
 _SERVER = b"Server: ratelimit-gw-mock-lean\r\n"
@@ -157,8 +159,7 @@ async def serve_lean(host: str, port: int, settings: MockSettings | None = None)
 
 
 def run_lean(host: str, port: int, settings: MockSettings | None = None) -> None:
-    """Serve until interrupted (``ratelimit-gw mock-upstream --lean``; the CLI has already
-    installed uvloop where available)."""
+    """Serve until interrupted (the caller has installed uvloop where available)."""
 
     async def main() -> None:
         server = await serve_lean(host, port, settings)
@@ -167,3 +168,25 @@ def run_lean(host: str, port: int, settings: MockSettings | None = None) -> None
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.mock_lean``: it has no latency, request log or other routes,
+    so it takes no flags for them (the full mock, ``ratelimit-gw mock-upstream``, does)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.mock_lean", description=(__doc__ or "").split("\n\n", 1)[0]
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9090)
+    parser.add_argument("--chunks", type=int, default=4)
+    parser.add_argument("--tokens-per-chunk", type=int, default=5)
+    args = parser.parse_args(argv)
+    install_fast_loop()
+    settings = MockSettings(
+        chunks=args.chunks, tokens_per_chunk=args.tokens_per_chunk, record_requests=False
+    )
+    run_lean(args.host, args.port, settings)
+
+
+if __name__ == "__main__":
+    main()

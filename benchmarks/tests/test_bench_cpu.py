@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from ratelimit_gw.bench import CpuMeter, cpu_seconds
+from benchmarks.processes import CpuMeter, cpu_seconds
 
 
 def _spin(seconds: float) -> None:

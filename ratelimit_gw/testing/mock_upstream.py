@@ -24,8 +24,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from ratelimit_gw import mock_wire as wire
-from ratelimit_gw.mock_wire import Protocol, Reply, StreamFrames
+from . import mock_wire as wire
+from .mock_wire import Protocol, Reply, StreamFrames
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _JSON = "application/json"

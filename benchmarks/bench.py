@@ -1,0 +1,253 @@
+"""`python -m benchmarks` (`make bench`): the gateway's cost, measured side by side in one run.
+
+Starts its own mock upstream, private redis-server and gateway processes on loopback, then:
+
+(The upstream is the lean mock, ``mock_lean.py``, unless ``--upstream aiohttp``: it stands
+in for a provider on another machine, and what it spends of the shared cores is taken from
+the gateway being measured.)
+
+* saturation throughput and latency with ``wrk`` (a C load generator) for (a) the mock
+  directly, (b) the gateway as a pass-through with storage disabled, (c) the gateway with
+  full checks (auth, rpm, tpm, concurrency, balance hold and settle) on Redis — plain and
+  streaming requests. All three servers stay up and each round measures them back to back;
+  a row is the median of its rounds, and a ratio the median of the ratios within a round
+  (a shared VM's speed drifts over minutes, and rows minutes apart would compare drifts);
+* latency at fixed rates: the target's (``--target-rate``, 1,000 req/s: full checks add
+  p50 ≤ 1 ms and p99 ≤ 5 ms over the mock direct, judged in the summary), and as
+  information half of (c)'s throughput for that kind of request and an unloaded 100 req/s,
+  with an open-loop generator of its own — C
+  (``openloop/``, compiled on first use; a Python fallback without a compiler) — for (a),
+  (b) and (c), as many rounds as the saturation runs, back to back in each: added
+  latency = the median over rounds of (c) − (a), and for streams the added time to first
+  byte; (b) − (a) beside it is the relay's share of that (the hop any proxy adds).
+  Latency counts from each request's scheduled send time, so queueing is never hidden;
+  the generator reports its own lateness and CPU share, which show it kept up;
+* (c) with 10 keys and with many keys (the key cache and Redis hold them all);
+* in every row, the on-CPU microseconds per request of the server measured (and of Redis
+  for (c)): these resolve a few per cent where req/s drifts by tens on a shared VM;
+* the gateway worker's memory (RSS).
+
+``--workers N`` runs (b) and (c) as ``serve --workers N``; RSS is then each worker's, the
+largest reported.
+
+The summary also judges the throughput floor: (c) at least 60 % of (b) in the same run.
+One table on stdout and a JSON file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .load import fixed_rate_run, run_wrk
+from .local_redis import free_port, start_redis
+from .processes import CpuMeter, gateway_workers, python_module, rss_mib, server_process
+from .report import is_row, render, summarise
+from .runs import IDLE_RATE_RPS, BenchOptions, Run
+
+MODEL = "gpt-4o-mini"
+PLAIN_BODY = json.dumps(
+    {"model": MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "Say hello."}]}
+).encode()
+STREAM_BODY = json.dumps(
+    {
+        "model": MODEL,
+        "max_tokens": 64,
+        "stream": True,
+        "messages": [{"role": "user", "content": "Say hello."}],
+    }
+).encode()
+
+
+def _gateway_config(upstream: str, storage_url: str, port: int) -> str:
+    return f"""
+[server]
+host = "127.0.0.1"
+port = {port}
+
+[storage]
+url = "{storage_url}"
+
+[log]
+access_log = false
+
+[[providers]]
+name = "mock"
+protocol = "openai"
+base_url = "{upstream}"
+
+[[models]]
+id = "{MODEL}"
+provider = "mock"
+input_per_mtok = 0.15
+output_per_mtok = 0.60
+"""
+
+
+async def create_keys(storage_url: str, count: int) -> list[str]:
+    """One bench account with generous limits (so every check runs and passes), and keys."""
+    from ratelimit_gw.accounts import AccountStore
+    from ratelimit_gw.settings import StorageSettings
+    from ratelimit_gw.storage import open_storage
+
+    storage = open_storage(StorageSettings(url=storage_url, command_timeout_s=30))
+    try:
+        store = AccountStore(storage)
+        await store.create_account(
+            "bench",
+            balance_nano=10**15,
+            rpm=10**9,
+            tpm=10**12,
+            concurrency=10**6,
+        )
+        return await store.create_keys("bench", count, rpm=10**9, tpm=10**12, concurrency=10**6)
+    finally:
+        await storage.close()
+
+
+def fixed_rates(saturation_rps: float, target_rps: float) -> dict[str, float]:
+    """The fixed rates of one kind of request, by label. A row is known by its rate, so the
+    half-saturation one steps aside from the other two should it land on either."""
+    half = float(max(10, round(saturation_rps / 2)))
+    while half in (target_rps, IDLE_RATE_RPS):
+        half += 1
+    return {"target": target_rps, "half_saturation": half, "idle": IDLE_RATE_RPS}
+
+
+def run_bench(opts: BenchOptions) -> dict[str, Any]:
+    redis = start_redis()
+    upstream_port, passthrough_port, full_port = free_port(), free_port(), free_port()
+    upstream = f"http://127.0.0.1:{upstream_port}"
+    rounds: list[Run] = []
+    fixed: list[Run] = []
+    rates: dict[str, dict[str, float]] = {}
+    work = Path(tempfile.mkdtemp(prefix="rlgw-bench-"))
+    try:
+        keys = asyncio.run(create_keys(redis.url, opts.many_keys))
+        few = keys[:10]
+        if opts.upstream == "lean":
+            mock = [*python_module("benchmarks.mock_lean"), "--port", str(upstream_port)]
+        else:
+            mock = [*python_module("ratelimit_gw"), "mock-upstream", "--port", str(upstream_port)]
+            mock.append("--no-request-log")
+        passthrough_config = work / "passthrough.toml"
+        passthrough_config.write_text(_gateway_config(upstream, "memory://", passthrough_port))
+        full_config = work / "full.toml"
+        full_config.write_text(_gateway_config(upstream, redis.url, full_port))
+        passthrough = [
+            *python_module("ratelimit_gw"),
+            "serve",
+            "--config",
+            str(passthrough_config),
+            "--passthrough-for-benchmark",
+        ]
+        full = [*python_module("ratelimit_gw"), "serve", "--config", str(full_config)]
+        for command in (passthrough, full):
+            command += ["--workers", str(opts.workers)]
+        # All three servers stay up (idle when not measured), so each round can measure
+        # (a), (b) and (c) back to back: the ratios compare runs seconds apart, not minutes,
+        # which matters on a shared VM whose speed drifts.
+        with (
+            server_process(mock, upstream_port) as mock_pid,
+            server_process(passthrough, passthrough_port) as passthrough_pid,
+            server_process(full, full_port) as pid,
+        ):
+            full_workers = gateway_workers(pid, opts.workers)
+            # Whose CPU each scenario spends (a pool's supervisor too: it stays idle).
+            servers = {
+                "a_mock": [mock_pid],
+                "b_passthrough": sorted(
+                    {passthrough_pid, *gateway_workers(passthrough_pid, opts.workers)}
+                ),
+                "c_full_checks": sorted({pid, *full_workers}),
+            }
+
+            def meter(scenario: str) -> CpuMeter:
+                storage = redis.process.pid if scenario == "c_full_checks" else None
+                return CpuMeter(servers[scenario], storage)
+
+            def measured_wrk(
+                url: str, body: bytes, keys: list[str], scenario: str, kind: str, index: int
+            ) -> Run:
+                cpu = meter(scenario)
+                cpu.start()
+                run = run_wrk(url, body, keys, opts, scenario, kind, round_=index)
+                run.extra |= cpu.per_request(run.requests)
+                return run
+
+            urls = {
+                "a_mock": f"{upstream}/v1/chat/completions",
+                "b_passthrough": f"http://127.0.0.1:{passthrough_port}/v1/chat/completions",
+                "c_full_checks": f"http://127.0.0.1:{full_port}/v1/chat/completions",
+            }
+            full_url = urls["c_full_checks"]
+            # Steady state with many keys: first let every key be used once (a key's first
+            # request costs one extra lookup), then measure.
+            probe = run_wrk(full_url, PLAIN_BODY, few, opts, "warm-up", "plain", duration_s=2)
+            # Each worker keeps its own key cache and the kernel picks the worker, so with
+            # more workers every key needs more uses before each has seen it.
+            warm_s = math.ceil(len(keys) / max(probe.rps, 1.0) * 2.5 * opts.workers) + 1
+            run_wrk(
+                full_url,
+                PLAIN_BODY,
+                keys,
+                opts,
+                "warm-up",
+                "plain",
+                duration_s=warm_s,
+                sequential=True,
+            )
+            for index in range(opts.rounds):
+                for kind, body in (("plain", PLAIN_BODY), ("stream", STREAM_BODY)):
+                    for scenario, url in urls.items():
+                        rounds.append(measured_wrk(url, body, few, scenario, kind, index))
+                    if kind == "plain":
+                        rounds.append(
+                            measured_wrk(full_url, body, keys, "c_full_checks", kind, index)
+                        )
+            # The target's fixed rate; half of each kind's own saturation (information: how
+            # the added latency grows with load); and an unloaded rate.
+            for kind, body in (("plain", PLAIN_BODY), ("stream", STREAM_BODY)):
+                saturation = statistics.median(
+                    [r.rps for r in rounds if is_row(r, "c_full_checks", kind, len(few))]
+                )
+                rates[kind] = fixed_rates(saturation, opts.target_rate_rps)
+                for rate in rates[kind].values():
+                    # Rounds here too: one episode of VM noise (a stall of a few hundred ms)
+                    # decides a 6 s run's p99, so a row is the median of its rounds, and the
+                    # added latency the median of (c) - (a) within each round.
+                    # (b) too, at the same rates: it splits what (c) adds into the relay's
+                    # share (the extra hop any proxy costs) and the checks' share.
+                    for index in range(opts.rounds):
+                        for scenario in ("a_mock", "b_passthrough", "c_full_checks"):
+                            run = fixed_rate_run(
+                                urls[scenario],
+                                body,
+                                few,
+                                rate,
+                                opts,
+                                scenario,
+                                kind,
+                                meter(scenario),
+                            )
+                            run.extra["round"] = index
+                            fixed.append(run)
+            memory_mib = max(rss_mib(p) for p in full_workers)
+    finally:
+        redis.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return summarise(rounds, fixed, rates, memory_mib, opts)
+
+
+def main(opts: BenchOptions) -> None:
+    result = run_bench(opts)
+    opts.output.parent.mkdir(parents=True, exist_ok=True)
+    opts.output.write_text(json.dumps(result, indent=2))
+    print(render(result))
+    print(f"\nJSON: {opts.output}")

@@ -1,0 +1,46 @@
+"""What one measurement records (:class:`Run`), the benchmark's options, and its targets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IDLE_RATE_RPS = 100.0
+# The added-latency target (docs/performance.md): at this fixed open-loop rate, full checks
+# add at most these over the mock direct (plain: latency; streams: time to first byte).
+TARGET_RATE_RPS = 1000.0
+TARGET_ADDED_P50_MS = 1.0
+TARGET_ADDED_P99_MS = 5.0
+# The throughput floor: full checks keep at least this share of the pass-through's req/s,
+# measured in the same run.
+THROUGHPUT_FLOOR_C_OVER_B = 0.60
+
+
+@dataclass
+class Run:
+    scenario: str  # a_mock | b_passthrough | c_full_checks
+    kind: str  # plain | stream
+    tool: str  # wrk | fixed-rate
+    requests: int
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    errors: int
+    keys: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class BenchOptions:
+    duration_s: float = 4.0  # per wrk run; each scenario runs once per round
+    rounds: int = 3
+    # Enough to saturate (c): each of its requests waits on Redis, then on the upstream, and
+    # on 32 connections the CPU idled between the two hops (-c128 reached ~20 % more).
+    connections: int = 128
+    upstream: str = "lean"  # mock_lean.py; "aiohttp": the full mock (mock_upstream.py)
+    workers: int = 1  # gateway processes for (b) and (c), as `serve --workers N`
+    many_keys: int = 100_000
+    fixed_rate_duration_s: float = 6.0
+    target_rate_rps: float = TARGET_RATE_RPS
+    output: Path = Path("bench-results/bench.json")
