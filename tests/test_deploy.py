@@ -34,7 +34,7 @@ K8S = DEPLOY / "k8s"
 PROM = DEPLOY / "prometheus"
 GRAFANA = DEPLOY / "grafana"
 DASHBOARD = GRAFANA / "dashboards/ratelimit-gw.json"
-# Provided by the operator, not by these manifests (documented in the README).
+# Provided by the operator, not by these manifests (documented in docs/operations.md).
 OPERATOR_SECRETS = {"ratelimit-gw-secrets"}
 OPERATOR_SERVICES = {"redis"}
 DASHBOARD_ROWS = ["Traffic", "Rejections", "Latency", "Tokens and spend", "Storage"]
@@ -464,27 +464,27 @@ def test_k8s_secrets_are_referenced_by_key_and_documented_for_the_operator() -> 
     ]
     assert refs and all("value" not in e for e in k8s_container()["env"])
     defined = {d["metadata"]["name"] for d in k8s_documents() if d["kind"] == "Secret"}
-    readme = (ROOT / "README.md").read_text()
+    page = operations_page()
     comments = (K8S / "deployment.yaml").read_text()
     for _env, ref in refs:
         assert ref["name"] in defined | OPERATOR_SECRETS
-        assert f"--from-literal={ref['key']}=" in readme, f"README never says to set {ref['key']}"
+        assert f"--from-literal={ref['key']}=" in page, f"docs never say to set {ref['key']}"
         assert f"--from-literal={ref['key']}=" in comments
     for name in OPERATOR_SECRETS:
-        assert name in readme
+        assert name in page
     # Each secret is read by the config (no secret is mounted for nothing), and vice versa.
     toml = k8s("ConfigMap")["data"]["gateway.toml"]
     used = set(re.findall(r'(?:api_key_env|token_env) = "(\w+)"', toml))
     assert {env for env, _ in refs} == used
 
 
-def test_k8s_storage_is_an_operator_provided_service_documented_in_the_readme() -> None:
+def test_k8s_storage_is_an_operator_provided_service_documented_in_the_docs() -> None:
     host = urlsplit(k8s_settings().storage.url).hostname
     defined = {d["metadata"]["name"] for d in k8s_documents() if d["kind"] == "Service"}
     assert host in defined | OPERATOR_SERVICES
-    readme = (ROOT / "README.md").read_text()
+    page = operations_page()
     for name in OPERATOR_SERVICES:
-        assert f"`{name}`" in readme
+        assert f"`{name}`" in page
 
 
 def test_k8s_probes_hit_healthz_and_readyz_on_the_configured_port() -> None:
@@ -543,18 +543,16 @@ def test_k8s_selectors_ports_and_targets_line_up() -> None:
     assert service["metadata"]["name"] == "ratelimit-gw"
 
 
-# --- README ------------------------------------------------------------------------------------
+# --- docs/operations.md ------------------------------------------------------------------------
 
 
-def operating_section() -> str:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    start = readme.index("\n## Operating it\n")
-    end = readme.index("\n## ", start + 1)
-    return readme[start:end]
+def operations_page() -> str:
+    """The operator's page (it was the README's "Operating it" section)."""
+    return (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
 
 
-def test_readme_operating_section_documents_every_metric_alert_and_dashboard_row() -> None:
-    section = operating_section()
+def test_operations_page_documents_every_metric_alert_and_dashboard_row() -> None:
+    section = operations_page()
     for rule in alert_rules():
         assert f"`{rule['alert']}`" in section, rule["alert"]
     for row in DASHBOARD_ROWS:
@@ -576,7 +574,7 @@ def test_readme_operating_section_documents_every_metric_alert_and_dashboard_row
     "path",
     sorted(p.relative_to(DEPLOY).as_posix() for p in DEPLOY.rglob("*") if p.is_file()),
 )
-def test_every_deploy_file_parses_and_is_described_in_the_readme(path: str) -> None:
+def test_every_deploy_file_parses_and_is_described_in_the_docs(path: str) -> None:
     file = DEPLOY / path
     if file.suffix in (".yaml", ".yml"):
         assert list(yaml.safe_load_all(file.read_text(encoding="utf-8")))
@@ -585,4 +583,4 @@ def test_every_deploy_file_parses_and_is_described_in_the_readme(path: str) -> N
     elif file.suffix == ".toml":
         tomllib.loads(file.read_text(encoding="utf-8"))
     directory = path.split("/")[0] + "/" if "/" in path else path
-    assert f"deploy/{directory}" in operating_section()
+    assert f"deploy/{directory}" in operations_page()
