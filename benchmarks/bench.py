@@ -93,20 +93,16 @@ output_per_mtok = 0.60
 async def create_keys(storage_url: str, count: int) -> list[str]:
     """One bench account with generous limits (so every check runs and passes), and keys."""
     from ratelimit_gw.accounts import AccountStore
+    from ratelimit_gw.limits import Limits
     from ratelimit_gw.settings import StorageSettings
     from ratelimit_gw.storage import open_storage
 
     storage = open_storage(StorageSettings(url=storage_url, command_timeout_s=30))
     try:
         store = AccountStore(storage)
-        await store.create_account(
-            "bench",
-            balance_nano=10**15,
-            rpm=10**9,
-            tpm=10**12,
-            concurrency=10**6,
-        )
-        return await store.create_keys("bench", count, rpm=10**9, tpm=10**12, concurrency=10**6)
+        generous = Limits(rpm=10**9, tpm=10**12, concurrency=10**6)
+        await store.create_account("bench", balance_nano=10**15, limits=generous)
+        return await store.create_keys("bench", count, generous)
     finally:
         await storage.close()
 

@@ -18,6 +18,7 @@ import msgspec
 
 from . import keyspace
 from .keyspace import AccountKeys
+from .limits import LIMIT_NAMES, NO_LIMITS, Limits, flat_type, flatten, nest
 from .money import format_usd
 from .storage import Storage
 
@@ -26,7 +27,6 @@ MAX_TOPUP_NANO = 10**18  # $1e9 per top-up
 # Idempotency keys of the gateway's own top-ups (initial balances): callers may not use it.
 RESERVED_IDEMPOTENCY_PREFIX = "rlgw:"
 RpmPolicy = Literal["fixed", "balance", "tier"]
-_LIMIT_FIELDS = ("rpm", "tpm", "concurrency")
 
 
 class AccountError(Exception):
@@ -47,9 +47,7 @@ class Account(msgspec.Struct, kw_only=True):
     available_usd: str
     spent_usd: str
     topped_up_usd: str
-    rpm: int | None
-    tpm: int | None
-    concurrency: int | None
+    limits: Limits  # flat on the wire: rpm, tpm, concurrency (limits.flatten)
     rpm_policy: RpmPolicy
     rpm_override: int | None
     holds_live: int
@@ -66,9 +64,7 @@ class KeyRecord(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     name: str
     prefix: str  # the first characters of the key, to recognise it in listings
     models: tuple[str, ...] = ()
-    rpm: int | None = None
-    tpm: int | None = None
-    concurrency: int | None = None
+    limits: Limits = NO_LIMITS  # as issued; flat in the index entry and the API
     expires_at: str | None = None
     revoked: bool = False
     created_at: str = ""
@@ -77,7 +73,8 @@ class KeyRecord(msgspec.Struct, kw_only=True, frozen=True, gc=False):
         return not self.models or any(fnmatchcase(model_id, p) for p in self.models)
 
 
-_INDEX_DECODER = msgspec.json.Decoder(KeyRecord)
+# The index entry is a KeyRecord's flat form, the same JSON every build has written.
+_INDEX_DECODER = msgspec.json.Decoder(flat_type(KeyRecord))
 
 
 class CreatedKey(msgspec.Struct, kw_only=True):
@@ -149,6 +146,11 @@ def _check_limit(name: str, value: Any) -> None:
         raise AccountError(400, "invalid_request", f"{name} must be a positive integer or null")
 
 
+def _check_limits(limits: Limits) -> None:
+    for name, value in limits.items():
+        _check_limit(name, value)
+
+
 def _opt_int(value: str | None) -> int | None:
     return None if value in (None, "") else int(value)
 
@@ -162,21 +164,14 @@ class AccountStore:
         account_id: str,
         *,
         balance_nano: int | None = None,
-        rpm: int | None = None,
-        tpm: int | None = None,
-        concurrency: int | None = None,
+        limits: Limits = NO_LIMITS,
         rpm_policy: RpmPolicy = "fixed",
         rpm_override: int | None = None,
     ) -> Account:
         """Create an account; giving a balance (even 0) makes it prepaid (§5)."""
         _check_id(account_id, "account id")
-        for name, value in (
-            ("rpm", rpm),
-            ("tpm", tpm),
-            ("concurrency", concurrency),
-            ("rpm_override", rpm_override),
-        ):
-            _check_limit(name, value)
+        _check_limits(limits)
+        _check_limit("rpm_override", rpm_override)
         fields: list[Any] = [
             "created_ms",
             int(time.time() * 1000),
@@ -192,15 +187,10 @@ class AccountStore:
             0,
             "rpm_policy",
             rpm_policy,
+            *limits.hash_fields(),
         ]
-        for name, value in (
-            ("rpm", rpm),
-            ("tpm", tpm),
-            ("concurrency", concurrency),
-            ("rpm_override", rpm_override),
-        ):
-            if value is not None:
-                fields += [name, value]
+        if rpm_override is not None:
+            fields += ["rpm_override", rpm_override]
         keys = AccountKeys(account_id)
         if not await self._storage.run("create_account", [keys.account], fields):
             raise AccountError(409, "account_exists", f"account {account_id!r} already exists")
@@ -228,9 +218,7 @@ class AccountStore:
             available_usd=format_usd(balance - held),
             spent_usd=format_usd(int(raw.get("spent_nano", 0))),
             topped_up_usd=format_usd(int(raw.get("topped_up_nano", 0))),
-            rpm=_opt_int(raw.get("rpm")),
-            tpm=_opt_int(raw.get("tpm")),
-            concurrency=_opt_int(raw.get("concurrency")),
+            limits=Limits.from_hash(raw),
             rpm_policy=raw.get("rpm_policy", "fixed"),
             rpm_override=_opt_int(raw.get("rpm_override")),
             holds_live=int(live),
@@ -249,7 +237,7 @@ class AccountStore:
     async def update_account(self, account_id: str, changes: dict[str, Any]) -> Account:
         """Set or clear (None) limits, the rpm policy/override and whether it is prepaid."""
         await self.get_account(account_id)
-        allowed = {*_LIMIT_FIELDS, "rpm_override", "rpm_policy", "prepaid"}
+        allowed = {*LIMIT_NAMES, "rpm_override", "rpm_policy", "prepaid"}
         unknown = sorted(set(changes) - allowed)
         if unknown:
             raise AccountError(400, "invalid_request", f"unknown field(s): {', '.join(unknown)}")
@@ -331,36 +319,26 @@ class AccountStore:
         *,
         name: str = "",
         models: list[str] | None = None,
-        rpm: int | None = None,
-        tpm: int | None = None,
-        concurrency: int | None = None,
+        limits: Limits = NO_LIMITS,
         expires_at: str | None = None,
     ) -> CreatedKey:
         await self.get_account(account_id)
-        secret, key_id, writes = _new_key_writes(
-            account_id, name, models, rpm, tpm, concurrency, expires_at
-        )
+        secret, key_id, writes = _new_key_writes(account_id, name, models, limits, expires_at)
         # In order: the key's own hash first, so an index entry never points at nothing.
         for command in writes:
             await self._storage.call(*command)
         return CreatedKey(key=secret, record=await self.get_key(account_id, key_id))
 
-    async def create_keys(self, account_id: str, count: int, **limits: int | None) -> list[str]:
+    async def create_keys(
+        self, account_id: str, count: int, limits: Limits = NO_LIMITS
+    ) -> list[str]:
         """Many keys alike, in pipelined batches (benchmarks, bulk provisioning)."""
         await self.get_account(account_id)
         secrets_out: list[str] = []
         for start in range(0, count, 1000):
             batch: list[tuple[Any, ...]] = []
             for _ in range(min(1000, count - start)):
-                secret, _key_id, writes = _new_key_writes(
-                    account_id,
-                    "",
-                    None,
-                    limits.get("rpm"),
-                    limits.get("tpm"),
-                    limits.get("concurrency"),
-                    None,
-                )
+                secret, _key_id, writes = _new_key_writes(account_id, "", None, limits, None)
                 secrets_out.append(secret)
                 batch.extend(writes)
             await self._storage.call_many(batch)
@@ -379,9 +357,7 @@ class AccountStore:
             name=raw.get("name", ""),
             prefix=raw.get("prefix", ""),
             models=tuple(msgspec.json.decode(raw.get("models", "[]"))),
-            rpm=_opt_int(raw.get("rpm")),
-            tpm=_opt_int(raw.get("tpm")),
-            concurrency=_opt_int(raw.get("concurrency")),
+            limits=Limits.from_hash(raw),
             expires_at=_iso(int(expires)) if expires else None,
             revoked=raw.get("revoked") == "1",
             created_at=_iso(int(raw["created_ms"])),
@@ -419,7 +395,7 @@ class AccountStore:
         if indexed is None:
             return None
         try:
-            return _INDEX_DECODER.decode(indexed)
+            return nest(_INDEX_DECODER.decode(indexed), KeyRecord)
         except msgspec.DecodeError:
             pass
         # Keys issued by builds before the index carried the record: "account key_id".
@@ -434,14 +410,11 @@ def _new_key_writes(
     account_id: str,
     name: str,
     models: list[str] | None,
-    rpm: int | None,
-    tpm: int | None,
-    concurrency: int | None,
+    limits: Limits,
     expires_at: str | None,
 ) -> tuple[str, str, list[tuple[Any, ...]]]:
     """A new secret, its key id, and the storage writes that create it (in order)."""
-    for limit_name, value in (("rpm", rpm), ("tpm", tpm), ("concurrency", concurrency)):
-        _check_limit(limit_name, value)
+    _check_limits(limits)
     if models is not None and (
         not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)
     ):
@@ -460,10 +433,8 @@ def _new_key_writes(
         secret[:12],
         "models",
         msgspec.json.encode(models or []).decode(),
+        *limits.hash_fields(),
     ]
-    for limit_name, value in (("rpm", rpm), ("tpm", tpm), ("concurrency", concurrency)):
-        if value is not None:
-            fields += [limit_name, value]
     if expires_at is not None:
         fields += ["expires_ms", parse_time_ms(expires_at)]
     keys = AccountKeys(account_id)
@@ -473,9 +444,7 @@ def _new_key_writes(
         name=name,
         prefix=secret[:12],
         models=tuple(models or ()),
-        rpm=rpm,
-        tpm=tpm,
-        concurrency=concurrency,
+        limits=limits,
         expires_at=_iso(parse_time_ms(expires_at)) if expires_at is not None else None,
         created_at=_iso(created_ms),
     )
@@ -483,7 +452,7 @@ def _new_key_writes(
         ("HSET", keys.key(key_id), *fields),
         ("SADD", keys.key_ids, key_id),
         ("SET", keyspace.key_account(key_id), account_id),
-        ("SET", keyspace.key_by_hash(hash_key(secret)), msgspec.json.encode(indexed)),
+        ("SET", keyspace.key_by_hash(hash_key(secret)), msgspec.json.encode(flatten(indexed))),
     ]
     return secret, key_id, writes
 

@@ -15,18 +15,18 @@ from aiohttp import web
 
 from .accounts import AccountError, AccountStore, RpmPolicy
 from .errors import GatewayError
+from .limits import NO_LIMITS, Limits, flat_type, flatten, nest
 from .money import MoneyError, parse_usd
 from .services import SERVICES
 
 T = TypeVar("T")
+S = TypeVar("S", bound=msgspec.Struct)
 
 
 class CreateAccountBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     id: str
     balance_usd: str | None = None
-    rpm: int | None = None
-    tpm: int | None = None
-    concurrency: int | None = None
+    limits: Limits = NO_LIMITS  # flat in the body: rpm, tpm, concurrency
     rpm_policy: RpmPolicy = "fixed"
     rpm_override: int | None = None
 
@@ -39,11 +39,20 @@ class TopupBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class CreateKeyBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     account: str
     name: str = ""
-    rpm: int | None = None
-    tpm: int | None = None
-    concurrency: int | None = None
+    limits: Limits = NO_LIMITS  # flat in the body: rpm, tpm, concurrency
     models: list[str] | None = None
     expires_at: str | None = None
+
+
+# The bodies as they travel: limits flat, so errors name the field as sent (``$.rpm``).
+_FLAT_BODIES: dict[type[msgspec.Struct], type[msgspec.Struct]] = {
+    kind: flat_type(kind) for kind in (CreateAccountBody, CreateKeyBody)
+}
+
+
+async def _read_body(request: web.Request, kind: type[S]) -> S:
+    """A body with limits (sent flat, see :data:`_FLAT_BODIES`)."""
+    return nest(await _read_json(request, _FLAT_BODIES[kind]), kind)
 
 
 async def _read_json(request: web.Request, kind: type[T]) -> T:
@@ -65,7 +74,7 @@ def _usd(text: str, *, positive: bool = False) -> int:
 
 def _json(document: object, status: int = 200) -> web.Response:
     return web.Response(
-        body=msgspec.json.encode(document), status=status, content_type="application/json"
+        body=msgspec.json.encode(flatten(document)), status=status, content_type="application/json"
     )
 
 
@@ -97,13 +106,11 @@ def _admin(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]
 
 
 async def create_account(request: web.Request, accounts: AccountStore) -> web.Response:
-    body = await _read_json(request, CreateAccountBody)
+    body = await _read_body(request, CreateAccountBody)
     account = await accounts.create_account(
         body.id,
         balance_nano=None if body.balance_usd is None else _usd(body.balance_usd),
-        rpm=body.rpm,
-        tpm=body.tpm,
-        concurrency=body.concurrency,
+        limits=body.limits,
         rpm_policy=body.rpm_policy,
         rpm_override=body.rpm_override,
     )
@@ -143,17 +150,15 @@ async def ledger(request: web.Request, accounts: AccountStore) -> web.Response:
 
 
 async def create_key(request: web.Request, accounts: AccountStore) -> web.Response:
-    body = await _read_json(request, CreateKeyBody)
+    body = await _read_body(request, CreateKeyBody)
     created = await accounts.create_key(
         body.account,
         name=body.name,
         models=body.models,
-        rpm=body.rpm,
-        tpm=body.tpm,
-        concurrency=body.concurrency,
+        limits=body.limits,
         expires_at=body.expires_at,
     )
-    document = msgspec.to_builtins(created.record)
+    document = flatten(created.record)
     document["key"] = created.key  # the only time the key is ever shown
     return _json(document, status=201)
 

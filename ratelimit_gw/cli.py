@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 
 from .accounts import AccountError, AccountStore
+from .limits import DESCRIPTIONS, LIMIT_NAMES, Limits, flatten
 from .money import MoneyError, parse_usd
 from .settings import ConfigError, StorageSettings, load_settings
 from .storage import Storage, StorageError, open_storage
@@ -23,10 +24,10 @@ def _storage_settings(args: argparse.Namespace) -> StorageSettings:
 
 
 def _print(document: Any, as_json: bool) -> None:
+    data = flatten(document)
     if as_json:
-        sys.stdout.write(msgspec.json.encode(document).decode() + "\n")
+        sys.stdout.write(msgspec.json.encode(data).decode() + "\n")
         return
-    data = msgspec.to_builtins(document)
     rows = data if isinstance(data, list) else [data]
     for row in rows:
         if isinstance(row, dict):
@@ -74,9 +75,7 @@ async def _accounts_create(store: AccountStore, a: argparse.Namespace) -> Any:
     return await store.create_account(
         a.id,
         balance_nano=None if a.balance_usd is None else _usd(a.balance_usd),
-        rpm=a.rpm,
-        tpm=a.tpm,
-        concurrency=a.concurrency,
+        limits=_limits(a),
         rpm_policy=a.rpm_policy,
         rpm_override=a.rpm_override,
     )
@@ -84,7 +83,7 @@ async def _accounts_create(store: AccountStore, a: argparse.Namespace) -> Any:
 
 async def _accounts_update(store: AccountStore, a: argparse.Namespace) -> Any:
     changes: dict[str, Any] = {}
-    for name in ("rpm", "tpm", "concurrency", "rpm_override", "rpm_policy"):
+    for name in (*LIMIT_NAMES, "rpm_override", "rpm_policy"):
         value = getattr(a, name)
         if value is not None:
             changes[name] = None if value == 0 and name != "rpm_policy" else value
@@ -103,12 +102,10 @@ async def _keys_create(store: AccountStore, a: argparse.Namespace) -> Any:
         a.account,
         name=a.name,
         models=a.models,
-        rpm=a.rpm,
-        tpm=a.tpm,
-        concurrency=a.concurrency,
+        limits=_limits(a),
         expires_at=a.expires_at,
     )
-    document = msgspec.to_builtins(created.record)
+    document = flatten(created.record)
     document["key"] = created.key
     return document
 
@@ -128,9 +125,12 @@ OPERATIONS: dict[str, Operation] = {
 
 def _limit_args(p: argparse.ArgumentParser, clear_hint: bool = False) -> None:
     suffix = " (0 clears it)" if clear_hint else ""
-    p.add_argument("--rpm", type=int, help="requests per minute" + suffix)
-    p.add_argument("--tpm", type=int, help="tokens per minute" + suffix)
-    p.add_argument("--concurrency", type=int, help="requests in flight" + suffix)
+    for name in LIMIT_NAMES:
+        p.add_argument(f"--{name}", type=int, help=DESCRIPTIONS[name] + suffix)
+
+
+def _limits(a: argparse.Namespace) -> Limits:
+    return Limits(**{name: getattr(a, name) for name in LIMIT_NAMES})
 
 
 def build_parser() -> argparse.ArgumentParser:

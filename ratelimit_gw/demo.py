@@ -11,6 +11,7 @@ from aiohttp import web
 
 from .accounts import AccountStore
 from .app import create_app
+from .limits import Limits
 from .serve import make_runner
 from .settings import build_settings
 from .storage import open_storage
@@ -105,7 +106,9 @@ async def run_demo(host: str, port: int) -> None:
     storage = open_storage(settings.storage)
     accounts = AccountStore(storage)
     await accounts.create_account(
-        DEMO_ACCOUNT, balance_nano=5_000_000_000, rpm=60, tpm=20_000, concurrency=4
+        DEMO_ACCOUNT,
+        balance_nano=5_000_000_000,
+        limits=Limits(rpm=60, tpm=20_000, concurrency=4),
     )
     created = await accounts.create_key(DEMO_ACCOUNT, name="demo key")
     runner = make_runner(create_app(settings, storage), settings.server)

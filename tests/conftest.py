@@ -17,6 +17,7 @@ from aiohttp import web
 
 from ratelimit_gw.accounts import AccountStore
 from ratelimit_gw.app import create_app
+from ratelimit_gw.limits import LIMIT_NAMES, Limits
 from ratelimit_gw.serve import make_runner
 from ratelimit_gw.settings import Settings, StorageSettings, build_settings
 from ratelimit_gw.storage import Storage, open_storage
@@ -134,21 +135,30 @@ class Gateway:
         balance_usd: str | None = None,
         **limits: Any,
     ) -> str:
-        """Create (if asked) an account and a key on it; account limits go in ``account_*``."""
+        """Create (if asked) an account and a key on it: key limits and options by name
+        (``rpm=5``, ``models=[…]``), account limits and options prefixed (``account_rpm=5``)."""
         from ratelimit_gw.money import parse_usd
 
         if create_account:
-            account_limits = {
+            account_options = {
                 k[len("account_") :]: v for k, v in limits.items() if k.startswith("account_")
             }
             await self.accounts.create_account(
                 account,
                 balance_nano=None if balance_usd is None else parse_usd(balance_usd),
-                **account_limits,
+                **with_limits(account_options),
             )
-        key_limits = {k: v for k, v in limits.items() if not k.startswith("account_")}
-        created = await self.accounts.create_key(account, **key_limits)
+        key_options = {k: v for k, v in limits.items() if not k.startswith("account_")}
+        created = await self.accounts.create_key(account, **with_limits(key_options))
         return created.key
+
+
+def with_limits(options: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of AccountStore's create_account/create_key from flat ones: the
+    limits among them (``rpm=5``) gathered into one ``limits=Limits(…)``."""
+
+    limits = {name: options.pop(name) for name in LIMIT_NAMES if name in options}
+    return {**options, "limits": Limits(**limits)}
 
 
 async def start_gateway(

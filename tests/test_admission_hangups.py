@@ -26,6 +26,7 @@ from ratelimit_gw.accounts import AccountStore, KeyRecord
 from ratelimit_gw.context import RequestContext
 from ratelimit_gw.keyspace import AccountKeys
 from ratelimit_gw.limiter import AdmissionRequest, Decision, Limiter, Settlement
+from ratelimit_gw.limits import Limits
 from ratelimit_gw.metering import MeteredRequest
 from ratelimit_gw.money import parse_usd
 from ratelimit_gw.services import SERVICES, Services
@@ -157,8 +158,10 @@ async def test_clients_that_hang_up_while_admission_waits_strand_no_hold_or_slot
     redis_gateway: Gateway, real_redis: aioredis.Redis
 ) -> None:
     gw, svc = redis_gateway, redis_gateway.app[SERVICES]
-    await gw.accounts.create_account("acme", balance_nano=parse_usd("10"), concurrency=50)
-    created = await gw.accounts.create_key("acme", concurrency=2)
+    await gw.accounts.create_account(
+        "acme", balance_nano=parse_usd("10"), limits=Limits(concurrency=50)
+    )
+    created = await gw.accounts.create_key("acme", limits=Limits(concurrency=2))
     key, key_id = created.key, created.record.id
     assert (await chat(gw.url, key))[0] == 200  # key cache and script connection warm
     await svc.settler.drain()
@@ -203,7 +206,7 @@ async def test_an_admission_that_ran_but_timed_out_is_released_once_storage_answ
     try:
         svc = gw.app[SERVICES]
         await gw.accounts.create_account("acme", balance_nano=parse_usd("10"))
-        created = await gw.accounts.create_key("acme", concurrency=1)
+        created = await gw.accounts.create_key("acme", limits=Limits(concurrency=1))
         assert (await chat(gw.url, created.key))[0] == 200  # warm
         await svc.settler.drain()
 
@@ -241,8 +244,10 @@ async def test_a_release_that_reaches_redis_before_its_admission_still_wins(
     storage: Storage, accounts: AccountStore
 ) -> None:
     limiter = Limiter(storage)
-    await accounts.create_account("acme", balance_nano=parse_usd("1"), rpm=10, tpm=1000)
-    key_id = (await accounts.create_key("acme", concurrency=1)).record.id
+    await accounts.create_account(
+        "acme", balance_nano=parse_usd("1"), limits=Limits(rpm=10, tpm=1000)
+    )
+    key_id = (await accounts.create_key("acme", limits=Limits(concurrency=1))).record.id
     late = admission(key_id, "req_late")
 
     released = await limiter.settle(release_of(late))
@@ -267,8 +272,8 @@ async def test_a_release_after_its_admission_gives_everything_back(
     storage: Storage, accounts: AccountStore
 ) -> None:
     limiter = Limiter(storage)
-    await accounts.create_account("acme", balance_nano=parse_usd("1"), tpm=1000)
-    key_id = (await accounts.create_key("acme", concurrency=1)).record.id
+    await accounts.create_account("acme", balance_nano=parse_usd("1"), limits=Limits(tpm=1000))
+    key_id = (await accounts.create_key("acme", limits=Limits(concurrency=1))).record.id
     admitted = admission(key_id, "req_1")
     assert (await limiter.admit(admitted)).allowed
 
@@ -295,7 +300,7 @@ async def test_an_admission_cancelled_on_its_way_is_released_on_every_backend(
 ) -> None:
     svc = gateway.app[SERVICES]
     await gateway.accounts.create_account("acme", balance_nano=parse_usd("10"))
-    created = await gateway.accounts.create_key("acme", concurrency=1)
+    created = await gateway.accounts.create_key("acme", limits=Limits(concurrency=1))
     key = await svc.keys.authenticate(created.key)
     ctx = RequestContext("req_client", "openai", 0.0, "req_gateway_own")
     entered = admissions_entered(svc, 1)

@@ -32,6 +32,7 @@ from aiohttp import web
 
 from ratelimit_gw.accounts import LedgerEntry
 from ratelimit_gw.keyspace import AccountKeys
+from ratelimit_gw.limits import Limits
 from ratelimit_gw.money import parse_usd
 from ratelimit_gw.protocols import estimate_input_tokens, input_token_bound
 from ratelimit_gw.services import SERVICES
@@ -177,9 +178,9 @@ async def gw(make_gateway: GatewayFactory) -> Gateway:
 async def new_caller(gw: Gateway, account_concurrency: int = 8, concurrency: int = 4) -> Caller:
     """A prepaid account with $1.00 and concurrency limits on the account and the key."""
     await gw.accounts.create_account(
-        "acme", balance_nano=parse_usd("1.00"), concurrency=account_concurrency
+        "acme", balance_nano=parse_usd("1.00"), limits=Limits(concurrency=account_concurrency)
     )
-    created = await gw.accounts.create_key("acme", concurrency=concurrency)
+    created = await gw.accounts.create_key("acme", limits=Limits(concurrency=concurrency))
     return Caller(created.key, created.record.id)
 
 

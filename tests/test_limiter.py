@@ -22,10 +22,12 @@ from ratelimit_gw import keyspace
 from ratelimit_gw.accounts import AccountError, AccountStore
 from ratelimit_gw.keyspace import AccountKeys
 from ratelimit_gw.limiter import AdmissionRequest, Limiter, Settlement
+from ratelimit_gw.limits import Limits
 from ratelimit_gw.money import NANO_PER_USD, parse_usd
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import Storage, open_storage
 
+from .conftest import with_limits
 from .redis_process import RedisProcess
 
 USD = NANO_PER_USD
@@ -40,8 +42,8 @@ def limiter(storage: Storage) -> Limiter:
 # ---------------------------------------------------------------- helpers
 
 
-async def new_key(accounts: AccountStore, account_id: str = "acme", **limits: Any) -> str:
-    created = await accounts.create_key(account_id, **limits)
+async def new_key(accounts: AccountStore, account_id: str = "acme", **options: Any) -> str:
+    created = await accounts.create_key(account_id, **with_limits(options))
     return created.record.id
 
 
@@ -240,7 +242,7 @@ async def test_tpm_bucket_charges_the_estimate(
 async def test_request_larger_than_a_bucket_can_never_pass(
     accounts: AccountStore, limiter: Limiter
 ) -> None:
-    await accounts.create_account("acme", tpm=5000, rpm=1)
+    await accounts.create_account("acme", limits=Limits(tpm=5000, rpm=1))
     key_id = await new_key(accounts, tpm=1000)
     assert (await limiter.admit(admission(key_id, tokens=10))).allowed  # account rpm now empty
 
@@ -254,7 +256,7 @@ async def test_request_larger_than_a_bucket_can_never_pass(
 async def test_account_buckets_are_shared_by_its_keys(
     accounts: AccountStore, limiter: Limiter
 ) -> None:
-    await accounts.create_account("acme", rpm=3, tpm=1000)
+    await accounts.create_account("acme", limits=Limits(rpm=3, tpm=1000))
     key_a = await new_key(accounts)
     key_b = await new_key(accounts)
 
@@ -274,7 +276,7 @@ async def test_account_buckets_are_shared_by_its_keys(
 async def test_account_tpm_is_the_sum_over_its_keys(
     accounts: AccountStore, limiter: Limiter
 ) -> None:
-    await accounts.create_account("acme", tpm=1000)
+    await accounts.create_account("acme", limits=Limits(tpm=1000))
     key_a = await new_key(accounts)
     key_b = await new_key(accounts)
 
@@ -288,7 +290,7 @@ async def test_account_tpm_is_the_sum_over_its_keys(
 async def test_key_limits_bind_only_their_key_and_tightest_bucket_is_reported(
     accounts: AccountStore, limiter: Limiter
 ) -> None:
-    await accounts.create_account("acme", rpm=10)
+    await accounts.create_account("acme", limits=Limits(rpm=10))
     limited = await new_key(accounts, rpm=1)
     free = await new_key(accounts)
 
@@ -357,7 +359,7 @@ async def test_concurrent_admissions_get_exactly_the_concurrency_limit(
 async def test_account_concurrency_is_shared_by_its_keys_under_concurrency(
     accounts: AccountStore, limiter: Limiter
 ) -> None:
-    await accounts.create_account("acme", concurrency=5)
+    await accounts.create_account("acme", limits=Limits(concurrency=5))
     keys = [await new_key(accounts), await new_key(accounts, concurrency=100)]
 
     decisions = await asyncio.gather(*(limiter.admit(admission(keys[i % 2])) for i in range(300)))
@@ -423,7 +425,9 @@ async def test_rejected_request_consumes_nothing(
         key_limits["tpm"] = 1000
     elif reason == "concurrency_exceeded":
         key_limits["concurrency"] = 1
-    await accounts.create_account("acme", balance_nano=USD, rpm=100, tpm=100_000, concurrency=10)
+    await accounts.create_account(
+        "acme", balance_nano=USD, limits=Limits(rpm=100, tpm=100_000, concurrency=10)
+    )
     key_id = await new_key(accounts, **key_limits)
     # A first admission creates every bucket, lease set and hold the rejection could touch.
     assert (await limiter.admit(admission(key_id, tokens=900, hold_nano=USD // 10))).allowed
@@ -448,7 +452,9 @@ async def test_rejected_request_consumes_nothing(
 async def test_peek_writes_nothing(
     storage: Storage, accounts: AccountStore, limiter: Limiter
 ) -> None:
-    await accounts.create_account("acme", balance_nano=USD, rpm=10, tpm=10_000, concurrency=5)
+    await accounts.create_account(
+        "acme", balance_nano=USD, limits=Limits(rpm=10, tpm=10_000, concurrency=5)
+    )
     key_id = await new_key(accounts, rpm=5, tpm=5000, concurrency=3)
     start = await redis_ms(storage)
     live = admission(key_id, tokens=1000, hold_nano=USD // 4)
@@ -479,7 +485,7 @@ async def test_peek_writes_nothing(
 async def test_settlement_refunds_unused_estimated_tokens(
     storage: Storage, accounts: AccountStore, limiter: Limiter
 ) -> None:
-    await accounts.create_account("acme", tpm=2000)
+    await accounts.create_account("acme", limits=Limits(tpm=2000))
     key_id = await new_key(accounts, tpm=1000)
     start = await redis_ms(storage)
     request = admission(key_id, tokens=400)
@@ -580,7 +586,7 @@ async def test_settlement_releases_lease_and_hold_and_charges_cost(
 async def test_repeated_settlement_changes_nothing(
     storage: Storage, accounts: AccountStore, limiter: Limiter
 ) -> None:
-    await accounts.create_account("acme", balance_nano=USD, tpm=10_000)
+    await accounts.create_account("acme", balance_nano=USD, limits=Limits(tpm=10_000))
     key_id = await new_key(accounts, tpm=5000, concurrency=2)
     request = admission(key_id, tokens=1000, hold_nano=parse_usd("0.30"))
     assert (await limiter.admit(request)).allowed
@@ -790,7 +796,7 @@ async def test_unknown_key_or_account_is_invalid(accounts: AccountStore, limiter
 async def test_fixed_policy_uses_the_configured_rpm(
     accounts: AccountStore, limiter: Limiter
 ) -> None:
-    await accounts.create_account("acme", rpm=7)
+    await accounts.create_account("acme", limits=Limits(rpm=7))
     await accounts.create_account("open")
     key_id = await new_key(accounts)
     open_key = await new_key(accounts, "open")
@@ -805,7 +811,7 @@ async def test_fixed_policy_uses_the_configured_rpm(
 async def test_balance_policy_free_tier_is_6_rpm_and_enforced(
     accounts: AccountStore, limiter: Limiter
 ) -> None:
-    await accounts.create_account("acme", rpm=1000, rpm_policy="balance")
+    await accounts.create_account("acme", rpm_policy="balance", limits=Limits(rpm=1000))
     key_id = await new_key(accounts)
 
     decisions = [await limiter.admit(admission(key_id)) for _ in range(7)]
@@ -882,7 +888,7 @@ async def test_rpm_override_wins_over_any_policy(
     accounts: AccountStore, limiter: Limiter, policy: Any
 ) -> None:
     await accounts.create_account(
-        "acme", balance_nano=1000 * USD, rpm=500, rpm_policy=policy, rpm_override=2
+        "acme", balance_nano=1000 * USD, rpm_policy=policy, rpm_override=2, limits=Limits(rpm=500)
     )
     key_id = await new_key(accounts)
     decisions = [await limiter.admit(admission(key_id)) for _ in range(3)]
@@ -962,7 +968,7 @@ async def test_every_key_of_an_account_is_in_its_hash_slot(
     declared: dict[str, set[str]] = {}
     for account_id in ("acme", "globex"):
         await accounts.create_account(
-            account_id, balance_nano=USD, rpm=100, tpm=100_000, concurrency=10
+            account_id, balance_nano=USD, limits=Limits(rpm=100, tpm=100_000, concurrency=10)
         )
         keys = AccountKeys(account_id)
         declared[account_id] = {keys.topups, keys.key_ids}
@@ -999,7 +1005,7 @@ async def real_redis(redis_server: RedisProcess) -> AsyncIterator[Storage]:
 
 async def test_scripts_survive_script_flush(real_redis: Storage) -> None:
     accounts, limiter = AccountStore(real_redis), Limiter(real_redis)
-    await accounts.create_account("acme", balance_nano=USD, rpm=10)
+    await accounts.create_account("acme", balance_nano=USD, limits=Limits(rpm=10))
     key_id = await new_key(accounts)
     request = admission(key_id, hold_nano=parse_usd("0.1"))
     assert (await limiter.admit(request)).allowed

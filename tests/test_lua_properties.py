@@ -54,6 +54,7 @@ from hypothesis.stateful import (
 from ratelimit_gw.accounts import AccountError, AccountStore
 from ratelimit_gw.keyspace import AccountKeys
 from ratelimit_gw.limiter import ABANDONED, AdmissionRequest, Decision, Limiter, Settlement
+from ratelimit_gw.limits import Limits
 from ratelimit_gw.money import parse_usd
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import Storage, open_storage
@@ -240,9 +241,11 @@ class LuaMachine(RuleBasedStateMachine):
         balance: int,
     ) -> None:
         self.limits = {"account": account, "k1": k1, "k2": k2}
-        self.run(self.accounts.create_account(ACCOUNT, balance_nano=balance, **account))
+        self.run(
+            self.accounts.create_account(ACCOUNT, balance_nano=balance, limits=Limits(**account))
+        )
         for name, limits in (("k1", k1), ("k2", k2)):
-            created = self.run(self.accounts.create_key(ACCOUNT, **limits))
+            created = self.run(self.accounts.create_key(ACCOUNT, limits=Limits(**limits)))
             self.key_ids[name] = created.record.id
         self.model.balance = self.model.topped_up = balance
 

@@ -26,6 +26,7 @@ import aiohttp
 import pytest
 
 from ratelimit_gw.accounts import AccountStore
+from ratelimit_gw.limits import Limits
 from ratelimit_gw.money import parse_usd
 from ratelimit_gw.protocols import estimate_input_tokens
 from ratelimit_gw.services import SERVICES
@@ -307,8 +308,10 @@ async def books(accounts: AccountStore, request_id: str) -> Any:
 
 async def new_key(storage: Storage) -> str:
     accounts = AccountStore(storage)
-    await accounts.create_account("acme", balance_nano=parse_usd("1.00"), concurrency=2)
-    return (await accounts.create_key("acme", concurrency=1)).key
+    await accounts.create_account(
+        "acme", balance_nano=parse_usd("1.00"), limits=Limits(concurrency=2)
+    )
+    return (await accounts.create_key("acme", limits=Limits(concurrency=1))).key
 
 
 async def test_sigterm_drains_an_inflight_stream_refuses_new_requests_and_settles_it(

@@ -26,6 +26,7 @@ from redis.crc import key_slot
 from ratelimit_gw import keyspace
 from ratelimit_gw.accounts import AccountStore
 from ratelimit_gw.keyspace import AccountKeys
+from ratelimit_gw.limits import Limits
 from ratelimit_gw.money import NANO_PER_USD, cost_nano, parse_usd
 from ratelimit_gw.protocols import input_token_bound
 from ratelimit_gw.services import SERVICES
@@ -260,12 +261,12 @@ async def test_two_gateway_processes_on_one_cluster_keep_limits_exact(
 
     # rpm = 10 (one request back every 6 s): 10 of 60 simultaneous requests pass.
     await accounts.create_account(rpm_acct)
-    rpm_key = (await accounts.create_key(rpm_acct, rpm=10)).key
+    rpm_key = (await accounts.create_key(rpm_acct, limits=Limits(rpm=10))).key
     statuses = await _burst(urls, rpm_key, 60)
     assert (statuses.count(200), statuses.count(429)) == (10, 50)
 
     # concurrency = 4, each request held upstream for 1.5 s: 4 of 30 pass.
-    await accounts.create_account(conc_acct, concurrency=4)
+    await accounts.create_account(conc_acct, limits=Limits(concurrency=4))
     conc_key = (await accounts.create_key(conc_acct)).key
     statuses = await _burst(urls, conc_key, 30, latency_ms=1500)
     assert (statuses.count(200), statuses.count(429)) == (4, 26)

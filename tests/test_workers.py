@@ -19,6 +19,7 @@ from benchmarks.local_redis import free_port, wait_for_port
 from benchmarks.processes import gateway_workers, rss_mib
 from ratelimit_gw.accounts import AccountStore
 from ratelimit_gw.cli import build_parser
+from ratelimit_gw.limits import Limits
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import open_storage
 
@@ -77,7 +78,7 @@ async def test_workers_share_the_port_and_report_pooled_metrics(
     storage = open_storage(StorageSettings(url=redis_server.url))
     await storage.call("FLUSHALL")
     accounts = AccountStore(storage)
-    await accounts.create_account("acme", balance_nano=10**12, rpm=REQUESTS)
+    await accounts.create_account("acme", balance_nano=10**12, limits=Limits(rpm=REQUESTS))
     key = (await accounts.create_key("acme")).key
 
     port = free_port()
