@@ -168,7 +168,8 @@ class AccountStore:
         rpm_policy: RpmPolicy = "fixed",
         rpm_override: int | None = None,
     ) -> Account:
-        """Create an account; giving a balance (even 0) makes it prepaid (§5)."""
+        """Create an account; giving a balance (even 0) makes it prepaid
+        (docs/limits-and-balance.md)."""
         _check_id(account_id, "account id")
         _check_limits(limits)
         _check_limit("rpm_override", rpm_override)
@@ -228,7 +229,8 @@ class AccountStore:
         )
 
     async def is_prepaid(self, account_id: str) -> bool:
-        """One field read: whether the account's money is protected by holds (§5)."""
+        """One field read: whether the account's money is protected by holds
+        (docs/limits-and-balance.md)."""
         prepaid: str | None = await self._storage.call(
             "HGET", AccountKeys(account_id).account, "prepaid"
         )

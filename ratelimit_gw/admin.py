@@ -1,4 +1,4 @@
-"""The admin API (§12): accounts, keys, top-ups and the ledger, behind one bearer token.
+"""The admin API (docs/admin.md): accounts, keys, top-ups and the ledger, behind one bearer token.
 
 Off unless ``RLGW_ADMIN_TOKEN`` is set; the token is compared in constant time. USD amounts
 travel as decimal strings, never floats.

@@ -1,4 +1,4 @@
-"""Who is calling: a gateway key → its record, with a short local cache (§2).
+"""Who is calling: a gateway key → its record, with a short local cache (docs/admin.md).
 
 The cache only saves the lookup of *which* key and account a secret belongs to. Whether the
 key is revoked or expired is decided again by the admission script on every request, so a

@@ -1,4 +1,4 @@
-"""Model resolution and the protocol guard (§3), and the model lists (§1.1)."""
+"""Model resolution and the protocol guard and the model lists (README.md, Routes)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class Catalog:
         return [m for m in self._sorted if key.allows_model(m.id)]
 
     def openai_list(self, key: KeyRecord) -> dict[str, Any]:
-        """One shape that both the OpenAI and the Anthropic SDK read (§1.1)."""
+        """One shape that both the OpenAI and the Anthropic SDK read (README.md, Routes)."""
         data = [
             {
                 "id": m.id,

@@ -30,7 +30,8 @@ ERROR_TYPE_BY_STATUS: dict[int, str] = {
 }
 
 
-# Every reason the gateway may refuse or fail a (non-admin) request with (§7): each
+# Every reason the gateway may refuse or fail a (non-admin) request with
+# (docs/limits-and-balance.md): each
 # rlgw_rejections_total series exists from start-up at zero. A new reason is added here.
 REJECTION_REASONS: tuple[str, ...] = (
     # the admission script (limits, balance, the key's state)
@@ -70,7 +71,7 @@ REJECTION_REASONS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class RateLimitInfo:
-    """The limits in force for the caller, echoed in 429 bodies (§7)."""
+    """The limits in force for the caller, echoed in 429 bodies (docs/limits-and-balance.md)."""
 
     rpm: int | None
     tpm: int | None
@@ -80,7 +81,8 @@ class RateLimitInfo:
 class GatewayError(Exception):
     """A request the gateway answers itself, with a typed body in the caller's protocol.
 
-    ``reason`` is the machine-readable cause (§7); ``retry_after_ms`` is set on 429/503 and
+    ``reason`` is the machine-readable cause (docs/limits-and-balance.md); ``retry_after_ms`` is
+    set on 429/503 and
     becomes ``retry-after``/``retry-after-ms``; ``should_retry=False`` adds
     ``x-should-retry: false`` for errors waiting cannot cure.
     """

@@ -4,8 +4,8 @@ Everything one admission or settlement touches lives under the account's hash ta
 ``{a:<account>}``, so a Redis Cluster keeps each script in one slot. Only the two lookup
 indexes (key hash → key, key id → account) and the account list live outside it: they are
 read before the account is known; and the orphan-settlements stream, written after a script
-found no account. Shared upstream ceilings (§10) belong to no account: each
-has its own tag ``{q:<ceiling>}`` and its own script run.
+found no account. Shared upstream quotas (docs/custom-endpoints.md) belong to no account: each
+has its own tag ``{q:<quota>}`` and its own script run.
 
 Token buckets have no keys of their own: each is two fields (``rpm_level``/``rpm_ts``,
 ``tpm_level``/``tpm_ts``) of its scope's hash, the account's or the key's, which admit.lua
@@ -98,11 +98,11 @@ class AccountKeys:
         return self.admit_keys(key_id)
 
 
-def quota_keys(ceiling_id: str) -> list[str]:
-    """KEYS of upstream_quota.lua: the rpm and tpm buckets of one shared upstream ceiling.
+def quota_keys(quota_id: str) -> list[str]:
+    """KEYS of upstream_quota.lua: the rpm and tpm buckets of one shared upstream quota.
 
-    Shared by every account, so outside any account's hash tag: each ceiling has its own
-    ``{q:<ceiling id>}`` (``provider:<name>`` or ``endpoint:<account>/<name>``).
+    Shared by every account, so outside any account's hash tag: each quota has its own
+    ``{q:<quota id>}`` (``provider:<name>`` or ``endpoint:<account>/<name>``).
     """
-    base = f"{PREFIX}:{{q:{ceiling_id}}}"
+    base = f"{PREFIX}:{{q:{quota_id}}}"
     return [f"{base}:rpm", f"{base}:tpm"]

@@ -35,7 +35,7 @@ class BucketReport(msgspec.Struct, frozen=True):
 
 class Decision(msgspec.Struct, frozen=True):
     allowed: bool
-    reason: str  # "ok" or a §7 reason
+    reason: str  # "ok" or an error reason (docs/limits-and-balance.md)
     retry_after_ms: int
     hit_limit: int | None  # capacity of the bucket that rejected the request
     requests: BucketReport | None
@@ -44,7 +44,7 @@ class Decision(msgspec.Struct, frozen=True):
     concurrency_in_use: int | None
     available_nano: int | None  # balance − live holds; None when the account is not prepaid
     holds_expired: int  # stale holds this call released
-    account_rpm: int | None  # the account's rpm after its policy (§4)
+    account_rpm: int | None  # the account's rpm after its policy (docs/limits-and-balance.md)
 
 
 class AdmissionRequest(msgspec.Struct, frozen=True):

@@ -67,11 +67,13 @@ class MeteredRequest:
 
     def upstream_output_cap(self) -> int | None:
         """The cap to send upstream when the caller's body gives none: whatever the hold
-        assumed is what the upstream is allowed (§5); metered accounts keep their bytes."""
+        assumed is what the upstream is allowed (docs/limits-and-balance.md); metered accounts keep
+        their bytes."""
         return self.hold.output_cap if protects_money(self.ctx.decision) else None
 
     async def admit(self, svc: Services) -> None:
-        """The upstream quota (§10), then the account's limits and balance (§4, §5).
+        """The upstream quota (docs/custom-endpoints.md), then the account's limits and balance
+        (docs/limits-and-balance.md).
 
         An upstream quota is one more storage round trip, before admit.lua; if the account
         then refuses, the reservation is given back, so a rejected request consumes nothing
@@ -80,7 +82,8 @@ class MeteredRequest:
         settler, whether or not it ran.
 
         Storage failing raises StorageError (503), unless ``storage.on_error = "allow"``
-        (§11): then the request goes on without limits or balance, ``ctx.storage_bypassed``
+        (docs/failure-modes.md): then the request goes on without limits or balance,
+        ``ctx.storage_bypassed``
         is set (it is not settled: nothing was held) and it is counted and logged.
         """
         admission = AdmissionRequest(
@@ -212,7 +215,7 @@ def _believed(count: int) -> int:
 
 
 def billable_usage(result: RelayResult, hold: Hold) -> Usage:
-    """The usage to charge for what the relay saw (§5)."""
+    """The usage to charge for what the relay saw (docs/limits-and-balance.md)."""
     if result.outcome == "upstream_error":
         return Usage(0, 0)  # the provider refused or was unreachable: nothing was produced
     if result.usage is not None:

@@ -1,4 +1,4 @@
-"""Every Prometheus metric the gateway exports (§13), declared together.
+"""Every Prometheus metric the gateway exports (docs/operations.md), declared together.
 
 Labels are low-cardinality by default: route, protocol, configured model, status, reason.
 ``[metrics] account_label = true`` adds ``account`` to the per-request series. With several

@@ -30,7 +30,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def protocol_of(request: web.Request) -> str:
     """The protocol a caller speaks; ``admin`` for the admin API, which answers in the OpenAI
-    envelope (§7)."""
+    envelope (docs/limits-and-balance.md)."""
     path = request.path
     if path == "/admin" or path.startswith("/admin/"):
         return "admin"
@@ -66,10 +66,11 @@ async def _render(request: web.Request, ctx: RequestContext, err: GatewayError) 
         and err.status != 401
         and err.reason != "storage_unavailable"  # another storage call would wait in vain
     ):
-        # Rejected before admission: still report the caller's limits (§6), consuming nothing.
+        # Rejected before admission: still report the caller's limits (docs/limits-and-balance.md),
+        # consuming nothing.
         with contextlib.suppress(StorageError):
             ctx.decision = await request.app[SERVICES].limiter.peek(ctx.key.account, ctx.key.id)
-        # The key was cached as valid, but storage says revoked/expired: that wins (§2).
+        # The key was cached as valid, but storage says revoked/expired: that wins (docs/admin.md).
         if ctx.decision is not None and (refused := key_error(ctx.decision.reason)) is not None:
             err = refused
     headers = own_headers(ctx)

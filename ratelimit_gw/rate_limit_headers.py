@@ -1,4 +1,5 @@
-"""Rate-limit response headers (§6): a limiter Decision, or a refusal's wait, as headers.
+"""Rate-limit response headers (docs/limits-and-balance.md): a limiter Decision, or a refusal's
+wait, as headers.
 
 The forms every caller gets (OpenAI's ``x-ratelimit-*`` and the IETF ``RateLimit`` pair);
 a protocol's own forms are its adapter's (``ProtocolAdapter.add_own_headers``).

@@ -52,7 +52,8 @@ def rejection_error(decision: Decision, model: Model, hold: Hold) -> GatewayErro
 
 
 def unbounded_input_error(model: Model, found: list[UnboundedInput]) -> GatewayError:
-    """A prepaid account's request carries input whose cost its bytes do not bound (§5)."""
+    """A prepaid account's request carries input whose cost its bytes do not bound
+    (docs/limits-and-balance.md)."""
     first = found[0]
     more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
     return GatewayError(
@@ -71,7 +72,7 @@ def unbounded_input_error(model: Model, found: list[UnboundedInput]) -> GatewayE
 def per_request_rejection_error(
     decision: Decision, endpoint_id: str, input_tokens: int, output_cap: int, price_nano: int
 ) -> GatewayError:
-    """The refusal of a custom-endpoint request charged a fixed price (§10)."""
+    """The refusal of a custom-endpoint request charged a fixed price (docs/custom-endpoints.md)."""
     if decision.reason == "balance_exceeded":
         available = decision.available_nano or 0
         return GatewayError(
@@ -129,7 +130,8 @@ def _limit_error(
 
 
 def upstream_quota_error(decision: QuotaDecision) -> GatewayError:
-    """The shared upstream key's quota refused the request (§10): 429 upstream_quota."""
+    """The shared upstream key's quota refused the request (docs/custom-endpoints.md): 429
+    upstream_quota."""
     quota = decision.quota
     limits = RateLimitInfo(rpm=quota.rpm, tpm=quota.tpm)
     limit = decision.hit_limit or 0

@@ -50,7 +50,7 @@ HOP_BY_HOP = frozenset(
         "expect",
     }
 )
-# Whatever a client sends to prove who it is must never reach the upstream (§8).
+# Whatever a client sends to prove who it is must never reach the upstream (docs/relay.md).
 CLIENT_CREDENTIALS = CREDENTIAL_HEADERS | {"cookie"}
 # Compression is negotiated per hop: the gateway asks the upstream for none (the client decodes
 # a compressed answer anyway) and sends the caller plain bytes.
@@ -161,7 +161,7 @@ class Relay:
     ) -> web.StreamResponse:
         """Call the upstream; stream when the call has a tap and the answer is a 2xx stream."""
         started = time.perf_counter()
-        # One deadline for the whole call, the streamed body included (§8 timeout_s).
+        # One deadline for the whole call, the streamed body included (timeout_s, docs/relay.md).
         deadline = asyncio.get_running_loop().time() + call.total_timeout_s
         try:
             upstream = await self._client.request(
@@ -224,7 +224,8 @@ class Relay:
             result.outcome = "ok"
             result.usage = parse_usage(body)
         else:
-            # The provider's own error body is already in the route's protocol (§7).
+            # The provider's own error body is already in the route's protocol
+            # (docs/limits-and-balance.md).
             result.outcome = "upstream_error"
             body = body[:MAX_ERROR_BODY_BYTES]
         return web.Response(status=upstream.status, body=body, headers=headers)

@@ -33,7 +33,7 @@ class Services:
     relay: Relay
     metrics: Metrics
     registry: CollectorRegistry
-    quota: UpstreamQuota  # upstream quotas (§10)
+    quota: UpstreamQuota  # upstream quotas (docs/custom-endpoints.md)
     bodies: BodyReader  # reads request bodies within the [server] limits
     # Benchmark baseline: relay without keys, limits or balance (``serve --passthrough-…``).
     passthrough: bool = False

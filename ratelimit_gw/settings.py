@@ -1,4 +1,4 @@
-"""The typed, validated configuration (§12) and the only reader of ``os.environ``.
+"""The typed, validated configuration (docs/configuration.md) and the only reader of ``os.environ``.
 
 A TOML file is decoded into msgspec Structs (unknown fields are errors), then checked for
 what a schema cannot express: references between sections, ranges, env references. Every
@@ -72,7 +72,8 @@ class ServerSettings(_Section):
 
 class StorageSettings(_Section):
     url: str = "memory://"
-    # What to do when storage fails (§11): "reject" answers 503 storage_unavailable with
+    # What to do when storage fails (docs/failure-modes.md): "reject" answers 503
+    # storage_unavailable with
     # retry-after; "allow" serves keys this process already knows without limits or balance,
     # counted in rlgw_storage_bypass_total (see README "Failure modes").
     on_error: Literal["reject", "allow"] = "reject"
@@ -83,7 +84,7 @@ class StorageSettings(_Section):
     breaker_failures: PositiveInt = 5
     breaker_cooldown_s: PositiveFloat = 2.0
     # How long a gateway may reuse a key lookup. Revocation does not wait for it: the
-    # admission script reads the key's revoked flag from storage on every request (§2).
+    # admission script reads the key's revoked flag from storage on every request (docs/admin.md).
     key_cache_ttl_s: Annotated[float, msgspec.Meta(ge=0, le=300)] = 300.0
     # Settlements and top-ups count as done only once this many replicas acknowledged them
     # (Redis WAIT), so a failover cannot lose a charge. Unset: 1 on redis+sentinel://, else 0.
@@ -107,7 +108,8 @@ class ProviderSettings(_Section):
     timeout_s: PositiveFloat = 600.0
     connect_timeout_s: PositiveFloat = 10.0
     # protocol "openai" only: the chat field that carries the output cap the gateway sends
-    # (§5). OpenAI's o-series refuse max_tokens; some compatible servers ignore the newer one.
+    # (docs/limits-and-balance.md). OpenAI's o-series refuse max_tokens; some compatible servers
+    # ignore the newer one.
     chat_cap_field: ChatCapField | None = None
 
 
@@ -132,14 +134,15 @@ class ModelSettings(_Section):
 
 
 class CustomEndpointSettings(_Section):
-    """``[[custom_endpoints]]``: ``/proxy-api/{provider_account}/{name}/…`` → ``base_url`` (§10)."""
+    """``[[custom_endpoints]]``: ``/proxy-api/{provider_account}/{name}/…`` → ``base_url``
+    (docs/custom-endpoints.md)."""
 
     provider_account: str
     name: str
     base_url: str
     headers: dict[str, str] = {}  # sent upstream, ${ENV} expanded; credentials only by reference
     accounts: list[str] = msgspec.field(default_factory=lambda: ["*"])  # account ids or globs
-    rpm: PositiveInt | None = None  # shared-key ceilings, across all accounts and instances
+    rpm: PositiveInt | None = None  # shared upstream-key quotas, across all accounts and instances
     tpm: PositiveInt | None = None
     price_per_request_usd: Annotated[float, msgspec.Meta(ge=0)] | str | None = None
     timeout_s: PositiveFloat = 600.0

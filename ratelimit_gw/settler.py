@@ -1,6 +1,6 @@
 """Settlement off the client's path, never lost: tracked, retried, drained at shutdown.
 
-A request that passed an upstream quota (§10) also has that quota's tpm bucket
+A request that passed an upstream quota (docs/custom-endpoints.md) also has that quota's tpm bucket
 corrected to its real usage here, after the account's settlement.
 
 An admission its caller gave up on is released here too (:meth:`Settler.abandon`), with the

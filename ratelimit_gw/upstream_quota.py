@@ -1,4 +1,5 @@
-"""Upstream quotas (§10): the rpm/tpm quota of one upstream key, shared by all accounts.
+"""Upstream quotas (docs/custom-endpoints.md): the rpm/tpm quota of one upstream key, shared by all
+accounts.
 
 A provider or custom endpoint with ``rpm``/``tpm`` set is one upstream key shared by every
 account on every gateway instance. The gateway spends that quota itself, so it answers

@@ -1,4 +1,5 @@
-"""The worst case one LLM request is held for (§4, §5), and what keeps the upstream inside it.
+"""The worst case one LLM request is held for (docs/limits-and-balance.md), and what keeps the
+upstream inside it.
 
 Guarantee for an account whose money is protected (prepaid): the hold covers everything the
 upstream is allowed to bill. Input is bounded by the body's bytes (see
@@ -37,7 +38,8 @@ class Hold:
     """One request's worst case, in tokens and nano-USD, and its token-bucket estimate."""
 
     input_tokens: int  # the body's bound, plus the allowance of each unbounded part
-    # What the token buckets are charged for input (§4's heuristic, plus the allowances).
+    # What the token buckets are charged for input (the heuristic of docs/limits-and-balance.md,
+    # plus the allowances).
     estimated_input_tokens: int
     output_cap: int  # per answer: the caller's cap, else the model's maximum
     choices: int
@@ -49,7 +51,7 @@ class Hold:
 
     @property
     def tokens(self) -> int:
-        """The tokens-per-minute estimate admission charges (§4)."""
+        """The tokens-per-minute estimate admission charges (docs/limits-and-balance.md)."""
         return self.estimated_input_tokens + self.output_tokens
 
 

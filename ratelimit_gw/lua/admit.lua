@@ -82,7 +82,7 @@ local balance = tonumber(acct[7] or '0')
 local held = tonumber(acct[8] or '0')
 local topped_up = tonumber(acct[9] or '0')
 
--- §4 RPM policies: an override wins; else the policy computes the account's rpm.
+-- RPM policies (docs/limits-and-balance.md): an override wins; else the policy computes the account's rpm.
 local account_rpm = tonumber(acct[2])
 local policy = acct[5] or 'fixed'
 if acct[6] then

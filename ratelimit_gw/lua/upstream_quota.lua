@@ -1,7 +1,7 @@
--- upstream_quota.lua: the shared ceiling of one upstream key (a provider or custom endpoint).
+-- upstream_quota.lua: the shared quota of one upstream key (a provider or custom endpoint).
 --
--- A provider or custom endpoint may carry rpm/tpm ceilings: the quota of the one upstream
--- key that every account and every gateway instance shares (§10). They are token buckets
+-- A provider or custom endpoint may carry rpm/tpm limits: the quota of the one upstream
+-- key that every account and every gateway instance shares (docs/custom-endpoints.md). They are token buckets
 -- exactly like admit.lua's (capacity N, continuous refill N/60 per second, Redis TIME), but
 -- shared by all accounts, so they cannot live in an account's hash slot: the gateway runs
 -- this script just before admit.lua, gives the reservation back if the account then
@@ -13,15 +13,15 @@
 -- tokens, never above capacity; a negative token count is an extra debit (usage above the
 -- estimate), which may take the bucket below zero, from where it refills.
 --
--- KEYS (one hash tag per ceiling): 1 rpm bucket   2 tpm bucket
+-- KEYS (one hash tag per quota): 1 rpm bucket   2 tpm bucket
 -- ARGV:
---   1 mode ("reserve" | "refund")   2 rpm ceiling (-1 = none)   3 tpm ceiling (-1 = none)
+--   1 mode ("reserve" | "refund")   2 rpm quota (-1 = none)   3 tpm quota (-1 = none)
 --   4 requests (integer)   5 tokens (integer)
 -- Reply (fixed shape):
 --   {allowed (1 | 0; always 1 for "refund"),
 --    reason ("ok" | "rpm_exceeded" | "tpm_exceeded" | "request_exceeds_limit"),
---    retry_after_ms, hit_limit (ceiling that refused, -1 if none),
---    rpm level after (string, "" = no rpm ceiling), tpm level after (string, "" = none)}
+--    retry_after_ms, hit_limit (quota that refused, -1 if none),
+--    rpm level after (string, "" = no rpm quota), tpm level after (string, "" = none)}
 -- Buckets are hashes {level, ts} as in admit.lua: level a float of units, ts Redis ms.
 
 local mode = ARGV[1]

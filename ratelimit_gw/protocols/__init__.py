@@ -1,5 +1,6 @@
 """Per-protocol adapters: request views, usage taps, error envelopes, headers, upstream URLs
-and credentials (§3, §7, §8). Nothing outside this package knows a protocol's details.
+and credentials (README.md Routes, docs/limits-and-balance.md, docs/relay.md). Nothing outside this
+package knows a protocol's details.
 
 ``ADAPTERS`` maps each protocol to its stateless adapter. A route picks the caller's adapter
 from the path it was called on (:func:`caller_protocol`) and the upstream's from the model's

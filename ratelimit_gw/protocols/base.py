@@ -1,6 +1,6 @@
 """What every protocol adapter shares: request facts, usage, the SSE tap, the adapter contract.
 
-The gateway forwards the client's bytes untouched (§8), so adapters never build full
+The gateway forwards the client's bytes untouched (docs/relay.md), so adapters never build full
 request objects: they decode a few fields with small msgspec "view" Structs whose decoders
 are built once at import, and read usage from the answer as it streams past.
 
@@ -47,14 +47,15 @@ class Usage:
     input_tokens: int  # every input token billed, cached ones included
     output_tokens: int
     # The parts of input_tokens the provider read from or wrote to its prompt cache: they
-    # have prices of their own (§5).
+    # have prices of their own (docs/limits-and-balance.md).
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class RequestInfo:
-    """The few request facts the limiter and relay need (§4 "Tokens", §8)."""
+    """The few request facts the limiter and relay need (docs/limits-and-balance.md,
+    docs/relay.md)."""
 
     model: str | None
     stream: bool
@@ -70,7 +71,8 @@ class RequestInfo:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamEdits:
-    """What the gateway needs changed in the body it sends upstream (§8's exceptions)."""
+    """What the gateway needs changed in the body it sends upstream (the exceptions in
+    docs/relay.md)."""
 
     model: str | None = None  # the upstream's own id, when the model is renamed
     # The cap the request was held for; sent when the caller's body gives the upstream none.
@@ -99,7 +101,8 @@ def input_token_bound(body_len: int) -> int:
 
 
 def estimate_input_tokens(body_len: int) -> int:
-    """The usual input of a body: one token per 4 bytes, at least 1 (§4's fast heuristic).
+    """The usual input of a body: one token per 4 bytes, at least 1 (the fast heuristic of
+    docs/limits-and-balance.md).
 
     What token buckets charge at admission (settlement corrects them to the real usage) and
     what a stream cut before its usage arrived is charged for its prompt. Not a bound
@@ -149,7 +152,8 @@ _ERROR_PATH = re.compile(r" - at `\$\.?(.*)`$")
 
 
 def decode_view(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
-    """Decode a request view, turning msgspec errors into the §7 400 errors."""
+    """Decode a request view, turning msgspec errors into the 400 errors of
+    docs/limits-and-balance.md."""
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
@@ -281,7 +285,8 @@ class ProtocolAdapter(ABC):
     # The headers that carry a credential in this protocol: never relayed from a caller, and
     # written in config only as an env reference.
     credential_headers: frozenset[str] = frozenset({"authorization"})
-    # Where a model of another protocol can be reached from a caller speaking this one (§9).
+    # Where a model of another protocol can be reached from a caller speaking this one (README.md,
+    # Routes).
     converter_route: str
     # The headers add_own_headers sets (by name, and by prefix): an upstream's are dropped.
     own_header_names: frozenset[str] = frozenset()
@@ -303,7 +308,7 @@ class ProtocolAdapter(ABC):
 
     @abstractmethod
     def credential(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
-        """The gateway key the client sent (§2); ``headers`` must be case-insensitive."""
+        """The gateway key the client sent (docs/admin.md); ``headers`` must be case-insensitive."""
 
     @abstractmethod
     def parse_request(self, route: Route, body: bytes, path_model: str | None) -> RequestInfo:
@@ -336,7 +341,7 @@ class ProtocolAdapter(ABC):
         """A tap for one streamed answer.
 
         ``strip_usage_chunk`` hides the OpenAI chat usage chunk the gateway itself asked
-        for (§8); ``sse=False`` selects Gemini's JSON-array stream (no ``?alt=sse``).
+        for (docs/relay.md); ``sse=False`` selects Gemini's JSON-array stream (no ``?alt=sse``).
         """
 
     def answer_tap(
@@ -349,7 +354,7 @@ class ProtocolAdapter(ABC):
 
     @abstractmethod
     def error_body(self, err: GatewayError, request_id: str) -> bytes:
-        """The §7 envelope for ``err`` in this protocol."""
+        """The error envelope (docs/limits-and-balance.md) for ``err`` in this protocol."""
 
     # --- the upstream's side ------------------------------------------------------------
 
@@ -371,7 +376,7 @@ class ProtocolAdapter(ABC):
 
 
 def rate_limit_body(err: GatewayError) -> dict[str, int | float | None]:
-    """The ``rate_limit`` object every 429 body carries (§7)."""
+    """The ``rate_limit`` object every 429 body carries (docs/limits-and-balance.md)."""
     rpm = err.rate_limit.rpm if err.rate_limit else None
     tpm = err.rate_limit.tpm if err.rate_limit else None
     return {"rpm": rpm, "qps": rpm / 60 if rpm is not None else None, "tpm": tpm}

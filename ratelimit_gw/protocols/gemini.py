@@ -371,7 +371,7 @@ class GeminiAdapter(ProtocolAdapter):
         version = path.split("/", 2)[1]  # "v1beta" or "v1", as the client called it
         action = "streamGenerateContent" if route is Route.STREAM_GENERATE else "generateContent"
         url = f"{base_url}/{version}/models/{upstream_model}:{action}"
-        # `key` is the gateway key here (§2), never the upstream's.
+        # `key` is the gateway key here (docs/admin.md), never the upstream's.
         kept = [(k, v) for k, v in query if k != "key"]
         if kept:
             url += "?" + urlencode(kept, quote_via=quote)  # re-encode what aiohttp decoded

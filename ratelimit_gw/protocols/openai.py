@@ -264,7 +264,7 @@ class ChatStreamTap(SseStreamTap):
         if usage is None or (usage.prompt_tokens is None and usage.completion_tokens is None):
             return True  # no usage, or a usage object with no count in it: nothing reported
         self.usage = _chat_usage(usage)
-        # Only the chunk the gateway itself asked for (§8) is hidden from the client.
+        # Only the chunk the gateway itself asked for (docs/relay.md) is hidden from the client.
         return not (self._strip_usage_chunk and chunk.choices == [])
 
 
@@ -337,7 +337,7 @@ class OpenAIAdapter(ProtocolAdapter):
     def prepare_upstream_body(
         self, route: Route, body: bytes, info: RequestInfo, edits: UpstreamEdits
     ) -> bytes:
-        # A chat stream reports usage only when asked (§8).
+        # A chat stream reports usage only when asked (docs/relay.md).
         ask_usage = route is Route.CHAT and info.stream and not info.wants_usage_chunk
         if route is Route.CHAT:
             cap_field = edits.chat_cap_field

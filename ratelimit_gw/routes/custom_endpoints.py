@@ -1,4 +1,5 @@
-"""Custom endpoints (§10): ``ANY /proxy-api/{provider_account}/{endpoint}/{path…}``.
+"""Custom endpoints (docs/custom-endpoints.md): ``ANY
+/proxy-api/{provider_account}/{endpoint}/{path…}``.
 
 The request goes to the endpoint's base URL untranslated — method, path suffix, query,
 headers and body — with the endpoint's configured headers (its upstream credential) in place
@@ -219,7 +220,7 @@ def _upstream_body(
     output_cap: int | None,
 ) -> bytes:
     """The caller's bytes; for a priced model, with the cap the request was held for when
-    it sets none (§5), and the usage chunk a stream must ask for."""
+    it sets none (docs/limits-and-balance.md), and the usage chunk a stream must ask for."""
     if info is None:
         return body
     edits = UpstreamEdits(output_cap=output_cap, chat_cap_field=endpoint.chat_cap_field)

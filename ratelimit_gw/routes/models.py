@@ -1,4 +1,4 @@
-"""The model-list routes (§1.1): only the models the caller's key may use."""
+"""The model-list routes (README.md, Routes): only the models the caller's key may use."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ async def _authenticated(request: web.Request) -> KeyRecord:
     svc = request.app[SERVICES]
     ctx = context(request)
     # GET /v1/models is shared by the OpenAI SDK (Bearer) and the Anthropic SDK (x-api-key):
-    # the Anthropic adapter reads both (§1.1, §2).
+    # the Anthropic adapter reads both (README.md Routes, docs/admin.md).
     reader = ADAPTERS["anthropic" if ctx.protocol == "openai" else ctx.protocol]
     key = await svc.keys.authenticate(reader.credential(request.headers, request.query))
     decision = await svc.limiter.peek(key.account, key.id)

@@ -1,4 +1,5 @@
-"""The native routes (§1): authenticate → parse → price → meter (admit → relay → settle).
+"""The native routes (README.md, Routes): authenticate → parse → price → meter (admit → relay →
+settle).
 
 The caller's protocol (from the path) reads the key, the request and renders errors; the
 upstream's protocol (the model's provider) builds the upstream call and reads its usage.

@@ -1,4 +1,5 @@
-"""A circuit breaker for storage calls (§11): fail fast while Redis is known to be down.
+"""A circuit breaker for storage calls (docs/failure-modes.md): fail fast while Redis is known to
+be down.
 
 After ``failure_threshold`` consecutive failures the breaker opens and every call fails at
 once for ``cooldown_s``; then one trial call is let through (half-open): success closes the
