@@ -14,6 +14,7 @@ import msgspec
 from aiohttp import web
 
 from .accounts import AccountError, AccountStore, RpmPolicy
+from .context import context
 from .errors import GatewayError
 from .limits import NO_LIMITS, Limits, flat_type, flatten, nest
 from .money import MoneyError, parse_usd
@@ -56,7 +57,7 @@ async def _read_body(request: web.Request, kind: type[S]) -> S:
 
 
 async def _read_json(request: web.Request, kind: type[T]) -> T:
-    request_body = await request.app[SERVICES].bodies.read(request)
+    request_body = await request.app[SERVICES].bodies.read(request, context(request))
     try:
         return msgspec.json.decode(request_body, type=kind)
     except msgspec.ValidationError as exc:

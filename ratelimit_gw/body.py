@@ -22,10 +22,10 @@ import asyncio
 from aiohttp import web
 from prometheus_client import Gauge
 
+from .context import RequestContext
 from .errors import GatewayError
 from .settings import ServerSettings
 
-_RESERVED_BYTES: web.RequestKey[int] = web.RequestKey("body_bytes_reserved", int)
 # How soon a caller refused for a full buffer may retry: bodies come and go with requests.
 BUFFER_FULL_RETRY_MS = 1000
 
@@ -40,22 +40,30 @@ class BodyReader:
         self._gauge = buffered_gauge
         self.buffered_bytes = 0
 
-    async def read(self, request: web.Request) -> bytes:
+    async def read(self, request: web.Request, ctx: RequestContext) -> bytes:
         declared = request.content_length
+        content = request.content
         if declared is not None:
             if declared > self._max_body_bytes:
                 raise web.HTTPRequestEntityTooLarge(self._max_body_bytes, declared)
-            self._hold(request, declared)
+            self._hold(ctx, declared)
+            if content.is_eof():
+                # The whole body came with the headers (the usual case): nothing to wait for,
+                # so no deadline to arm. A compressed body may have grown past its declaration.
+                body = content.read_nowait()
+                if len(body) > declared:
+                    self._check_size(len(body))
+                    self._hold(ctx, len(body))
+                return body
         chunks: list[bytes] = []
         received = 0
         try:
             async with asyncio.timeout(self._timeout_s):
-                while chunk := await request.content.readany():
+                while chunk := await content.readany():
                     received += len(chunk)
-                    if received > self._max_body_bytes:
-                        raise web.HTTPRequestEntityTooLarge(self._max_body_bytes, received)
+                    self._check_size(received)
                     # Beyond the declaration only if the body was compressed (or undeclared).
-                    self._hold(request, received)
+                    self._hold(ctx, received)
                     chunks.append(chunk)
         except TimeoutError:
             raise GatewayError(
@@ -65,9 +73,13 @@ class BodyReader:
             ) from None
         return b"".join(chunks)
 
-    def _hold(self, request: web.Request, total_bytes: int) -> None:
+    def _check_size(self, received_bytes: int) -> None:
+        if received_bytes > self._max_body_bytes:
+            raise web.HTTPRequestEntityTooLarge(self._max_body_bytes, received_bytes)
+
+    def _hold(self, ctx: RequestContext, total_bytes: int) -> None:
         """Make the request's reservation ``total_bytes``, or refuse it (529)."""
-        extra = total_bytes - request.get(_RESERVED_BYTES, 0)
+        extra = total_bytes - ctx.body_bytes_reserved
         if extra <= 0:
             return
         if self.buffered_bytes + extra > self._max_buffered_bytes:
@@ -77,13 +89,14 @@ class BodyReader:
                 "The gateway holds too many request bodies at once; retry shortly.",
                 retry_after_ms=BUFFER_FULL_RETRY_MS,
             )
-        request[_RESERVED_BYTES] = total_bytes
+        ctx.body_bytes_reserved = total_bytes
         self._change(extra)
 
-    def release(self, request: web.Request) -> None:
+    def release(self, ctx: RequestContext) -> None:
         """Give back what the request held (it has ended: its body is no longer referenced)."""
-        held = request.pop(_RESERVED_BYTES, 0)
+        held = ctx.body_bytes_reserved
         if held:
+            ctx.body_bytes_reserved = 0
             self._change(-held)
 
     def _change(self, delta_bytes: int) -> None:

@@ -37,6 +37,8 @@ class RequestContext:
     # Storage failed and storage.on_error = "allow": served without limits, balance or
     # settlement (counted in rlgw_storage_bypass_total).
     storage_bypassed: bool = False
+    # Request body bytes this request holds of the process's budget (body.py).
+    body_bytes_reserved: int = 0
 
 
 CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("context", RequestContext)

@@ -184,7 +184,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if task is not None:
             svc.inflight.discard(task)
         svc.metrics.inflight.dec()
-        svc.bodies.release(request)
+        svc.bodies.release(ctx)
         record_request(svc, request, ctx, status)
 
 

@@ -22,6 +22,7 @@ from .protocols import (
     ProtocolAdapter,
     RequestInfo,
     Route,
+    UnboundedInput,
     UpstreamEdits,
     Usage,
     estimate_input_tokens,
@@ -55,27 +56,24 @@ class Hold:
         return self.estimated_input_tokens + self.output_tokens
 
 
-async def plan_hold(
-    svc: Services,
-    key: KeyRecord,
-    adapter: ProtocolAdapter,
-    route: Route,
-    body: bytes,
-    info: RequestInfo,
-    model: Model,
-) -> Hold:
-    """The hold for ``body`` on ``model``; raises the 400 for input a prepaid account may not
-    send (one storage read, only when the body has such input and the model no allowance)."""
+def plan_hold(
+    adapter: ProtocolAdapter, route: Route, body: bytes, info: RequestInfo, model: Model
+) -> tuple[Hold, list[UnboundedInput]]:
+    """The hold for ``body`` on ``model``, and the parts of it whose cost the bytes do not
+    bound and the model gives no allowance for: a protected account may not send those
+    (:func:`refuse_unbounded_input`). No storage call: the caller makes the one it needs
+    only when that list is not empty."""
     input_tokens = input_token_bound(len(body))
     estimated_input_tokens = estimate_input_tokens(len(body))
+    refused: list[UnboundedInput] = []
     unbounded = adapter.unbounded_inputs(route, body)
     if unbounded:
         allowance = model.reference_allowance_tokens
-        if allowance is not None:
+        if allowance is None:
+            refused = unbounded
+        else:
             input_tokens += len(unbounded) * allowance
             estimated_input_tokens += len(unbounded) * allowance
-        elif await _is_prepaid(svc, key):
-            raise unbounded_input_error(model, unbounded)
     output_cap = info.max_output_tokens
     if output_cap is None:
         output_cap = model.max_output_tokens
@@ -85,7 +83,15 @@ async def plan_hold(
         model.input_nano_usd_per_mtok,
         model.output_nano_usd_per_mtok,
     )
-    return Hold(input_tokens, estimated_input_tokens, output_cap, info.choices, nano)
+    return Hold(input_tokens, estimated_input_tokens, output_cap, info.choices, nano), refused
+
+
+async def refuse_unbounded_input(
+    svc: Services, key: KeyRecord, model: Model, parts: list[UnboundedInput]
+) -> None:
+    """Raise the 400 for ``parts`` if the key's account is protected (one storage read)."""
+    if await _is_prepaid(svc, key):
+        raise unbounded_input_error(model, parts)
 
 
 async def _is_prepaid(svc: Services, key: KeyRecord) -> bool:

@@ -38,7 +38,7 @@ from ..relay import UpstreamCall, carries_gateway_key, upstream_request_headers
 from ..services import SERVICES
 from ..settings import CustomEndpoint, Model
 from ..upstream_quota import endpoint_quota
-from ..worst_case import Hold, plan_hold
+from ..worst_case import Hold, plan_hold, refuse_unbounded_input
 
 _OPENAI = ADAPTERS["openai"]
 
@@ -160,7 +160,7 @@ async def handle_custom_endpoint(request: web.Request) -> web.StreamResponse:
             "without ';' parameters), empty segments ('//'), backslashes or control "
             "characters.",
         )
-    body = await svc.bodies.read(request)
+    body = await svc.bodies.read(request, ctx)
     _check_restricted_key(key, body)
     route = Route.RESPONSES if suffix.rstrip("/").endswith("responses") else Route.CHAT
     model = _priced_model(body, svc.settings.models)
@@ -169,7 +169,9 @@ async def handle_custom_endpoint(request: web.Request) -> web.StreamResponse:
     if model is not None:  # a restricted key may use it: _check_restricted_key said so
         ctx.model = model.id
         request_info = _OPENAI.parse_request(route, body, None)
-        hold = await plan_hold(svc, key, _OPENAI, route, body, request_info, model)
+        hold, refused = plan_hold(_OPENAI, route, body, request_info, model)
+        if refused:
+            await refuse_unbounded_input(svc, key, model, refused)
         new_tap = _OPENAI.answer_tap(route, request_info, request.query)
     else:
         # Opaque: nothing to hold but the price, so the body's usual size is both numbers.

@@ -18,7 +18,7 @@ from ..relay import RelayResult, UpstreamCall, gateway_key_free, upstream_reques
 from ..services import SERVICES, Services
 from ..settings import Model
 from ..upstream_quota import provider_quota
-from ..worst_case import plan_hold, upstream_edits
+from ..worst_case import plan_hold, refuse_unbounded_input, upstream_edits
 
 
 async def handle_llm(
@@ -31,7 +31,7 @@ async def handle_llm(
         return await _passthrough(request, svc, ctx, caller, route, path_model)
     key = await svc.keys.authenticate(caller.credential(request.headers, request.query))
     ctx.key = key
-    body = await svc.bodies.read(request)
+    body = await svc.bodies.read(request, ctx)
     info = caller.parse_request(route, body, path_model)
     model = svc.catalog.resolve(info.model or "", ctx.protocol)
     ctx.model = model.id
@@ -43,11 +43,14 @@ async def handle_llm(
             param="model",
         )
 
+    hold, refused = plan_hold(caller, route, body, info, model)
+    if refused:
+        await refuse_unbounded_input(svc, key, model, refused)
     provider = model.provider
     metered = MeteredRequest(
         ctx=ctx,
         key=key,
-        hold=await plan_hold(svc, key, caller, route, body, info, model),
+        hold=hold,
         model=model,
         charged_as=model.id,
         quota=provider_quota(provider),
@@ -113,7 +116,7 @@ async def _passthrough(
     path_model: str | None,
 ) -> web.StreamResponse:
     """Benchmark baseline only: relay with no key, limit, balance or settlement."""
-    body = await svc.bodies.read(request)
+    body = await svc.bodies.read(request, ctx)
     info = caller.parse_request(route, body, path_model)
     model = svc.catalog.resolve(info.model or "", ctx.protocol)
     call = _upstream_call(request, ADAPTERS[model.protocol], route, model, info, body, None)
