@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -170,6 +171,12 @@ async def start_gateway(
     return runner, Gateway(
         f"http://127.0.0.1:{port}", settings, storage, AccountStore(storage), upstream, app
     )
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
 
 
 @pytest.fixture

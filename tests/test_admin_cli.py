@@ -12,7 +12,6 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -84,12 +83,6 @@ class Admin:
         ) as response:
             assert response.content_type == "application/json"
             return response.status, await response.json()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture

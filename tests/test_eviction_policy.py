@@ -64,12 +64,6 @@ def plain_redis() -> Iterator[RedisProcess]:
         server.stop()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 def redis_at(port: int) -> redis.Redis:
     return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, decode_responses=True)
 

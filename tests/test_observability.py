@@ -57,12 +57,6 @@ TARGET_LABELS = {"instance", "job"}
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 # --- helpers ---------------------------------------------------------------------------------
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +29,6 @@ CONFLICT = (
     "not $1.00: use a new key for a new top-up"
 )
 RESERVED = "idempotency keys starting with 'rlgw:' are reserved for the gateway's own top-ups"
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def topup(
