@@ -59,6 +59,8 @@ from ratelimit_gw.money import parse_usd
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import Storage, open_storage
 
+pytestmark = pytest.mark.slow  # long Hypothesis state-machine runs on both backends
+
 T = TypeVar("T")
 ACCOUNT = "acct"
 KEYS = ("k1", "k2")  # model names; the real key ids are generated

@@ -44,6 +44,8 @@ from .conftest import (
 )
 from .redis_process import free_port, start_redis
 
+pytestmark = pytest.mark.ops  # runs promtool and a real Prometheus against gateway processes
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 PROMPT = "Count the tokens of this prompt, please."
