@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest redis-server prometheus wrk cc bench clean
+.PHONY: run test test-fast lint typecheck pytest redis-server prometheus wrk cc bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +77,10 @@ pytest: $(STAMP) redis-server prometheus wrk cc
 	$(BIN)/pytest
 
 test: lint typecheck pytest
+
+# The quick local loop: lint, types and the tests not marked slow or ops (pyproject).
+test-fast: lint typecheck redis-server
+	$(BIN)/pytest -m "not slow and not ops"
 
 # The benchmark lives beside the package (benchmarks/, not shipped); options after ARGS=.
 bench: $(STAMP) redis-server wrk cc

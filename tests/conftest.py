@@ -12,7 +12,9 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import pytest
+import redis
 from aiohttp import web
 
 from ratelimit_gw.accounts import AccountStore
@@ -175,6 +177,23 @@ async def start_gateway(
     return runner, Gateway(
         f"http://127.0.0.1:{port}", settings, storage, AccountStore(storage), upstream, app
     )
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisProcess) -> str:
+    """The session's Redis, flushed (for what works on storage directly, like the CLI)."""
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
 
 
 @pytest.fixture

@@ -10,22 +10,18 @@ import base64
 import hashlib
 import json
 import re
-import subprocess
-import sys
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import redis
 
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import Storage, open_storage
 
+from .cli_helpers import cli, cli_json, cli_text
 from .conftest import ADMIN_TOKEN, Gateway, Upstream, start_gateway
-from .redis_process import RedisProcess
 
 ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 CHAT_BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello there"}]}
@@ -84,12 +80,6 @@ class Admin:
         ) as response:
             assert response.content_type == "application/json"
             return response.status, await response.json()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture
@@ -704,40 +694,6 @@ async def test_revocation_reaches_every_instance_on_the_next_request(
 
 
 # --- the CLI (real Redis only) -----------------------------------------------------------------
-
-
-@pytest.fixture
-def redis_url(redis_server: RedisProcess) -> str:
-    client = redis.Redis.from_url(redis_server.url)
-    try:
-        client.flushall()
-    finally:
-        client.close()
-    return redis_server.url
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "ratelimit-gw"), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin"},
-    )
-
-
-def cli_json(*args: str) -> Any:
-    done = cli(*args, "--json")
-    assert (done.returncode, done.stderr) == (0, ""), done.stderr
-    return json.loads(done.stdout)
-
-
-def cli_text(*args: str) -> dict[str, str]:
-    """A one-record text answer: "name  value" lines → {name: value}."""
-    done = cli(*args)
-    assert (done.returncode, done.stderr) == (0, ""), done.stderr
-    rows = [line.split(None, 1) for line in done.stdout.splitlines() if line]
-    return {row[0]: row[1] if len(row) > 1 else "" for row in rows}
 
 
 def test_cli_accounts_with_json_output(redis_url: str) -> None:

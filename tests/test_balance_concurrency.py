@@ -22,6 +22,8 @@ from .conftest import MODELS, Gateway, Upstream, start_gateway
 from .processes import gateway_processes, wait_ready
 from .redis_process import RedisProcess
 
+pytestmark = pytest.mark.slow  # runs gateway subprocesses under concurrent load
+
 BODY = b'{"model":"gpt-4o-mini","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}'
 _, _, IN_USD, OUT_USD = MODELS[0]
 IN_NANO, OUT_NANO = int(float(IN_USD) * 1e9), int(float(OUT_USD) * 1e9)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -47,12 +46,6 @@ async def _settled(gateway: Gateway, account: str = "acme") -> Any:
             return state
         assert time.monotonic() < deadline, "the hold was never released"
         await asyncio.sleep(0.02)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def test_openai_sdk_does_not_retry_a_402(gateway: Gateway) -> None:

@@ -7,7 +7,6 @@ values a valid file resolves to, the defaults, and the CLI's exit code for a bad
 from __future__ import annotations
 
 import subprocess
-import sys
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +24,8 @@ from ratelimit_gw.settings import (
     load_settings,
     parse_settings,
 )
+
+from .cli_helpers import cli
 
 OPENAI = """
 [[providers]]
@@ -541,14 +542,7 @@ def test_load_settings_without_a_file_gives_an_empty_config(
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """The installed console script, in its own process (main() installs a loop policy)."""
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "ratelimit-gw"), *args],
-        capture_output=True,
-        text=True,
-        env={"OPENAI_API_KEY": "sk-openai-secret", "PATH": "/usr/bin:/bin"},
-        timeout=60,
-    )
+    return cli(*args, env={"OPENAI_API_KEY": "sk-openai-secret"})
 
 
 def test_serve_with_a_bad_config_exits_2_naming_the_field(tmp_path: Path) -> None:

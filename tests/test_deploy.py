@@ -28,6 +28,8 @@ import yaml
 from ratelimit_gw.cli import build_parser
 from ratelimit_gw.settings import Settings, build_settings, parse_settings
 
+pytestmark = pytest.mark.ops  # deploy/'s files, cross-checked; the alert rules via promtool
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"

@@ -41,6 +41,8 @@ from .redis_process import (
 from .test_observability import Samples, scrape, value
 from .test_workers import _until_each_worker_answers
 
+pytestmark = pytest.mark.ops  # runs redis-server processes with eviction policies
+
 MAY_EVICT = ("--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru")
 POLICY = "rlgw_storage_eviction_policy"
 CHECK_INTERVAL_S = 0.05  # the periodic check, shortened (the default is 60 s)
@@ -62,12 +64,6 @@ def plain_redis() -> Iterator[RedisProcess]:
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def redis_at(port: int) -> redis.Redis:

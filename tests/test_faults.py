@@ -39,6 +39,7 @@ from ratelimit_gw.services import SERVICES
 from ratelimit_gw.storage import Storage
 
 from .conftest import Gateway, Upstream, gateway_config, start_gateway
+from .http_helpers import auth
 
 PROMPT = "Tell me about the gateway, please"  # 33 chars -> 9 input tokens at the mock
 PROMPT_TOKENS = 9
@@ -106,14 +107,6 @@ ROUTES = {
 SSE_ROUTES = ["chat-stream", "responses-stream", "messages-stream", "gemini-sse", "proxy-stream"]
 # Routes whose stream reports the input tokens before its first piece of text.
 INPUT_REPORTED_EARLY = {"messages-stream", "gemini-sse", "gemini-array"}
-
-
-def auth(protocol: str, key: str) -> dict[str, str]:
-    if protocol == "anthropic":
-        return {"x-api-key": key, "anthropic-version": "2023-06-01"}
-    if protocol == "gemini":
-        return {"x-goog-api-key": key}
-    return {"Authorization": f"Bearer {key}"}
 
 
 def estimated_input(route: Route) -> int:

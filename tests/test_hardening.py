@@ -34,6 +34,7 @@ from ratelimit_gw.storage import Storage
 from ratelimit_gw.worst_case import Hold
 
 from .conftest import ADMIN_TOKEN, UPSTREAM_KEY, Gateway, Upstream, start_gateway
+from .http_helpers import auth
 
 GEMINI = "gemini-2.5-flash"
 ENDPOINT_KEY = "endpoint-upstream-secret-77"
@@ -118,20 +119,6 @@ async def gw(upstream: Upstream, storage: Storage, recorder: Recorder) -> AsyncI
         yield gateway
     finally:
         await runner.cleanup()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-def auth(protocol: str, key: str) -> dict[str, str]:
-    if protocol == "anthropic":
-        return {"x-api-key": key, "anthropic-version": "2023-06-01"}
-    if protocol == "gemini":
-        return {"x-goog-api-key": key}
-    return {"Authorization": f"Bearer {key}"}
 
 
 def upstream_calls(gw: Gateway) -> list[Any]:

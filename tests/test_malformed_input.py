@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-import redis
 
 from ratelimit_gw.storage import Storage
 
+from .cli_helpers import cli
 from .conftest import ADMIN_TOKEN, Gateway, Upstream, start_gateway
-from .redis_process import RedisProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 LEVELS = 100_000
@@ -173,31 +170,14 @@ async def test_the_latest_expiry_allowed_is_the_end_of_year_9999(gateway: Gatewa
     assert created.record.expires_at == "9999-12-31T23:59:59Z"
 
 
-def test_the_cli_refuses_an_expiry_out_of_range(redis_server: RedisProcess) -> None:
-    client = redis.Redis.from_url(redis_server.url)
-    try:
-        client.flushall()
-    finally:
-        client.close()
-    storage = ["--storage", redis_server.url, "--json"]
-
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        # This checkout's package (the working directory comes first on the module path).
-        return subprocess.run(
-            [sys.executable, "-m", "ratelimit_gw", *args, *storage],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=ROOT,
-            env={"PATH": "/usr/bin:/bin"},
-        )
-
-    created = cli("accounts", "create", "acme")
+def test_the_cli_refuses_an_expiry_out_of_range(redis_url: str) -> None:
+    storage = ["--storage", redis_url, "--json"]
+    created = cli("accounts", "create", "acme", *storage)
     assert created.returncode == 0, created.stderr
-    done = cli("keys", "create", "acme", "--expires-at", "100000000000000000000")
+    done = cli("keys", "create", "acme", "--expires-at", "100000000000000000000", *storage)
     assert (done.returncode, done.stdout, done.stderr) == (
         1,
         "",
         "error: '100000000000000000000' is out of range (1970 to the end of 9999)\n",
     )
-    assert json.loads(cli("keys", "list", "acme").stdout) == []
+    assert json.loads(cli("keys", "list", "acme", *storage).stdout) == []

@@ -44,6 +44,8 @@ from .conftest import (
 )
 from .redis_process import free_port, start_redis
 
+pytestmark = pytest.mark.ops  # runs promtool and a real Prometheus against gateway processes
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 PROMPT = "Count the tokens of this prompt, please."
@@ -55,12 +57,6 @@ PRICES = {name: (parse_usd(inp), parse_usd(out)) for name, _proto, inp, out in M
 TARGET_LABELS = {"instance", "job"}
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ from ratelimit_gw.storage import Storage, open_storage
 from .conftest import UPSTREAM_KEY, Gateway, Upstream, start_gateway
 from .redis_process import RedisProcess, free_port
 
+pytestmark = pytest.mark.slow  # runs gateway subprocesses and signals them
+
 PROMPT = "Tell me about the gateway, please"  # 33 chars -> 9 input tokens at the mock
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": PROMPT}]}
 CHAT_STREAM = {**CHAT, "stream": True}

@@ -82,12 +82,6 @@ async def gw(upstream: Upstream, storage: Any) -> AsyncIterator[Gateway]:
         yield gateway
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 @asynccontextmanager
 async def sdk(gw: Gateway, key: str, name: str = "model") -> AsyncIterator[openai.AsyncOpenAI]:
     async with (

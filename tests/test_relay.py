@@ -21,7 +21,6 @@ from urllib.parse import parse_qs
 import aiohttp
 import pytest
 from aiohttp import web
-from multidict import CIMultiDictProxy
 
 from ratelimit_gw.accounts import LedgerEntry
 from ratelimit_gw.limiter import Limiter
@@ -30,6 +29,7 @@ from ratelimit_gw.protocols import estimate_input_tokens
 from ratelimit_gw.testing import mock_wire
 
 from .conftest import MODELS, UPSTREAM_KEY, Gateway, Upstream, gateway_config, start_gateway
+from .http_helpers import auth, call
 
 PROMPT = "Hello there, gateway!"  # 21 chars -> 6 input tokens at the mock, in every protocol
 PROMPT_TOKENS = 6
@@ -91,47 +91,11 @@ STREAM_ROUTES = ["chat-stream", "responses-stream", "messages-stream", "stream-s
 PLAIN_BY_PROTOCOL = {"openai": "chat", "anthropic": "messages", "gemini": "generate"}
 
 
-def auth(protocol: str, key: str) -> dict[str, str]:
-    if protocol == "anthropic":
-        return {"x-api-key": key, "anthropic-version": "2023-06-01"}
-    if protocol == "gemini":
-        return {"x-goog-api-key": key}
-    return {"Authorization": f"Bearer {key}"}
-
-
 def cost_nano(model: str, input_tokens: int, output_tokens: int) -> int:
     """The charge at the configured price, rounded up to a whole nano-USD."""
     inp, out = PRICES[model]
     exact = (input_tokens * inp + output_tokens * out) * NANO_PER_USD / 1_000_000
     return math.ceil(exact)
-
-
-class Reply:
-    def __init__(self, status: int, headers: CIMultiDictProxy[str], body: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-async def send(
-    client: aiohttp.ClientSession,
-    gw: Gateway,
-    path: str,
-    body: bytes,
-    headers: dict[str, str],
-) -> Reply:
-    all_headers = {"Content-Type": "application/json", **headers}
-    async with client.post(gw.url + path, data=body, headers=all_headers) as resp:
-        return Reply(resp.status, resp.headers, await resp.read())
 
 
 def sse_data(body: bytes) -> list[bytes]:
@@ -257,11 +221,11 @@ ODD_BODIES = {
 
 @pytest.mark.parametrize("case", ODD_BODIES)
 async def test_body_bytes_reach_the_upstream_unchanged(
-    gateway: Gateway, client: aiohttp.ClientSession, case: str
+    gateway: Gateway, http: aiohttp.ClientSession, case: str
 ) -> None:
     path, protocol, body = ODD_BODIES[case]
     key = await gateway.new_key()
-    reply = await send(client, gateway, path, body, auth(protocol, key))
+    reply = await call(http, gateway, path, body, auth(protocol, key))
     assert reply.status == 200, reply.body
     received = gateway.upstream.state.requests[-1]
     assert received.body == body
@@ -281,7 +245,7 @@ async def test_body_bytes_reach_the_upstream_unchanged(
 )
 async def test_chat_stream_without_include_usage_asks_upstream_and_hides_the_usage_chunk(
     gateway: Gateway,
-    client: aiohttp.ClientSession,
+    http: aiohttp.ClientSession,
     stream_options: dict[str, Any] | None,
     upstream_options: dict[str, Any],
 ) -> None:
@@ -289,8 +253,8 @@ async def test_chat_stream_without_include_usage_asks_upstream_and_hides_the_usa
     if stream_options is not None:
         body["stream_options"] = stream_options
     key = await gateway.new_key(balance_usd="1.00")
-    reply = await send(
-        client, gateway, "/v1/chat/completions", json.dumps(body).encode(), auth("openai", key)
+    reply = await call(
+        http, gateway, "/v1/chat/completions", json.dumps(body).encode(), auth("openai", key)
     )
     assert reply.status == 200, reply.body
 
@@ -314,11 +278,11 @@ async def test_chat_stream_without_include_usage_asks_upstream_and_hides_the_usa
 
 
 async def test_chat_stream_with_include_usage_delivers_the_usage_chunk(
-    gateway: Gateway, client: aiohttp.ClientSession
+    gateway: Gateway, http: aiohttp.ClientSession
 ) -> None:
     route = ROUTES["chat-stream"]
     key = await gateway.new_key()
-    reply = await send(client, gateway, route.path, route.raw, auth("openai", key))
+    reply = await call(http, gateway, route.path, route.raw, auth("openai", key))
     assert reply.status == 200
     assert gateway.upstream.state.requests[-1].body == route.raw
     events = sse_data(reply.body)
@@ -334,7 +298,7 @@ async def test_chat_stream_with_include_usage_delivers_the_usage_chunk(
 
 @pytest.mark.parametrize("protocol", ["openai", "anthropic", "anthropic-bearer", "gemini"])
 async def test_client_credentials_are_replaced_by_the_upstream_credential(
-    gateway: Gateway, client: aiohttp.ClientSession, protocol: str
+    gateway: Gateway, http: aiohttp.ClientSession, protocol: str
 ) -> None:
     key = await gateway.new_key()
     route = ROUTES[PLAIN_BY_PROTOCOL[protocol.partition("-")[0]]]
@@ -360,7 +324,7 @@ async def test_client_credentials_are_replaced_by_the_upstream_credential(
         headers["Authorization"] = f"Bearer {key}"
     else:
         path = f"/v1beta/models/{GEMINI}:streamGenerateContent?alt=sse&key={key}&trace=a%2Fb%26c"
-    reply = await send(client, gateway, path, route.raw, headers)
+    reply = await call(http, gateway, path, route.raw, headers)
     assert reply.status == 200, reply.body
 
     received = gateway.upstream.state.requests[-1]
@@ -391,14 +355,14 @@ async def test_client_credentials_are_replaced_by_the_upstream_credential(
 
 
 async def test_provider_extra_headers_are_added(
-    gateway: Gateway, client: aiohttp.ClientSession, other_gateway: Any
+    gateway: Gateway, http: aiohttp.ClientSession, other_gateway: Any
 ) -> None:
     gw = await other_gateway(
         providers=providers(gateway.upstream.url, headers={"OpenAI-Organization": "org-42"})
     )
     key = await gateway.new_key()
     route = ROUTES["chat"]
-    reply = await send(client, gw, route.path, route.raw, auth("openai", key))
+    reply = await call(http, gw, route.path, route.raw, auth("openai", key))
     assert reply.status == 200
     seen = gateway.upstream.state.requests[-1].headers
     assert seen["openai-organization"] == "org-42"
@@ -409,7 +373,7 @@ async def test_provider_extra_headers_are_added(
 
 
 async def _timed_stream(
-    client: aiohttp.ClientSession, gw: Gateway, route: Route, key: str, delay_ms: int
+    http: aiohttp.ClientSession, gw: Gateway, route: Route, key: str, delay_ms: int
 ) -> tuple[float, float, bytes]:
     """Seconds from the request to the first text piece and to the end, and the body."""
     headers = {
@@ -420,7 +384,7 @@ async def _timed_stream(
     started = time.monotonic()
     first_piece_at = None
     body = b""
-    async with client.post(gw.url + route.path, data=route.raw, headers=headers) as resp:
+    async with http.post(gw.url + route.path, data=route.raw, headers=headers) as resp:
         assert resp.status == 200
         async for data in resp.content.iter_any():
             body += data
@@ -431,13 +395,13 @@ async def _timed_stream(
 
 
 async def test_streams_are_relayed_event_by_event_as_they_arrive(
-    gateway: Gateway, client: aiohttp.ClientSession
+    gateway: Gateway, http: aiohttp.ClientSession
 ) -> None:
     key = await gateway.new_key()
     routes = [ROUTES[name] for name in (*STREAM_ROUTES, "stream-array")]
     # The mock waits 300 ms between its four pieces: 900 ms from the first to the last.
     results = await asyncio.gather(
-        *(_timed_stream(client, gateway, route, key, 300) for route in routes)
+        *(_timed_stream(http, gateway, route, key, 300) for route in routes)
     )
     for route, (first_piece_at, ended_at, body) in zip(routes, results, strict=True):
         assert b"tok19" in body, route.path
@@ -458,13 +422,13 @@ SETTLE_CASES = {
 
 @pytest.mark.parametrize("case", SETTLE_CASES)
 async def test_settlement_charges_exactly_the_reported_usage(
-    gateway: Gateway, client: aiohttp.ClientSession, case: str
+    gateway: Gateway, http: aiohttp.ClientSession, case: str
 ) -> None:
     name, extra, output_tokens = SETTLE_CASES[case]
     route = ROUTES[name]
     key = await gateway.new_key(balance_usd="1.00", concurrency=2)
-    reply = await send(
-        client,
+    reply = await call(
+        http,
         gateway,
         route.path,
         json.dumps({**route.body, **extra}).encode(),
@@ -490,7 +454,7 @@ async def test_settlement_charges_exactly_the_reported_usage(
 
 @pytest.mark.parametrize("name", STREAM_ROUTES)
 async def test_client_disconnect_cancels_the_upstream_call_and_charges_what_was_relayed(
-    gateway: Gateway, client: aiohttp.ClientSession, name: str
+    gateway: Gateway, http: aiohttp.ClientSession, name: str
 ) -> None:
     route = ROUTES[name]
     key = await gateway.new_key(balance_usd="1.00", concurrency=1)
@@ -499,7 +463,7 @@ async def test_client_disconnect_cancels_the_upstream_call_and_charges_what_was_
         "x-mock-chunk-delay-ms": "600",
         **auth(route.protocol, key),
     }
-    resp = await client.post(gateway.url + route.path, data=route.raw, headers=headers)
+    resp = await http.post(gateway.url + route.path, data=route.raw, headers=headers)
     request_id = resp.headers["x-request-id"]
     received = b""
     while b"tok0" not in received:
@@ -524,7 +488,7 @@ async def test_client_disconnect_cancels_the_upstream_call_and_charges_what_was_
     )
     await assert_nothing_held(gateway, key)
     # The lease is really gone: the key's single slot admits the next request.
-    again = await send(client, gateway, ROUTES[name].path, route.raw, auth(route.protocol, key))
+    again = await call(http, gateway, ROUTES[name].path, route.raw, auth(route.protocol, key))
     assert again.status == 200
 
 
@@ -534,14 +498,14 @@ async def test_client_disconnect_cancels_the_upstream_call_and_charges_what_was_
 @pytest.mark.parametrize("status", [500, 429, 400])
 @pytest.mark.parametrize("name", ["chat", "responses-stream", "messages-stream", "generate"])
 async def test_upstream_error_is_relayed_as_sent_and_charges_nothing(
-    gateway: Gateway, client: aiohttp.ClientSession, name: str, status: int
+    gateway: Gateway, http: aiohttp.ClientSession, name: str, status: int
 ) -> None:
     route = ROUTES[name]
     key = await gateway.new_key(balance_usd="1.00", rpm=10, concurrency=1)
     headers = {"x-mock-error": str(status), **auth(route.protocol, key)}
     if status == 429:
         headers["x-mock-retry-after"] = "7"
-    reply = await send(client, gateway, route.path, route.raw, headers)
+    reply = await call(http, gateway, route.path, route.raw, headers)
 
     assert reply.status == status
     protocol: mock_wire.Protocol = route.protocol  # type: ignore[assignment]
@@ -573,7 +537,7 @@ async def test_upstream_error_is_relayed_as_sent_and_charges_nothing(
 )
 async def test_unreachable_upstream_is_502_and_releases_everything(
     gateway: Gateway,
-    client: aiohttp.ClientSession,
+    http: aiohttp.ClientSession,
     other_gateway: Any,
     protocol: str,
     status_name: str | None,
@@ -581,7 +545,7 @@ async def test_unreachable_upstream_is_502_and_releases_everything(
     gw = await other_gateway(providers=providers(f"http://127.0.0.1:{free_port()}"))
     key = await gateway.new_key(balance_usd="1.00", rpm=10, concurrency=1)
     route = ROUTES[PLAIN_BY_PROTOCOL[protocol]]
-    reply = await send(client, gw, route.path, route.raw, auth(protocol, key))
+    reply = await call(http, gw, route.path, route.raw, auth(protocol, key))
 
     assert reply.status == 502, reply.body
     error = reply.json()["error"]
@@ -601,7 +565,7 @@ async def test_unreachable_upstream_is_502_and_releases_everything(
 )
 async def test_upstream_timeout_is_504_and_releases_everything(
     gateway: Gateway,
-    client: aiohttp.ClientSession,
+    http: aiohttp.ClientSession,
     other_gateway: Any,
     name: str,
     status_name: str | None,
@@ -611,7 +575,7 @@ async def test_upstream_timeout_is_504_and_releases_everything(
     route = ROUTES[name]
     headers = {"x-mock-latency-ms": "1000", **auth(route.protocol, key)}
     started = time.monotonic()
-    reply = await send(client, gw, route.path, route.raw, headers)
+    reply = await call(http, gw, route.path, route.raw, headers)
 
     assert time.monotonic() - started < 1.0  # answered by the gateway, not the late upstream
     assert reply.status == 504, reply.body
@@ -627,12 +591,12 @@ async def test_upstream_timeout_is_504_and_releases_everything(
 
 @pytest.mark.parametrize("name", STREAM_ROUTES)
 async def test_upstream_reset_mid_stream_ends_the_stream_and_charges_what_was_relayed(
-    gateway: Gateway, client: aiohttp.ClientSession, name: str
+    gateway: Gateway, http: aiohttp.ClientSession, name: str
 ) -> None:
     route = ROUTES[name]
     key = await gateway.new_key(balance_usd="1.00", concurrency=1)
     headers = {"x-mock-error-after-chunks": "2", **auth(route.protocol, key)}
-    reply = await send(client, gateway, route.path, route.raw, headers)
+    reply = await call(http, gateway, route.path, route.raw, headers)
 
     assert reply.status == 200
     text = reply.body.decode()
@@ -656,7 +620,7 @@ async def test_upstream_reset_mid_stream_ends_the_stream_and_charges_what_was_re
 
 
 async def test_renamed_model_reaches_the_upstream_under_its_upstream_id(
-    gateway: Gateway, client: aiohttp.ClientSession, other_gateway: Any
+    gateway: Gateway, http: aiohttp.ClientSession, other_gateway: Any
 ) -> None:
     models = gateway_config(gateway.upstream.url, gateway.storage.url)["models"]
     renamed = [
@@ -680,22 +644,22 @@ async def test_renamed_model_reaches_the_upstream_under_its_upstream_id(
     log = gateway.upstream.state
 
     chat = {**CHAT, "model": "house-mini", "temperature": 0.3}
-    reply = await send(
-        client, gw, "/v1/chat/completions", json.dumps(chat).encode(), auth("openai", key)
+    reply = await call(
+        http, gw, "/v1/chat/completions", json.dumps(chat).encode(), auth("openai", key)
     )
     assert reply.status == 200, reply.body
     assert log.requests[-1].json() == {**chat, "model": "gpt-4o-mini"}
 
     stream = {**MESSAGES, "model": "house-claude", "stream": True}
-    reply = await send(
-        client, gw, "/v1/messages", json.dumps(stream).encode(), auth("anthropic", key)
+    reply = await call(
+        http, gw, "/v1/messages", json.dumps(stream).encode(), auth("anthropic", key)
     )
     assert reply.status == 200, reply.body
     assert log.requests[-1].json() == {**stream, "model": "claude-sonnet-4-6"}
 
     path = "/v1beta/models/house-flash:streamGenerateContent?alt=sse"
     raw = json.dumps(CONTENTS).encode()
-    reply = await send(client, gw, path, raw, auth("gemini", key))
+    reply = await call(http, gw, path, raw, auth("gemini", key))
     assert reply.status == 200, reply.body
     assert log.requests[-1].path == f"/v1beta/models/{GEMINI}:streamGenerateContent"
     assert log.requests[-1].body == raw  # the model is in the path: the body is untouched

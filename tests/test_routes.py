@@ -12,17 +12,16 @@ import json
 import math
 import re
 import time
-from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
 import aiohttp
 import pytest
-from multidict import CIMultiDictProxy
 
 from ratelimit_gw.limiter import Limiter
 
 from .conftest import Gateway
+from .http_helpers import Reply, auth, call
 
 PROMPT = "Hello there, gateway!"
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": PROMPT}]}
@@ -75,53 +74,6 @@ ERROR_TYPE = {
     405: "invalid_request_error",
     429: "rate_limit_error",
 }
-
-
-def auth(protocol: str, key: str) -> dict[str, str]:
-    """The credential header each protocol's SDK sends."""
-    if protocol == "anthropic":
-        return {"x-api-key": key, "anthropic-version": "2023-06-01"}
-    if protocol == "gemini":
-        return {"x-goog-api-key": key}
-    return {"Authorization": f"Bearer {key}"}
-
-
-class Reply:
-    def __init__(self, status: int, headers: CIMultiDictProxy[str], body: bytes) -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    def error(self) -> dict[str, Any]:
-        """The inner error object of any protocol's envelope."""
-        document = self.json()
-        assert isinstance(document["error"], dict)
-        return document["error"]
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-async def call(
-    client: aiohttp.ClientSession,
-    gw: Gateway,
-    path: str,
-    body: bytes | dict[str, Any] | list[Any] | None = None,
-    headers: dict[str, str] | None = None,
-    method: str = "POST",
-) -> Reply:
-    data = json.dumps(body).encode() if isinstance(body, dict | list) else body
-    send = dict(headers or {})
-    if data is not None:
-        send.setdefault("Content-Type", "application/json")
-    async with client.request(method, gw.url + path, data=data, headers=send) as resp:
-        return Reply(resp.status, resp.headers, await resp.read())
 
 
 async def key_id(gw: Gateway, secret: str) -> str:
@@ -179,11 +131,11 @@ def assert_request_headers(reply: Reply, limit: int, remaining: int) -> None:
 
 @pytest.mark.parametrize("route", NATIVE_ROUTES)
 async def test_native_route_serves_its_own_protocol(
-    gateway: Gateway, client: aiohttp.ClientSession, route: str
+    gateway: Gateway, http: aiohttp.ClientSession, route: str
 ) -> None:
     protocol, path, body = NATIVE_ROUTES[route]
     key = await gateway.new_key()
-    reply = await call(client, gateway, path, body, auth(protocol, key))
+    reply = await call(http, gateway, path, body, auth(protocol, key))
     assert reply.status == 200, reply.body
     text = reply.body.decode()
     assert "tok0" in text and "tok19" in text  # the mock's whole answer came through
@@ -198,11 +150,11 @@ async def test_native_route_serves_its_own_protocol(
 
 
 async def test_gemini_stream_without_alt_sse_is_a_json_array(
-    gateway: Gateway, client: aiohttp.ClientSession
+    gateway: Gateway, http: aiohttp.ClientSession
 ) -> None:
     key = await gateway.new_key()
     path = f"/v1beta/models/{GEMINI}:streamGenerateContent"
-    reply = await call(client, gateway, path, CONTENTS, auth("gemini", key))
+    reply = await call(http, gateway, path, CONTENTS, auth("gemini", key))
     assert reply.status == 200, reply.body
     chunks = reply.json()
     assert isinstance(chunks, list) and len(chunks) == 4
@@ -210,10 +162,10 @@ async def test_gemini_stream_without_alt_sse_is_a_json_array(
 
 
 async def test_model_list_has_the_documented_shape_sorted_and_filtered_by_key(
-    gateway: Gateway, client: aiohttp.ClientSession
+    gateway: Gateway, http: aiohttp.ClientSession
 ) -> None:
     key = await gateway.new_key(models=["gpt-*"])
-    reply = await call(client, gateway, "/v1/models", None, auth("openai", key), method="GET")
+    reply = await call(http, gateway, "/v1/models", None, auth("openai", key), method="GET")
     assert reply.status == 200, reply.body
     document = reply.json()
     assert set(document) == {"object", "data", "total", "has_more", "first_id", "last_id"}
@@ -247,11 +199,11 @@ async def test_model_list_has_the_documented_shape_sorted_and_filtered_by_key(
 
 
 async def test_model_list_answers_the_anthropic_sdk(
-    gateway: Gateway, client: aiohttp.ClientSession
+    gateway: Gateway, http: aiohttp.ClientSession
 ) -> None:
     # The Anthropic SDK lists models at GET /v1/models with x-api-key (§1.1, §2).
     key = await gateway.new_key(models=["claude-*"])
-    reply = await call(client, gateway, "/v1/models", None, auth("anthropic", key), method="GET")
+    reply = await call(http, gateway, "/v1/models", None, auth("anthropic", key), method="GET")
     assert reply.status == 200, reply.body
     document = reply.json()
     assert [m["id"] for m in document["data"]] == ["claude-sonnet-4-6"]
@@ -260,13 +212,13 @@ async def test_model_list_answers_the_anthropic_sdk(
 
 @pytest.mark.parametrize("how", ["header", "query"])
 async def test_model_list_with_a_gemini_key_has_the_gemini_shape(
-    gateway: Gateway, client: aiohttp.ClientSession, how: str
+    gateway: Gateway, http: aiohttp.ClientSession, how: str
 ) -> None:
     key = await gateway.new_key()
     if how == "header":
-        reply = await call(client, gateway, "/v1/models", None, auth("gemini", key), method="GET")
+        reply = await call(http, gateway, "/v1/models", None, auth("gemini", key), method="GET")
     else:
-        reply = await call(client, gateway, f"/v1/models?key={key}", None, method="GET")
+        reply = await call(http, gateway, f"/v1/models?key={key}", None, method="GET")
     assert reply.status == 200, reply.body
     document = reply.json()
     assert set(document) == {"models"}
@@ -280,10 +232,10 @@ async def test_model_list_with_a_gemini_key_has_the_gemini_shape(
 
 
 async def test_v1beta_model_list_names_models_with_their_prefix(
-    gateway: Gateway, client: aiohttp.ClientSession
+    gateway: Gateway, http: aiohttp.ClientSession
 ) -> None:
     key = await gateway.new_key(models=["gemini-*", "gpt-4o"])
-    reply = await call(client, gateway, "/v1beta/models", None, auth("gemini", key), method="GET")
+    reply = await call(http, gateway, "/v1beta/models", None, auth("gemini", key), method="GET")
     assert reply.status == 200, reply.body
     assert [m["name"] for m in reply.json()["models"]] == [
         "models/gemini-2.5-flash",
@@ -305,7 +257,7 @@ async def test_v1beta_model_list_names_models_with_their_prefix(
     ],
 )
 async def test_each_protocol_accepts_its_credential_forms(
-    gateway: Gateway, client: aiohttp.ClientSession, protocol: str, how: str
+    gateway: Gateway, http: aiohttp.ClientSession, protocol: str, how: str
 ) -> None:
     _, path, body = BY_PROTOCOL[protocol]
     key = await gateway.new_key()
@@ -317,28 +269,28 @@ async def test_each_protocol_accepts_its_credential_forms(
     }[how]
     if how == "query":
         path += f"?key={key}"
-    reply = await call(client, gateway, path, body, headers)
+    reply = await call(http, gateway, path, body, headers)
     assert reply.status == 200, reply.body
 
 
 @pytest.mark.parametrize("version", ["2023-06-01", "2099-12-31", "whatever", None])
 async def test_any_anthropic_version_is_accepted(
-    gateway: Gateway, client: aiohttp.ClientSession, version: str | None
+    gateway: Gateway, http: aiohttp.ClientSession, version: str | None
 ) -> None:
     key = await gateway.new_key()
     headers = {"x-api-key": key}
     if version is not None:
         headers["anthropic-version"] = version
-    reply = await call(client, gateway, "/v1/messages", MESSAGES, headers)
+    reply = await call(http, gateway, "/v1/messages", MESSAGES, headers)
     assert reply.status == 200, reply.body
 
 
 @pytest.mark.parametrize("protocol", BY_PROTOCOL)
 async def test_missing_key_is_401_in_the_routes_envelope(
-    gateway: Gateway, client: aiohttp.ClientSession, protocol: str
+    gateway: Gateway, http: aiohttp.ClientSession, protocol: str
 ) -> None:
     _, path, body = BY_PROTOCOL[protocol]
-    reply = await call(client, gateway, path, body, {"anthropic-version": "2023-06-01"})
+    reply = await call(http, gateway, path, body, {"anthropic-version": "2023-06-01"})
     message = assert_error_envelope(reply, protocol, 401, "missing_key")
     assert "API key" in message
     assert GENERATED_REQUEST_ID.match(reply.headers["x-request-id"])
@@ -347,25 +299,25 @@ async def test_missing_key_is_401_in_the_routes_envelope(
 
 @pytest.mark.parametrize("protocol", BY_PROTOCOL)
 async def test_unknown_key_is_401_invalid_key(
-    gateway: Gateway, client: aiohttp.ClientSession, protocol: str
+    gateway: Gateway, http: aiohttp.ClientSession, protocol: str
 ) -> None:
     _, path, body = BY_PROTOCOL[protocol]
     await gateway.new_key()
     for secret in ("rlgw-not-a-real-key-at-all-000000000000000", "sk-some-openai-key"):
-        reply = await call(client, gateway, path, body, auth(protocol, secret))
+        reply = await call(http, gateway, path, body, auth(protocol, secret))
         assert_error_envelope(reply, protocol, 401, "invalid_key")
         assert "x-ratelimit-limit-requests" not in reply.headers
     assert gateway.upstream.state.requests == []
 
 
 async def test_revoked_key_is_401_key_revoked(
-    gateway: Gateway, client: aiohttp.ClientSession
+    gateway: Gateway, http: aiohttp.ClientSession
 ) -> None:
     key = await gateway.new_key()
-    first = await call(client, gateway, "/v1/chat/completions", CHAT, auth("openai", key))
+    first = await call(http, gateway, "/v1/chat/completions", CHAT, auth("openai", key))
     assert first.status == 200
     await gateway.accounts.revoke_key(await key_id(gateway, key))
-    reply = await call(client, gateway, "/v1/chat/completions", CHAT, auth("openai", key))
+    reply = await call(http, gateway, "/v1/chat/completions", CHAT, auth("openai", key))
     assert_error_envelope(reply, "openai", 401, "key_revoked")
     assert len(gateway.upstream.state.requests) == 1
 
@@ -408,7 +360,7 @@ async def test_revoked_key_is_401_key_revoked(
 )
 async def test_model_of_another_protocol_is_400_naming_the_converter_route(
     gateway: Gateway,
-    client: aiohttp.ClientSession,
+    http: aiohttp.ClientSession,
     protocol: str,
     path: str,
     body: dict[str, Any],
@@ -416,7 +368,7 @@ async def test_model_of_another_protocol_is_400_naming_the_converter_route(
     converter: str,
 ) -> None:
     key = await gateway.new_key(rpm=10)
-    reply = await call(client, gateway, path, body, auth(protocol, key))
+    reply = await call(http, gateway, path, body, auth(protocol, key))
     param = "model" if protocol == "openai" else None
     message = assert_error_envelope(reply, protocol, 400, "protocol_mismatch", param=param)
     assert f"`{model}`" in message
@@ -427,7 +379,7 @@ async def test_model_of_another_protocol_is_400_naming_the_converter_route(
 
 @pytest.mark.parametrize("protocol", BY_PROTOCOL)
 async def test_unknown_model_is_404_with_suggestions(
-    gateway: Gateway, client: aiohttp.ClientSession, protocol: str
+    gateway: Gateway, http: aiohttp.ClientSession, protocol: str
 ) -> None:
     _, path, body = BY_PROTOCOL[protocol]
     if protocol == "gemini":
@@ -435,7 +387,7 @@ async def test_unknown_model_is_404_with_suggestions(
     else:
         body = {**body, "model": "gpt-4o-mni"}
     key = await gateway.new_key()
-    reply = await call(client, gateway, path, body, auth(protocol, key))
+    reply = await call(http, gateway, path, body, auth(protocol, key))
     message = assert_error_envelope(
         reply, protocol, 404, "model_not_found", param="model" if protocol == "openai" else None
     )
@@ -449,23 +401,23 @@ async def test_unknown_model_is_404_with_suggestions(
 
 
 async def test_unknown_model_without_close_match_has_no_suggestion(
-    gateway: Gateway, client: aiohttp.ClientSession
+    gateway: Gateway, http: aiohttp.ClientSession
 ) -> None:
     key = await gateway.new_key()
     body = {**CHAT, "model": "zzzzzzzz"}
-    reply = await call(client, gateway, "/v1/chat/completions", body, auth("openai", key))
+    reply = await call(http, gateway, "/v1/chat/completions", body, auth("openai", key))
     message = assert_error_envelope(reply, "openai", 404, "model_not_found", param="model")
     assert "Did you mean" not in message
 
 
 @pytest.mark.parametrize("protocol", ["openai", "anthropic"])
 async def test_missing_model_is_400(
-    gateway: Gateway, client: aiohttp.ClientSession, protocol: str
+    gateway: Gateway, http: aiohttp.ClientSession, protocol: str
 ) -> None:
     _, path, body = BY_PROTOCOL[protocol]
     body = {k: v for k, v in body.items() if k != "model"}
     key = await gateway.new_key()
-    reply = await call(client, gateway, path, body, auth(protocol, key))
+    reply = await call(http, gateway, path, body, auth(protocol, key))
     param = "model" if protocol == "openai" else None
     message = assert_error_envelope(reply, protocol, 400, "missing_model", param=param)
     assert "model" in message
@@ -474,11 +426,11 @@ async def test_missing_model_is_400(
 @pytest.mark.parametrize("protocol", BY_PROTOCOL)
 @pytest.mark.parametrize("body", [b'{"model": "gpt-4o-mini",', b"not json", b""])
 async def test_invalid_json_is_400_invalid_json(
-    gateway: Gateway, client: aiohttp.ClientSession, protocol: str, body: bytes
+    gateway: Gateway, http: aiohttp.ClientSession, protocol: str, body: bytes
 ) -> None:
     _, path, _ = BY_PROTOCOL[protocol]
     key = await gateway.new_key()
-    reply = await call(client, gateway, path, body, auth(protocol, key))
+    reply = await call(http, gateway, path, body, auth(protocol, key))
     assert_error_envelope(reply, protocol, 400, "invalid_json")
     assert gateway.upstream.state.requests == []
 
@@ -486,11 +438,11 @@ async def test_invalid_json_is_400_invalid_json(
 @pytest.mark.parametrize("protocol", BY_PROTOCOL)
 @pytest.mark.parametrize("body", [b"[]", b'"text"', b"42", b"null"])
 async def test_body_that_is_not_an_object_is_400(
-    gateway: Gateway, client: aiohttp.ClientSession, protocol: str, body: bytes
+    gateway: Gateway, http: aiohttp.ClientSession, protocol: str, body: bytes
 ) -> None:
     _, path, _ = BY_PROTOCOL[protocol]
     key = await gateway.new_key()
-    reply = await call(client, gateway, path, body, auth(protocol, key))
+    reply = await call(http, gateway, path, body, auth(protocol, key))
     message = assert_error_envelope(reply, protocol, 400, "invalid_json")
     assert "object" in message
     assert gateway.upstream.state.requests == []
@@ -506,10 +458,10 @@ async def test_body_that_is_not_an_object_is_400(
     ],
 )
 async def test_wrong_method_is_405_invalid_request_error(
-    gateway: Gateway, client: aiohttp.ClientSession, method: str, path: str, protocol: str
+    gateway: Gateway, http: aiohttp.ClientSession, method: str, path: str, protocol: str
 ) -> None:
     key = await gateway.new_key()
-    reply = await call(client, gateway, path, None, auth(protocol, key), method=method)
+    reply = await call(http, gateway, path, None, auth(protocol, key), method=method)
     assert_error_envelope(reply, protocol, 405, "method_not_allowed")
     allowed = {m.strip() for m in reply.headers["Allow"].split(",")}
     assert allowed == ({"GET", "HEAD"} if path == "/v1/models" else {"POST"})
@@ -517,11 +469,11 @@ async def test_wrong_method_is_405_invalid_request_error(
 
 @pytest.mark.parametrize("protocol", BY_PROTOCOL)
 async def test_model_the_key_may_not_use_is_403(
-    gateway: Gateway, client: aiohttp.ClientSession, protocol: str
+    gateway: Gateway, http: aiohttp.ClientSession, protocol: str
 ) -> None:
     _, path, body = BY_PROTOCOL[protocol]
     key = await gateway.new_key(models=["gpt-4o"], rpm=10)  # not gpt-4o-mini, nor the others
-    reply = await call(client, gateway, path, body, auth(protocol, key))
+    reply = await call(http, gateway, path, body, auth(protocol, key))
     param = "model" if protocol == "openai" else None
     message = assert_error_envelope(reply, protocol, 403, "model_not_allowed", param=param)
     assert "may not use" in message
@@ -534,18 +486,18 @@ async def test_model_the_key_may_not_use_is_403(
 
 @pytest.mark.parametrize("protocol", BY_PROTOCOL)
 async def test_rpm_429_states_the_limit_and_the_real_wait(
-    gateway: Gateway, client: aiohttp.ClientSession, protocol: str
+    gateway: Gateway, http: aiohttp.ClientSession, protocol: str
 ) -> None:
     _, path, body = BY_PROTOCOL[protocol]
     key = await gateway.new_key(rpm=2)
     headers = auth(protocol, key)
     first_sent = time.monotonic()
-    first = await call(client, gateway, path, body, headers)
+    first = await call(http, gateway, path, body, headers)
     first_done = time.monotonic()
     assert first.status == 200
-    assert (await call(client, gateway, path, body, headers)).status == 200
+    assert (await call(http, gateway, path, body, headers)).status == 200
     third_sent = time.monotonic()
-    reply = await call(client, gateway, path, body, headers)
+    reply = await call(http, gateway, path, body, headers)
     third_done = time.monotonic()
 
     message = assert_error_envelope(reply, protocol, 429, "rpm_exceeded")
@@ -574,7 +526,7 @@ async def test_rpm_429_states_the_limit_and_the_real_wait(
 
 @pytest.mark.parametrize("protocol", BY_PROTOCOL)
 async def test_tpm_429_states_the_token_limit(
-    gateway: Gateway, client: aiohttp.ClientSession, protocol: str
+    gateway: Gateway, http: aiohttp.ClientSession, protocol: str
 ) -> None:
     _, path, body = BY_PROTOCOL[protocol]
     raw = json.dumps(_with_output_cap(protocol, body, 20)).encode()
@@ -584,10 +536,10 @@ async def test_tpm_429_states_the_token_limit(
     tpm = estimate + 10
     key = await gateway.new_key(tpm=tpm)
     headers = auth(protocol, key)
-    first = await call(client, gateway, path, raw, headers)
+    first = await call(http, gateway, path, raw, headers)
     assert first.status == 200
     assert first.headers["x-ratelimit-remaining-tokens"] == "10"
-    reply = await call(client, gateway, path, raw, headers)
+    reply = await call(http, gateway, path, raw, headers)
     message = assert_error_envelope(reply, protocol, 429, "tpm_exceeded")
     assert f"Your current limit is {tpm} tokens per minute" in message
     assert f"needs an estimated {estimate} tokens" in message
@@ -601,12 +553,12 @@ async def test_tpm_429_states_the_token_limit(
 
 @pytest.mark.parametrize("protocol", BY_PROTOCOL)
 async def test_request_larger_than_the_token_limit_is_429_should_not_retry(
-    gateway: Gateway, client: aiohttp.ClientSession, protocol: str
+    gateway: Gateway, http: aiohttp.ClientSession, protocol: str
 ) -> None:
     _, path, body = BY_PROTOCOL[protocol]
     key = await gateway.new_key(tpm=100, rpm=10)
     reply = await call(
-        client, gateway, path, _with_output_cap(protocol, body, 500), auth(protocol, key)
+        http, gateway, path, _with_output_cap(protocol, body, 500), auth(protocol, key)
     )
     message = assert_error_envelope(reply, protocol, 429, "request_exceeds_limit")
     assert "limit of 100 tokens per minute" in message
@@ -620,11 +572,11 @@ async def test_request_larger_than_the_token_limit_is_429_should_not_retry(
 
 @pytest.mark.parametrize("protocol", BY_PROTOCOL)
 async def test_insufficient_balance_is_402_should_not_retry(
-    gateway: Gateway, client: aiohttp.ClientSession, protocol: str
+    gateway: Gateway, http: aiohttp.ClientSession, protocol: str
 ) -> None:
     _, path, body = BY_PROTOCOL[protocol]
     key = await gateway.new_key(balance_usd="0.000010", rpm=10)
-    reply = await call(client, gateway, path, body, auth(protocol, key))
+    reply = await call(http, gateway, path, body, auth(protocol, key))
     message = assert_error_envelope(reply, protocol, 402, "balance_exceeded", param=None)
     assert "$0.00001 available" in message
     assert "output tokens" in message
@@ -645,12 +597,12 @@ def _with_output_cap(protocol: str, body: dict[str, Any], cap: int) -> dict[str,
 
 @pytest.mark.parametrize("route", ["chat", "responses-stream", "messages", "v1beta-stream"])
 async def test_success_carries_rate_limit_headers_in_every_form(
-    gateway: Gateway, client: aiohttp.ClientSession, route: str
+    gateway: Gateway, http: aiohttp.ClientSession, route: str
 ) -> None:
     protocol, path, body = NATIVE_ROUTES[route]
     key = await gateway.new_key(rpm=10, tpm=100_000)
     raw = json.dumps(body).encode()
-    reply = await call(client, gateway, path, raw, auth(protocol, key))
+    reply = await call(http, gateway, path, raw, auth(protocol, key))
     assert reply.status == 200, reply.body
     h = reply.headers
 
@@ -688,10 +640,10 @@ async def test_success_carries_rate_limit_headers_in_every_form(
 
 
 async def test_token_headers_only_when_a_token_limit_applies(
-    gateway: Gateway, client: aiohttp.ClientSession
+    gateway: Gateway, http: aiohttp.ClientSession
 ) -> None:
     key = await gateway.new_key(rpm=10)
-    reply = await call(client, gateway, "/v1/messages", MESSAGES, auth("anthropic", key))
+    reply = await call(http, gateway, "/v1/messages", MESSAGES, auth("anthropic", key))
     assert reply.status == 200
     assert_request_headers(reply, 10, 9)
     assert not [name for name in reply.headers if "tokens" in name.lower()]
@@ -700,18 +652,18 @@ async def test_token_headers_only_when_a_token_limit_applies(
 
 
 async def test_account_limits_are_reported_when_tighter_than_the_key(
-    gateway: Gateway, client: aiohttp.ClientSession
+    gateway: Gateway, http: aiohttp.ClientSession
 ) -> None:
     key = await gateway.new_key(rpm=100, account_rpm=5)
-    reply = await call(client, gateway, "/v1/chat/completions", CHAT, auth("openai", key))
+    reply = await call(http, gateway, "/v1/chat/completions", CHAT, auth("openai", key))
     assert_request_headers(reply, 5, 4)
 
 
 async def test_concurrency_limit_appears_in_the_ietf_headers(
-    gateway: Gateway, client: aiohttp.ClientSession
+    gateway: Gateway, http: aiohttp.ClientSession
 ) -> None:
     key = await gateway.new_key(rpm=10, concurrency=3)
-    reply = await call(client, gateway, "/v1/chat/completions", CHAT, auth("openai", key))
+    reply = await call(http, gateway, "/v1/chat/completions", CHAT, auth("openai", key))
     assert reply.status == 200
     policy = reply.headers["RateLimit-Policy"]
     assert '"concurrency";q=3;qu="concurrent-requests"' in policy
@@ -721,13 +673,13 @@ async def test_concurrency_limit_appears_in_the_ietf_headers(
 
 @pytest.mark.parametrize("protocol", BY_PROTOCOL)
 async def test_remaining_requests_decrease_by_exactly_one_per_request(
-    gateway: Gateway, client: aiohttp.ClientSession, protocol: str
+    gateway: Gateway, http: aiohttp.ClientSession, protocol: str
 ) -> None:
     _, path, body = BY_PROTOCOL[protocol]
     key = await gateway.new_key(rpm=10)
     seen = []
     for _ in range(4):
-        reply = await call(client, gateway, path, body, auth(protocol, key))
+        reply = await call(http, gateway, path, body, auth(protocol, key))
         assert reply.status == 200
         seen.append(int(reply.headers["x-ratelimit-remaining-requests"]))
     assert seen == [9, 8, 7, 6]
@@ -735,19 +687,19 @@ async def test_remaining_requests_decrease_by_exactly_one_per_request(
 
 @pytest.mark.parametrize("protocol", BY_PROTOCOL)
 async def test_client_request_id_is_echoed_else_one_is_generated(
-    gateway: Gateway, client: aiohttp.ClientSession, protocol: str
+    gateway: Gateway, http: aiohttp.ClientSession, protocol: str
 ) -> None:
     _, path, body = BY_PROTOCOL[protocol]
     key = await gateway.new_key()
     mine = {**auth(protocol, key), "x-request-id": "trace-42.abc_DEF"}
-    echoed = await call(client, gateway, path, body, mine)
+    echoed = await call(http, gateway, path, body, mine)
     assert echoed.headers["x-request-id"] == "trace-42.abc_DEF"
-    first = await call(client, gateway, path, body, auth(protocol, key))
-    second = await call(client, gateway, path, body, auth(protocol, key))
+    first = await call(http, gateway, path, body, auth(protocol, key))
+    second = await call(http, gateway, path, body, auth(protocol, key))
     ids = {first.headers["x-request-id"], second.headers["x-request-id"]}
     assert len(ids) == 2 and all(GENERATED_REQUEST_ID.match(i) for i in ids)
     # On errors too, and in the Anthropic envelope.
-    bad = await call(client, gateway, path, b"{", mine)
+    bad = await call(http, gateway, path, b"{", mine)
     assert bad.headers["x-request-id"] == "trace-42.abc_DEF"
     if protocol == "anthropic":
         assert echoed.headers["request-id"] == "trace-42.abc_DEF"
@@ -756,11 +708,11 @@ async def test_client_request_id_is_echoed_else_one_is_generated(
 
 @pytest.mark.parametrize("bad_id", ["has space", "x" * 129])
 async def test_unusable_client_request_id_is_replaced(
-    gateway: Gateway, client: aiohttp.ClientSession, bad_id: str
+    gateway: Gateway, http: aiohttp.ClientSession, bad_id: str
 ) -> None:
     key = await gateway.new_key()
     headers = {**auth("openai", key), "x-request-id": bad_id}
-    reply = await call(client, gateway, "/v1/chat/completions", CHAT, headers)
+    reply = await call(http, gateway, "/v1/chat/completions", CHAT, headers)
     assert GENERATED_REQUEST_ID.match(reply.headers["x-request-id"])
 
 
@@ -780,12 +732,12 @@ async def wait_settled(gw: Gateway, account: str = "acme") -> None:
 
 @pytest.mark.parametrize("protocol", BY_PROTOCOL)
 async def test_rejection_before_admission_reports_limits_and_consumes_nothing(
-    gateway: Gateway, client: aiohttp.ClientSession, protocol: str
+    gateway: Gateway, http: aiohttp.ClientSession, protocol: str
 ) -> None:
     _, path, body = BY_PROTOCOL[protocol]
     key = await gateway.new_key(rpm=10, tpm=50_000, concurrency=2, balance_usd="1.00")
     headers = auth(protocol, key)
-    ok = await call(client, gateway, path, body, headers)
+    ok = await call(http, gateway, path, body, headers)
     assert ok.status == 200
     assert_request_headers(ok, 10, 9)
     await wait_settled(gateway)
@@ -799,10 +751,10 @@ async def test_rejection_before_admission_reports_limits_and_consumes_nothing(
         unknown = (path, {**body, "model": "no-such-model"})
         mismatch = (path, {**body, "model": GEMINI})
     rejected = [
-        await call(client, gateway, *unknown, headers),
-        await call(client, gateway, *mismatch, headers),
-        await call(client, gateway, path, b"{oops", headers),
-        await call(client, gateway, path, b"[]", headers),
+        await call(http, gateway, *unknown, headers),
+        await call(http, gateway, *mismatch, headers),
+        await call(http, gateway, path, b"{oops", headers),
+        await call(http, gateway, path, b"[]", headers),
     ]
     assert [r.status for r in rejected] == [404, 400, 400, 400]
     for reply in rejected:
@@ -817,25 +769,25 @@ async def test_rejection_before_admission_reports_limits_and_consumes_nothing(
     account = await gateway.accounts.get_account("acme")
     assert (account.balance_usd, account.held_usd, account.holds_live) == (balance, "0.00", 0)
     assert len(await gateway.accounts.ledger("acme")) == ledger_size
-    second = await call(client, gateway, path, body, headers)
+    second = await call(http, gateway, path, body, headers)
     assert second.status == 200
     assert_request_headers(second, 10, 8)
     assert len(gateway.upstream.state.requests) == 2
 
 
 async def test_rate_limited_request_consumes_nothing(
-    gateway: Gateway, client: aiohttp.ClientSession
+    gateway: Gateway, http: aiohttp.ClientSession
 ) -> None:
     key = await gateway.new_key(rpm=1, account_tpm=100_000, concurrency=1, balance_usd="1.00")
     headers = auth("openai", key)
-    assert (await call(client, gateway, "/v1/chat/completions", CHAT, headers)).status == 200
+    assert (await call(http, gateway, "/v1/chat/completions", CHAT, headers)).status == 200
     await wait_settled(gateway)
     limiter = Limiter(gateway.storage)
     kid = await key_id(gateway, key)
     before = await limiter.peek("acme", kid)
     balance = (await gateway.accounts.get_account("acme")).balance_usd
     for _ in range(3):
-        reply = await call(client, gateway, "/v1/chat/completions", CHAT, headers)
+        reply = await call(http, gateway, "/v1/chat/completions", CHAT, headers)
         assert reply.status == 429
         assert reply.error()["reason"] == "rpm_exceeded"
     after = await limiter.peek("acme", kid)

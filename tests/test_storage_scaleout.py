@@ -43,6 +43,8 @@ from .redis_process import (
 )
 from .test_storage_failures import Outcome, metric, post, start_gateway_with
 
+pytestmark = pytest.mark.ops  # runs Redis Cluster and Sentinel processes
+
 GATEWAY_CMD = (sys.executable, "-m", "ratelimit_gw", "serve")
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 CHAT = {"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}

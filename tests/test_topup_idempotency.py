@@ -9,20 +9,14 @@ entry id are judged by that entry's amount. Admin API on both backends; CLI on a
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
-import redis
 
 from ratelimit_gw.keyspace import AccountKeys
 
+from .cli_helpers import cli
 from .conftest import ADMIN_TOKEN, Gateway
-from .redis_process import RedisProcess
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 CONFLICT = (
@@ -30,12 +24,6 @@ CONFLICT = (
     "not $1.00: use a new key for a new top-up"
 )
 RESERVED = "idempotency keys starting with 'rlgw:' are reserved for the gateway's own top-ups"
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def topup(
@@ -118,26 +106,6 @@ async def test_the_gateways_own_keys_are_out_of_callers_reach(
 
 
 # ---------------------------------------------------------------- the CLI
-
-
-@pytest.fixture
-def redis_url(redis_server: RedisProcess) -> str:
-    client = redis.Redis.from_url(redis_server.url)
-    try:
-        client.flushall()
-    finally:
-        client.close()
-    return redis_server.url
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "ratelimit-gw"), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin"},
-    )
 
 
 def test_the_cli_exits_with_an_error_on_a_conflicting_or_reserved_key(redis_url: str) -> None:

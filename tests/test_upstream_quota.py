@@ -63,12 +63,6 @@ async def gateways(
         yield started
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 async def call(
     http: aiohttp.ClientSession, gw: Gateway, key: str, body: Any = OPEN_BODY, path: str = ""
 ) -> tuple[int, dict[str, str], dict[str, Any]]:

@@ -9,7 +9,6 @@ credit a missing account. Both backends.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -26,12 +25,6 @@ CHAT = {
     "stream": True,
     "messages": [{"role": "user", "content": "Hello there"}],
 }
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def admin(

@@ -26,6 +26,8 @@ from ratelimit_gw.storage import open_storage
 from .conftest import UPSTREAM_KEY, Upstream
 from .redis_process import RedisProcess
 
+pytestmark = pytest.mark.slow  # runs `serve --workers` as subprocesses
+
 REQUESTS = 60
 
 

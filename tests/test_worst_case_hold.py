@@ -45,6 +45,7 @@ from ratelimit_gw.storage import Storage
 from ratelimit_gw.worst_case import Hold
 
 from .conftest import Gateway, Upstream, gateway_config, start_gateway
+from .http_helpers import auth
 
 FLOOD = {"x-mock-chunks": "20000"}  # 20,000 chunks x 5 tokens: 100,000 tokens if uncapped
 MODEL_CAP = 1000  # every test model's default_max_output (conftest)
@@ -94,20 +95,6 @@ CAPPED = {
     "generate": {"generationConfig": {"maxOutputTokens": 7}},
     "proxy-api": {"max_completion_tokens": 7},
 }
-
-
-def auth(protocol: str, key: str) -> dict[str, str]:
-    if protocol == "anthropic":
-        return {"x-api-key": key, "anthropic-version": "2023-06-01"}
-    if protocol == "gemini":
-        return {"x-goog-api-key": key}
-    return {"Authorization": f"Bearer {key}"}
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 @pytest.fixture
