@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from ratelimit_gw.accounts import AccountStore
@@ -177,6 +178,18 @@ async def start_gateway(
     return runner, Gateway(
         f"http://127.0.0.1:{port}", settings, storage, AccountStore(storage), upstream, app
     )
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisProcess) -> AsyncIterator[aioredis.Redis]:
+    """A plain client of the session's redis-server (flushed), beside whatever the test's
+    gateway uses: for pausing it, reading its keys or wiping it."""
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    await client.flushall()
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture

@@ -42,17 +42,6 @@ CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello 
 ABANDONED = "abandoned"  # settle.lua's outcome for a release of an abandoned admission
 
 
-@pytest.fixture
-async def real_redis(redis_server: RedisProcess) -> AsyncIterator[aioredis.Redis]:
-    """A plain client of the test's redis-server, beside whatever the gateway uses."""
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
-    await client.flushall()
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
 async def chat(url: str, key: str) -> tuple[int, Any]:
     async with (
         aiohttp.ClientSession() as http,
@@ -143,7 +132,7 @@ async def released_entries(accounts: AccountStore, account: str) -> list[str]:
 
 @pytest.fixture
 async def redis_gateway(
-    upstream: Upstream, redis_server: RedisProcess, real_redis: aioredis.Redis
+    upstream: Upstream, redis_server: RedisProcess, redis_client: aioredis.Redis
 ) -> AsyncIterator[Gateway]:
     storage = open_storage(StorageSettings(url=redis_server.url))
     runner, gw = await start_gateway(upstream, storage, {"RLGW_ADMIN_TOKEN": ADMIN_TOKEN})
@@ -155,7 +144,7 @@ async def redis_gateway(
 
 
 async def test_clients_that_hang_up_while_admission_waits_strand_no_hold_or_slot(
-    redis_gateway: Gateway, real_redis: aioredis.Redis
+    redis_gateway: Gateway, redis_client: aioredis.Redis
 ) -> None:
     gw, svc = redis_gateway, redis_gateway.app[SERVICES]
     await gw.accounts.create_account(
@@ -168,7 +157,7 @@ async def test_clients_that_hang_up_while_admission_waits_strand_no_hold_or_slot
 
     hangups = 12
     entered = admissions_entered(svc, hangups)
-    await real_redis.execute_command("CLIENT", "PAUSE", 60_000, "WRITE")  # scripts wait
+    await redis_client.execute_command("CLIENT", "PAUSE", 60_000, "WRITE")  # scripts wait
     try:
         writers = [await send_request(gw.url, key) for _ in range(hangups)]
         await asyncio.wait_for(entered.wait(), 30)
@@ -176,11 +165,11 @@ async def test_clients_that_hang_up_while_admission_waits_strand_no_hold_or_slot
             writer.transport.abort()
         await asyncio.wait_for(handlers_finished(svc), 30)
     finally:
-        await real_redis.execute_command("CLIENT", "UNPAUSE")
+        await redis_client.execute_command("CLIENT", "UNPAUSE")
     await svc.settler.drain(timeout_s=30)
     assert svc.settler.pending == 0
 
-    await assert_nothing_held(real_redis, "acme", key_id)
+    await assert_nothing_held(redis_client, "acme", key_id)
     assert (await gw.accounts.get_account("acme")).held_usd == "0.00"
     # Redis ran the admissions in order: two took the key's two slots, and their releases,
     # sent after them on the same connection, gave the slots back.
@@ -195,7 +184,7 @@ async def test_clients_that_hang_up_while_admission_waits_strand_no_hold_or_slot
 
 
 async def test_an_admission_that_ran_but_timed_out_is_released_once_storage_answers(
-    upstream: Upstream, redis_server: RedisProcess, real_redis: aioredis.Redis
+    upstream: Upstream, redis_server: RedisProcess, redis_client: aioredis.Redis
 ) -> None:
     proxy = ReplyStallingProxy(redis_server.port)
     await proxy.start()
@@ -214,12 +203,12 @@ async def test_an_admission_that_ran_but_timed_out_is_released_once_storage_answ
         status, body = await chat(gw.url, created.key)
         assert (status, body["error"]["reason"]) == (503, "storage_unavailable")
         keys = AccountKeys("acme")
-        assert await real_redis.hlen(keys.holds) == 1  # it ran: its hold is live in Redis
+        assert await redis_client.hlen(keys.holds) == 1  # it ran: its hold is live in Redis
 
         proxy.resume()  # storage answers again: the settler's next retry releases it
         await svc.settler.drain(timeout_s=60)
         assert svc.settler.pending == 0
-        await assert_nothing_held(real_redis, "acme", created.record.id)
+        await assert_nothing_held(redis_client, "acme", created.record.id)
         assert len(await released_entries(gw.accounts, "acme")) == 1
         assert abandoned_count(svc, "storage_error") == 1
         assert abandoned_count(svc, "client_disconnect") == 0

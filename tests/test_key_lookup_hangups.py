@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import cast
 
 import pytest
@@ -76,16 +75,6 @@ async def test_a_lookup_every_caller_left_still_fills_the_cache() -> None:
 # ---------------------------------------------------------------- over HTTP
 
 
-@pytest.fixture
-async def real_redis(redis_server: RedisProcess) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
-    await client.flushall()
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
 async def open_request(port: int, key: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     body = json.dumps(CHAT).encode()
@@ -121,7 +110,7 @@ class Arrivals:
 
 
 async def test_over_http_the_others_are_answered_when_the_first_caller_hangs_up(
-    upstream: Upstream, redis_server: RedisProcess, real_redis: aioredis.Redis
+    upstream: Upstream, redis_server: RedisProcess, redis_client: aioredis.Redis
 ) -> None:
     direct = open_storage(StorageSettings(url=redis_server.url))
     proxy = ReplyStallingProxy(redis_server.port)
