@@ -67,8 +67,8 @@ class MeteredRequest:
 
     def upstream_output_cap(self) -> int | None:
         """The cap to send upstream when the caller's body gives none: whatever the hold
-        assumed is what the upstream is allowed (docs/limits-and-balance.md); metered accounts keep
-        their bytes."""
+        assumed is what the upstream is allowed (docs/limits-and-balance.md); metered accounts
+        keep their bytes."""
         return self.hold.output_cap if protects_money(self.ctx.decision) else None
 
     async def admit(self, svc: Services) -> None:
@@ -83,8 +83,8 @@ class MeteredRequest:
 
         Storage failing raises StorageError (503), unless ``storage.on_error = "allow"``
         (docs/failure-modes.md): then the request goes on without limits or balance,
-        ``ctx.storage_bypassed``
-        is set (it is not settled: nothing was held) and it is counted and logged.
+        ``ctx.storage_bypassed`` is set (it is not settled: nothing was held) and it is
+        counted and logged.
         """
         admission = AdmissionRequest(
             account_id=self.key.account,
