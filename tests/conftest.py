@@ -121,6 +121,18 @@ def gateway_config(upstream_url: str, storage_url: str, **overrides: Any) -> dic
     return config
 
 
+def custom_endpoint(base_url: str, name: str = "llm", **extra: Any) -> dict[str, Any]:
+    """A ``[[custom_endpoints]]`` entry ``acme-ai/<name>`` whose upstream credential is the
+    ``ENDPOINT_KEY`` variable the test passes to :func:`start_gateway`."""
+    return {
+        "provider_account": "acme-ai",
+        "name": name,
+        "base_url": base_url,
+        "headers": {"Authorization": "Bearer ${ENDPOINT_KEY}"},
+        **extra,
+    }
+
+
 @dataclass
 class Gateway:
     url: str

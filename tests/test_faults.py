@@ -38,7 +38,7 @@ from ratelimit_gw.protocols import estimate_input_tokens, input_token_bound
 from ratelimit_gw.services import SERVICES
 from ratelimit_gw.storage import Storage
 
-from .conftest import Gateway, Upstream, gateway_config, start_gateway
+from .conftest import Gateway, Upstream, custom_endpoint, gateway_config, start_gateway
 from .http_helpers import auth
 
 PROMPT = "Tell me about the gateway, please"  # 33 chars -> 9 input tokens at the mock
@@ -139,13 +139,7 @@ async def make_gateway(upstream: Upstream, storage: Storage) -> AsyncIterator[Ga
 
     async def make(timeout_s: float = 30.0) -> Gateway:
         providers = gateway_config(upstream.url, storage.url)["providers"]
-        endpoint = {
-            "provider_account": "acme-ai",
-            "name": "llm",
-            "base_url": upstream.url,
-            "headers": {"Authorization": "Bearer ${ENDPOINT_KEY}"},
-            "timeout_s": timeout_s,
-        }
+        endpoint = custom_endpoint(upstream.url, timeout_s=timeout_s)
         runner, gw = await start_gateway(
             upstream,
             storage,

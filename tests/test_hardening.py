@@ -33,7 +33,7 @@ from ratelimit_gw.relay import RelayResult
 from ratelimit_gw.storage import Storage
 from ratelimit_gw.worst_case import Hold
 
-from .conftest import ADMIN_TOKEN, UPSTREAM_KEY, Gateway, Upstream, start_gateway
+from .conftest import ADMIN_TOKEN, UPSTREAM_KEY, Gateway, Upstream, custom_endpoint, start_gateway
 from .http_helpers import auth
 
 GEMINI = "gemini-2.5-flash"
@@ -89,20 +89,7 @@ async def recorder() -> AsyncIterator[Recorder]:
 async def hardened_gateway(
     upstream: Upstream, storage: Storage, recorder: Recorder, **server: Any
 ) -> tuple[web.AppRunner, Gateway]:
-    endpoints = [
-        {
-            "provider_account": "acme-ai",
-            "name": "rec",
-            "base_url": recorder.url + "/base",
-            "headers": {"Authorization": "Bearer ${ENDPOINT_KEY}"},
-        },
-        {
-            "provider_account": "acme-ai",
-            "name": "llm",
-            "base_url": upstream.url,
-            "headers": {"Authorization": "Bearer ${ENDPOINT_KEY}"},
-        },
-    ]
+    endpoints = [custom_endpoint(recorder.url + "/base", "rec"), custom_endpoint(upstream.url)]
     return await start_gateway(
         upstream,
         storage,

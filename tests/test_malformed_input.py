@@ -19,7 +19,7 @@ import pytest
 from ratelimit_gw.storage import Storage
 
 from .cli_helpers import cli
-from .conftest import ADMIN_TOKEN, Gateway, Upstream, start_gateway
+from .conftest import ADMIN_TOKEN, Gateway, Upstream, custom_endpoint, start_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 LEVELS = 100_000
@@ -80,14 +80,7 @@ async def gw(upstream: Upstream, storage: Storage) -> AsyncIterator[Gateway]:
         upstream,
         storage,
         {"RLGW_ADMIN_TOKEN": ADMIN_TOKEN, "ENDPOINT_KEY": "endpoint-secret"},
-        custom_endpoints=[
-            {
-                "provider_account": "acme-ai",
-                "name": "llm",
-                "base_url": upstream.url,
-                "headers": {"Authorization": "Bearer ${ENDPOINT_KEY}"},
-            }
-        ],
+        custom_endpoints=[custom_endpoint(upstream.url)],
     )
     try:
         yield gateway

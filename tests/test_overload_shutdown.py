@@ -33,7 +33,7 @@ from ratelimit_gw.services import SERVICES
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import Storage, open_storage
 
-from .conftest import UPSTREAM_KEY, Gateway, Upstream, start_gateway
+from .conftest import UPSTREAM_KEY, Gateway, Upstream, custom_endpoint, start_gateway
 from .redis_process import RedisProcess, free_port
 
 pytestmark = pytest.mark.slow  # runs gateway subprocesses and signals them
@@ -66,14 +66,7 @@ async def small_gateway(upstream: Upstream, storage: Storage) -> AsyncIterator[G
         storage,
         {"ENDPOINT_KEY": "endpoint-secret-1"},
         server={"host": "127.0.0.1", "port": 0, "max_inflight": 2},
-        custom_endpoints=[
-            {
-                "provider_account": "acme-ai",
-                "name": "llm",
-                "base_url": upstream.url,
-                "headers": {"Authorization": "Bearer ${ENDPOINT_KEY}"},
-            }
-        ],
+        custom_endpoints=[custom_endpoint(upstream.url)],
     )
     try:
         yield gw

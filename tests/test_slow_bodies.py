@@ -25,7 +25,7 @@ import pytest
 from ratelimit_gw.services import SERVICES
 from ratelimit_gw.storage import Storage
 
-from .conftest import ADMIN_TOKEN, Gateway, Upstream, start_gateway
+from .conftest import ADMIN_TOKEN, Gateway, Upstream, custom_endpoint, start_gateway
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 KIB = 1024
@@ -41,14 +41,7 @@ async def gateway_with(
         storage,
         {"RLGW_ADMIN_TOKEN": ADMIN_TOKEN, "ENDPOINT_KEY": "endpoint-secret"},
         server={"host": "127.0.0.1", "port": 0, **server},
-        custom_endpoints=[
-            {
-                "provider_account": "acme-ai",
-                "name": "llm",
-                "base_url": upstream.url,
-                "headers": {"Authorization": "Bearer ${ENDPOINT_KEY}"},
-            }
-        ],
+        custom_endpoints=[custom_endpoint(upstream.url)],
     )
     try:
         yield gw
