@@ -93,8 +93,8 @@ def create_app(
     app.router.add_post("/v1/responses", partial(handle_llm, route=Route.RESPONSES))
     app.router.add_post("/v1/messages", partial(handle_llm, route=Route.MESSAGES))
     app.router.add_get("/v1/models", models.list_models)
-    app.router.add_get("/v1beta/models", models.list_gemini_models)
-    app.router.add_get("/v1beta/models/{name}", models.get_gemini_model)
+    app.router.add_get("/v1beta/models", models.list_models)
+    app.router.add_get("/v1beta/models/{name}", models.get_model)
     for version in ("v1beta", "v1"):
         # Any character, CR/LF included: a malformed model name is a typed 404, not a 405.
         app.router.add_post(f"/{version}/models/{{model_action:[\\s\\S]+}}", gemini_model_action)

@@ -1,15 +1,15 @@
-"""Model resolution and the protocol guard and the model lists (README.md, Routes)."""
+"""Model resolution, the protocol guard, and the listings the model lists show (README.md,
+Routes)."""
 
 from __future__ import annotations
 
 import difflib
-from datetime import UTC, datetime
-from typing import Any
 
 from .accounts import KeyRecord
 from .errors import GatewayError
 from .money import format_usd
 from .protocols import ADAPTERS
+from .protocols.model_lists import ModelListing
 from .settings import Model
 
 
@@ -17,6 +17,7 @@ class Catalog:
     def __init__(self, models: dict[str, Model]) -> None:
         self._models = models
         self._sorted = sorted(models.values(), key=lambda m: m.id)
+        self._listings = {m.id: _listing(m) for m in self._sorted}
 
     def resolve(self, model_id: str, protocol: str) -> Model:
         model = self._models.get(model_id)
@@ -41,49 +42,19 @@ class Catalog:
             )
         return model
 
-    def allowed(self, key: KeyRecord) -> list[Model]:
-        return [m for m in self._sorted if key.allows_model(m.id)]
-
-    def openai_list(self, key: KeyRecord) -> dict[str, Any]:
-        """One shape that both the OpenAI and the Anthropic SDK read (README.md, Routes)."""
-        data = [
-            {
-                "id": m.id,
-                "object": "model",
-                "type": "model",
-                "display_name": m.display_name,
-                "type_target": m.protocol,
-                "created": m.created,
-                "created_at": datetime.fromtimestamp(m.created, UTC)
-                .isoformat()
-                .replace("+00:00", "Z"),
-                "owned_by": m.provider.name,
-                "pricing": {
-                    "input_per_mtok": format_usd(m.input_nano_usd_per_mtok),
-                    "output_per_mtok": format_usd(m.output_nano_usd_per_mtok),
-                },
-            }
-            for m in self.allowed(key)
-        ]
-        return {
-            "object": "list",
-            "data": data,
-            "total": len(data),
-            "has_more": False,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-        }
-
-    def gemini_list(self, key: KeyRecord) -> dict[str, Any]:
-        return {"models": [gemini_model(m) for m in self.allowed(key)]}
+    def listings(self, key: KeyRecord) -> list[ModelListing]:
+        """The models ``key`` may use, sorted by id."""
+        return [self._listings[m.id] for m in self._sorted if key.allows_model(m.id)]
 
 
-def gemini_model(m: Model) -> dict[str, Any]:
-    return {
-        "name": f"models/{m.id}",
-        "version": "001",
-        "displayName": m.display_name,
-        "description": f"{m.display_name} via ratelimit-gw ({m.protocol})",
-        "outputTokenLimit": m.max_output_tokens,
-        "supportedGenerationMethods": ["generateContent", "streamGenerateContent"],
-    }
+def _listing(m: Model) -> ModelListing:
+    return ModelListing(
+        id=m.id,
+        display_name=m.display_name,
+        protocol=m.protocol,
+        created=m.created,
+        owned_by=m.provider.name,
+        input_per_mtok=format_usd(m.input_nano_usd_per_mtok),
+        output_per_mtok=format_usd(m.output_nano_usd_per_mtok),
+        max_output_tokens=m.max_output_tokens,
+    )

@@ -20,9 +20,8 @@ import msgspec
 
 from .keyspace import ID_PATTERN
 from .money import MoneyError, parse_usd
-from .protocols import ADAPTERS, CREDENTIAL_HEADERS
+from .protocols import ADAPTERS, CREDENTIAL_HEADERS, ProtocolName
 
-PROTOCOLS = ("openai", "anthropic", "gemini")
 # unix:///path/redis.sock[?db=N]: a Redis on the same host, over its socket file.
 STORAGE_SCHEMES = ("memory", "redis", "rediss", "unix", "redis+cluster", "redis+sentinel")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -99,7 +98,7 @@ class StorageSettings(_Section):
 
 class ProviderSettings(_Section):
     name: str
-    protocol: Literal["openai", "anthropic", "gemini"]
+    protocol: ProtocolName
     base_url: str
     api_key_env: str | None = None
     headers: dict[str, str] = {}
@@ -295,9 +294,10 @@ def _resolve_headers(
 def _resolve_provider(p: ProviderSettings, i: int, environ: Mapping[str, str]) -> Provider:
     path = f"providers[{i}]"
     _check_url(p.base_url, f"{path}.base_url", ("http", "https"))
-    if p.chat_cap_field is not None and p.protocol != "openai":
+    if p.chat_cap_field is not None and not ADAPTERS[p.protocol].has_chat_cap_field:
+        takers = " or ".join(f'"{a.name}"' for a in ADAPTERS.values() if a.has_chat_cap_field)
         raise ConfigError(
-            f'{path}.chat_cap_field: applies only to protocol "openai" (this provider '
+            f"{path}.chat_cap_field: applies only to protocol {takers} (this provider "
             f"speaks {p.protocol}); remove it"
         )
     headers = _resolve_headers(p.headers, path, environ)

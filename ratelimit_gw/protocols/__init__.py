@@ -10,6 +10,7 @@ provider; they are one adapter today, two (with a translator) on a converter rou
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal, get_args
 
 from ratelimit_gw.protocols.anthropic import AnthropicAdapter
 from ratelimit_gw.protocols.base import (
@@ -29,6 +30,10 @@ from ratelimit_gw.protocols.openai import OpenAIAdapter
 ADAPTERS: dict[str, ProtocolAdapter] = {
     adapter.name: adapter for adapter in (OpenAIAdapter(), AnthropicAdapter(), GeminiAdapter())
 }
+# The protocol names a provider may speak (config validation reads this type). Spelled out
+# for the type checker; kept equal to ADAPTERS' keys here.
+ProtocolName = Literal["openai", "anthropic", "gemini"]
+assert set(get_args(ProtocolName)) == set(ADAPTERS), "ProtocolName must list every adapter"
 # Every header that carries a credential, in any protocol or for an HTTP proxy.
 CREDENTIAL_HEADERS = frozenset({"proxy-authorization"}).union(
     *(adapter.credential_headers for adapter in ADAPTERS.values())
@@ -53,6 +58,7 @@ __all__ = [
     "OWN_HEADER_NAMES",
     "OWN_HEADER_PREFIXES",
     "ProtocolAdapter",
+    "ProtocolName",
     "RequestInfo",
     "Route",
     "StreamTap",

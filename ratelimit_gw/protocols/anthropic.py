@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ from ratelimit_gw.protocols.base import (
     require_model,
     sse_event_fields,
 )
+from ratelimit_gw.protocols.model_lists import ModelListing, openai_anthropic_list
 
 if TYPE_CHECKING:  # see base.py: the limiter is not imported at run time
     from ratelimit_gw.limiter import Decision
@@ -246,6 +247,9 @@ class AnthropicAdapter(ProtocolAdapter):
 
     def credential(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
         return header_value(headers, "x-api-key") or bearer_token(headers)
+
+    def model_list(self, models: Sequence[ModelListing]) -> dict[str, Any]:
+        return openai_anthropic_list(models)
 
     def parse_request(self, route: Route, body: bytes, path_model: str | None) -> RequestInfo:
         request = decode_view(_MESSAGES_REQUEST, body)

@@ -16,13 +16,14 @@ from __future__ import annotations
 import enum
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import msgspec
 
 from ratelimit_gw.errors import GatewayError
+from ratelimit_gw.protocols.model_lists import ModelListing
 
 if TYPE_CHECKING:  # the limiter imports storage, which imports settings, which imports this
     from ratelimit_gw.limiter import Decision
@@ -291,6 +292,9 @@ class ProtocolAdapter(ABC):
     # The headers add_own_headers sets (by name, and by prefix): an upstream's are dropped.
     own_header_names: frozenset[str] = frozenset()
     own_header_prefixes: tuple[str, ...] = ()
+    # Whether a provider of this protocol may choose the field the output cap is sent in
+    # (``chat_cap_field``, docs/configuration.md).
+    has_chat_cap_field = False
 
     # --- the caller's side --------------------------------------------------------------
 
@@ -355,6 +359,21 @@ class ProtocolAdapter(ABC):
     @abstractmethod
     def error_body(self, err: GatewayError, request_id: str) -> bytes:
         """The error envelope (docs/limits-and-balance.md) for ``err`` in this protocol."""
+
+    def model_list_credential(
+        self, headers: Mapping[str, str], query: Mapping[str, str]
+    ) -> str | None:
+        """The gateway key sent to this protocol's model list (the route may be shared)."""
+        return self.credential(headers, query)
+
+    @abstractmethod
+    def model_list(self, models: Sequence[ModelListing]) -> dict[str, Any]:
+        """The model list this protocol's SDK reads (README.md Routes)."""
+
+    def model_entry(self, model: ModelListing) -> dict[str, Any] | None:
+        """One model, as ``GET …/models/{name}`` answers it; None: the protocol has no such
+        route."""
+        return None
 
     # --- the upstream's side ------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from ratelimit_gw.protocols.base import (
     require_model,
     sse_event_fields,
 )
+from ratelimit_gw.protocols.model_lists import ModelListing, gemini_list, gemini_model
 
 
 class _GenerationConfig(msgspec.Struct):
@@ -359,6 +360,12 @@ class GeminiAdapter(ProtocolAdapter):
         # Without ?alt=sse, Gemini streams one JSON array.
         sse = query.get("alt") == "sse"
         return lambda: self.new_stream_tap(route, False, sse=sse)
+
+    def model_list(self, models: Sequence[ModelListing]) -> dict[str, Any]:
+        return gemini_list(models)
+
+    def model_entry(self, model: ModelListing) -> dict[str, Any] | None:
+        return gemini_model(model)
 
     def upstream_url(
         self,

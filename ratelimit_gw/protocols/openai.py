@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -24,6 +24,7 @@ from ratelimit_gw.protocols.base import (
     decode_any_json,
     decode_view,
     encode_json,
+    header_value,
     is_array,
     is_given,
     lenient,
@@ -31,6 +32,7 @@ from ratelimit_gw.protocols.base import (
     require_model,
     sse_event_fields,
 )
+from ratelimit_gw.protocols.model_lists import ModelListing, openai_anthropic_list
 
 # --- request views ------------------------------------------------------------------
 
@@ -297,9 +299,20 @@ class OpenAIAdapter(ProtocolAdapter):
     name = "openai"
     credential_headers = frozenset({"authorization", "api-key"})  # api-key: Azure OpenAI's
     converter_route = "/openai/v1/chat/completions"
+    has_chat_cap_field = True
 
     def credential(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
         return bearer_token(headers)
+
+    def model_list_credential(
+        self, headers: Mapping[str, str], query: Mapping[str, str]
+    ) -> str | None:
+        # GET /v1/models is shared by the OpenAI SDK (Bearer) and the Anthropic SDK
+        # (x-api-key): both are read there (README.md Routes, docs/admin.md).
+        return bearer_token(headers) or header_value(headers, "x-api-key")
+
+    def model_list(self, models: Sequence[ModelListing]) -> dict[str, Any]:
+        return openai_anthropic_list(models)
 
     def parse_request(self, route: Route, body: bytes, path_model: str | None) -> RequestInfo:
         if route is Route.CHAT:

@@ -1,32 +1,31 @@
-"""The model-list routes (README.md, Routes): only the models the caller's key may use."""
+"""The model-list routes (README.md, Routes): only the models the caller's key may use, in the
+list shape of the protocol the caller speaks."""
 
 from __future__ import annotations
 
 import msgspec
 from aiohttp import web
 
-from ..accounts import KeyRecord
-from ..catalog import gemini_model
 from ..context import context
 from ..errors import GatewayError
-from ..protocols import ADAPTERS
+from ..protocols import ADAPTERS, ProtocolAdapter
+from ..protocols.model_lists import ModelListing
 from ..rejections import key_error
 from ..services import SERVICES
 
 
-async def _authenticated(request: web.Request) -> KeyRecord:
-    """Authenticate and read the caller's bucket state (for headers) without consuming."""
+async def _listings(request: web.Request) -> tuple[ProtocolAdapter, list[ModelListing]]:
+    """The caller's adapter and the models its key may use. Authenticates and reads the
+    key's bucket state (for the answer's headers) without consuming."""
     svc = request.app[SERVICES]
     ctx = context(request)
-    # GET /v1/models is shared by the OpenAI SDK (Bearer) and the Anthropic SDK (x-api-key):
-    # the Anthropic adapter reads both (README.md Routes, docs/admin.md).
-    reader = ADAPTERS["anthropic" if ctx.protocol == "openai" else ctx.protocol]
-    key = await svc.keys.authenticate(reader.credential(request.headers, request.query))
+    caller = ADAPTERS[ctx.protocol]
+    key = await svc.keys.authenticate(caller.model_list_credential(request.headers, request.query))
     decision = await svc.limiter.peek(key.account, key.id)
     if (refused := key_error(decision.reason)) is not None:
         raise refused
     ctx.key, ctx.decision = key, decision
-    return key
+    return caller, svc.catalog.listings(key)
 
 
 def _json(document: object) -> web.Response:
@@ -34,23 +33,17 @@ def _json(document: object) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """GET /v1/models: Gemini's shape for a Gemini key, else the OpenAI/Anthropic shape."""
-    key = await _authenticated(request)
-    catalog = request.app[SERVICES].catalog
-    if context(request).protocol == "gemini":
-        return _json(catalog.gemini_list(key))
-    return _json(catalog.openai_list(key))
+    """GET …/models: the list shape of the caller's protocol (on /v1/models, a Gemini key
+    makes the caller a Gemini caller)."""
+    caller, models = await _listings(request)
+    return _json(caller.model_list(models))
 
 
-async def list_gemini_models(request: web.Request) -> web.Response:
-    key = await _authenticated(request)
-    return _json(request.app[SERVICES].catalog.gemini_list(key))
-
-
-async def get_gemini_model(request: web.Request) -> web.Response:
-    key = await _authenticated(request)
+async def get_model(request: web.Request) -> web.Response:
+    """GET …/models/{name}, for the protocols that have it (Gemini)."""
+    caller, models = await _listings(request)
     name = request.match_info["name"]
-    for model in request.app[SERVICES].catalog.allowed(key):
-        if model.id == name:
-            return _json(gemini_model(model))
+    for model in models:
+        if model.id == name and (entry := caller.model_entry(model)) is not None:
+            return _json(entry)
     raise GatewayError(404, "model_not_found", f"The model `{name}` does not exist.")
