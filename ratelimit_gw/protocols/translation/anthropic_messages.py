@@ -33,6 +33,10 @@ from typing import Any, Literal
 import msgspec
 
 from ratelimit_gw.errors import GatewayError
+
+# The adapter's view of Anthropic's usage and its conversion to the IR's meaning (cache reads
+# and writes added to input): one definition for the native tap and this codec.
+from ratelimit_gw.protocols.anthropic import _Usage, _usage
 from ratelimit_gw.protocols.base import Route, Usage, decode_any_json, encode_json, require_model
 from ratelimit_gw.protocols.translation.ir import (
     ChatAnswer,
@@ -835,13 +839,6 @@ def _write_request(request: ChatRequest, model: str, default_max_tokens: int) ->
 # --- the upstream's answer -------------------------------------------------------------
 
 
-class _Usage(msgspec.Struct):
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    cache_creation_input_tokens: int | None = None
-    cache_read_input_tokens: int | None = None
-
-
 class _Block(msgspec.Struct):
     type: str = ""
     text: str | None = None
@@ -897,17 +894,6 @@ _EVENT = msgspec.json.Decoder(_Event)
 _ERROR_BODY = msgspec.json.Decoder(_ErrorBody)
 
 
-def _usage_of(usage: _Usage) -> Usage:
-    cache_read = usage.cache_read_input_tokens or 0
-    cache_write = usage.cache_creation_input_tokens or 0
-    return Usage(
-        (usage.input_tokens or 0) + cache_read + cache_write,
-        usage.output_tokens or 0,
-        cache_read_tokens=cache_read,
-        cache_write_tokens=cache_write,
-    )
-
-
 def _answer_part(block: _Block) -> Text | ToolCall | Reasoning | None:
     if block.type == "text":
         return Text(block.text or "")
@@ -925,7 +911,7 @@ def _read_answer(body: bytes) -> ChatAnswer:
         model=message.model,
         parts=[part for block in message.content if (part := _answer_part(block)) is not None],
         stop=_ir_stop(message.stop_reason),
-        usage=_usage_of(message.usage) if message.usage is not None else None,
+        usage=_usage(message.usage) if message.usage is not None else None,
         stop_sequence=message.stop_sequence,
     )
 
@@ -1004,7 +990,7 @@ class _MessagesStreamReader(StreamReader):
             value = getattr(usage, field)
             if value is not None:  # a repeated figure is a new total; an absent one stands
                 setattr(counts, field, value)
-        return _usage_of(counts)
+        return _usage(counts)
 
 
 def _error_message(body: bytes) -> str:
