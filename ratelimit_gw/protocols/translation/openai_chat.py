@@ -29,6 +29,10 @@ from ratelimit_gw.protocols.base import (
     encode_json,
     require_model,
 )
+
+# The adapter's view of chat usage and its conversion (cached input inside prompt_tokens):
+# one definition for the native tap, settlement and this codec.
+from ratelimit_gw.protocols.openai import _chat_usage, _ChatUsage
 from ratelimit_gw.protocols.translation.ir import (
     EFFORT_BUDGETS,
     ChatAnswer,
@@ -624,17 +628,6 @@ def _upstream_settings(request: ChatRequest, body: dict[str, Any]) -> None:
 # --- the upstream's answer ---------------------------------------------------------------
 
 
-class _PromptDetails(msgspec.Struct):
-    cached_tokens: int | None = None
-    cache_write_tokens: int | None = None
-
-
-class _Usage(msgspec.Struct):
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    prompt_tokens_details: _PromptDetails | None = None
-
-
 class _AnswerFunction(msgspec.Struct):
     name: str | None = None
     arguments: str | None = None
@@ -672,7 +665,7 @@ class _Answer(msgspec.Struct):
     id: str = ""
     model: str = ""
     choices: list[_AnswerChoice] = []
-    usage: _Usage | None = None
+    usage: _ChatUsage | None = None
     error: Any = None  # a mid-stream error chunk
 
 
@@ -696,16 +689,10 @@ def _stop_reason(finish_reason: str | None, called_tools: bool, refused: bool) -
     return "tool_calls" if stop == "stop" and called_tools else stop
 
 
-def _usage(usage: _Usage | None) -> Usage | None:
+def _usage(usage: _ChatUsage | None) -> Usage | None:
     if usage is None or (usage.prompt_tokens is None and usage.completion_tokens is None):
         return None  # no usage, or one with no count in it
-    details = usage.prompt_tokens_details or _PromptDetails()
-    return Usage(
-        usage.prompt_tokens or 0,
-        usage.completion_tokens or 0,
-        cache_read_tokens=details.cached_tokens or 0,
-        cache_write_tokens=details.cache_write_tokens or 0,
-    )
+    return _chat_usage(usage)
 
 
 def _new_call_id() -> str:
