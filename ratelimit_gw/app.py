@@ -21,6 +21,7 @@ from .middleware import error_middleware
 from .protocols import Route
 from .relay import Relay
 from .routes import models
+from .routes.converter import gemini_converter_action, handle_converter, responses_not_offered
 from .routes.custom_endpoints import handle_custom_endpoint
 from .routes.native import gemini_model_action, handle_llm
 from .routes.probes import healthz, metrics_endpoint, readyz
@@ -98,6 +99,7 @@ def create_app(
     for version in ("v1beta", "v1"):
         # Any character, CR/LF included: a malformed model name is a typed 404, not a 405.
         app.router.add_post(f"/{version}/models/{{model_action:[\\s\\S]+}}", gemini_model_action)
+    add_converter_routes(app)
     app.router.add_route(
         "*", "/proxy-api/{provider_account}/{endpoint}/{path:.*}", handle_custom_endpoint
     )
@@ -107,6 +109,21 @@ def create_app(
     app.on_shutdown.append(start_draining)
     admin.add_routes(app)
     return app
+
+
+def add_converter_routes(app: web.Application) -> None:
+    """Any model from any of the three SDKs (docs/converters.md)."""
+    app.router.add_post("/openai/v1/chat/completions", partial(handle_converter, route=Route.CHAT))
+    app.router.add_post("/openai/v1/responses", responses_not_offered)
+    app.router.add_get("/openai/v1/models", models.list_models)
+    app.router.add_post("/anthropic/v1/messages", partial(handle_converter, route=Route.MESSAGES))
+    app.router.add_get("/anthropic/v1/models", models.list_models)
+    for version in ("v1beta", "v1"):
+        app.router.add_get(f"/gemini/{version}/models", models.list_models)
+        app.router.add_get(f"/gemini/{version}/models/{{name}}", models.get_model)
+        app.router.add_post(
+            f"/gemini/{version}/models/{{model_action:[\\s\\S]+}}", gemini_converter_action
+        )
 
 
 async def start_draining(app: web.Application) -> None:

@@ -20,16 +20,8 @@ class Catalog:
         self._listings = {m.id: _listing(m) for m in self._sorted}
 
     def resolve(self, model_id: str, protocol: str) -> Model:
-        model = self._models.get(model_id)
-        if model is None:
-            suggestions = difflib.get_close_matches(model_id, list(self._models), n=3, cutoff=0.5)
-            hint = f" Did you mean: {', '.join(suggestions)}?" if suggestions else ""
-            raise GatewayError(
-                404,
-                "model_not_found",
-                f"The model `{model_id}` does not exist.{hint}",
-                param="model",
-            )
+        """The model ``model_id`` on a route of ``protocol``, which serves only its own."""
+        model = self.find(model_id)
         if model.protocol != protocol:
             converter = ADAPTERS[protocol].converter_route.format(model=model_id)
             raise GatewayError(
@@ -38,6 +30,20 @@ class Catalog:
                 f"The model `{model_id}` speaks the {model.protocol} protocol and is not served "
                 f"on this {protocol} route. Use the converter route {converter} to call it in "
                 f"the {protocol} format.",
+                param="model",
+            )
+        return model
+
+    def find(self, model_id: str) -> Model:
+        """The model ``model_id``, of any protocol (a converter route serves them all)."""
+        model = self._models.get(model_id)
+        if model is None:
+            suggestions = difflib.get_close_matches(model_id, list(self._models), n=3, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(suggestions)}?" if suggestions else ""
+            raise GatewayError(
+                404,
+                "model_not_found",
+                f"The model `{model_id}` does not exist.{hint}",
                 param="model",
             )
         return model

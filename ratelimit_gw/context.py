@@ -39,6 +39,8 @@ class RequestContext:
     storage_bypassed: bool = False
     # Request body bytes this request holds of the process's budget (body.py).
     body_bytes_reserved: int = 0
+    # A converter route's caller fields not sent on (docs/converters.md).
+    dropped_params: tuple[str, ...] = ()
 
 
 CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("context", RequestContext)
@@ -57,6 +59,8 @@ def own_headers(ctx: RequestContext) -> dict[str, str]:
     adapter = ADAPTERS.get(ctx.protocol)  # none for the admin API
     if adapter is not None:
         adapter.add_own_headers(ctx.request_id, ctx.decision, headers)
+    if ctx.dropped_params:
+        headers["x-rlgw-dropped-params"] = ", ".join(ctx.dropped_params)
     return headers
 
 

@@ -65,6 +65,9 @@ REJECTION_REASONS: tuple[str, ...] = (
     "storage_unavailable",
     "upstream_timeout",
     "upstream_unreachable",
+    "upstream_unreadable",
+    # an upstream's own error, rewritten into the caller's envelope (converter routes)
+    "upstream_error",
     "internal_error",
 )
 

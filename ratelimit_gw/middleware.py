@@ -43,7 +43,8 @@ def _as_gateway_error(exc: web.HTTPException) -> GatewayError:
             404,
             "route_not_found",
             f"No route {exc.reason}: this gateway serves "
-            "/v1/chat/completions, /v1/responses, /v1/messages, Gemini routes and /proxy-api/.",
+            "/v1/chat/completions, /v1/responses, /v1/messages, Gemini routes, the converter "
+            "routes under /openai/v1, /anthropic and /gemini, and /proxy-api/.",
         )
     if exc.status == 405:
         # RFC 9110 §15.5.6: a 405 must say which methods the route takes.

@@ -22,11 +22,14 @@ from .errors import GatewayError
 from .metrics import Metrics, labelled
 from .protocols import (
     CREDENTIAL_HEADERS,
+    FAMILY_HEADER_PREFIXES,
     OWN_HEADER_NAMES,
     OWN_HEADER_PREFIXES,
+    ProtocolAdapter,
     StreamTap,
     Usage,
 )
+from .protocols.translation.relaying import AnswerTranslation
 from .upstream_client import (
     UpstreamClient,
     UpstreamConnectionError,
@@ -87,6 +90,9 @@ class UpstreamCall:
     total_timeout_s: float
     parse_usage: Callable[[bytes], Usage | None]  # reads a whole answer's usage
     new_tap: Callable[[], StreamTap] | None  # for a streamed answer; None: read it whole
+    # A converter route's: the answer (and the upstream's errors) rewritten in the caller's
+    # protocol (docs/converters.md); None: relayed as the upstream sent it.
+    translation: AnswerTranslation | None = None
 
 
 @dataclass(slots=True)
@@ -108,6 +114,28 @@ def upstream_request_headers(
     headers = {k: v for k, v in client_headers.items() if k.lower() not in replaced}
     headers.update(provider_headers)
     return headers
+
+
+def translated_request_headers(
+    client_headers: Mapping[str, str],
+    upstream: ProtocolAdapter,
+    provider_headers: Mapping[str, str],
+) -> dict[str, str]:
+    """A converter's upstream headers (docs/converters.md): the caller's, less every protocol
+    family's own (``anthropic-*``, ``openai-*``, ``x-goog-*``, the SDKs' ``x-stainless-*``:
+    they describe a request the upstream does not get), plus what the upstream's protocol
+    requires, then the provider's."""
+    kept = {
+        name: value
+        for name, value in client_headers.items()
+        if not name.lower().startswith(FAMILY_HEADER_PREFIXES)
+    }
+    required = {
+        name: value
+        for name, value in upstream.upstream_required_headers.items()
+        if name not in {configured.lower() for configured in provider_headers}
+    }
+    return upstream_request_headers(kept, {**required, **provider_headers})
 
 
 def gateway_key_free(query: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
@@ -180,9 +208,11 @@ class Relay:
                 headers = client_response_headers(upstream.headers, own_headers)
                 if upstream.status >= 400 or call.new_tap is None:
                     response: web.StreamResponse = await self._buffered(
-                        upstream, headers, result, call.parse_usage
+                        upstream, headers, result, call.parse_usage, call.translation
                     )
                 else:
+                    if call.translation is not None:
+                        headers["Content-Type"] = call.translation.stream_content_type
                     response = await self._streamed(
                         request, upstream, headers, result, call.new_tap()
                     )
@@ -218,16 +248,23 @@ class Relay:
         headers: CIMultiDict[str],
         result: RelayResult,
         parse_usage: Callable[[bytes], Usage | None],
+        translation: AnswerTranslation | None,
     ) -> web.Response:
         body = await upstream.read()
         if upstream.status < 400:
             result.outcome = "ok"
-            result.usage = parse_usage(body)
+            result.usage = parse_usage(body)  # the upstream's own figures, before translation
+            if translation is not None:
+                body = translation.answer(body)
+                headers["Content-Type"] = translation.content_type
         else:
-            # The provider's own error body is already in the route's protocol
-            # (docs/limits-and-balance.md).
+            # On a native route the provider's own error body is already in the caller's
+            # protocol (docs/limits-and-balance.md); a converter's is rewritten into it.
             result.outcome = "upstream_error"
             body = body[:MAX_ERROR_BODY_BYTES]
+            if translation is not None:
+                body = translation.error(upstream.status, body)
+                headers["Content-Type"] = translation.caller.error_content_type
         return web.Response(status=upstream.status, body=body, headers=headers)
 
     async def _streamed(

@@ -1066,11 +1066,14 @@ def test_a_max_tokens_stream_and_a_late_usage_chunk() -> None:
     assert reader.feed(None, b"not json") == []
 
 
-def test_an_error_chunk_midway_is_not_read_as_an_answer() -> None:
+def test_an_error_chunk_midway_is_raised_with_the_upstreams_status_and_message() -> None:
     reader = CODEC.answer_reader()
     assert reader.feed(None, b'{"candidates": [{"content": {"parts": [{"text": "Hi"}]}}]}') != []
     error = b'{"error": {"code": 500, "message": "Internal error", "status": "INTERNAL"}}'
-    assert reader.feed(None, error) == []
+    with pytest.raises(GatewayError) as raised:
+        reader.feed(None, error)
+    assert (raised.value.status, raised.value.reason) == (500, "upstream_error")
+    assert "Internal error" in raised.value.message
 
 
 # --- write_answer ------------------------------------------------------------------------

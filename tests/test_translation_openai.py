@@ -1162,14 +1162,20 @@ def test_answer_reader_refusal_and_a_mid_stream_error() -> None:
         _chunk({"role": "assistant", "content": None, "refusal": ""})
         + _chunk({"refusal": "I can't help with that."})
         + _chunk({}, "stop")
-        + b'data: {"error":{"message":"The server had an error","type":"server_error",'
-        b'"param":null,"code":null}}\n\n'
     )
     assert read_stream(wire) == [
         Started("chatcmpl-BQ5", "gpt-4.1-2025-04-14"),
         TextDelta("I can't help with that."),
         Finished("content_filter"),
     ]
+    error = (
+        b'{"error":{"message":"The server had an error","type":"server_error",'
+        b'"param":null,"code":null}}'
+    )
+    with pytest.raises(GatewayError) as raised:
+        CODEC.answer_reader().feed(None, error)
+    assert (raised.value.status, raised.value.reason) == (502, "upstream_error")
+    assert "The server had an error" in raised.value.message
 
 
 def test_answer_reader_unreadable_event_raises_for_the_tap_to_skip() -> None:

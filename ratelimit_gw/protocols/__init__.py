@@ -41,6 +41,10 @@ CREDENTIAL_HEADERS = frozenset({"proxy-authorization"}).union(
 
 # Every response header some protocol's adapter sets itself (add_own_headers).
 OWN_HEADER_NAMES = frozenset[str]().union(*(a.own_header_names for a in ADAPTERS.values()))
+# Every protocol family's request header prefixes (never forwarded across protocols).
+FAMILY_HEADER_PREFIXES = tuple(
+    sorted({p for a in ADAPTERS.values() for p in a.family_header_prefixes})
+)
 OWN_HEADER_PREFIXES = tuple(p for a in ADAPTERS.values() for p in a.own_header_prefixes)
 
 
@@ -55,6 +59,7 @@ def caller_protocol(path: str, headers: Mapping[str, str], query: Mapping[str, s
 __all__ = [
     "ADAPTERS",
     "CREDENTIAL_HEADERS",
+    "FAMILY_HEADER_PREFIXES",
     "OWN_HEADER_NAMES",
     "OWN_HEADER_PREFIXES",
     "ProtocolAdapter",

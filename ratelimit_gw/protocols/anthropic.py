@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -226,6 +227,11 @@ class AnthropicAdapter(ProtocolAdapter):
     name = "anthropic"
     credential_headers = frozenset({"x-api-key", "authorization"})
     converter_route = "/anthropic/v1/messages"
+    family_header_prefixes = ("anthropic-", "x-stainless-")
+    # The API version the gateway's Anthropic views and the codec are written against.
+    upstream_required_headers: Mapping[str, str] = MappingProxyType(
+        {"anthropic-version": "2023-06-01"}
+    )
     own_header_names = frozenset({"request-id"})
     own_header_prefixes = ("anthropic-ratelimit-",)
 
@@ -247,6 +253,9 @@ class AnthropicAdapter(ProtocolAdapter):
 
     def credential(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
         return header_value(headers, "x-api-key") or bearer_token(headers)
+
+    def stream_error_event(self, err: GatewayError, request_id: str) -> bytes:
+        return b"event: error\ndata: " + self.error_body(err, request_id) + b"\n\n"
 
     def model_list(self, models: Sequence[ModelListing]) -> dict[str, Any]:
         return openai_anthropic_list(models)

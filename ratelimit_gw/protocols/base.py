@@ -16,8 +16,9 @@ from __future__ import annotations
 import enum
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import msgspec
@@ -269,6 +270,16 @@ class SseStreamTap(StreamTap):
         """Read one event (separator included); return False to keep it from the client."""
 
 
+def whole_events(buf: bytes) -> Iterator[bytes]:
+    """The events in ``buf``, which holds whole events (the last may lack its blank line)."""
+    start = 0
+    while (end := _event_end(buf, start)) >= 0:
+        yield buf[start:end]
+        start = end
+    if start < len(buf):
+        yield buf[start:]
+
+
 def _event_end(buf: bytes, scan_from: int) -> int:
     """Index just past the first event separator at or after ``scan_from``, else -1."""
     lf = buf.find(b"\n\n", scan_from)
@@ -292,6 +303,12 @@ class ProtocolAdapter(ABC):
     # The headers add_own_headers sets (by name, and by prefix): an upstream's are dropped.
     own_header_names: frozenset[str] = frozenset()
     own_header_prefixes: tuple[str, ...] = ()
+    # Request headers that belong to this protocol's family (its SDKs' options and telemetry):
+    # a converter does not forward them to an upstream of another protocol.
+    family_header_prefixes: tuple[str, ...] = ()
+    # Headers this protocol's upstream requires that a translated request has no caller's
+    # value for (a native relay forwards the caller's own).
+    upstream_required_headers: Mapping[str, str] = MappingProxyType({})
     # Whether a provider of this protocol may choose the field the output cap is sent in
     # (``chat_cap_field``, docs/configuration.md).
     has_chat_cap_field = False
@@ -359,6 +376,10 @@ class ProtocolAdapter(ABC):
     @abstractmethod
     def error_body(self, err: GatewayError, request_id: str) -> bytes:
         """The error envelope (docs/limits-and-balance.md) for ``err`` in this protocol."""
+
+    def stream_error_event(self, err: GatewayError, request_id: str) -> bytes:
+        """``err`` as an event of this protocol's SSE stream (its SDKs raise on it)."""
+        return b"data: " + self.error_body(err, request_id) + b"\n\n"
 
     def model_list_credential(
         self, headers: Mapping[str, str], query: Mapping[str, str]

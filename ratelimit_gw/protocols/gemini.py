@@ -290,6 +290,7 @@ class GeminiAdapter(ProtocolAdapter):
     name = "gemini"
     credential_headers = frozenset({"x-goog-api-key", "authorization"})
     converter_route = "/gemini/v1beta/models/{model}:generateContent"
+    family_header_prefixes = ("x-goog-",)
 
     def is_called_on(self, path: str, headers: Mapping[str, str], query: Mapping[str, str]) -> bool:
         if path.startswith(("/v1beta/", "/gemini/")) or (
@@ -375,7 +376,9 @@ class GeminiAdapter(ProtocolAdapter):
         path: str,
         query: Iterable[tuple[str, str]],
     ) -> str:
-        version = path.split("/", 2)[1]  # "v1beta" or "v1", as the client called it
+        # "v1beta" or "v1", as the client called it (after /gemini on a converter route).
+        segments = path.split("/", 3)
+        version = segments[2] if segments[1] == "gemini" and len(segments) > 2 else segments[1]
         action = "streamGenerateContent" if route is Route.STREAM_GENERATE else "generateContent"
         url = f"{base_url}/{version}/models/{upstream_model}:{action}"
         # `key` is the gateway key here (docs/admin.md), never the upstream's.

@@ -299,6 +299,7 @@ class OpenAIAdapter(ProtocolAdapter):
     name = "openai"
     credential_headers = frozenset({"authorization", "api-key"})  # api-key: Azure OpenAI's
     converter_route = "/openai/v1/chat/completions"
+    family_header_prefixes = ("openai-", "x-stainless-")
     has_chat_cap_field = True
 
     def credential(self, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:

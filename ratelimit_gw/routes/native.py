@@ -3,17 +3,23 @@ settle).
 
 The caller's protocol (from the path) reads the key, the request and renders errors; the
 upstream's protocol (the model's provider) builds the upstream call and reads its usage.
-The two are one adapter here: a model of another protocol is refused (``protocol_mismatch``).
+The two are one adapter here: a model of another protocol is refused (``protocol_mismatch``);
+the converter routes (``routes/converter.py``) serve it, through the same pricing and metering.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 from aiohttp import web
 
+from ..accounts import KeyRecord
 from ..context import RequestContext, context, own_headers
 from ..errors import GatewayError
 from ..metering import MeteredRequest
 from ..protocols import ADAPTERS, ProtocolAdapter, RequestInfo, Route
+from ..protocols.translation.relaying import AnswerTranslation
 from ..relay import RelayResult, UpstreamCall, gateway_key_free, upstream_request_headers
 from ..services import SERVICES, Services
 from ..settings import Model
@@ -29,11 +35,38 @@ async def handle_llm(
     caller = ADAPTERS[ctx.protocol]
     if svc.passthrough:
         return await _passthrough(request, svc, ctx, caller, route, path_model)
-    key = await svc.keys.authenticate(caller.credential(request.headers, request.query))
-    ctx.key = key
+    key = await authenticate(request, svc, ctx, caller)
     body = await svc.bodies.read(request, ctx)
     info = caller.parse_request(route, body, path_model)
-    model = svc.catalog.resolve(info.model or "", ctx.protocol)
+    model = allowed_model(svc, ctx, key, svc.catalog.resolve(info.model or "", ctx.protocol))
+    return await relay_native(request, svc, ctx, key, model, route, body, info)
+
+
+async def gemini_model_action(request: web.Request) -> web.StreamResponse:
+    """POST …/models/{model}:generateContent | :streamGenerateContent."""
+    route, model = gemini_action(request)
+    return await handle_llm(request, route, model)
+
+
+def gemini_action(request: web.Request) -> tuple[Route, str]:
+    """The route and model of a Gemini ``{model}:{action}`` path (404 for another action)."""
+    model, sep, action = request.match_info["model_action"].rpartition(":")
+    if sep and action == "generateContent":
+        return Route.GENERATE, model
+    if sep and action == "streamGenerateContent":
+        return Route.STREAM_GENERATE, model
+    raise web.HTTPNotFound()
+
+
+async def authenticate(
+    request: web.Request, svc: Services, ctx: RequestContext, caller: ProtocolAdapter
+) -> KeyRecord:
+    key = await svc.keys.authenticate(caller.credential(request.headers, request.query))
+    ctx.key = key
+    return key
+
+
+def allowed_model(svc: Services, ctx: RequestContext, key: KeyRecord, model: Model) -> Model:
     ctx.model = model.id
     if not key.allows_model(model.id):
         raise GatewayError(
@@ -42,8 +75,58 @@ async def handle_llm(
             f"This API key may not use the model `{model.id}`.",
             param="model",
         )
+    return model
 
-    hold, refused = plan_hold(caller, route, body, info, model)
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    """A request in the upstream's own protocol: the caller's, or a converter's translation."""
+
+    adapter: ProtocolAdapter
+    route: Route
+    body: bytes
+    info: RequestInfo
+    path: str  # the path its URL is built from (Gemini reads its API version there)
+    query: Mapping[str, str]  # the caller's (a gateway key in it is never sent on)
+    headers: dict[str, str]
+    translation: AnswerTranslation | None = None
+
+
+async def relay_native(
+    request: web.Request,
+    svc: Services,
+    ctx: RequestContext,
+    key: KeyRecord,
+    model: Model,
+    route: Route,
+    body: bytes,
+    info: RequestInfo,
+) -> web.StreamResponse:
+    """Price, meter and relay the caller's own request, bytes unchanged (docs/relay.md)."""
+    provider = model.provider
+    upstream = UpstreamRequest(
+        adapter=ADAPTERS[model.protocol],
+        route=route,
+        body=body,
+        info=info,
+        path=request.path,
+        query=request.query,
+        headers=upstream_request_headers(request.headers, provider.upstream_headers),
+    )
+    return await relay_priced(request, svc, ctx, key, model, upstream)
+
+
+async def relay_priced(
+    request: web.Request,
+    svc: Services,
+    ctx: RequestContext,
+    key: KeyRecord,
+    model: Model,
+    upstream: UpstreamRequest,
+) -> web.StreamResponse:
+    """Price ``upstream`` (the worst case of the body the upstream gets), then admit, relay and
+    settle it (metering.py)."""
+    hold, refused = plan_hold(upstream.adapter, upstream.route, upstream.body, upstream.info, model)
     if refused:
         await refuse_unbounded_input(svc, key, model, refused)
     provider = model.provider
@@ -57,53 +140,43 @@ async def handle_llm(
         upstream_timeout_s=provider.timeout_s,
     )
     await metered.admit(svc)
-    upstream = ADAPTERS[model.protocol]
     output_cap = metered.upstream_output_cap()
     return await metered.relay(
-        svc,
-        request,
-        lambda: _upstream_call(request, upstream, route, model, info, body, output_cap),
+        svc, request, lambda: _upstream_call(request, upstream, model, output_cap)
     )
 
 
-async def gemini_model_action(request: web.Request) -> web.StreamResponse:
-    """POST …/models/{model}:generateContent | :streamGenerateContent."""
-    model, sep, action = request.match_info["model_action"].rpartition(":")
-    if sep and action == "generateContent":
-        return await handle_llm(request, Route.GENERATE, model)
-    if sep and action == "streamGenerateContent":
-        return await handle_llm(request, Route.STREAM_GENERATE, model)
-    raise web.HTTPNotFound()
-
-
 def _upstream_call(
-    request: web.Request,
-    upstream: ProtocolAdapter,
-    route: Route,
-    model: Model,
-    info: RequestInfo,
-    body: bytes,
-    output_cap: int | None,
+    request: web.Request, upstream: UpstreamRequest, model: Model, output_cap: int | None
 ) -> UpstreamCall:
     """The call to ``model``'s upstream (``output_cap``: see ``upstream_edits``)."""
     provider = model.provider
+    adapter, route, info = upstream.adapter, upstream.route, upstream.info
+    translation = upstream.translation
+    new_tap = adapter.answer_tap(route, info, upstream.query)
+    if translation is not None and new_tap is not None:
+        upstream_tap = new_tap
+        new_tap = lambda: translation.new_tap(upstream_tap())  # noqa: E731
     return UpstreamCall(
         provider=provider.name,
         model=model.id,
         method="POST",
-        url=upstream.upstream_url(
+        url=adapter.upstream_url(
             provider.base_url,
             route,
             model.upstream_id,
-            request.path,
-            gateway_key_free(request.query.items()),
+            upstream.path,
+            gateway_key_free(upstream.query.items()),
         ),
-        headers=upstream_request_headers(request.headers, provider.upstream_headers),
-        body=upstream.prepare_upstream_body(route, body, info, upstream_edits(model, output_cap)),
+        headers=upstream.headers,
+        body=adapter.prepare_upstream_body(
+            route, upstream.body, info, upstream_edits(model, output_cap)
+        ),
         connect_timeout_s=provider.connect_timeout_s,
         total_timeout_s=provider.timeout_s,
-        parse_usage=lambda data: upstream.usage_from_body(route, data),
-        new_tap=upstream.answer_tap(route, info, request.query),
+        parse_usage=lambda data: adapter.usage_from_body(route, data),
+        new_tap=new_tap,
+        translation=translation,
     )
 
 
@@ -119,5 +192,14 @@ async def _passthrough(
     body = await svc.bodies.read(request, ctx)
     info = caller.parse_request(route, body, path_model)
     model = svc.catalog.resolve(info.model or "", ctx.protocol)
-    call = _upstream_call(request, ADAPTERS[model.protocol], route, model, info, body, None)
+    upstream = UpstreamRequest(
+        adapter=ADAPTERS[model.protocol],
+        route=route,
+        body=body,
+        info=info,
+        path=request.path,
+        query=request.query,
+        headers=upstream_request_headers(request.headers, model.provider.upstream_headers),
+    )
+    call = _upstream_call(request, upstream, model, None)
     return await svc.relay.forward(request, call, RelayResult(), own_headers(ctx))

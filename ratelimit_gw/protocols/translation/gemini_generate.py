@@ -784,8 +784,17 @@ class GeminiStreamReader(StreamReader):
         except msgspec.DecodeError:
             return []
         if response.error is not None:
-            # The IR has no error event: the caller's stream ends at close() as it stands.
-            return []
+            # A stream that failed midway: raised, so the relay's tap writes the caller's own
+            # error event and ends the stream (relaying.TranslatingTap).
+            error = response.error
+            code = error.get("code")
+            status = code if isinstance(code, int) and 400 <= code <= 599 else 502
+            message = error.get("message") or "no message"
+            raise GatewayError(
+                status,
+                "upstream_error",
+                f"The upstream's stream failed: {message}",
+            )
         events: list[StreamEvent] = []
         if response.usage_metadata is not None:
             self._usage = _usage(response.usage_metadata)

@@ -747,9 +747,13 @@ class _ChunkReader(StreamReader):
             return []
         chunk = _ANSWER.decode(data)
         if chunk.error is not None:
-            # The stream ends here; the IR has no event for an error, so the caller's stream
-            # ends with no finish reason, as a stream cut short does.
-            return []
+            # A stream that failed midway: raised, so the relay's tap writes the caller's own
+            # error event and ends the stream (relaying.TranslatingTap).
+            error = chunk.error
+            message = error.get("message") if isinstance(error, dict) else error
+            raise GatewayError(
+                502, "upstream_error", f"The upstream's stream failed: {message or 'no message'}"
+            )
         events: list[StreamEvent] = []
         # Azure OpenAI opens with a chunk of prompt filter results only (no id, no
         # choices): the answer starts with the first chunk that is part of it.
