@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -33,7 +31,8 @@ from ratelimit_gw.services import SERVICES
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import Storage, open_storage
 
-from .conftest import UPSTREAM_KEY, Gateway, Upstream, custom_endpoint, start_gateway
+from .conftest import Gateway, Upstream, custom_endpoint, start_gateway
+from .processes import start_serve, stop, wait_ready
 from .redis_process import RedisProcess, free_port
 
 pytestmark = pytest.mark.slow  # runs gateway subprocesses and signals them
@@ -240,34 +239,12 @@ output_per_mtok = 0.60
 """
     )
     log = tmp_path / "serve.log"
-    env = {**os.environ, "RLGW_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
     with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ratelimit_gw", "serve", "--config", str(config)],
-            env=env,
-            stdout=out,
-            stderr=out,
-        )
+        process = start_serve(config, stdout=out, stderr=out)
     try:
         yield ServeProcess(process, f"http://127.0.0.1:{port}", log)
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(10)
-
-
-async def wait_ready(http: aiohttp.ClientSession, gw: ServeProcess) -> None:
-    deadline = time.monotonic() + 20
-    while True:
-        assert gw.process.poll() is None, gw.output()
-        try:
-            async with http.get(gw.url + "/readyz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientConnectionError:
-            pass
-        assert time.monotonic() < deadline, gw.output()
-        await asyncio.sleep(0.1)
+        stop(process, signum=signal.SIGKILL)
 
 
 async def wait_listener_closed(http: aiohttp.ClientSession, gw: ServeProcess) -> None:
@@ -318,7 +295,7 @@ async def test_sigterm_drains_an_inflight_stream_refuses_new_requests_and_settle
 ) -> None:
     key = await new_key(redis_storage)
     with serve(tmp_path, upstream, redis_server.url, shutdown_timeout_s=20) as gw:
-        await wait_ready(http, gw)
+        await wait_ready([gw.url], process=gw.process, log=gw.log)
         headers = {
             "Authorization": f"Bearer {key}",
             "x-request-id": "drained-1",
@@ -352,7 +329,7 @@ async def test_sigterm_cuts_a_stream_still_running_at_the_deadline_and_settles_i
 ) -> None:
     key = await new_key(redis_storage)
     with serve(tmp_path, upstream, redis_server.url, shutdown_timeout_s=0.5) as gw:
-        await wait_ready(http, gw)
+        await wait_ready([gw.url], process=gw.process, log=gw.log)
         headers = {
             "Authorization": f"Bearer {key}",
             "x-request-id": "cut-1",
