@@ -20,7 +20,34 @@ import pytest
 from benchmarks.local_redis import free_port
 from benchmarks.processes import gateway_workers
 
-from .conftest import UPSTREAM_KEY
+from .conftest import MODELS, UPSTREAM_KEY
+
+_, _, IN_USD, OUT_USD = MODELS[0]
+
+
+def mock_gateway_toml(
+    upstream_url: str, storage_url: str, *, server: str = "", model_extra: str = ""
+) -> str:
+    """A gateway config: ``storage_url``, and gpt-4o-mini at its test prices on the mock
+    upstream. ``server``: the lines of a [server] table; ``model_extra``: more lines for the
+    model's table."""
+    server_table = f"\n[server]\n{server}\n" if server else ""
+    return f"""{server_table}
+[storage]
+url = "{storage_url}"
+
+[[providers]]
+name = "mock"
+protocol = "openai"
+base_url = "{upstream_url}"
+api_key_env = "RLGW_TEST_UPSTREAM_KEY"
+
+[[models]]
+id = "gpt-4o-mini"
+provider = "mock"
+input_per_mtok = {IN_USD}
+output_per_mtok = {OUT_USD}
+{model_extra}"""
 
 
 def serve_env(*, pool: bool = False, **extra: str) -> dict[str, str]:

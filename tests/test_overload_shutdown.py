@@ -28,11 +28,10 @@ from ratelimit_gw.limits import Limits
 from ratelimit_gw.money import parse_usd
 from ratelimit_gw.protocols import estimate_input_tokens
 from ratelimit_gw.services import SERVICES
-from ratelimit_gw.settings import StorageSettings
-from ratelimit_gw.storage import Storage, open_storage
+from ratelimit_gw.storage import Storage
 
 from .conftest import Gateway, Upstream, custom_endpoint, start_gateway
-from .processes import start_serve, stop, wait_ready
+from .processes import mock_gateway_toml, start_serve, stop, wait_ready
 from .redis_process import RedisProcess, free_port
 
 pytestmark = pytest.mark.slow  # runs gateway subprocesses and signals them
@@ -190,16 +189,6 @@ def test_max_inflight_and_shutdown_timeout_are_validated() -> None:
 # --- graceful shutdown on SIGTERM ----------------------------------------------------------
 
 
-@pytest.fixture
-async def redis_storage(redis_server: RedisProcess) -> AsyncIterator[Storage]:
-    storage = open_storage(StorageSettings(url=redis_server.url))
-    await storage.call("FLUSHALL")
-    try:
-        yield storage
-    finally:
-        await storage.close()
-
-
 class ServeProcess:
     def __init__(self, process: subprocess.Popen[bytes], url: str, log: Path) -> None:
         self.process = process
@@ -216,28 +205,8 @@ def serve(
 ) -> Iterator[ServeProcess]:
     port = free_port()
     config = tmp_path / "gateway.toml"
-    config.write_text(
-        f"""
-[server]
-port = {port}
-shutdown_timeout_s = {shutdown_timeout_s}
-
-[storage]
-url = "{redis_url}"
-
-[[providers]]
-name = "mock"
-protocol = "openai"
-base_url = "{upstream.url}"
-api_key_env = "RLGW_TEST_UPSTREAM_KEY"
-
-[[models]]
-id = "gpt-4o-mini"
-provider = "mock"
-input_per_mtok = 0.15
-output_per_mtok = 0.60
-"""
-    )
+    server = f"port = {port}\nshutdown_timeout_s = {shutdown_timeout_s}"
+    config.write_text(mock_gateway_toml(upstream.url, redis_url, server=server))
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         process = start_serve(config, stdout=out, stderr=out)

@@ -19,6 +19,7 @@ from ratelimit_gw.storage import open_storage
 
 from .conftest import Upstream
 from .processes import (
+    mock_gateway_toml,
     run_serve,
     serve_env,
     start_serve,
@@ -31,28 +32,6 @@ from .redis_process import RedisProcess
 pytestmark = pytest.mark.slow  # runs `serve --workers` as subprocesses
 
 REQUESTS = 60
-
-
-def _config(upstream: str, storage: str, port: int) -> str:
-    return f"""
-[server]
-port = {port}
-
-[storage]
-url = "{storage}"
-
-[[providers]]
-name = "mock"
-protocol = "openai"
-base_url = "{upstream}"
-api_key_env = "RLGW_TEST_UPSTREAM_KEY"
-
-[[models]]
-id = "gpt-4o-mini"
-provider = "mock"
-input_per_mtok = 0.15
-output_per_mtok = 0.60
-"""
 
 
 def _sum(exposition: str, name: str, labels: str = "") -> float:
@@ -71,7 +50,7 @@ async def test_workers_share_the_port_and_report_pooled_metrics(
 
     port = free_port()
     config = tmp_path / "gateway.toml"
-    config.write_text(_config(upstream.url, redis_server.url, port))
+    config.write_text(mock_gateway_toml(upstream.url, redis_server.url, server=f"port = {port}"))
     log = tmp_path / "workers.log"
     with log.open("wb") as out:
         pool = start_serve(
@@ -124,7 +103,7 @@ async def test_bench_measures_each_worker_of_a_passthrough_pool(
     # config) as a pool too, and reads each worker's RSS: the pids it finds are the ones answering.
     port = free_port()
     config = tmp_path / "passthrough.toml"
-    config.write_text(_config(upstream.url, "memory://", port))
+    config.write_text(mock_gateway_toml(upstream.url, "memory://", server=f"port = {port}"))
     args = ("--workers", "2", "--passthrough-for-benchmark")
     with (tmp_path / "workers.log").open("wb") as log:
         pool = start_serve(config, *args, env=serve_env(pool=True), stdout=log, stderr=log)
@@ -149,7 +128,8 @@ async def test_bench_measures_each_worker_of_a_passthrough_pool(
 def test_a_pool_refuses_per_process_storage(tmp_path: Path) -> None:
     # memory:// lives inside one process: N workers would each enforce their own limits.
     config = tmp_path / "gateway.toml"
-    config.write_text(_config("http://127.0.0.1:9", "memory://", free_port()))
+    server = f"port = {free_port()}"
+    config.write_text(mock_gateway_toml("http://127.0.0.1:9", "memory://", server=server))
     refused = run_serve(config, "--workers", "2", timeout_s=60)
     assert refused.returncode != 0
     assert "--workers needs shared storage" in refused.stderr
