@@ -205,6 +205,17 @@ async def redis_client(redis_server: RedisProcess) -> AsyncIterator[aioredis.Red
 
 
 @pytest.fixture
+async def redis_storage(redis_server: RedisProcess) -> AsyncIterator[Storage]:
+    """Storage on the session's redis-server (flushed), whatever the test's backends."""
+    storage = open_storage(StorageSettings(url=redis_server.url))
+    await storage.call("FLUSHALL")
+    try:
+        yield storage
+    finally:
+        await storage.close()
+
+
+@pytest.fixture
 def redis_url(redis_server: RedisProcess) -> str:
     """The session's Redis, flushed (for what works on storage directly, like the CLI)."""
     client = redis.Redis.from_url(redis_server.url)

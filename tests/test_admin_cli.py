@@ -696,6 +696,7 @@ async def test_revocation_reaches_every_instance_on_the_next_request(
 # --- the CLI (real Redis only) -----------------------------------------------------------------
 
 
+@pytest.mark.slow  # runs the CLI as a subprocess
 def test_cli_accounts_with_json_output(redis_url: str) -> None:
     storage = ("--storage", redis_url)
     created = cli_json(
@@ -760,6 +761,7 @@ def test_cli_accounts_with_json_output(redis_url: str) -> None:
     assert cli_json("accounts", "list", *storage) == ["acme", "beta"]
 
 
+@pytest.mark.slow  # runs the CLI as a subprocess
 def test_cli_accounts_with_text_output(redis_url: str) -> None:
     storage = ("--storage", redis_url)
     created = cli_text(
@@ -787,6 +789,7 @@ def test_cli_accounts_with_text_output(redis_url: str) -> None:
     assert (listed.returncode, listed.stdout) == (0, "acme\n")
 
 
+@pytest.mark.slow  # runs the CLI as a subprocess
 def test_cli_keys_create_list_revoke(redis_url: str) -> None:
     storage = ("--storage", redis_url)
     cli_json("accounts", "create", "acme", *storage)
@@ -837,6 +840,7 @@ def test_cli_keys_create_list_revoke(redis_url: str) -> None:
     assert all(k["revoked"] for k in cli_json("keys", "list", "acme", *storage))
 
 
+@pytest.mark.slow  # runs the CLI as a subprocess
 async def test_a_key_made_by_the_cli_works_on_a_gateway_using_that_storage(
     redis_url: str, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
@@ -856,6 +860,7 @@ async def test_a_key_made_by_the_cli_works_on_a_gateway_using_that_storage(
         await storage.close()
 
 
+@pytest.mark.slow  # runs the CLI as a subprocess
 def test_cli_refuses_memory_storage() -> None:
     done = cli("accounts", "list", "--storage", "memory://")
     assert done.returncode == 1
@@ -866,6 +871,7 @@ def test_cli_refuses_memory_storage() -> None:
     )
 
 
+@pytest.mark.slow  # runs the CLI as a subprocess
 def test_cli_takes_the_storage_from_a_config_file(redis_url: str, tmp_path: Path) -> None:
     config = tmp_path / "gw.toml"
     config.write_text(f'[storage]\nurl = "{redis_url}"\n')
@@ -873,6 +879,7 @@ def test_cli_takes_the_storage_from_a_config_file(redis_url: str, tmp_path: Path
     assert cli_json("accounts", "list", "--config", str(config)) == ["acme"]
 
 
+@pytest.mark.slow  # runs the CLI as a subprocess
 def test_cli_errors_name_the_problem_and_exit_non_zero(redis_url: str) -> None:
     storage = ("--storage", redis_url)
     cases = [

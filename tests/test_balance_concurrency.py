@@ -4,22 +4,19 @@ pay for, on a real Redis, through one gateway and across two gateway processes.
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from ratelimit_gw.accounts import AccountStore
 from ratelimit_gw.money import cost_nano, format_usd
 from ratelimit_gw.protocols import input_token_bound
-from ratelimit_gw.settings import StorageSettings
-from ratelimit_gw.storage import Storage, open_storage
+from ratelimit_gw.storage import Storage
 
+from .concurrent_admission import fire, gateway_processes_on, holds_released
 from .conftest import MODELS, Gateway, Upstream, start_gateway
-from .processes import gateway_processes, wait_ready
+from .processes import wait_ready
 from .redis_process import RedisProcess
 
 pytestmark = pytest.mark.slow  # runs gateway subprocesses under concurrent load
@@ -32,31 +29,6 @@ HOLD_NANO = cost_nano(input_token_bound(len(BODY)), 100, IN_NANO, OUT_NANO)
 UPSTREAM_LATENCY_MS = 3000
 
 
-async def _fire(urls: list[str], key: str, count: int) -> list[int]:
-    headers = {
-        "Authorization": f"Bearer {key}",
-        "content-type": "application/json",
-        "x-mock-latency-ms": str(UPSTREAM_LATENCY_MS),
-    }
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def one(i: int) -> int:
-            url = urls[i % len(urls)] + "/v1/chat/completions"
-            async with session.post(url, data=BODY, headers=headers) as response:
-                await response.read()
-                return response.status
-
-        return list(await asyncio.gather(*(one(i) for i in range(count))))
-
-
-async def _settled(accounts: AccountStore, account: str) -> None:
-    deadline = time.monotonic() + 20
-    while (await accounts.get_account(account)).holds_live:
-        assert time.monotonic() < deadline, "holds were not released"
-        await asyncio.sleep(0.05)
-
-
 async def _assert_books_balance(accounts: AccountStore, account: str, start_nano: int) -> None:
     state = await accounts.get_account(account)
     ledger = await accounts.ledger(account, limit=10_000)
@@ -67,16 +39,6 @@ async def _assert_books_balance(accounts: AccountStore, account: str, start_nano
     assert format_usd(start_nano - charged_nano) == state.balance_usd
 
 
-@pytest.fixture
-async def redis_storage(redis_server: RedisProcess) -> AsyncIterator[Storage]:
-    storage = open_storage(StorageSettings(url=redis_server.url))
-    await storage.call("FLUSHALL")
-    try:
-        yield storage
-    finally:
-        await storage.close()
-
-
 async def test_balance_for_k_requests_admits_exactly_k_of_many_concurrent(
     upstream: Upstream, redis_storage: Storage
 ) -> None:
@@ -85,10 +47,10 @@ async def test_balance_for_k_requests_admits_exactly_k_of_many_concurrent(
         k = 37
         start_nano = k * HOLD_NANO + HOLD_NANO - 1  # one nano-USD short of a 38th request
         key = await _new_prepaid_key(gateway, start_nano)
-        statuses = await _fire([gateway.url], key, 220)
+        statuses = await fire([gateway.url], key, 220, BODY, latency_ms=UPSTREAM_LATENCY_MS)
         assert statuses.count(200) == k
         assert statuses.count(402) == 220 - k
-        await _settled(gateway.accounts, "acme")
+        await holds_released(gateway.accounts, "acme")
         await _assert_books_balance(gateway.accounts, "acme", start_nano)
     finally:
         await runner.cleanup()
@@ -99,46 +61,26 @@ async def _new_prepaid_key(gateway: Gateway, balance_nano: int) -> str:
     return (await gateway.accounts.create_key("acme")).key
 
 
-def _config(upstream_url: str, storage_url: str) -> str:
-    return f"""
-[storage]
-url = "{storage_url}"
-
-[[providers]]
-name = "mock"
-protocol = "openai"
-base_url = "{upstream_url}"
-api_key_env = "RLGW_TEST_UPSTREAM_KEY"
-
-[[models]]
-id = "gpt-4o-mini"
-provider = "mock"
-input_per_mtok = {IN_USD}
-output_per_mtok = {OUT_USD}
-"""
-
-
 @pytest.fixture
 def two_gateway_processes(
     upstream: Upstream, redis_server: RedisProcess, tmp_path: Path
 ) -> Iterator[list[str]]:
-    config = tmp_path / "gateway.toml"
-    config.write_text(_config(upstream.url, redis_server.url))
-    with gateway_processes(config, 2, tmp_path / "gateways.log") as urls:
+    with gateway_processes_on(tmp_path, upstream.url, redis_server.url) as urls:
         yield urls
 
 
 async def test_two_gateway_processes_never_overspend_together(
     two_gateway_processes: list[str], redis_storage: Storage
 ) -> None:
-    await wait_ready(two_gateway_processes)
+    urls = two_gateway_processes
+    await wait_ready(urls)
     accounts = AccountStore(redis_storage)
     k = 41
     start_nano = k * HOLD_NANO + HOLD_NANO - 1
     await accounts.create_account("acme", balance_nano=start_nano)
     key = (await accounts.create_key("acme")).key
-    statuses = await _fire(two_gateway_processes, key, 240)
+    statuses = await fire(urls, key, 240, BODY, latency_ms=UPSTREAM_LATENCY_MS)
     assert statuses.count(200) == k
     assert statuses.count(402) == 240 - k
-    await _settled(accounts, "acme")
+    await holds_released(accounts, "acme")
     await _assert_books_balance(accounts, "acme", start_nano)

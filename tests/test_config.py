@@ -545,6 +545,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return cli(*args, env={"OPENAI_API_KEY": "sk-openai-secret"})
 
 
+@pytest.mark.slow  # runs the CLI as a subprocess
 def test_serve_with_a_bad_config_exits_2_naming_the_field(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(OPENAI + MODEL + "input_per_mtok = 'cheap'\n")
@@ -555,6 +556,7 @@ def test_serve_with_a_bad_config_exits_2_naming_the_field(tmp_path: Path) -> Non
     )
 
 
+@pytest.mark.slow  # runs the CLI as a subprocess
 def test_serve_with_an_unreadable_config_exits_2(tmp_path: Path) -> None:
     missing = tmp_path / "missing.toml"
     done = run_cli("serve", "--config", str(missing))

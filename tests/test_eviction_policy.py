@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -31,6 +27,7 @@ from ratelimit_gw.services import SERVICES
 from ratelimit_gw.settings import Settings, build_settings
 from ratelimit_gw.storage.eviction_guard import EvictionPolicyError
 
+from .processes import run_serve, serve_env, start_serve, stop, until_each_worker_answers
 from .redis_process import (
     RedisProcess,
     free_port,
@@ -39,7 +36,6 @@ from .redis_process import (
     start_sentinel_set,
 )
 from .test_observability import Samples, scrape, value
-from .test_workers import _until_each_worker_answers
 
 pytestmark = pytest.mark.ops  # runs redis-server processes with eviction policies
 
@@ -141,38 +137,13 @@ async def test_gateway_refuses_to_start_on_a_redis_that_may_evict(
     await runner.cleanup()
 
 
-def start_serve(config: Path, port: int, *extra: str, **popen: Any) -> subprocess.Popen[Any]:
-    """``ratelimit-gw serve`` in its own process group (a pool is stopped whole)."""
-    serve = ("serve", "--config", str(config), "--port", str(port))
-    return subprocess.Popen(
-        [sys.executable, "-m", "ratelimit_gw", *serve, *extra],
-        start_new_session=True,
-        env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
-        **popen,
-    )
-
-
-def serve(config: Path, port: int, *extra: str) -> subprocess.CompletedProcess[str]:
-    """``ratelimit-gw serve`` to its end; killed, and the test failed, after 30 s."""
-    process = start_serve(
-        config, port, *extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"serve did not exit within 30 s; its log:\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-
-
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_serve_exits_with_a_one_line_refusal_on_a_redis_that_may_evict(
     evicting_redis: RedisProcess, tmp_path: Path, workers: str
 ) -> None:
     config = tmp_path / "gateway.toml"
     config.write_text(f'[storage]\nurl = "{evicting_redis.url}"\n')
-    result = serve(config, free_port(), "--workers", workers)
+    result = run_serve(config, "--workers", workers, port=free_port())
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines()[-1] == (
         f"config error: storage.url: Redis 127.0.0.1:{evicting_redis.port} has maxmemory-policy "
@@ -367,15 +338,23 @@ async def test_a_worker_pool_reports_each_master_once_not_once_per_worker(
     config.write_text(f'[storage]\nurl = "{evicting_redis.url}"\nallow_eviction = true\n')
     port = free_port()
     with (tmp_path / "pool.log").open("wb") as log:
-        pool = start_serve(config, port, "--workers", "2", stdout=log, stderr=log)
+        pool = start_serve(
+            config,
+            "--workers",
+            "2",
+            port=port,
+            env=serve_env(pool=True),
+            start_new_session=True,  # a pool is stopped whole
+            stdout=log,
+            stderr=log,
+        )
     try:
         # A new connection per request, so the kernel spreads them over both workers.
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
             # Each worker read the master before it listened; both have answered since.
-            await _until_each_worker_answers(http, f"http://127.0.0.1:{port}", pool.pid)
+            await until_each_worker_answers(http, f"http://127.0.0.1:{port}", pool.pid)
             samples = await scrape(http, f"http://127.0.0.1:{port}")
     finally:
-        os.killpg(pool.pid, signal.SIGTERM)
-        pool.wait(20)
+        stop(pool, 20, group=True)
     # Two workers read the one master: the pool counts it once (the latest reading).
     assert policies(samples) == {"allkeys-lru": 1}, (tmp_path / "pool.log").read_text()

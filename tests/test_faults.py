@@ -301,6 +301,7 @@ async def upstream_saw(gw: Gateway, request_id: str) -> None:
 # --- upstream timeouts ---------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~5 s over its 8 cases: waits out upstream timeouts
 @pytest.mark.parametrize("name", ["chat", "messages-stream", "gemini-sse", "proxy-stream"])
 async def test_upstream_timeout_before_headers_is_504_and_leaves_nothing_held(
     make_gateway: GatewayFactory, name: str
@@ -317,6 +318,7 @@ async def test_upstream_timeout_before_headers_is_504_and_leaves_nothing_held(
     assert (entry.type, entry.outcome, entry.cost_usd) == ("release", "upstream_error", "0.00")
 
 
+@pytest.mark.slow  # ~5 s over its 6 cases: waits out upstream timeouts
 @pytest.mark.parametrize("name", ["chat-stream", "messages-stream", "gemini-sse"])
 async def test_upstream_timeout_mid_stream_cuts_the_stream_and_charges_what_was_relayed(
     make_gateway: GatewayFactory, name: str
@@ -517,6 +519,7 @@ async def test_hanging_up_before_the_body_is_sent_admits_and_charges_nothing(
     await assert_books_balance(gw, caller, [again.request_id])
 
 
+@pytest.mark.slow  # ~8 s over its 8 cases: a 1 s upstream latency each
 @pytest.mark.parametrize("name", ["chat", "generate", "messages-stream", "proxy-stream"])
 async def test_hanging_up_while_the_upstream_thinks_settles_the_prompt_only(
     gw: Gateway, name: str
@@ -539,6 +542,7 @@ async def test_hanging_up_while_the_upstream_thinks_settles_the_prompt_only(
     )
 
 
+@pytest.mark.slow  # ~17 s over its 20 cases: streams with chunk delays
 @pytest.mark.parametrize(
     ("pieces_read", "marker"), [(1, b"tok4"), (3, b"tok14")], ids=["after-first", "before-end"]
 )

@@ -11,7 +11,6 @@ import asyncio
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -24,11 +23,9 @@ from ratelimit_gw.keyspace import AccountKeys
 from ratelimit_gw.limiter import AdmissionRequest, Limiter, Settlement
 from ratelimit_gw.limits import Limits
 from ratelimit_gw.money import NANO_PER_USD, parse_usd
-from ratelimit_gw.settings import StorageSettings
-from ratelimit_gw.storage import Storage, open_storage
+from ratelimit_gw.storage import Storage
 
 from .conftest import with_limits
-from .redis_process import RedisProcess
 
 USD = NANO_PER_USD
 MINUTE_MS = 60_000
@@ -993,31 +990,21 @@ async def test_every_key_of_an_account_is_in_its_hash_slot(
         assert key_slot(key.encode()) == account_slots[owner]
 
 
-@pytest.fixture
-async def real_redis(redis_server: RedisProcess) -> AsyncIterator[Storage]:
-    store = open_storage(StorageSettings(url=redis_server.url))
-    await store.call("FLUSHALL")
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
-async def test_scripts_survive_script_flush(real_redis: Storage) -> None:
-    accounts, limiter = AccountStore(real_redis), Limiter(real_redis)
+async def test_scripts_survive_script_flush(redis_storage: Storage) -> None:
+    accounts, limiter = AccountStore(redis_storage), Limiter(redis_storage)
     await accounts.create_account("acme", balance_nano=USD, limits=Limits(rpm=10))
     key_id = await new_key(accounts)
     request = admission(key_id, hold_nano=parse_usd("0.1"))
     assert (await limiter.admit(request)).allowed
 
-    await real_redis.call("SCRIPT", "FLUSH")
+    await redis_storage.call("SCRIPT", "FLUSH")
     assert (await limiter.settle(settlement(request, cost_nano=parse_usd("0.1")))).settled
-    await real_redis.call("SCRIPT", "FLUSH")
+    await redis_storage.call("SCRIPT", "FLUSH")
     decision = await limiter.admit(admission(key_id))
     assert decision.requests is not None and decision.requests.remaining == 8
-    await real_redis.call("SCRIPT", "FLUSH")
+    await redis_storage.call("SCRIPT", "FLUSH")
     assert await accounts.topup("acme", USD, "after-flush")
-    await real_redis.call("SCRIPT", "FLUSH")
+    await redis_storage.call("SCRIPT", "FLUSH")
     await accounts.create_account("globex")
     assert (await accounts.get_account("acme")).balance_usd == "1.90"
 

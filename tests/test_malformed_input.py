@@ -163,6 +163,7 @@ async def test_the_latest_expiry_allowed_is_the_end_of_year_9999(gateway: Gatewa
     assert created.record.expires_at == "9999-12-31T23:59:59Z"
 
 
+@pytest.mark.slow  # runs the CLI as a subprocess
 def test_the_cli_refuses_an_expiry_out_of_range(redis_url: str) -> None:
     storage = ["--storage", redis_url, "--json"]
     created = cli("accounts", "create", "acme", *storage)

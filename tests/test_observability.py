@@ -11,10 +11,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import re
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ from .conftest import (
     gateway_config,
     start_gateway,
 )
+from .processes import serve_env, start_serve, stop_all, wait_ready
 from .redis_process import free_port, start_redis
 
 pytestmark = pytest.mark.ops  # runs promtool and a real Prometheus against gateway processes
@@ -336,49 +335,6 @@ async def test_account_label_opt_in_labels_requests_rejections_tokens_and_cost(
 # --- several worker processes ------------------------------------------------------------------
 
 
-def _serve(config: Path, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ratelimit_gw",
-            "serve",
-            "--config",
-            str(config),
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
-def _stop(process: subprocess.Popen[bytes]) -> str:
-    if process.poll() is None:
-        process.terminate()
-    try:
-        _, err = process.communicate(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        _, err = process.communicate()
-    return err.decode(errors="replace")
-
-
-async def _wait_healthy(http: aiohttp.ClientSession, url: str, process: Any) -> None:
-    deadline = time.monotonic() + 20
-    while True:
-        assert process.poll() is None, "the gateway process exited at start-up"
-        try:
-            async with http.get(f"{url}/healthz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientConnectionError:
-            pass
-        assert time.monotonic() < deadline, f"{url} never became healthy"
-        await asyncio.sleep(0.05)
-
-
 async def test_two_worker_processes_sharing_a_multiproc_dir_report_the_sum(
     upstream: Upstream, storage: Storage, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
@@ -387,19 +343,19 @@ async def test_two_worker_processes_sharing_a_multiproc_dir_report_the_sum(
     config_file.write_text(_toml(config))
     multiproc = tmp_path / "metrics"
     multiproc.mkdir()
-    env = {
-        **os.environ,
-        "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
-        "RLGW_TEST_UPSTREAM_KEY": UPSTREAM_KEY,
-        "RLGW_ADMIN_TOKEN": ADMIN_TOKEN,
-    }
+    env = serve_env(PROMETHEUS_MULTIPROC_DIR=str(multiproc), RLGW_ADMIN_TOKEN=ADMIN_TOKEN)
     ports = [free_port(), free_port()]
-    processes = [_serve(config_file, port, env) for port in ports]
+    processes = [
+        start_serve(
+            config_file, port=port, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        for port in ports
+    ]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     per_process = 4
     try:
         for url, process in zip(urls, processes, strict=True):
-            await _wait_healthy(http, url, process)
+            await wait_ready([url], path="/healthz", process=process)
         admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         for i, url in enumerate(urls):
             account = f"team-{i}"  # memory:// is per process: each creates its own
@@ -426,7 +382,7 @@ async def test_two_worker_processes_sharing_a_multiproc_dir_report_the_sum(
             assert time.monotonic() < deadline, "settled tokens never reached both workers' sum"
             await asyncio.sleep(0.05)
     finally:
-        errors = [_stop(process) for process in processes]
+        errors = stop_all(processes)
     chat_ok = {"route": "/v1/chat/completions", "status": "200", "model": "gpt-4o-mini"}
     for view in views:
         assert value(view, "rlgw_requests_total", **chat_ok) == 2 * per_process, errors
@@ -901,13 +857,7 @@ def prometheus_for(tmp_path: Path) -> Iterator[Any]:
         return f"http://127.0.0.1:{port}"
 
     yield start
-    for process in started:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    stop_all(started)
 
 
 async def query(http: aiohttp.ClientSession, prom: str, expr: str) -> list[dict[str, Any]]:

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -30,10 +28,10 @@ from ratelimit_gw.limits import Limits
 from ratelimit_gw.money import parse_usd
 from ratelimit_gw.protocols import estimate_input_tokens
 from ratelimit_gw.services import SERVICES
-from ratelimit_gw.settings import StorageSettings
-from ratelimit_gw.storage import Storage, open_storage
+from ratelimit_gw.storage import Storage
 
-from .conftest import UPSTREAM_KEY, Gateway, Upstream, custom_endpoint, start_gateway
+from .conftest import Gateway, Upstream, custom_endpoint, start_gateway
+from .processes import mock_gateway_toml, start_serve, stop, wait_ready
 from .redis_process import RedisProcess, free_port
 
 pytestmark = pytest.mark.slow  # runs gateway subprocesses and signals them
@@ -191,16 +189,6 @@ def test_max_inflight_and_shutdown_timeout_are_validated() -> None:
 # --- graceful shutdown on SIGTERM ----------------------------------------------------------
 
 
-@pytest.fixture
-async def redis_storage(redis_server: RedisProcess) -> AsyncIterator[Storage]:
-    storage = open_storage(StorageSettings(url=redis_server.url))
-    await storage.call("FLUSHALL")
-    try:
-        yield storage
-    finally:
-        await storage.close()
-
-
 class ServeProcess:
     def __init__(self, process: subprocess.Popen[bytes], url: str, log: Path) -> None:
         self.process = process
@@ -217,57 +205,15 @@ def serve(
 ) -> Iterator[ServeProcess]:
     port = free_port()
     config = tmp_path / "gateway.toml"
-    config.write_text(
-        f"""
-[server]
-port = {port}
-shutdown_timeout_s = {shutdown_timeout_s}
-
-[storage]
-url = "{redis_url}"
-
-[[providers]]
-name = "mock"
-protocol = "openai"
-base_url = "{upstream.url}"
-api_key_env = "RLGW_TEST_UPSTREAM_KEY"
-
-[[models]]
-id = "gpt-4o-mini"
-provider = "mock"
-input_per_mtok = 0.15
-output_per_mtok = 0.60
-"""
-    )
+    server = f"port = {port}\nshutdown_timeout_s = {shutdown_timeout_s}"
+    config.write_text(mock_gateway_toml(upstream.url, redis_url, server=server))
     log = tmp_path / "serve.log"
-    env = {**os.environ, "RLGW_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
     with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ratelimit_gw", "serve", "--config", str(config)],
-            env=env,
-            stdout=out,
-            stderr=out,
-        )
+        process = start_serve(config, stdout=out, stderr=out)
     try:
         yield ServeProcess(process, f"http://127.0.0.1:{port}", log)
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(10)
-
-
-async def wait_ready(http: aiohttp.ClientSession, gw: ServeProcess) -> None:
-    deadline = time.monotonic() + 20
-    while True:
-        assert gw.process.poll() is None, gw.output()
-        try:
-            async with http.get(gw.url + "/readyz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientConnectionError:
-            pass
-        assert time.monotonic() < deadline, gw.output()
-        await asyncio.sleep(0.1)
+        stop(process, signum=signal.SIGKILL)
 
 
 async def wait_listener_closed(http: aiohttp.ClientSession, gw: ServeProcess) -> None:
@@ -318,7 +264,7 @@ async def test_sigterm_drains_an_inflight_stream_refuses_new_requests_and_settle
 ) -> None:
     key = await new_key(redis_storage)
     with serve(tmp_path, upstream, redis_server.url, shutdown_timeout_s=20) as gw:
-        await wait_ready(http, gw)
+        await wait_ready([gw.url], process=gw.process, log=gw.log)
         headers = {
             "Authorization": f"Bearer {key}",
             "x-request-id": "drained-1",
@@ -352,7 +298,7 @@ async def test_sigterm_cuts_a_stream_still_running_at_the_deadline_and_settles_i
 ) -> None:
     key = await new_key(redis_storage)
     with serve(tmp_path, upstream, redis_server.url, shutdown_timeout_s=0.5) as gw:
-        await wait_ready(http, gw)
+        await wait_ready([gw.url], process=gw.process, log=gw.log)
         headers = {
             "Authorization": f"Bearer {key}",
             "x-request-id": "cut-1",

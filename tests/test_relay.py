@@ -394,6 +394,7 @@ async def _timed_stream(
     return first_piece_at, time.monotonic() - started, body
 
 
+@pytest.mark.slow  # ~2 s over its 2 cases: times a paced stream
 async def test_streams_are_relayed_event_by_event_as_they_arrive(
     gateway: Gateway, http: aiohttp.ClientSession
 ) -> None:
@@ -452,6 +453,7 @@ async def test_settlement_charges_exactly_the_reported_usage(
 # --- client disconnect ----------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~5 s over its 8 cases: streams with chunk delays
 @pytest.mark.parametrize("name", STREAM_ROUTES)
 async def test_client_disconnect_cancels_the_upstream_call_and_charges_what_was_relayed(
     gateway: Gateway, http: aiohttp.ClientSession, name: str
@@ -559,6 +561,7 @@ async def test_unreachable_upstream_is_502_and_releases_everything(
     await assert_nothing_held(gateway, key)
 
 
+@pytest.mark.slow  # ~7 s over its 6 cases: waits out upstream timeouts
 @pytest.mark.parametrize(
     ("name", "status_name"),
     [("chat", None), ("messages-stream", None), ("stream-sse", "DEADLINE_EXCEEDED")],

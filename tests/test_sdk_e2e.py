@@ -483,6 +483,7 @@ def assert_retry_obeyed(gw: Gateway, case: RetryCase, max_tokens: int) -> None:
     assert wait_ms - 5 <= gap_ms < wait_ms + 400
 
 
+@pytest.mark.slow  # ~2 s over its 2 cases: the SDK sleeps Retry-After
 async def test_openai_sdk_retry_waits_retry_after_ms_then_succeeds(gateway: Gateway) -> None:
     key = await gateway.new_key(tpm=TPM)
     log = AttemptLog()
@@ -502,6 +503,7 @@ async def test_openai_sdk_retry_waits_retry_after_ms_then_succeeds(gateway: Gate
     assert_retry_obeyed(gateway, case, RETRY_MAX_TOKENS)
 
 
+@pytest.mark.slow  # ~2 s over its 2 cases: the SDK sleeps Retry-After
 async def test_anthropic_sdk_retry_waits_retry_after_ms_then_succeeds(gateway: Gateway) -> None:
     key = await gateway.new_key(tpm=TPM)
     log = AttemptLog()

@@ -147,6 +147,7 @@ async def chat_status(gw: Gateway, key: str) -> int:
 # --- body deadline ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~2 s over its 2 cases: waits out body deadlines
 async def test_trickling_bodies_get_408_at_the_deadline_and_free_their_slots(
     upstream: Upstream, storage: Storage
 ) -> None:
@@ -222,6 +223,7 @@ ROUTES = {
 }
 
 
+@pytest.mark.slow  # ~6 s over its 10 cases: waits out body deadlines
 @pytest.mark.parametrize("route", ROUTES)
 async def test_a_slow_body_gets_408_in_the_routes_envelope_on_every_route(
     upstream: Upstream, storage: Storage, route: str

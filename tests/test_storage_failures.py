@@ -260,6 +260,7 @@ async def charged_request_ids(gw: Gateway, account: str = "acme") -> list[str]:
 # ---------------------------------------------------------------- kill, freeze, restart
 
 
+@pytest.mark.slow  # ~4 s: waits out a killed redis-server
 async def test_killed_redis_under_load_gives_typed_503s_then_recovers_by_itself(
     upstream: Upstream, redis: Redis
 ) -> None:
@@ -309,6 +310,7 @@ async def test_killed_redis_under_load_gives_typed_503s_then_recovers_by_itself(
         assert parse_usd(balance_after) == parse_usd(balance_before) - await charged_nano(gw)
 
 
+@pytest.mark.slow  # ~5 s: waits out a frozen redis-server
 async def test_frozen_redis_times_out_within_the_bound_and_recovers_when_it_resumes(
     upstream: Upstream, redis: Redis
 ) -> None:

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import asyncio
-import sys
+import json
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -33,8 +33,9 @@ from ratelimit_gw.services import SERVICES
 from ratelimit_gw.settings import ConfigError, StorageSettings
 from ratelimit_gw.storage import Storage, open_storage
 
+from .concurrent_admission import fire, gateway_processes_on, holds_released
 from .conftest import ADMIN_TOKEN, MODELS, Gateway, Upstream, start_gateway
-from .processes import gateway_processes, wait_ready
+from .processes import wait_ready
 from .redis_process import (
     RedisClusterProcesses,
     SentinelSet,
@@ -45,9 +46,9 @@ from .test_storage_failures import Outcome, metric, post, start_gateway_with
 
 pytestmark = pytest.mark.ops  # runs Redis Cluster and Sentinel processes
 
-GATEWAY_CMD = (sys.executable, "-m", "ratelimit_gw", "serve")
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 CHAT = {"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+CHAT_BODY = json.dumps(CHAT).encode()  # as `json=CHAT` sends it
 _, _, IN_USD, OUT_USD = MODELS[0]
 
 
@@ -212,45 +213,13 @@ async def settled(gw: Gateway, within_s: float = 60) -> None:
         await asyncio.sleep(0.05)
 
 
-def _config(upstream_url: str, storage_url: str) -> str:
-    return f"""
-[storage]
-url = "{storage_url}"
-
-[[providers]]
-name = "mock"
-protocol = "openai"
-base_url = "{upstream_url}"
-api_key_env = "RLGW_TEST_UPSTREAM_KEY"
-
-[[models]]
-id = "gpt-4o-mini"
-provider = "mock"
-input_per_mtok = {IN_USD}
-output_per_mtok = {OUT_USD}
-default_max_output = 1000
-"""
-
-
 @pytest.fixture
 def two_gateway_processes_on_the_cluster(
     upstream: Upstream, redis_cluster: RedisClusterProcesses, tmp_path: Path
 ) -> Iterator[list[str]]:
-    config = tmp_path / "gateway.toml"
-    config.write_text(_config(upstream.url, redis_cluster.url))
-    with gateway_processes(config, 2, tmp_path / "gateways.log") as urls:
+    extra = "default_max_output = 1000\n"
+    with gateway_processes_on(tmp_path, upstream.url, redis_cluster.url, model_extra=extra) as urls:
         yield urls
-
-
-async def _burst(urls: list[str], key: str, count: int, latency_ms: int = 0) -> list[int]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        results = await asyncio.gather(
-            *(
-                chat(session, urls[i % len(urls)], key, **{"x-mock-latency-ms": str(latency_ms)})
-                for i in range(count)
-            )
-        )
-    return [status for status, _, _ in results]
 
 
 async def test_two_gateway_processes_on_one_cluster_keep_limits_exact(
@@ -264,13 +233,13 @@ async def test_two_gateway_processes_on_one_cluster_keep_limits_exact(
     # rpm = 10 (one request back every 6 s): 10 of 60 simultaneous requests pass.
     await accounts.create_account(rpm_acct)
     rpm_key = (await accounts.create_key(rpm_acct, limits=Limits(rpm=10))).key
-    statuses = await _burst(urls, rpm_key, 60)
+    statuses = await fire(urls, rpm_key, 60, CHAT_BODY)
     assert (statuses.count(200), statuses.count(429)) == (10, 50)
 
     # concurrency = 4, each request held upstream for 1.5 s: 4 of 30 pass.
     await accounts.create_account(conc_acct, limits=Limits(concurrency=4))
     conc_key = (await accounts.create_key(conc_acct)).key
-    statuses = await _burst(urls, conc_key, 30, latency_ms=1500)
+    statuses = await fire(urls, conc_key, 30, CHAT_BODY, latency_ms=1500)
     assert (statuses.count(200), statuses.count(429)) == (4, 26)
 
     # A balance worth exactly k holds: k of 80 pass, the books balance afterwards.
@@ -283,12 +252,9 @@ async def test_two_gateway_processes_on_one_cluster_keep_limits_exact(
     start_nano = k * hold + hold - 1
     await accounts.create_account(cash_acct, balance_nano=start_nano)
     cash_key = (await accounts.create_key(cash_acct)).key
-    statuses = await _burst(urls, cash_key, 80, latency_ms=1000)
+    statuses = await fire(urls, cash_key, 80, CHAT_BODY, latency_ms=1000)
     assert (statuses.count(200), statuses.count(402)) == (k, 80 - k)
-    deadline = time.monotonic() + 20
-    while (await accounts.get_account(cash_acct)).holds_live:
-        assert time.monotonic() < deadline, "holds were not released"
-        await asyncio.sleep(0.05)
+    await holds_released(accounts, cash_acct)
     state = await accounts.get_account(cash_acct)
     charges = [e for e in await accounts.ledger(cash_acct, 1000) if e.type == "charge"]
     assert len(charges) == k

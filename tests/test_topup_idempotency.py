@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+import pytest
 
 from ratelimit_gw.keyspace import AccountKeys
 
@@ -108,6 +109,7 @@ async def test_the_gateways_own_keys_are_out_of_callers_reach(
 # ---------------------------------------------------------------- the CLI
 
 
+@pytest.mark.slow  # runs the CLI as a subprocess
 def test_the_cli_exits_with_an_error_on_a_conflicting_or_reserved_key(redis_url: str) -> None:
     storage = ("--storage", redis_url)
     assert cli("accounts", "create", "acme", "--balance-usd", "0", *storage).returncode == 0

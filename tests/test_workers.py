@@ -3,13 +3,7 @@ reports the whole pool's counts."""
 
 from __future__ import annotations
 
-import asyncio
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import aiohttp
@@ -23,7 +17,16 @@ from ratelimit_gw.limits import Limits
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import open_storage
 
-from .conftest import UPSTREAM_KEY, Upstream
+from .conftest import Upstream
+from .processes import (
+    mock_gateway_toml,
+    run_serve,
+    serve_env,
+    start_serve,
+    stop,
+    until_each_worker_answers,
+    wait_ready,
+)
 from .redis_process import RedisProcess
 
 pytestmark = pytest.mark.slow  # runs `serve --workers` as subprocesses
@@ -31,47 +34,9 @@ pytestmark = pytest.mark.slow  # runs `serve --workers` as subprocesses
 REQUESTS = 60
 
 
-def _config(upstream: str, storage: str, port: int) -> str:
-    return f"""
-[server]
-port = {port}
-
-[storage]
-url = "{storage}"
-
-[[providers]]
-name = "mock"
-protocol = "openai"
-base_url = "{upstream}"
-api_key_env = "RLGW_TEST_UPSTREAM_KEY"
-
-[[models]]
-id = "gpt-4o-mini"
-provider = "mock"
-input_per_mtok = 0.15
-output_per_mtok = 0.60
-"""
-
-
 def _sum(exposition: str, name: str, labels: str = "") -> float:
     pattern = re.compile(rf"^{name}\{{([^}}]*)\}} ([0-9.e+]+)$", re.M)
     return sum(float(v) for lbl, v in pattern.findall(exposition) if labels in lbl)
-
-
-async def _until_each_worker_answers(http: aiohttp.ClientSession, base: str, pool: int) -> set[int]:
-    """Ask /metrics (on a new connection each time, so the kernel spreads them) until every
-    worker of the pool has answered: the second may bind a moment after the first."""
-    workers = set(gateway_workers(pool, 2))
-    answered: set[int] = set()
-    deadline = time.monotonic() + 30
-    while answered != workers and time.monotonic() < deadline:
-        try:
-            async with http.get(f"{base}/metrics") as response:
-                answered.add(int(response.headers["X-Rlgw-Worker"]))
-        except aiohttp.ClientConnectionError:
-            await asyncio.sleep(0.1)
-    assert answered == workers, f"workers {workers}, answered {answered}"
-    return workers
 
 
 async def test_workers_share_the_port_and_report_pooled_metrics(
@@ -85,41 +50,19 @@ async def test_workers_share_the_port_and_report_pooled_metrics(
 
     port = free_port()
     config = tmp_path / "gateway.toml"
-    config.write_text(_config(upstream.url, redis_server.url, port))
-    env = {**os.environ, "RLGW_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    with (tmp_path / "workers.log").open("wb") as log:
-        pool = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ratelimit_gw",
-                "serve",
-                "--config",
-                str(config),
-                "--workers",
-                "2",
-            ],
-            env=env,
-            stdout=log,
-            stderr=log,
+    config.write_text(mock_gateway_toml(upstream.url, redis_server.url, server=f"port = {port}"))
+    log = tmp_path / "workers.log"
+    with log.open("wb") as out:
+        pool = start_serve(
+            config, "--workers", "2", env=serve_env(pool=True), stdout=out, stderr=out
         )
     try:
         base = f"http://127.0.0.1:{port}"
+        await wait_ready([base], 30, log=log)
         # A new connection per request lets the kernel spread them over both workers.
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    async with http.get(f"{base}/readyz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert time.monotonic() < deadline, (tmp_path / "workers.log").read_text()
-                await asyncio.sleep(0.2)
             # Both workers listening, so the requests below are spread over the two.
-            await _until_each_worker_answers(http, base, pool.pid)
+            await until_each_worker_answers(http, base, pool.pid)
 
             body = {
                 "model": "gpt-4o-mini",
@@ -147,8 +90,7 @@ async def test_workers_share_the_port_and_report_pooled_metrics(
                 assert _sum(text, "rlgw_rejections_total", 'reason="rpm_exceeded"') == 5
                 pids.add(response.headers.get("x-rlgw-worker"))
     finally:
-        pool.send_signal(signal.SIGTERM)
-        pool.wait(20)
+        stop(pool, 20)
         await storage.close()
     assert pool.returncode == 0
     assert len(pids - {None}) == 2, f"expected both workers to answer, saw {pids}"
@@ -161,13 +103,10 @@ async def test_bench_measures_each_worker_of_a_passthrough_pool(
     # config) as a pool too, and reads each worker's RSS: the pids it finds are the ones answering.
     port = free_port()
     config = tmp_path / "passthrough.toml"
-    config.write_text(_config(upstream.url, "memory://", port))
-    env = {**os.environ, "RLGW_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    command = [sys.executable, "-m", "ratelimit_gw", "serve", "--config", str(config)]
-    command += ["--workers", "2", "--passthrough-for-benchmark"]
+    config.write_text(mock_gateway_toml(upstream.url, "memory://", server=f"port = {port}"))
+    args = ("--workers", "2", "--passthrough-for-benchmark")
     with (tmp_path / "workers.log").open("wb") as log:
-        pool = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+        pool = start_serve(config, *args, env=serve_env(pool=True), stdout=log, stderr=log)
     try:
         assert wait_for_port(port, 30), (tmp_path / "workers.log").read_text()
         workers = gateway_workers(pool.pid, 2)
@@ -176,13 +115,12 @@ async def test_bench_measures_each_worker_of_a_passthrough_pool(
         base = f"http://127.0.0.1:{port}"
         body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
-            answered = await _until_each_worker_answers(http, base, pool.pid)
+            answered = await until_each_worker_answers(http, base, pool.pid)
             for _ in range(10):
                 async with http.post(f"{base}/v1/chat/completions", json=body) as response:
                     assert response.status == 200, await response.text()
     finally:
-        pool.send_signal(signal.SIGTERM)
-        pool.wait(20)
+        stop(pool, 20)
     assert pool.returncode == 0
     assert answered == set(workers)
 
@@ -190,12 +128,9 @@ async def test_bench_measures_each_worker_of_a_passthrough_pool(
 def test_a_pool_refuses_per_process_storage(tmp_path: Path) -> None:
     # memory:// lives inside one process: N workers would each enforce their own limits.
     config = tmp_path / "gateway.toml"
-    config.write_text(_config("http://127.0.0.1:9", "memory://", free_port()))
-    command = [sys.executable, "-m", "ratelimit_gw", "serve", "--config", str(config)]
-    env = {**os.environ, "RLGW_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
-    refused = subprocess.run(
-        [*command, "--workers", "2"], env=env, capture_output=True, text=True, timeout=60
-    )
+    server = f"port = {free_port()}"
+    config.write_text(mock_gateway_toml("http://127.0.0.1:9", "memory://", server=server))
+    refused = run_serve(config, "--workers", "2", timeout_s=60)
     assert refused.returncode != 0
     assert "--workers needs shared storage" in refused.stderr
 

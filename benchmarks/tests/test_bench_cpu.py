@@ -48,6 +48,7 @@ def test_the_meter_divides_by_requests_and_reports_redis_apart() -> None:
     assert meter.per_request(0) == {}  # nothing measured: no figure, not a division by zero
 
 
+@pytest.mark.slow  # runs a Python subprocess
 def test_another_process_is_measured_while_it_runs() -> None:
     child = subprocess.Popen(
         [
@@ -73,6 +74,7 @@ def test_another_process_is_measured_while_it_runs() -> None:
         child.communicate("")
 
 
+@pytest.mark.slow  # runs a Python subprocess
 def test_a_process_that_died_is_named_not_counted_as_nothing() -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()

@@ -22,6 +22,7 @@ def _added_over_two_rounds(
     return round(sum(diffs) / 2, 3)
 
 
+@pytest.mark.slow  # runs the whole benchmark as a subprocess (~90 s)
 def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
     run = subprocess.run(

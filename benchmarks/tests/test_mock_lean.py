@@ -128,6 +128,7 @@ async def test_anything_else_is_a_typed_openai_error(both: tuple[str, str]) -> N
             assert resp.status == 400
 
 
+@pytest.mark.slow  # runs the CLI as a subprocess
 def test_the_cli_refuses_latency_it_cannot_add() -> None:
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks.mock_lean", "--latency-ms", "5"],

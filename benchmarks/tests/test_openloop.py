@@ -27,6 +27,10 @@ import pytest
 from benchmarks import openloop
 from benchmarks.local_redis import free_port, wait_for_port
 
+# Compiles the C generator and runs it (and, for some tests, the mock) as subprocesses: all
+# but two tests here, 25-30 s in all.
+pytestmark = pytest.mark.slow
+
 # No skip without a compiler: `make test` installs one (the C generator is the benchmark's).
 ROOT = Path(__file__).resolve().parent.parent
 PATH = "/v1/chat/completions"
