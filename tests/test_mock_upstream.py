@@ -1,12 +1,15 @@
 """The mock upstream, driven over a real socket by the official OpenAI, Anthropic and Gemini SDKs.
 
 Expected usage numbers are written out by hand from the documented formula (input tokens =
-max(1, ceil(prompt chars / 4)); output = chunks * tokens_per_chunk words, cut at the cap) so a
-change in either the formula or the wire shapes fails here.
+max(1, ceil(prompt chars / 4)); output = chunks * tokens_per_chunk words, cut at the cap, or
+ceil(len(arguments JSON) / 4) per tool call) so a change in either the formula or the wire
+shapes fails here.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,11 +18,13 @@ from typing import Any
 import aiohttp
 import anthropic
 import openai
+import pydantic
 import pytest
 from aiohttp import web
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types as genai_types
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from ratelimit_gw.testing.mock_upstream import (
     MOCK_STATE,
@@ -325,6 +330,506 @@ async def test_gemini_json_array_stream_under_v1(mock: Mock) -> None:
         "totalTokenCount": 23,
     }
     assert chunks[-1]["candidates"][0]["finishReason"] == "STOP"
+
+
+# --- Tool calls -------------------------------------------------------------------------------
+
+# A request that declares tools is answered with calls (mock_tools): one value per schema
+# property, each call costing ceil(len(compact arguments JSON) / 4) output tokens. Every raw
+# body and frame is also validated with the SDK's own types, which the clients do not do.
+WEATHER_SCHEMA: Any = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string"},
+        "days": {"type": "integer"},
+        "metric": {"type": "boolean"},
+        "unit": {"type": "string", "enum": ["c", "f"]},
+    },
+    "required": ["city"],
+}
+SEARCH_SCHEMA: Any = {
+    "type": "object",
+    "properties": {
+        "query": {"type": "string"},
+        "limit": {"type": "number"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "filters": {"type": "object"},
+    },
+}
+WEATHER_ARGS = {"city": "city-value", "days": 1, "metric": True, "unit": "c"}
+SEARCH_ARGS = {"query": "query-value", "limit": 1.5, "tags": [], "filters": {}}
+WEATHER_TOKENS = 14  # {"city":"city-value","days":1,"metric":true,"unit":"c"}: 55 chars
+SEARCH_TOKENS = 15  # {"query":"query-value","limit":1.5,"tags":[],"filters":{}}: 58 chars
+# x-mock-tool-calls: 3 cycles through the declared tools.
+PARALLEL_3 = [("get_weather", WEATHER_ARGS), ("search", SEARCH_ARGS), ("get_weather", WEATHER_ARGS)]
+TOOL_RESULT = "sunny"  # counted as prompt text where it sits under "content" (OpenAI, Anthropic)
+CALL_ID = re.compile(r"call_[0-9a-f]{24}")
+TOOLU_ID = re.compile(r"toolu_[0-9a-f]{24}")
+
+OAI_TOOLS: Any = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_SCHEMA}},
+    {"type": "function", "function": {"name": "search", "parameters": SEARCH_SCHEMA}},
+]
+CLAUDE_TOOLS: Any = [
+    {"name": "get_weather", "description": "Weather by city.", "input_schema": WEATHER_SCHEMA},
+    {"name": "search", "input_schema": SEARCH_SCHEMA},
+]
+_STR, _INT, _BOOL = genai_types.Type.STRING, genai_types.Type.INTEGER, genai_types.Type.BOOLEAN
+# get_weather as a types.Schema, which google-genai sends with Gemini's upper-case type names;
+# search as plain JSON Schema (parametersJsonSchema).
+GEMINI_TOOLS = [
+    genai_types.Tool(
+        function_declarations=[
+            genai_types.FunctionDeclaration(
+                name="get_weather",
+                parameters=genai_types.Schema(
+                    type=genai_types.Type.OBJECT,
+                    properties={
+                        "city": genai_types.Schema(type=_STR),
+                        "days": genai_types.Schema(type=_INT),
+                        "metric": genai_types.Schema(type=_BOOL),
+                        "unit": genai_types.Schema(type=_STR, enum=["c", "f"]),
+                    },
+                ),
+            ),
+            genai_types.FunctionDeclaration(name="search", parameters_json_schema=SEARCH_SCHEMA),
+        ]
+    )
+]
+
+
+def tool_headers(n: int) -> dict[str, str]:
+    return {"x-mock-tool-calls": str(n)}
+
+
+async def sse_data(url: str, body: Any, headers: dict[str, str] | None = None) -> list[Any]:
+    """Each SSE frame's data as sent, decoded (a ``[DONE]`` kept as the string)."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, json=body, headers=headers) as r,
+    ):
+        assert r.status == 200
+        text = await r.text()
+    data = [line.removeprefix("data: ") for line in text.split("\n") if line.startswith("data: ")]
+    return [d if d == "[DONE]" else json.loads(d) for d in data]
+
+
+def oai_calls(message: Any) -> list[tuple[str, Any]]:
+    return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls]
+
+
+async def test_chat_tool_call_plain(oai: openai.AsyncOpenAI) -> None:
+    raw = await oai.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=CHAT_MESSAGES, tools=OAI_TOOLS
+    )
+    resp = ChatCompletion.model_validate(raw.http_response.json())
+    [choice] = resp.choices
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    [call] = choice.message.tool_calls or []
+    assert call.type == "function" and CALL_ID.fullmatch(call.id)
+    assert oai_calls(choice.message) == [("get_weather", WEATHER_ARGS)]
+    usage = resp.usage
+    assert usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (PROMPT_TOKENS, WEATHER_TOKENS)
+
+
+async def test_chat_parallel_tool_calls_stream(mock: Mock, oai: openai.AsyncOpenAI) -> None:
+    body = {
+        "model": "m",
+        "messages": CHAT_MESSAGES,
+        "tools": OAI_TOOLS,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    frames = await sse_data(f"{mock.url}/v1/chat/completions", body, tool_headers(3))
+    assert frames[-1] == "[DONE]"
+    chunks = [ChatCompletionChunk.model_validate(f) for f in frames[:-1]]
+    *body_chunks, finish, usage_chunk = chunks
+    assert body_chunks[0].choices[0].delta.role == "assistant"
+    deltas = [c.choices[0].delta.tool_calls for c in body_chunks[1:]]
+    assert all(d is not None and len(d) == 1 for d in deltas)
+    calls = [d[0] for d in deltas if d]
+    # Per call in turn: index, id, type and name with empty arguments; then its arguments in
+    # two or more fragments that carry only the index.
+    assert [c.index for c in calls] == sorted(c.index for c in calls)
+    for i, (name, args) in enumerate(PARALLEL_3):
+        start, *fragments = [c for c in calls if c.index == i]
+        assert start.id is not None and CALL_ID.fullmatch(start.id) and start.type == "function"
+        assert start.function is not None
+        assert (start.function.name, start.function.arguments) == (name, "")
+        assert len(fragments) >= 2
+        assert all(f.id is None and f.function and f.function.name is None for f in fragments)
+        arguments = "".join(f.function.arguments or "" for f in fragments if f.function)
+        assert json.loads(arguments) == args
+    assert [c.index for c in calls if c.id] == [0, 1, 2]
+    assert (
+        finish.choices[0].finish_reason == "tool_calls"
+        and finish.choices[0].delta.tool_calls is None
+    )
+    usage = usage_chunk.usage
+    assert usage_chunk.choices == [] and usage is not None
+    output = 2 * WEATHER_TOKENS + SEARCH_TOKENS
+    assert (usage.prompt_tokens, usage.completion_tokens) == (PROMPT_TOKENS, output)
+
+    # The SDK's stream helper puts the calls back together; usage matches the plain answer's.
+    async with oai.chat.completions.stream(
+        model="m",
+        messages=CHAT_MESSAGES,
+        tools=OAI_TOOLS,
+        stream_options={"include_usage": True},
+        extra_headers=tool_headers(3),
+    ) as stream:
+        final = await stream.get_final_completion()
+    plain = await oai.chat.completions.create(
+        model="m", messages=CHAT_MESSAGES, tools=OAI_TOOLS, extra_headers=tool_headers(3)
+    )
+    assert oai_calls(final.choices[0].message) == oai_calls(plain.choices[0].message) == PARALLEL_3
+    assert final.choices[0].finish_reason == plain.choices[0].finish_reason == "tool_calls"
+    assert final.usage is not None and plain.usage is not None
+    assert final.usage.completion_tokens == plain.usage.completion_tokens == output
+
+
+async def test_chat_tool_choice(oai: openai.AsyncOpenAI) -> None:
+    async def create(**kwargs: Any) -> Any:
+        return await oai.chat.completions.create(
+            model="m", messages=CHAT_MESSAGES, tools=OAI_TOOLS, **kwargs
+        )
+
+    named = await create(
+        tool_choice={"type": "function", "function": {"name": "search"}},
+        extra_headers=tool_headers(2),
+    )
+    assert oai_calls(named.choices[0].message) == [("search", SEARCH_ARGS)] * 2
+    assert named.usage.completion_tokens == 2 * SEARCH_TOKENS
+    required = await create(tool_choice="required", extra_headers=tool_headers(2))
+    assert oai_calls(required.choices[0].message) == [
+        ("get_weather", WEATHER_ARGS),
+        ("search", SEARCH_ARGS),
+    ]
+    single = await create(parallel_tool_calls=False, extra_headers=tool_headers(3))
+    assert oai_calls(single.choices[0].message) == [("get_weather", WEATHER_ARGS)]
+    none = await create(tool_choice="none", extra_headers=tool_headers(2))
+    assert none.choices[0].message.content == FULL_TEXT
+    assert none.choices[0].message.tool_calls is None
+    assert none.choices[0].finish_reason == "stop" and none.usage.completion_tokens == 20
+
+
+async def test_chat_tool_round_trip(oai: openai.AsyncOpenAI) -> None:
+    first = await oai.chat.completions.create(model="m", messages=CHAT_MESSAGES, tools=OAI_TOOLS)
+    message = first.choices[0].message
+    [call] = message.tool_calls or []
+    history: Any = [
+        *CHAT_MESSAGES,
+        message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": TOOL_RESULT},
+    ]
+    second = await oai.chat.completions.create(model="m", messages=history, tools=OAI_TOOLS)
+    assert second.choices[0].message.content == FULL_TEXT
+    assert second.choices[0].message.tool_calls is None
+    assert second.choices[0].finish_reason == "stop"
+    assert second.usage is not None
+    assert (second.usage.prompt_tokens, second.usage.completion_tokens) == (10, 20)  # 40 chars
+
+
+async def test_tool_calls_stay_within_the_cap(oai: openai.AsyncOpenAI) -> None:
+    # Whole calls, as many as fit: finish "length" when one is left out; the usual text cut at
+    # the cap when not even one fits; all of them when the mock ignores the cap.
+    async def create(cap: int, **headers: str) -> Any:
+        return await oai.chat.completions.create(
+            model="m",
+            messages=CHAT_MESSAGES,
+            tools=OAI_TOOLS,
+            max_tokens=cap,
+            extra_headers={**tool_headers(2), **headers},
+        )
+
+    one = await create(WEATHER_TOKENS + SEARCH_TOKENS - 1)
+    assert oai_calls(one.choices[0].message) == [("get_weather", WEATHER_ARGS)]
+    assert one.choices[0].finish_reason == "length"
+    assert one.usage.completion_tokens == WEATHER_TOKENS
+    text = await create(3)
+    assert text.choices[0].message.content == "tok0 tok1 tok2"
+    assert text.choices[0].message.tool_calls is None
+    assert text.choices[0].finish_reason == "length" and text.usage.completion_tokens == 3
+    both = await create(3, **{"x-mock-ignore-cap": "1"})
+    assert len(oai_calls(both.choices[0].message)) == 2
+    assert both.choices[0].finish_reason == "tool_calls"
+
+
+async def test_anthropic_tool_use_plain(claude: anthropic.AsyncAnthropic) -> None:
+    raw = await claude.messages.with_raw_response.create(
+        model="claude-sonnet-4-6",
+        system=SYSTEM,
+        messages=CLAUDE_MESSAGES,
+        max_tokens=100,
+        tools=CLAUDE_TOOLS,
+        extra_headers=tool_headers(2),
+    )
+    msg = anthropic.types.Message.model_validate(raw.http_response.json())
+    assert msg.stop_reason == "tool_use"
+    blocks = [b for b in msg.content if b.type == "tool_use"]
+    assert len(blocks) == len(msg.content) == 2
+    assert [(b.name, b.input) for b in blocks] == [
+        ("get_weather", WEATHER_ARGS),
+        ("search", SEARCH_ARGS),
+    ]
+    assert all(TOOLU_ID.fullmatch(b.id) for b in blocks) and blocks[0].id != blocks[1].id
+    output = WEATHER_TOKENS + SEARCH_TOKENS
+    assert (msg.usage.input_tokens, msg.usage.output_tokens) == (PROMPT_TOKENS, output)
+
+
+async def test_anthropic_tool_use_stream(mock: Mock, claude: anthropic.AsyncAnthropic) -> None:
+    body = {
+        "model": "c",
+        "max_tokens": 100,
+        "messages": CLAUDE_MESSAGES,
+        "tools": CLAUDE_TOOLS,
+        "stream": True,
+    }
+    frames = await sse_data(f"{mock.url}/v1/messages", body, tool_headers(2))
+    events_type: Any = anthropic.types.RawMessageStreamEvent
+    adapter = pydantic.TypeAdapter(events_type)
+    events = [adapter.validate_python(f) for f in frames if f["type"] != "ping"]
+    start, *blocks, delta, stop = events
+    assert (start.type, delta.type, stop.type) == ("message_start", "message_delta", "message_stop")
+    for i, (name, args) in enumerate([("get_weather", WEATHER_ARGS), ("search", SEARCH_ARGS)]):
+        mine = [e for e in blocks if e.index == i]
+        first, *fragments, last = mine
+        assert first.type == "content_block_start" and first.content_block.type == "tool_use"
+        assert TOOLU_ID.fullmatch(first.content_block.id)
+        assert (first.content_block.name, first.content_block.input) == (name, {})
+        assert len(fragments) >= 2
+        assert all(f.type == "content_block_delta" for f in fragments)
+        assert all(f.delta.type == "input_json_delta" for f in fragments)
+        assert json.loads("".join(f.delta.partial_json for f in fragments)) == args
+        assert last.type == "content_block_stop"
+    assert [e.index for e in blocks] == sorted(e.index for e in blocks)  # one block at a time
+    output = WEATHER_TOKENS + SEARCH_TOKENS
+    assert delta.delta.stop_reason == "tool_use" and delta.usage.output_tokens == output
+
+    # The SDK's stream helper rebuilds each input from its partial_json fragments.
+    async with claude.messages.stream(
+        model="c",
+        max_tokens=100,
+        messages=CLAUDE_MESSAGES,
+        tools=CLAUDE_TOOLS,
+        extra_headers=tool_headers(2),
+    ) as stream:
+        final = await stream.get_final_message()
+    assert [(b.type, getattr(b, "input", None)) for b in final.content] == [
+        ("tool_use", WEATHER_ARGS),
+        ("tool_use", SEARCH_ARGS),
+    ]
+    assert final.stop_reason == "tool_use"
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (6, output)
+
+
+async def test_anthropic_tool_choice(claude: anthropic.AsyncAnthropic) -> None:
+    async def create(tool_choice: Any, n: int) -> anthropic.types.Message:
+        return await claude.messages.create(
+            model="c",
+            max_tokens=100,
+            messages=CLAUDE_MESSAGES,
+            tools=CLAUDE_TOOLS,
+            tool_choice=tool_choice,
+            extra_headers=tool_headers(n),
+        )
+
+    def calls(msg: anthropic.types.Message) -> list[tuple[str, Any]]:
+        return [(b.name, b.input) for b in msg.content if b.type == "tool_use"]
+
+    named = await create({"type": "tool", "name": "search"}, 2)
+    assert calls(named) == [("search", SEARCH_ARGS)] * 2
+    single = await create({"type": "any", "disable_parallel_tool_use": True}, 3)
+    assert calls(single) == [("get_weather", WEATHER_ARGS)]
+    assert single.usage.output_tokens == WEATHER_TOKENS
+    none = await create({"type": "none"}, 2)
+    assert none.content[0].type == "text" and none.content[0].text == FULL_TEXT
+    assert none.stop_reason == "end_turn"
+
+
+async def test_anthropic_tool_round_trip(claude: anthropic.AsyncAnthropic) -> None:
+    first = await claude.messages.create(
+        model="c", system=SYSTEM, messages=CLAUDE_MESSAGES, max_tokens=100, tools=CLAUDE_TOOLS
+    )
+    [block] = first.content
+    assert block.type == "tool_use"
+    history: Any = [
+        *CLAUDE_MESSAGES,
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "tool_use", "id": block.id, "name": block.name, "input": block.input}
+            ],
+        },
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": block.id, "content": TOOL_RESULT}],
+        },
+    ]
+    second = await claude.messages.create(
+        model="c", system=SYSTEM, messages=history, max_tokens=100, tools=CLAUDE_TOOLS
+    )
+    assert second.content[0].type == "text" and second.content[0].text == FULL_TEXT
+    assert second.stop_reason == "end_turn"
+    assert (second.usage.input_tokens, second.usage.output_tokens) == (10, 20)  # 40 chars
+
+
+def gemini_calls(resp: genai_types.GenerateContentResponse) -> list[tuple[Any, ...]]:
+    return [(c.name, c.args, c.id) for c in resp.function_calls or []]
+
+
+async def test_gemini_function_calls_plain_and_stream(
+    mock: Mock, gemini: genai.client.AsyncClient
+) -> None:
+    config = genai_types.GenerateContentConfig(
+        system_instruction=SYSTEM,
+        tools=GEMINI_TOOLS,
+        http_options=genai_types.HttpOptions(headers=tool_headers(2)),
+    )
+    resp = await gemini.models.generate_content(
+        model="gemini-2.5-flash", contents=USER, config=config
+    )
+    # Gemini's calls carry no id.
+    assert gemini_calls(resp) == [
+        ("get_weather", WEATHER_ARGS, None),
+        ("search", SEARCH_ARGS, None),
+    ]
+    assert resp.candidates and resp.candidates[0].finish_reason == genai_types.FinishReason.STOP
+    output = WEATHER_TOKENS + SEARCH_TOKENS
+    usage = resp.usage_metadata
+    assert usage is not None
+    assert (usage.prompt_token_count, usage.candidates_token_count) == (PROMPT_TOKENS, output)
+    sent = mock.state.requests[-1].json()
+    assert sent["tools"][0]["functionDeclarations"][0]["parameters"]["type"] == "OBJECT"
+
+    stream = await gemini.models.generate_content_stream(
+        model="gemini-2.5-flash", contents=USER, config=config
+    )
+    chunks = [c async for c in stream]
+    # One whole call a chunk; running usage totals; the finish reason on the last chunk.
+    assert [gemini_calls(c) for c in chunks] == [
+        [("get_weather", WEATHER_ARGS, None)],
+        [("search", SEARCH_ARGS, None)],
+    ]
+    running = [c.usage_metadata.candidates_token_count for c in chunks if c.usage_metadata]
+    assert running == [WEATHER_TOKENS, output]
+    finishes = [c.candidates[0].finish_reason for c in chunks if c.candidates]
+    assert finishes == [None, genai_types.FinishReason.STOP]
+
+    # The same request as the SDK sent it, answered plain, as SSE and as a JSON array: every
+    # body validates as a GenerateContentResponse (which forbids unknown fields).
+    validate = genai_types.GenerateContentResponse.model_validate
+    headers = tool_headers(2)
+    base = f"{mock.url}/v1beta/models/gemini-2.5-flash"
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}:generateContent", json=sent, headers=headers) as r:
+            plain = validate(await r.json())
+        async with session.post(f"{base}:streamGenerateContent", json=sent, headers=headers) as r:
+            array = [validate(c) for c in await r.json()]
+    sse = [
+        validate(d) for d in await sse_data(f"{base}:streamGenerateContent?alt=sse", sent, headers)
+    ]
+    assert gemini_calls(plain) == gemini_calls(resp)
+    assert (
+        [gemini_calls(c) for c in array]
+        == [gemini_calls(c) for c in sse]
+        == [gemini_calls(c) for c in chunks]
+    )
+    assert plain.usage_metadata == sse[-1].usage_metadata == array[-1].usage_metadata
+
+
+async def test_gemini_tool_config(mock: Mock, gemini: genai.client.AsyncClient) -> None:
+    def config(mode: str, allowed: list[str] | None = None) -> genai_types.GenerateContentConfig:
+        calling = genai_types.FunctionCallingConfig(
+            mode=genai_types.FunctionCallingConfigMode(mode), allowed_function_names=allowed
+        )
+        return genai_types.GenerateContentConfig(
+            tools=GEMINI_TOOLS,
+            tool_config=genai_types.ToolConfig(function_calling_config=calling),
+            http_options=genai_types.HttpOptions(headers=tool_headers(2)),
+        )
+
+    named = await gemini.models.generate_content(
+        model="g", contents=USER, config=config("ANY", ["search"])
+    )
+    assert gemini_calls(named) == [("search", SEARCH_ARGS, None)] * 2
+    none = await gemini.models.generate_content(model="g", contents=USER, config=config("NONE"))
+    assert none.text == FULL_TEXT and not none.function_calls
+
+    # snake_case fields and lower-case JSON Schema types, as a hand-written request may send.
+    body = {
+        "contents": [{"role": "user", "parts": [{"text": USER}]}],
+        "tools": [{"function_declarations": [{"name": "w", "parameters": WEATHER_SCHEMA}]}],
+        "tool_config": {"function_calling_config": {"mode": "ANY"}},
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{mock.url}/v1beta/models/g:generateContent", json=body) as resp,
+    ):
+        answer = await resp.json()
+    assert answer["candidates"][0]["content"]["parts"] == [
+        {"functionCall": {"name": "w", "args": WEATHER_ARGS}}
+    ]
+
+
+async def test_gemini_function_round_trip(gemini: genai.client.AsyncClient) -> None:
+    config = genai_types.GenerateContentConfig(system_instruction=SYSTEM, tools=GEMINI_TOOLS)
+    first = await gemini.models.generate_content(model="g", contents=USER, config=config)
+    assert first.candidates and first.candidates[0].content and first.function_calls
+    [call] = first.function_calls
+    assert call.name is not None
+    reply = genai_types.Part.from_function_response(
+        name=call.name, response={"result": TOOL_RESULT}
+    )
+    contents = [
+        genai_types.Content(role="user", parts=[genai_types.Part(text=USER)]),
+        first.candidates[0].content,
+        genai_types.Content(role="user", parts=[reply]),
+    ]
+    second = await gemini.models.generate_content(model="g", contents=contents, config=config)
+    assert second.text == FULL_TEXT and not second.function_calls
+    assert second.candidates and second.candidates[0].finish_reason == genai_types.FinishReason.STOP
+    usage = second.usage_metadata
+    assert usage is not None  # a functionResponse is not prompt text in the mock's count
+    assert (usage.prompt_token_count, usage.candidates_token_count) == (PROMPT_TOKENS, 20)
+
+
+async def test_tool_choice_of_an_undeclared_tool_and_bad_header(
+    oai: openai.AsyncOpenAI,
+    claude: anthropic.AsyncAnthropic,
+    gemini: genai.client.AsyncClient,
+) -> None:
+    with pytest.raises(openai.BadRequestError):
+        await oai.chat.completions.create(
+            model="m",
+            messages=CHAT_MESSAGES,
+            tools=OAI_TOOLS,
+            tool_choice={"type": "function", "function": {"name": "nope"}},
+        )
+    with pytest.raises(anthropic.BadRequestError):
+        await claude.messages.create(
+            model="c",
+            max_tokens=10,
+            messages=CLAUDE_MESSAGES,
+            tools=CLAUDE_TOOLS,
+            tool_choice={"type": "tool", "name": "nope"},
+        )
+    calling = genai_types.FunctionCallingConfig(
+        mode=genai_types.FunctionCallingConfigMode.ANY, allowed_function_names=["nope"]
+    )
+    config = genai_types.GenerateContentConfig(
+        tools=GEMINI_TOOLS, tool_config=genai_types.ToolConfig(function_calling_config=calling)
+    )
+    with pytest.raises(genai_errors.ClientError) as gem_err:
+        await gemini.models.generate_content(model="g", contents=USER, config=config)
+    assert gem_err.value.status == "INVALID_ARGUMENT"
+    with pytest.raises(openai.BadRequestError) as bad_header:
+        await oai.chat.completions.create(
+            model="m", messages=CHAT_MESSAGES, tools=OAI_TOOLS, extra_headers=tool_headers(0)
+        )
+    assert bad_header.value.message.endswith("x-mock-tool-calls must be >= 1")
 
 
 # --- Errors -----------------------------------------------------------------------------------

@@ -6,6 +6,11 @@ is kept small). Answers are deterministic: the reply is ``chunks`` pieces of
 output-token cap; input tokens are ``max(1, ceil(prompt_chars / 4))``. Usage numbers in every
 body and stream are exact, so a gateway's metering can be checked against them.
 
+Chat Completions, Messages and generateContent requests that declare tools are answered with
+tool calls instead (``x-mock-tool-calls: N`` of them, default 1), unless their tool choice is
+"none" or their latest input is a tool result: :mod:`ratelimit_gw.testing.mock_tools` says
+which, and each call costs ``ceil(len(arguments JSON) / 4)`` output tokens.
+
 Per-request behaviour can be changed with ``x-mock-*`` headers (see :class:`_Controls`), and
 every request received is kept in a bounded log readable over HTTP (``/mock/requests``,
 ``/mock/stats``) or in-process through ``app[MOCK_STATE]``.
@@ -24,8 +29,10 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from . import mock_tools
 from . import mock_wire as wire
-from .mock_wire import Protocol, Reply, StreamFrames
+from .mock_tools import ToolRequest
+from .mock_wire import Protocol, Reply, StreamFrames, ToolCall
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _JSON = "application/json"
@@ -85,6 +92,9 @@ class _Controls:
     # reported as read from / written to a prompt cache (writes: Anthropic only)
     cache_read_tokens: int
     cache_write_tokens: int
+    # x-mock-tool-calls: how many calls a request with tools is answered with (>= 1), unless
+    # it disables parallel calls
+    tool_calls: int
 
 
 class _MockError(Exception):
@@ -171,9 +181,17 @@ class MockState:
             malformed_sse=_flag_header(headers, "x-mock-malformed-sse"),
             cache_read_tokens=_int_header(headers, "x-mock-cache-read-tokens", 0) or 0,
             cache_write_tokens=_int_header(headers, "x-mock-cache-write-tokens", 0) or 0,
+            tool_calls=_int_header(headers, "x-mock-tool-calls", 1) or 1,
         )
 
-    def reply(self, body: dict[str, Any], ctl: _Controls, model: str, cap: int | None) -> Reply:
+    def reply(
+        self,
+        body: dict[str, Any],
+        ctl: _Controls,
+        model: str,
+        cap: int | None,
+        tool_calls: tuple[ToolCall, ...] = (),
+    ) -> Reply:
         return wire.plan_reply(
             seq=next(self._seq),
             model=model,
@@ -185,6 +203,7 @@ class MockState:
             ignore_cap=ctl.ignore_cap,
             cache_read_tokens=ctl.cache_read_tokens,
             cache_write_tokens=ctl.cache_write_tokens,
+            tool_calls=tool_calls,
         )
 
 
@@ -198,8 +217,12 @@ class _Call:
     ctl: _Controls
     body: dict[str, Any] = field(default_factory=dict)
 
-    def reply(self, model: str, cap: int | None) -> Reply:
-        return self.state.reply(self.body, self.ctl, model, cap)
+    def reply(self, model: str, cap: int | None, tools: ToolRequest = mock_tools.NO_TOOLS) -> Reply:
+        try:
+            calls = mock_tools.plan_calls(tools, self.ctl.tool_calls)
+        except mock_tools.UnknownTool as err:
+            raise _MockError(400, str(err)) from None
+        return self.state.reply(self.body, self.ctl, model, cap, calls)
 
     def model(self) -> str:
         model = self.body.get("model")
@@ -306,7 +329,8 @@ async def _stream(
 
 @_endpoint("openai")
 async def _chat_completions(call: _Call) -> web.StreamResponse:
-    reply = call.reply(call.model(), _cap(call.body, "max_completion_tokens", "max_tokens"))
+    cap = _cap(call.body, "max_completion_tokens", "max_tokens")
+    reply = call.reply(call.model(), cap, mock_tools.openai_request(call.body))
     if call.body.get("stream") is not True:
         return _json(wire.chat_completion(reply))
     options = call.body.get("stream_options")
@@ -324,7 +348,9 @@ async def _responses(call: _Call) -> web.StreamResponse:
 
 @_endpoint("anthropic")
 async def _messages(call: _Call) -> web.StreamResponse:
-    reply = call.reply(call.model(), _cap(call.body, "max_tokens"))
+    reply = call.reply(
+        call.model(), _cap(call.body, "max_tokens"), mock_tools.anthropic_request(call.body)
+    )
     if call.body.get("stream") is not True:
         return _json(wire.anthropic_message(reply))
     return await _stream(call, wire.anthropic_stream(reply))
@@ -362,7 +388,7 @@ async def _gemini_generate(call: _Call) -> web.StreamResponse:
     cap = _cap(config, "maxOutputTokens", "max_output_tokens") if isinstance(config, dict) else None
     if cap == 0:
         cap = None  # protobuf cannot tell 0 from unset: Gemini answers with its maximum
-    reply = call.reply(model, cap)
+    reply = call.reply(model, cap, mock_tools.gemini_request(call.body))
     if action == "generateContent":
         return _json(wire.gemini_response(reply))
     if call.request.query.get("alt") == "sse":

@@ -2,7 +2,14 @@
 
 Everything here is a pure function of a :class:`Reply` and returns ready-to-send bytes, so
 :mod:`ratelimit_gw.testing.mock_upstream` only decides *when* to write them. Shapes follow
-``/work/shared/reference/protocol-notes.md`` §1.3, §1.4, §2.3, §3.2 and §6.
+``/work/shared/reference/protocol-notes.md`` §1.3, §1.4, §2.3, §3.2 and §6, and for tool calls
+``converter-notes.md`` ("Responses and streams").
+
+A reply is either text or tool calls (:attr:`Reply.tool_calls`, chosen by
+:mod:`ratelimit_gw.testing.mock_tools`), never both. Tool calls cost
+``ceil(len(arguments JSON) / 4)`` output tokens each and carry ids made from the reply's
+``seq``: OpenAI ``call_<24 hex>``, Anthropic ``toolu_<24 hex>``, Gemini none (as the real
+``generateContent``).
 """
 
 from __future__ import annotations
@@ -58,8 +65,31 @@ def _pieces(n_tokens: int, tokens_per_chunk: int) -> tuple[tuple[str, ...], tupl
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One function call of an answer: ``args`` and the same as compact JSON (``arguments``)."""
+
+    name: str
+    args: dict[str, Any]
+    arguments: str  # what OpenAI carries as a string and Anthropic streams in fragments
+
+    @classmethod
+    def of(cls, name: str, args: dict[str, Any]) -> ToolCall:
+        return cls(name, args, _encode(args).decode())
+
+    @property
+    def tokens(self) -> int:
+        return -(-len(self.arguments) // 4)
+
+    def fragments(self) -> tuple[str, ...]:
+        """``arguments`` cut into at least two stream pieces of at most 16 characters."""
+        size = min(16, -(-len(self.arguments) // 2))
+        return tuple(self.arguments[i : i + size] for i in range(0, len(self.arguments), size))
+
+
+@dataclass(frozen=True, slots=True)
 class Reply:
-    """One generated answer: its text split into stream pieces and its exact usage."""
+    """One generated answer: its text split into stream pieces (or its tool calls) and its
+    exact usage."""
 
     seq: int
     model: str
@@ -72,10 +102,14 @@ class Reply:
     # Parts of input_tokens reported as prompt-cache reads and writes.
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+    tool_calls: tuple[ToolCall, ...] = ()  # when set, the answer has no text
 
     @property
     def text(self) -> str:
         return "".join(self.pieces)
+
+    def call_id(self, prefix: str, index: int) -> str:
+        return f"{prefix}{self.seq:016x}{index:08x}"
 
 
 def plan_reply(
@@ -90,13 +124,35 @@ def plan_reply(
     ignore_cap: bool,
     cache_read_tokens: int = 0,
     cache_write_tokens: int = 0,
+    tool_calls: tuple[ToolCall, ...] = (),
 ) -> Reply:
+    """The answer: ``tool_calls`` when given, else ``chunks * tokens_per_chunk`` words.
+
+    The output cap cuts both (unless ``ignore_cap``): tool calls are kept whole, as many as
+    fit, and the reply is truncated when any was left out; when not even the first fits, the
+    answer is the text cut at the cap instead.
+    """
+    cache_read = min(cache_read_tokens, input_tokens)
+    cache_write = min(cache_write_tokens, input_tokens - cache_read)
+    kept = _calls_within(tool_calls, None if ignore_cap else cap_tokens)
+    if kept:
+        return Reply(
+            seq,
+            model,
+            created_s,
+            input_tokens,
+            (),
+            (),
+            sum(call.tokens for call in kept),
+            len(kept) < len(tool_calls),
+            cache_read,
+            cache_write,
+            kept,
+        )
     full_tokens = chunks * tokens_per_chunk
     truncated = cap_tokens is not None and cap_tokens < full_tokens and not ignore_cap
     n_tokens = max(0, cap_tokens) if truncated and cap_tokens is not None else full_tokens
     pieces, counts = _pieces(n_tokens, tokens_per_chunk)
-    cache_read = min(cache_read_tokens, input_tokens)
-    cache_write = min(cache_write_tokens, input_tokens - cache_read)
     return Reply(
         seq,
         model,
@@ -111,9 +167,21 @@ def plan_reply(
     )
 
 
+def _calls_within(calls: tuple[ToolCall, ...], cap_tokens: int | None) -> tuple[ToolCall, ...]:
+    kept = 0
+    spent = 0
+    for call in calls:
+        spent += call.tokens
+        if cap_tokens is not None and spent > cap_tokens:
+            break
+        kept += 1
+    return calls[:kept]
+
+
 @dataclass(frozen=True, slots=True)
 class StreamFrames:
-    """A stream as three parts: ``head`` and ``tail`` frames around one frame per text piece."""
+    """A stream as three parts: ``head`` and ``tail`` frames around ``chunks``, one frame per
+    text piece, or for tool calls one per event of the calls (start, argument fragment, stop)."""
 
     head: bytes
     chunks: tuple[bytes, ...]
@@ -164,13 +232,27 @@ def _chat_usage(r: Reply) -> dict[str, Any]:
     }
 
 
+def _chat_finish(r: Reply) -> str:
+    return "length" if r.truncated else "tool_calls" if r.tool_calls else "stop"
+
+
 def chat_completion(r: Reply) -> bytes:
-    message = {"role": "assistant", "content": r.text, "refusal": None}
+    message: dict[str, Any] = {"role": "assistant", "content": r.text, "refusal": None}
+    if r.tool_calls:
+        message["content"] = None
+        message["tool_calls"] = [
+            {
+                "id": r.call_id("call_", i),
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            }
+            for i, call in enumerate(r.tool_calls)
+        ]
     choice = {
         "index": 0,
         "message": message,
         "logprobs": None,
-        "finish_reason": "length" if r.truncated else "stop",
+        "finish_reason": _chat_finish(r),
     }
     return _encode(
         {
@@ -200,12 +282,28 @@ def chat_stream(r: Reply, include_usage: bool) -> StreamFrames:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return _sse_data({**base, "choices": [choice], **null_usage})
 
-    head = frame({"role": "assistant", "content": ""}, None)
-    chunks = tuple(frame({"content": piece}, None) for piece in r.pieces)
-    tail = frame({}, "length" if r.truncated else "stop")
+    if r.tool_calls:
+        head = frame({"role": "assistant", "content": None}, None)
+        chunks = tuple(frame({"tool_calls": [d]}, None) for d in _chat_tool_deltas(r))
+    else:
+        head = frame({"role": "assistant", "content": ""}, None)
+        chunks = tuple(frame({"content": piece}, None) for piece in r.pieces)
+    tail = frame({}, _chat_finish(r))
     if include_usage:
         tail += _sse_data({**base, "choices": [], "usage": _chat_usage(r)})
     return StreamFrames(head, chunks, tail + b"data: [DONE]\n\n")
+
+
+def _chat_tool_deltas(r: Reply) -> list[dict[str, Any]]:
+    # Per call: its index, id and name with empty arguments, then the argument fragments.
+    deltas: list[dict[str, Any]] = []
+    for i, call in enumerate(r.tool_calls):
+        function = {"name": call.name, "arguments": ""}
+        deltas.append(
+            {"index": i, "id": r.call_id("call_", i), "type": "function", "function": function}
+        )
+        deltas += ({"index": i, "function": {"arguments": f}} for f in call.fragments())
+    return deltas
 
 
 # --- OpenAI responses (§1.4) ------------------------------------------------------------------
@@ -322,11 +420,19 @@ def _anthropic_message(r: Reply, content: list[Any], stop: str | None, out: int)
 
 
 def _stop_reason(r: Reply) -> str:
-    return "max_tokens" if r.truncated else "end_turn"
+    return "max_tokens" if r.truncated else "tool_use" if r.tool_calls else "end_turn"
+
+
+def _tool_use(r: Reply, i: int, call: ToolCall, args: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "tool_use", "id": r.call_id("toolu_", i), "name": call.name, "input": args}
 
 
 def anthropic_message(r: Reply) -> bytes:
-    content = [{"type": "text", "text": r.text}]
+    content = (
+        [_tool_use(r, i, call, call.args) for i, call in enumerate(r.tool_calls)]
+        if r.tool_calls
+        else [{"type": "text", "text": r.text}]
+    )
     return _encode(_anthropic_message(r, content, _stop_reason(r), r.output_tokens))
 
 
@@ -334,29 +440,30 @@ def anthropic_stream(r: Reply) -> StreamFrames:
     # message_start reports a placeholder output_tokens of 1, as the real API does; the true
     # cumulative count only arrives in message_delta.
     start = {"type": "message_start", "message": _anthropic_message(r, [], None, 1)}
-    block_start = {
-        "type": "content_block_start",
-        "index": 0,
-        "content_block": {"type": "text", "text": ""},
-    }
-    head = b"".join(
-        (
-            _sse_event("message_start", start),
-            _sse_event("ping", {"type": "ping"}),
-            _sse_event("content_block_start", block_start),
+    head = _sse_event("message_start", start) + _sse_event("ping", {"type": "ping"})
+    if r.tool_calls:
+        # Each call is a block of its own: start, input_json_delta fragments, stop.
+        chunks = tuple(_sse_event(e["type"], e) for e in _anthropic_tool_events(r))
+        block_stop = b""
+    else:
+        block_start = {
+            "type": "content_block_start",
+            "index": 0,
+            "content_block": {"type": "text", "text": ""},
+        }
+        head += _sse_event("content_block_start", block_start)
+        chunks = tuple(
+            _sse_event(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": piece},
+                },
+            )
+            for piece in r.pieces
         )
-    )
-    chunks = tuple(
-        _sse_event(
-            "content_block_delta",
-            {
-                "type": "content_block_delta",
-                "index": 0,
-                "delta": {"type": "text_delta", "text": piece},
-            },
-        )
-        for piece in r.pieces
-    )
+        block_stop = _sse_event("content_block_stop", {"type": "content_block_stop", "index": 0})
     delta = {
         "type": "message_delta",
         "delta": {"stop_reason": _stop_reason(r), "stop_sequence": None},
@@ -364,7 +471,7 @@ def anthropic_stream(r: Reply) -> StreamFrames:
     }
     tail = b"".join(
         (
-            _sse_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            block_stop,
             _sse_event("message_delta", delta),
             _sse_event("message_stop", {"type": "message_stop"}),
         )
@@ -372,12 +479,31 @@ def anthropic_stream(r: Reply) -> StreamFrames:
     return StreamFrames(head, chunks, tail)
 
 
+def _anthropic_tool_events(r: Reply) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    for i, call in enumerate(r.tool_calls):
+        block = _tool_use(r, i, call, {})
+        events.append({"type": "content_block_start", "index": i, "content_block": block})
+        events += (
+            {
+                "type": "content_block_delta",
+                "index": i,
+                "delta": {"type": "input_json_delta", "partial_json": fragment},
+            }
+            for fragment in call.fragments()
+        )
+        events.append({"type": "content_block_stop", "index": i})
+    return events
+
+
 # --- Gemini generateContent (§3.2) ------------------------------------------------------------
 
 
-def _gemini_chunk(r: Reply, text: str, candidates_tokens: int, last: bool) -> dict[str, Any]:
+def _gemini_chunk(
+    r: Reply, parts: list[dict[str, Any]], candidates_tokens: int, last: bool
+) -> dict[str, Any]:
     candidate: dict[str, Any] = {
-        "content": {"role": "model", "parts": [{"text": text}]},
+        "content": {"role": "model", "parts": parts},
         "index": 0,
     }
     if last:
@@ -395,20 +521,31 @@ def _gemini_chunk(r: Reply, text: str, candidates_tokens: int, last: bool) -> di
     }
 
 
+def _function_call(call: ToolCall) -> dict[str, Any]:
+    # No id: the Gemini API's generateContent does not give its calls one.
+    return {"functionCall": {"name": call.name, "args": call.args}}
+
+
 def gemini_response(r: Reply) -> bytes:
-    return _encode(_gemini_chunk(r, r.text, r.output_tokens, last=True))
+    parts = [_function_call(c) for c in r.tool_calls] if r.tool_calls else [{"text": r.text}]
+    return _encode(_gemini_chunk(r, parts, r.output_tokens, last=True))
 
 
 def _gemini_chunks(r: Reply) -> list[dict[str, Any]]:
     # usageMetadata carries running totals, so the last chunk holds the final counts. An empty
-    # answer still needs one chunk to deliver the finish reason and usage.
-    pieces = r.pieces or ("",)
-    counts = r.piece_tokens or (0,)
+    # answer still needs one chunk to deliver the finish reason and usage. Tool calls come
+    # whole, one call a chunk.
+    parts = (
+        [_function_call(c) for c in r.tool_calls]
+        if r.tool_calls
+        else [{"text": piece} for piece in r.pieces or ("",)]
+    )
+    counts = [c.tokens for c in r.tool_calls] if r.tool_calls else r.piece_tokens or (0,)
     out: list[dict[str, Any]] = []
     so_far = 0
-    for i, (piece, count) in enumerate(zip(pieces, counts, strict=True)):
+    for i, (part, count) in enumerate(zip(parts, counts, strict=True)):
         so_far += count
-        out.append(_gemini_chunk(r, piece, so_far, last=i == len(pieces) - 1))
+        out.append(_gemini_chunk(r, [part], so_far, last=i == len(parts) - 1))
     return out
 
 
