@@ -33,12 +33,8 @@ USER = "Say something please."
 FULL_TEXT = " ".join(f"tok{i}" for i in range(20))
 MODEL_MAX_OUTPUT = 1000  # conftest.gateway_config's default_max_output
 CONVERTER_BASE = {"openai": "/openai/v1", "anthropic": "/anthropic", "gemini": "/gemini"}
-# The path each target protocol's upstream request goes to (model-independent part).
-UPSTREAM_PATH = {
-    "openai": "/v1/chat/completions",
-    "anthropic": "/v1/messages",
-    "gemini": ":generateContent",
-}
+# The path an OpenAI or Anthropic target's upstream request goes to.
+UPSTREAM_PATH = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages"}
 
 
 @dataclass(frozen=True)
