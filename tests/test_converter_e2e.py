@@ -31,6 +31,7 @@ from .converter_callers import (
     MODEL_MAX_OUTPUT,
     PROTOCOL,
     UPSTREAM_PATH,
+    AnthropicCaller,
     caller,
     upstream_body,
     upstream_usage,
@@ -186,6 +187,30 @@ async def test_an_anthropic_target_without_a_cap_gets_the_models_max_output(
     assert answer.text == FULL_TEXT
 
 
+@pytest.mark.parametrize(("protocol", "model"), DIRECTIONS)
+async def test_a_prepaid_account_is_sent_the_held_cap_and_charged_from_its_balance(
+    gateway: Gateway, protocol: str, model: str
+) -> None:
+    """No cap from an OpenAI or Gemini caller: every target gets the held cap (the model's,
+    all affordable here); the balance then drops by exactly the settled charge."""
+    key = await gateway.new_key(balance_usd="1.00")
+    async with caller(gateway, protocol, key) as sdk:
+        answer = await sdk.ask(model)
+    # (the Anthropic SDK always sends a cap: AnthropicCaller's default)
+    held = AnthropicCaller.default_max_tokens if protocol == "anthropic" else MODEL_MAX_OUTPUT
+    assert upstream_cap(gateway, PROTOCOL[model]) == held
+    usage = upstream_usage(gateway, 20)
+    assert (answer.input_tokens, answer.output_tokens) == usage
+    entries = await settled(gateway, "acme", 2)  # the charge and the top-up
+    await assert_charged(gateway, model, usage, count=len(entries))
+    state = await gateway.accounts.get_account("acme")
+    cost = parse_usd(entries[0].cost_usd or "0")
+    assert (state.balance_usd, state.spent_usd) == (
+        format_usd(1_000_000_000 - cost),
+        format_usd(cost),
+    )
+
+
 # --- errors -----------------------------------------------------------------------------------
 
 
@@ -308,10 +333,16 @@ async def test_responses_is_a_404_naming_chat_completions(gateway: Gateway) -> N
 
 
 async def listed(gw: Gateway, protocol: str, key: str) -> list[str]:
+    """The model ids the SDK's own ``models.list()`` returns, each checked for its shape."""
     async with caller(gw, protocol, key) as sdk:
         if protocol == "gemini":
-            return [m.name.removeprefix("models/") async for m in await sdk.client.models.list()]
-        return [m.id async for m in sdk.client.models.list()]
+            models = [m async for m in await sdk.client.models.list()]
+            assert all(m.output_token_limit == MODEL_MAX_OUTPUT for m in models)
+            return [m.name.removeprefix("models/") for m in models]
+        models = [m async for m in sdk.client.models.list()]
+        kind = "object" if protocol == "openai" else "type"
+        assert all(getattr(m, kind) == "model" for m in models)
+        return [m.id for m in models]
 
 
 @pytest.mark.parametrize("protocol", ["openai", "anthropic", "gemini"])
