@@ -104,4 +104,7 @@ class GatewayError(Exception):
 
     @property
     def type(self) -> str:
-        return ERROR_TYPE_BY_STATUS.get(self.status, "api_error")
+        # A status outside the table comes from an upstream's error rewritten by a converter
+        # route (a 422, 409, …): a client error must not read as the server's api_error.
+        fallback = "invalid_request_error" if 400 <= self.status < 500 else "api_error"
+        return ERROR_TYPE_BY_STATUS.get(self.status, fallback)

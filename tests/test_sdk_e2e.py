@@ -55,6 +55,7 @@ class Attempt:
 
     sent: float
     retry_count: str | None
+    body: bytes = b""  # the request body as sent
     received: float = math.nan
     status: int = 0
     headers: dict[str, str] = field(default_factory=dict)
@@ -69,7 +70,9 @@ class AttemptLog:
 
     async def on_request(self, request: httpx2.Request) -> None:
         retry_count = request.headers.get("x-stainless-retry-count")
-        self.attempts.append(Attempt(sent=time.monotonic(), retry_count=retry_count))
+        self.attempts.append(
+            Attempt(sent=time.monotonic(), retry_count=retry_count, body=request.content)
+        )
 
     async def on_response(self, response: httpx2.Response) -> None:
         attempt = self.attempts[-1]
@@ -86,13 +89,18 @@ class AttemptLog:
 
 @asynccontextmanager
 async def openai_client(
-    gw: Gateway, key: str, *, max_retries: int = 0, log: AttemptLog | None = None
+    gw: Gateway,
+    key: str,
+    *,
+    max_retries: int = 0,
+    log: AttemptLog | None = None,
+    base_path: str = "/v1",  # the converter route's is /openai/v1
 ) -> AsyncIterator[openai.AsyncOpenAI]:
     hooks = (log or AttemptLog()).hooks()
     async with (
         openai.DefaultAsyncHttpxClient(event_hooks=hooks) as http,
         openai.AsyncOpenAI(
-            base_url=f"{gw.url}/v1", api_key=key, max_retries=max_retries, http_client=http
+            base_url=gw.url + base_path, api_key=key, max_retries=max_retries, http_client=http
         ) as client,
     ):
         yield client
@@ -100,23 +108,34 @@ async def openai_client(
 
 @asynccontextmanager
 async def anthropic_client(
-    gw: Gateway, key: str, *, max_retries: int = 0, log: AttemptLog | None = None
+    gw: Gateway,
+    key: str,
+    *,
+    max_retries: int = 0,
+    log: AttemptLog | None = None,
+    base_path: str = "",  # the converter route's is /anthropic
 ) -> AsyncIterator[anthropic.AsyncAnthropic]:
     hooks = (log or AttemptLog()).hooks()
     async with (
         anthropic.DefaultAsyncHttpxClient(event_hooks=hooks) as http,
         anthropic.AsyncAnthropic(
-            base_url=gw.url, api_key=key, max_retries=max_retries, http_client=http
+            base_url=gw.url + base_path, api_key=key, max_retries=max_retries, http_client=http
         ) as client,
     ):
         yield client
 
 
 @asynccontextmanager
-async def gemini_client(gw: Gateway, key: str) -> AsyncIterator[genai.client.AsyncClient]:
+async def gemini_client(
+    gw: Gateway,
+    key: str,
+    *,
+    base_path: str = "",  # the converter route's is /gemini
+    trace_configs: list[aiohttp.TraceConfig] | None = None,
+) -> AsyncIterator[genai.client.AsyncClient]:
     # google-genai's own aiohttp session subclass triggers a DeprecationWarning: hand it ours.
-    async with aiohttp.ClientSession() as session:
-        options = genai_types.HttpOptions(base_url=gw.url, aiohttp_client=session)
+    async with aiohttp.ClientSession(trace_configs=trace_configs) as session:
+        options = genai_types.HttpOptions(base_url=gw.url + base_path, aiohttp_client=session)
         client = genai.Client(api_key=key, http_options=options)
         try:
             yield client.aio

@@ -101,6 +101,17 @@ _STATUS_BY_CODE = {
     504: "DEADLINE_EXCEEDED",
     529: "UNAVAILABLE",
 }
+
+
+def _rpc_status(code: int) -> str:
+    """The google.rpc status of an HTTP status. One outside the table comes from an upstream's
+    error rewritten by a converter route (a 422, 409, …): google.rpc's HTTP mapping puts
+    UNKNOWN under 500, so a client error is INVALID_ARGUMENT, a server error INTERNAL."""
+    if code in _STATUS_BY_CODE:
+        return _STATUS_BY_CODE[code]
+    return "INVALID_ARGUMENT" if 400 <= code < 500 else "INTERNAL"
+
+
 _ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 _RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
 
@@ -398,7 +409,7 @@ class GeminiAdapter(ProtocolAdapter):
             details.append({"@type": _RETRY_INFO, "retryDelay": retry_delay(err.retry_after_ms)})
         error: dict[str, object] = {
             "code": err.status,
-            "status": _STATUS_BY_CODE.get(err.status, "UNKNOWN"),
+            "status": _rpc_status(err.status),
             "message": err.message,
             "type": err.type,
             "reason": err.reason,
