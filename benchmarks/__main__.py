@@ -11,7 +11,7 @@ from ratelimit_gw.serve import configure_logging, install_fast_loop
 
 from .bench import __doc__ as bench_doc
 from .bench import main as bench_main
-from .runs import TARGET_RATE_RPS, BenchOptions
+from .runs import SECTIONS, TARGET_RATE_RPS, BenchOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per wrk run")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="times (a), (b) and (c) are measured back to back"
+        "--rounds",
+        type=int,
+        default=3,
+        help="times (a), (b) and (c), and native and converted, are measured back to back",
     )
     parser.add_argument(
         "--connections", type=int, default=128, help="wrk connections in the saturation runs"
@@ -30,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--upstream",
         choices=("lean", "aiohttp"),
         default="lean",
-        help="the mock upstream: lean (the benchmark's, costing least CPU) or the full aiohttp one",
+        help=(
+            "the mock upstream of (a), (b) and (c): lean (the benchmark's, costing least CPU) "
+            "or the full aiohttp one (the converter section always uses the full one)"
+        ),
     )
     parser.add_argument(
         "--workers",
@@ -45,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=TARGET_RATE_RPS,
         help="the fixed open-loop rate (req/s) the added-latency target is judged at",
+    )
+    parser.add_argument(
+        "--only",
+        choices=SECTIONS,
+        help=(
+            "run one section: core ((a), (b), (c), many keys, fixed rates) or converter "
+            "(an OpenAI caller, native vs an Anthropic-protocol model); default: both"
+        ),
     )
     parser.add_argument("--output", default="bench-results/bench.json")
     return parser
@@ -65,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             fixed_rate_duration_s=args.fixed_rate_duration,
             target_rate_rps=args.target_rate,
             output=Path(args.output),
+            sections=(args.only,) if args.only else SECTIONS,
         )
     )
     return 0

@@ -84,18 +84,23 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 # What a CpuMeter adds to a run's extra: the median over rounds goes in a row.
-CPU_FIGURES = ("server_cpu_us", "redis_cpu_us")
+CPU_FIGURES = ("server_cpu_us", "redis_cpu_us", "upstream_cpu_us")
 
 
 class CpuMeter:
     """The on-CPU microseconds per request of the server measured and, for (c), of Redis,
     over one measurement (:meth:`start` after any warm-up). They resolve a few per cent,
-    where req/s on a shared VM drifts by tens, and show where a fixed-rate row's time went."""
+    where req/s on a shared VM drifts by tens, and show where a fixed-rate row's time went.
 
-    def __init__(self, server: list[int], redis: int | None) -> None:
+    ``upstream``: the mock's process too, where rows that share one mock ask it for
+    different answers (the converter's rows: an OpenAI and an Anthropic one)."""
+
+    def __init__(self, server: list[int], redis: int | None, upstream: int | None = None) -> None:
         self._processes = {"server_cpu_us": server}
         if redis is not None:
             self._processes["redis_cpu_us"] = [redis]
+        if upstream is not None:
+            self._processes["upstream_cpu_us"] = [upstream]
         self._before: dict[str, float] = {}
 
     def start(self) -> None:

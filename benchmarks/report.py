@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-import os
 import statistics
-import sys
 from dataclasses import asdict
 from typing import Any
 
 from .processes import CPU_FIGURES
 from .runs import (
+    CONVERTER_ADDED_P50_MS,
+    CONVERTER_THROUGHPUT_FLOOR,
     TARGET_ADDED_P50_MS,
     TARGET_ADDED_P99_MS,
     THROUGHPUT_FLOOR_C_OVER_B,
@@ -57,15 +57,20 @@ def combine(runs: list[Run]) -> Run:
 
 
 def added_latency(
-    fixed: list[Run], kind: str, rate: float, scenario: str = "c_full_checks"
+    fixed: list[Run],
+    kind: str,
+    rate: float,
+    scenario: str = "c_full_checks",
+    base: str = "a_mock",
 ) -> dict[str, float]:
-    """``scenario`` - (a) at one rate, p50 and p99: the median over rounds of each round's
-    difference (measured seconds apart), and the p99 difference's range."""
+    """``scenario`` - ``base`` (by default (c) - (a)) at one rate, p50 and p99: the median
+    over rounds of each round's difference (measured seconds apart), and the p99
+    difference's range."""
     at_rate = [r for r in fixed if r.kind == kind and r.rps == rate]
     p50, p99 = [], []
     for index in sorted({r.extra["round"] for r in at_rate}):
         same = {r.scenario: r for r in at_rate if r.extra["round"] == index}
-        a, other = same["a_mock"], same[scenario]
+        a, other = same[base], same[scenario]
         p50.append(other.p50_ms - a.p50_ms)
         p99.append(other.p99_ms - a.p99_ms)
     return {
@@ -186,8 +191,77 @@ def summarise(
         "runs": [asdict(r) for r in runs],
         "rounds": [asdict(r) for r in rounds + fixed],
         "summary": summary,
-        "options": {k: str(v) for k, v in asdict(opts).items()},
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+    }
+
+
+def summarise_converter(
+    rounds: list[Run],
+    fixed: list[Run],
+    rates: dict[str, float],
+    memory_mib: float,
+    opts: BenchOptions,
+    *,
+    route: str,
+    models: dict[str, tuple[str, str]],
+) -> dict[str, Any]:
+    """The converter section's rows and summary: per kind, converted/native throughput (the
+    median of the ratios within a round) and converted - native latency at the fixed rate,
+    each beside its target (targets, not gates: a miss never fails the run)."""
+    groups: dict[tuple[str, str, str, float], list[Run]] = {}
+    for r in rounds + fixed:
+        # A saturation row is known by its tool, a fixed-rate one by its rate too.
+        rate = r.rps if r.tool == "fixed-rate" else 0.0
+        groups.setdefault((r.scenario, r.kind, r.tool, rate), []).append(r)
+    runs = [combine(group) for group in groups.values()]
+    keys = rounds[0].keys
+    summary: dict[str, Any] = {
+        "route": route,
+        "models": {s: {"model": m, "protocol": p} for s, (m, p) in models.items()},
+        "upstream": "full mock (ratelimit-gw mock-upstream)",
+        "gateway_workers": opts.workers,
+        "gateway_rss_mib": round(memory_mib, 1),
+        "targets": {
+            "gates": False,
+            "throughput_converted_over_native": CONVERTER_THROUGHPUT_FLOOR,
+            "added_p50_ms": CONVERTER_ADDED_P50_MS,
+            "fixed_rate_rps": opts.target_rate_rps,
+        },
+    }
+    for kind in ("plain", "stream"):
+        native = _find(runs, "native", kind, "wrk")
+        converted = _find(runs, "converted", kind, "wrk")
+        ratio = round_ratio(rounds, ("converted", kind, keys), ("native", kind, keys))
+        rate = rates[kind]
+        latency = added_latency(fixed, kind, rate, "converted", base="native")
+        at_rate = {s: _find(runs, s, kind, "fixed-rate", rps=rate) for s in ("native", "converted")}
+        for scenario, row in at_rate.items():
+            latency[f"{scenario}_p50_ms"] = row.p50_ms
+            latency[f"{scenario}_p99_ms"] = row.p99_ms
+            if "server_cpu_us" in row.extra:
+                latency[f"{scenario}_cores_busy"] = round(
+                    row.rps * row.extra["server_cpu_us"] / 1e6, 2
+                )
+        cpu: dict[str, float | None] = {}
+        for name, key in (("", "server_cpu_us"), ("_redis", "redis_cpu_us")):
+            for scenario, row in (("native", native), ("converted", converted)):
+                cpu[f"{scenario}{name}"] = row.extra.get(key)
+        for scenario, row in (("native", native), ("converted", converted)):
+            cpu[f"{scenario}_upstream"] = row.extra.get("upstream_cpu_us")
+        if cpu["native"] is not None and cpu["converted"] is not None:
+            cpu["converted_minus_native"] = round(cpu["converted"] - cpu["native"], 1)
+        summary[kind] = {
+            "native_rps": native.rps,
+            "converted_rps": converted.rps,
+            "throughput_converted_over_native": ratio,
+            "throughput_target_met": ratio >= CONVERTER_THROUGHPUT_FLOOR,
+            "fixed_rate": latency | {"at_target_rate": rate == opts.target_rate_rps},
+            "added_p50_target_met": latency["added_p50_ms"] <= CONVERTER_ADDED_P50_MS,
+            "cpu_us_per_request": cpu,
+        }
+    return {
+        "runs": [asdict(r) for r in runs],
+        "rounds": [asdict(r) for r in rounds + fixed],
+        "summary": summary,
     }
 
 
@@ -204,11 +278,21 @@ def _added(figures: dict[str, float]) -> str:
 
 
 def render(result: dict[str, Any]) -> str:
+    """The sections the run measured, each as a table and its summary lines."""
+    parts = []
+    if "summary" in result:
+        parts.append(_render_core(result))
+    if "converter" in result:
+        parts.append(_render_converter(result["converter"]))
+    return "\n\n".join(parts)
+
+
+def _table(runs: list[dict[str, Any]]) -> list[str]:
     lines = [
         f"{'scenario':<15} {'kind':<7} {'tool':<11} {'keys':>7} {'req/s':>9} "
         f"{'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>6}  range over rounds",
     ]
-    for r in result["runs"]:
+    for r in runs:
         spread = ""
         if "rps_min" in r["extra"]:
             spread = f"  {r['extra']['rps_min']:.0f}-{r['extra']['rps_max']:.0f}"
@@ -218,6 +302,11 @@ def render(result: dict[str, Any]) -> str:
             f"{r['scenario']:<15} {r['kind']:<7} {r['tool']:<11} {r['keys']:>7} {r['rps']:>9.1f} "
             f"{r['p50_ms']:>8.3f} {r['p90_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['errors']:>6}{spread}"
         )
+    return lines
+
+
+def _render_core(result: dict[str, Any]) -> str:
+    lines = _table(result["runs"])
     s = result["summary"]
     t = s["targets"]
     lines.append(
@@ -250,4 +339,52 @@ def render(result: dict[str, Any]) -> str:
     workers = s["gateway_workers"]
     per = "" if workers == 1 else f" (the largest of {workers} workers)"
     lines.append(f"gateway worker RSS after the run: {s['gateway_rss_mib']} MiB{per}")
+    return "\n".join(lines)
+
+
+def _met(met: bool) -> str:
+    return "met" if met else "NOT MET"
+
+
+def _render_converter(section: dict[str, Any]) -> str:
+    s = section["summary"]
+    t = s["targets"]
+    native, converted = s["models"]["native"], s["models"]["converted"]
+    lines = [
+        f"converter: an OpenAI caller on POST {s['route']}, the same body to native = "
+        f"{native['model']} ({native['protocol']} protocol, relayed as is) and converted = "
+        f"{converted['model']} ({converted['protocol']} protocol, translated both ways); "
+        f"full checks on Redis, upstream the {s['upstream']}",
+        *_table(section["runs"]),
+        f"converter targets (not gates): converted/native throughput >= "
+        f"{t['throughput_converted_over_native']:.2f} in the same run; converted adds p50 <= "
+        f"{t['added_p50_ms']:g} ms over native at the fixed rate ({t['fixed_rate_rps']:g} req/s, "
+        f"or half of the slower row's saturation if lower)",
+    ]
+    for kind in ("plain", "stream"):
+        k = s[kind]
+        f = k["fixed_rate"]
+        what = "latency" if kind == "plain" else "time to first byte"
+        rate = f"{f['rps']:g} req/s" + ("" if f["at_target_rate"] else " (half saturation)")
+        lines.append(
+            f"{kind}: converted/native throughput {k['throughput_converted_over_native']:.2f} "
+            f"({k['converted_rps']:.0f} vs {k['native_rps']:.0f} req/s; target >= "
+            f"{t['throughput_converted_over_native']:.2f}: {_met(k['throughput_target_met'])}); "
+            f"at {rate} converted adds {what} p50 {f['added_p50_ms']:+.3f} ms (target <= "
+            f"{t['added_p50_ms']:g} ms: {_met(k['added_p50_target_met'])}), p99 "
+            f"{f['added_p99_ms']:+.3f} ms ({f['added_p99_min_ms']:+.3f} to "
+            f"{f['added_p99_max_ms']:+.3f}); gateway cores busy native "
+            f"{f.get('native_cores_busy', math.nan):.2f}, converted "
+            f"{f.get('converted_cores_busy', math.nan):.2f}"
+        )
+        cpu = k["cpu_us_per_request"]
+        lines.append(
+            f"{kind}: on-CPU us per request under wrk, native / converted: gateway "
+            f"{cpu['native']} / {cpu['converted']} "
+            f"({cpu.get('converted_minus_native', math.nan):+.1f}), Redis {cpu['native_redis']} / "
+            f"{cpu['converted_redis']}, mock {cpu['native_upstream']} / {cpu['converted_upstream']}"
+        )
+    workers = s["gateway_workers"]
+    per = "" if workers == 1 else f" (the largest of {workers} workers)"
+    lines.append(f"converter gateway worker RSS after the run: {s['gateway_rss_mib']} MiB{per}")
     return "\n".join(lines)

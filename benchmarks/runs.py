@@ -1,7 +1,9 @@
-"""What one measurement records (:class:`Run`), the benchmark's options, and its targets."""
+"""What one measurement records (:class:`Run`), the body every row sends, the benchmark's
+options, and its targets."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,11 +16,30 @@ TARGET_ADDED_P99_MS = 5.0
 # The throughput floor: full checks keep at least this share of the pass-through's req/s,
 # measured in the same run.
 THROUGHPUT_FLOOR_C_OVER_B = 0.60
+# The converter's targets (issue 19; targets, not gates: reported, never failing the run):
+# an OpenAI caller reaching an Anthropic-protocol model through the converter route keeps at
+# least this share of the native row's req/s (an OpenAI caller, an OpenAI model), measured in
+# the same run on the same full mock, and adds at most this p50 over it at the fixed rate.
+CONVERTER_THROUGHPUT_FLOOR = 0.75
+CONVERTER_ADDED_P50_MS = 1.0
+# What the bench measures: (a), (b), (c) and their keys and rates ("core"), and the converted
+# row beside the native one ("converter"); --only picks one.
+SECTIONS = ("core", "converter")
+
+
+def chat_body(model: str, stream: bool) -> bytes:
+    """The chat completion request every row sends (streaming: ``stream: true``); rows that
+    compare two models send the same bytes but for ``model``."""
+    body: dict[str, object] = {"model": model, "max_tokens": 64}
+    if stream:
+        body["stream"] = True
+    body["messages"] = [{"role": "user", "content": "Say hello."}]
+    return json.dumps(body).encode()
 
 
 @dataclass
 class Run:
-    scenario: str  # a_mock | b_passthrough | c_full_checks
+    scenario: str  # a_mock | b_passthrough | c_full_checks; converter: native | converted
     kind: str  # plain | stream
     tool: str  # wrk | fixed-rate
     requests: int
@@ -44,3 +65,4 @@ class BenchOptions:
     fixed_rate_duration_s: float = 6.0
     target_rate_rps: float = TARGET_RATE_RPS
     output: Path = Path("bench-results/bench.json")
+    sections: tuple[str, ...] = SECTIONS

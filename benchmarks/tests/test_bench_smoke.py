@@ -40,6 +40,10 @@ def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
             "200",
             "--fixed-rate-duration",
             "1",
+            # The converter section has a smoke test of its own (test_bench_converter.py):
+            # both in one run would pass the test timeout.
+            "--only",
+            "core",
             "--output",
             str(output),
         ],
@@ -51,6 +55,7 @@ def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(output.read_text())
     assert result["options"]["upstream"] == "lean"  # the benchmark's own mock by default
+    assert "converter" not in result and result["options"]["sections"] == "core"
     rows = {(r["scenario"], r["kind"], r["tool"], r["keys"]) for r in result["runs"]}
     for kind in ("plain", "stream"):
         for scenario in ("a_mock", "b_passthrough", "c_full_checks"):
@@ -172,6 +177,7 @@ def test_bench_reports_every_scenario_side_by_side(tmp_path: Path) -> None:
     assert "targets: at a fixed 1000 req/s" in run.stdout
     assert "plain: target: added latency at 1000 req/s" in run.stdout
     assert "stream: target: added time to first byte at 1000 req/s" in run.stdout
+    assert "converter" not in run.stdout
 
 
 def test_workers_below_one_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
