@@ -103,17 +103,23 @@ async def relay_native(
     info: RequestInfo,
 ) -> web.StreamResponse:
     """Price, meter and relay the caller's own request, bytes unchanged (docs/relay.md)."""
-    provider = model.provider
-    upstream = UpstreamRequest(
+    upstream = _as_sent(request, model, route, body, info)
+    return await relay_priced(request, svc, ctx, key, model, upstream)
+
+
+def _as_sent(
+    request: web.Request, model: Model, route: Route, body: bytes, info: RequestInfo
+) -> UpstreamRequest:
+    """The caller's own request, for ``model``'s upstream (its protocol is the caller's)."""
+    return UpstreamRequest(
         adapter=ADAPTERS[model.protocol],
         route=route,
         body=body,
         info=info,
         path=request.path,
         query=request.query,
-        headers=upstream_request_headers(request.headers, provider.upstream_headers),
+        headers=upstream_request_headers(request.headers, model.provider.upstream_headers),
     )
-    return await relay_priced(request, svc, ctx, key, model, upstream)
 
 
 async def relay_priced(
@@ -192,14 +198,5 @@ async def _passthrough(
     body = await svc.bodies.read(request, ctx)
     info = caller.parse_request(route, body, path_model)
     model = svc.catalog.resolve(info.model or "", ctx.protocol)
-    upstream = UpstreamRequest(
-        adapter=ADAPTERS[model.protocol],
-        route=route,
-        body=body,
-        info=info,
-        path=request.path,
-        query=request.query,
-        headers=upstream_request_headers(request.headers, model.provider.upstream_headers),
-    )
-    call = _upstream_call(request, upstream, model, None)
+    call = _upstream_call(request, _as_sent(request, model, route, body, info), model, None)
     return await svc.relay.forward(request, call, RelayResult(), own_headers(ctx))
