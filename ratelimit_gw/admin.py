@@ -14,6 +14,7 @@ import msgspec
 from aiohttp import web
 
 from .accounts import AccountError, AccountStore, RpmPolicy
+from .audit import admin_actor, record, set_admin_actor
 from .context import context
 from .errors import GatewayError
 from .limits import NO_LIMITS, Limits, flat_type, flatten, nest
@@ -98,6 +99,7 @@ def _admin(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]
         ):
             svc.metrics.admin_auth_failures.inc()
             raise GatewayError(401, "invalid_admin_token", "Invalid admin token.")
+        set_admin_actor(request, "default")
         try:
             return await handler(request, svc.accounts)
         except AccountError as exc:
@@ -115,6 +117,7 @@ async def create_account(request: web.Request, accounts: AccountStore) -> web.Re
         rpm_policy=body.rpm_policy,
         rpm_override=body.rpm_override,
     )
+    record(admin_actor(request), "account.create", account.id, None, account)
     return _json(account, status=201)
 
 
@@ -128,16 +131,23 @@ async def show_account(request: web.Request, accounts: AccountStore) -> web.Resp
 
 async def update_account(request: web.Request, accounts: AccountStore) -> web.Response:
     changes = await _read_json(request, dict[str, Any])
-    return _json(await accounts.update_account(request.match_info["id"], changes))
+    account_id = request.match_info["id"]
+    before = await accounts.get_account(account_id)
+    after = await accounts.update_account(account_id, changes)
+    record(admin_actor(request), "account.update", account_id, before, after)
+    return _json(after)
 
 
 async def topup(request: web.Request, accounts: AccountStore) -> web.Response:
     body = await _read_json(request, TopupBody)
     account_id = request.match_info["id"]
+    before = await accounts.get_account(account_id)
     credited = await accounts.topup(
         account_id, _usd(body.amount_usd, positive=True), body.idempotency_key
     )
     account = await accounts.get_account(account_id)
+    if credited:
+        record(admin_actor(request), "account.topup", account_id, before, account)
     return _json({"credited": credited, "account": account})
 
 
@@ -159,6 +169,7 @@ async def create_key(request: web.Request, accounts: AccountStore) -> web.Respon
         limits=body.limits,
         expires_at=body.expires_at,
     )
+    record(admin_actor(request), "key.create", created.record.id, None, created.record)
     document = flatten(created.record)
     document["key"] = created.key  # the only time the key is ever shown
     return _json(document, status=201)
@@ -172,7 +183,9 @@ async def list_keys(request: web.Request, accounts: AccountStore) -> web.Respons
 
 
 async def revoke_key(request: web.Request, accounts: AccountStore) -> web.Response:
-    return _json(await accounts.revoke_key(request.match_info["id"]))
+    revoked = await accounts.revoke_key(request.match_info["id"])
+    record(admin_actor(request), "key.revoke", revoked.id, None, revoked)
+    return _json(revoked)
 
 
 def add_routes(app: web.Application) -> None:
