@@ -438,14 +438,21 @@ def _msgspec_path(exc: msgspec.ValidationError) -> str:
     return f"{path}: {message}" if path else message
 
 
-def build_settings(raw: dict[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
-    """Validate a decoded TOML document; raise ConfigError naming the first bad field."""
-    env = os.environ if environ is None else environ
+def _decode_file(raw: dict[str, Any]) -> FileSettings:
+    """The file's schema checks (every section, unknown fields) and the storage URL; resolves
+    no secret."""
     try:
         file = msgspec.convert(raw, FileSettings)
     except msgspec.ValidationError as exc:
         raise ConfigError(_msgspec_path(exc)) from None
     _check_url(file.storage.url, "storage.url", STORAGE_SCHEMES)
+    return file
+
+
+def build_settings(raw: dict[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """Validate a decoded TOML document; raise ConfigError naming the first bad field."""
+    env = os.environ if environ is None else environ
+    file = _decode_file(raw)
 
     providers: dict[str, Provider] = {}
     for i, p in enumerate(file.providers):
@@ -484,19 +491,37 @@ def build_settings(raw: dict[str, Any], environ: Mapping[str, str] | None = None
     )
 
 
-def parse_settings(text: str, environ: Mapping[str, str] | None = None) -> Settings:
+def _parse_toml(text: str) -> dict[str, Any]:
     try:
-        raw = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML: {exc}") from None
-    return build_settings(raw, environ)
 
 
-def load_settings(path: str | Path | None = None) -> Settings:
-    """Load ``path``, else ``$RLGW_CONFIG``; with neither, an empty config (no models)."""
+def parse_settings(text: str, environ: Mapping[str, str] | None = None) -> Settings:
+    return build_settings(_parse_toml(text), environ)
+
+
+# Serving an empty gateway (no providers, no models) is never what was meant.
+NO_CONFIG = (
+    "no config file: pass --config FILE or set RLGW_CONFIG=FILE (deploy/gateway.toml in the "
+    "repository is an annotated example; docs/configuration.md lists every field). To try the "
+    "gateway without one: `ratelimit-gw demo`"
+)
+
+
+NO_STORAGE = (
+    "no storage: pass --storage redis://HOST:6379/0, or --config FILE (or set RLGW_CONFIG=FILE) "
+    "to use the file's [storage] url"
+)
+
+
+def _read_config(path: str | Path | None, missing: str) -> dict[str, Any]:
+    """The TOML document at ``path``, else at ``$RLGW_CONFIG``; ConfigError(``missing``) with
+    neither."""
     chosen = path or os.environ.get("RLGW_CONFIG")
     if not chosen:
-        return build_settings({})
+        raise ConfigError(missing)
     try:
         text = Path(chosen).read_text(encoding="utf-8")
     except OSError as exc:
@@ -505,4 +530,17 @@ def load_settings(path: str | Path | None = None) -> Settings:
         raise ConfigError(
             f"cannot read config file {chosen}: not UTF-8 text (byte {exc.start})"
         ) from None
-    return parse_settings(text)
+    return _parse_toml(text)
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Load ``path``, else ``$RLGW_CONFIG``; with neither, a ConfigError saying where a config
+    comes from."""
+    return build_settings(_read_config(path, NO_CONFIG))
+
+
+def load_storage_settings(path: str | Path | None = None) -> StorageSettings:
+    """Only the ``[storage]`` of ``path`` (else ``$RLGW_CONFIG``). The whole file is still
+    checked against the schema, but no provider secret or header reference is resolved: the
+    account and key commands run where the providers' keys are not set."""
+    return _decode_file(_read_config(path, NO_STORAGE)).storage

@@ -15,6 +15,8 @@ import msgspec
 import pytest
 
 from ratelimit_gw.settings import (
+    NO_CONFIG,
+    NO_STORAGE,
     ConfigError,
     FileSettings,
     ProviderSettings,
@@ -22,6 +24,7 @@ from ratelimit_gw.settings import (
     Settings,
     StorageSettings,
     load_settings,
+    load_storage_settings,
     parse_settings,
 )
 
@@ -529,13 +532,57 @@ def test_load_settings_reads_the_file_and_the_process_environment(
     assert load_settings().models.keys() == {"gpt-4o-mini", "claude-sonnet-4-6", "gemini-2.5-flash"}
 
 
-def test_load_settings_without_a_file_gives_an_empty_config(
+def test_load_settings_without_a_file_says_where_a_config_comes_from(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An empty gateway (no providers, no models) is never what was meant."""
+    monkeypatch.delenv("RLGW_CONFIG", raising=False)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert str(caught.value) == NO_CONFIG
+    for pointer in ("--config", "RLGW_CONFIG", "deploy/gateway.toml", "ratelimit-gw demo"):
+        assert pointer in NO_CONFIG
+
+
+def test_storage_settings_load_without_the_providers_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Account and key commands read only [storage]: a provider key that is not set here
+    (it lives where the gateway runs) does not stop them."""
+    path = tmp_path / "gw.toml"
+    path.write_text(FULL_CONFIG, encoding="utf-8")
+    for name in FULL_ENV:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError):
+        load_settings(path)
+    assert load_storage_settings(path) == load_settings_with(path, FULL_ENV).storage
+    monkeypatch.setenv("RLGW_CONFIG", str(path))
+    assert load_storage_settings().url == load_settings_with(path, FULL_ENV).storage.url
+
+
+def test_storage_settings_still_check_the_whole_file(tmp_path: Path) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_text(OPENAI + "colour = 'red'\n" + '[storage]\nurl = "redis://h:6379/0"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_storage_settings(path)
+    assert str(caught.value).startswith("providers[0].colour: unknown field")
+    path.write_text('[storage]\nurl = "mysql://h"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_storage_settings(path)
+    assert str(caught.value).startswith("storage.url: 'mysql://h' must start with one of")
+
+
+def test_storage_settings_without_a_file_name_the_ways_to_give_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("RLGW_CONFIG", raising=False)
-    monkeypatch.delenv("RLGW_ADMIN_TOKEN", raising=False)
-    settings = load_settings()
-    assert (settings.providers, settings.models, settings.storage.url) == ({}, {}, "memory://")
+    with pytest.raises(ConfigError) as caught:
+        load_storage_settings()
+    assert str(caught.value) == NO_STORAGE
+
+
+def load_settings_with(path: Path, environ: Mapping[str, str]) -> Settings:
+    return parse_settings(path.read_text(encoding="utf-8"), environ)
 
 
 # --- the CLI ---------------------------------------------------------------------------------
@@ -564,3 +611,10 @@ def test_serve_with_an_unreadable_config_exits_2(tmp_path: Path) -> None:
     assert done.stderr == (
         f"config error: cannot read config file {missing}: No such file or directory\n"
     )
+
+
+@pytest.mark.slow  # runs the CLI as a subprocess
+def test_serve_without_a_config_stops_and_points_to_one() -> None:
+    done = run_cli("serve")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"config error: {NO_CONFIG}\n"
