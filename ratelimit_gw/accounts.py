@@ -23,6 +23,8 @@ from .money import format_usd
 from .storage import Storage
 
 KEY_PREFIX = "rlgw-"
+# How much of a secret a key record keeps and shows (`prefix`): enough to tell keys apart.
+SHOWN_PREFIX_CHARS = 12
 MAX_TOPUP_NANO = 10**18  # $1e9 per top-up
 # Idempotency keys of the gateway's own top-ups (initial balances): callers may not use it.
 RESERVED_IDEMPOTENCY_PREFIX = "rlgw:"
@@ -139,6 +141,18 @@ def _check_id(value: str, what: str) -> None:
         raise AccountError(
             400, "invalid_request", f"{what} must be 1-64 of A-Z a-z 0-9 _ . - (got {value!r})"
         )
+
+
+def _key_not_found(key_id: str) -> AccountError:
+    if key_id.startswith(KEY_PREFIX):
+        # A secret passed where the id belongs: never echo it (terminals, logs, tickets).
+        return AccountError(
+            404,
+            "key_not_found",
+            f"that is a key's secret, not its id; its account's key list shows the id (key_…) "
+            f"beside the prefix {key_id[:SHOWN_PREFIX_CHARS]!r}",
+        )
+    return AccountError(404, "key_not_found", f"key {key_id!r} not found")
 
 
 def _check_limit(name: str, value: Any) -> None:
@@ -351,7 +365,7 @@ class AccountStore:
             "HGETALL", AccountKeys(account_id).key(key_id)
         )
         if "created_ms" not in raw:  # none, or a partial record: not a key
-            raise AccountError(404, "key_not_found", f"key {key_id!r} not found")
+            raise _key_not_found(key_id)
         expires = raw.get("expires_ms")
         return KeyRecord(
             id=key_id,
@@ -376,7 +390,7 @@ class AccountStore:
     async def revoke_key(self, key_id: str) -> KeyRecord:
         account_id = await self._storage.call("GET", keyspace.key_account(key_id))
         if account_id is None:
-            raise AccountError(404, "key_not_found", f"key {key_id!r} not found")
+            raise _key_not_found(key_id)
         key_hash = AccountKeys(account_id).key(key_id)
         # admit.lua reads this flag on every request: revocation needs no cache expiry.
         await self._storage.call(
@@ -432,7 +446,7 @@ def _new_key_writes(
         "name",
         name,
         "prefix",
-        secret[:12],
+        secret[:SHOWN_PREFIX_CHARS],
         "models",
         msgspec.json.encode(models or []).decode(),
         *limits.hash_fields(),
@@ -444,7 +458,7 @@ def _new_key_writes(
         id=key_id,
         account=account_id,
         name=name,
-        prefix=secret[:12],
+        prefix=secret[:SHOWN_PREFIX_CHARS],
         models=tuple(models or ()),
         limits=limits,
         expires_at=_iso(parse_time_ms(expires_at)) if expires_at is not None else None,

@@ -5,22 +5,36 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from importlib import metadata
 from typing import Any
 
 import msgspec
 
+from . import text_output
 from .accounts import AccountError, AccountStore
 from .limits import DESCRIPTIONS, LIMIT_NAMES, Limits, flatten
 from .money import MoneyError, parse_usd
-from .settings import ConfigError, StorageSettings, load_settings
+from .settings import ConfigError, StorageSettings, load_settings, load_storage_settings
 from .storage import Storage, StorageError, open_storage
+
+DESCRIPTION = """\
+An LLM API gateway: per-key and per-account rate limits and prepaid balances, enforced
+atomically in Redis, in front of OpenAI-compatible, Anthropic and Gemini providers.
+
+Start with `ratelimit-gw demo` (no config needed). Run a gateway with
+`ratelimit-gw serve --config gateway.toml`; manage accounts and keys in its storage with
+`ratelimit-gw accounts …` and `ratelimit-gw keys …`. `ratelimit-gw COMMAND --help` describes
+each command."""
+# Printed after a record that carries a key's secret (a new or rotated key).
+SECRET_NOTICE = "This key is shown once, store it now: the gateway keeps only its hash."
 
 
 def _storage_settings(args: argparse.Namespace) -> StorageSettings:
     if args.storage:
         return StorageSettings(url=args.storage)
-    return load_settings(args.config).storage
+    # Only [storage]: managing accounts needs no provider secret in the environment.
+    return load_storage_settings(args.config)
 
 
 def _print(document: Any, as_json: bool) -> None:
@@ -28,15 +42,9 @@ def _print(document: Any, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(msgspec.json.encode(data).decode() + "\n")
         return
-    rows = data if isinstance(data, list) else [data]
-    for row in rows:
-        if isinstance(row, dict):
-            width = max((len(k) for k in row), default=0)
-            for name, value in row.items():
-                print(f"{name:<{width}}  {value}")
-            print()
-        else:
-            print(row)
+    sys.stdout.write(text_output.render(data))
+    if isinstance(data, dict) and "key" in data:
+        sys.stdout.write(f"\n{SECRET_NOTICE}\n")
 
 
 def _usd(text: str) -> int:
@@ -126,36 +134,116 @@ OPERATIONS: dict[str, Operation] = {
 def _limit_args(p: argparse.ArgumentParser, clear_hint: bool = False) -> None:
     suffix = " (0 clears it)" if clear_hint else ""
     for name in LIMIT_NAMES:
-        p.add_argument(f"--{name}", type=int, help=DESCRIPTIONS[name] + suffix)
+        p.add_argument(f"--{name}", type=int, metavar="N", help=DESCRIPTIONS[name] + suffix)
 
 
 def _limits(a: argparse.Namespace) -> Limits:
     return Limits(**{name: getattr(a, name) for name in LIMIT_NAMES})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ratelimit-gw", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+class _ListAction(argparse.Action):
+    """A list option that takes one argument per use, so it never swallows a positional:
+    repeated (``--models a --models b``) or comma-separated (``--models a,b``), or both."""
 
-    serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument("--config", help="TOML config file (default: $RLGW_CONFIG)")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--workers", type=worker_count, default=1, help="processes sharing the port")
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        items = list(getattr(namespace, self.dest) or [])
+        items += [item.strip() for item in str(values).split(",") if item.strip()]
+        setattr(namespace, self.dest, items)
+
+
+def list_option(p: argparse.ArgumentParser, flag: str, help: str, metavar: str = "A,B") -> None:
+    """Add ``flag`` as a list option (:class:`_ListAction`); unset, its value is None."""
+    p.add_argument(
+        flag, action=_ListAction, metavar=metavar, help=f"{help}; repeat or comma-separate"
+    )
+
+
+def _version() -> str:
+    try:
+        return metadata.version("ratelimit-gw")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+# One line per subcommand and verb, shown in --help; every verb of OPERATIONS has one.
+VERB_HELP = {
+    "accounts create": "create an account (prepaid when given a balance)",
+    "accounts show": "show an account: balance, holds, limits",
+    "accounts update": "change an account's limits, rpm policy or prepaid flag",
+    "accounts topup": "credit a prepaid account, once per idempotency key",
+    "accounts ledger": "list an account's ledger entries, newest first",
+    "accounts list": "list account ids",
+    "keys create": "create an API key for an account (its secret is shown once)",
+    "keys list": "list an account's keys (never their secrets)",
+    "keys revoke": "revoke a key by its id (key_…); effective on the next request",
+}
+GROUP_HELP = {
+    "accounts": "manage accounts directly in storage (Redis)",
+    "keys": "manage API keys directly in storage (Redis)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ratelimit-gw",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the gateway from a config file",
+        description="Run the gateway. Needs a config file: --config FILE or $RLGW_CONFIG "
+        "(docs/configuration.md; deploy/gateway.toml is an example).",
+    )
+    serve.add_argument("--config", metavar="FILE", help="TOML config file (default: $RLGW_CONFIG)")
+    serve.add_argument("--host", help="listen address (overrides [server] host)")
+    serve.add_argument("--port", type=int, help="listen port (overrides [server] port)")
+    serve.add_argument(
+        "--workers",
+        type=worker_count,
+        default=1,
+        metavar="N",
+        help="processes sharing the port (needs redis:// storage; default 1)",
+    )
     # The benchmark's baseline: relay with no keys, limits or balance. Never for real traffic.
     serve.add_argument("--passthrough-for-benchmark", action="store_true", help=argparse.SUPPRESS)
 
-    demo = sub.add_parser("demo", help="mock upstream + gateway on memory://, with a demo key")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8080)
+    demo = sub.add_parser(
+        "demo",
+        help="try it: a mock upstream and a gateway on memory://, with a demo key",
+        description="Start a mock upstream (all three protocols) and a gateway on memory:// "
+        "storage with a demo account, key and admin token; print snippets to call it.",
+    )
+    demo.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    demo.add_argument(
+        "--port", type=int, default=8080, help="listen port (default 8080; a free one if busy)"
+    )
 
-    mock = sub.add_parser("mock-upstream", help="a fake OpenAI/Anthropic/Gemini provider")
-    mock.add_argument("--host", default="127.0.0.1")
-    mock.add_argument("--port", type=int, default=9090)
-    mock.add_argument("--latency-ms", type=float, default=0.0)
-    mock.add_argument("--chunk-delay-ms", type=float, default=0.0)
-    mock.add_argument("--chunks", type=int, default=4)
-    mock.add_argument("--tokens-per-chunk", type=int, default=5)
+    mock = sub.add_parser(
+        "mock-upstream",
+        help="run a fake OpenAI/Anthropic/Gemini provider (tests, benchmarks)",
+        description="A fake provider speaking the OpenAI, Anthropic and Gemini APIs with "
+        "deterministic answers and exact usage; x-mock-* request headers change one request.",
+    )
+    mock.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    mock.add_argument("--port", type=int, default=9090, help="listen port (default 9090)")
+    mock.add_argument(
+        "--latency-ms", type=float, default=0.0, help="delay before each answer's headers"
+    )
+    mock.add_argument(
+        "--chunk-delay-ms", type=float, default=0.0, help="delay between a stream's chunks"
+    )
+    mock.add_argument("--chunks", type=int, default=4, help="text chunks in each answer")
+    mock.add_argument("--tokens-per-chunk", type=int, default=5, help="output tokens in each chunk")
     mock.add_argument(
         "--no-request-log",
         action="store_true",
@@ -166,15 +254,26 @@ def build_parser() -> argparse.ArgumentParser:
         ("accounts", ("create", "show", "update", "topup", "ledger", "list")),
         ("keys", ("create", "list", "revoke")),
     ):
-        gp = sub.add_parser(group, help=f"manage {group} (directly in storage)")
-        gsub = gp.add_subparsers(dest="verb", required=True)
+        gp = sub.add_parser(group, help=GROUP_HELP[group], description=GROUP_HELP[group])
+        gsub = gp.add_subparsers(dest="verb", required=True, metavar="VERB")
         for verb in verbs:
-            p = gsub.add_parser(verb)
-            p.add_argument("--storage", help="storage URL, e.g. redis://127.0.0.1:6379/0")
-            p.add_argument("--config", help="take the storage URL from this config file")
+            verb_help = VERB_HELP.get(f"{group} {verb}")
+            p = gsub.add_parser(verb, help=verb_help, description=verb_help)
+            p.add_argument(
+                "--storage", metavar="URL", help="storage URL, e.g. redis://127.0.0.1:6379/0"
+            )
+            p.add_argument(
+                "--config",
+                metavar="FILE",
+                help="take the storage URL from this config file's [storage] (default: "
+                "$RLGW_CONFIG); provider secrets need not be set",
+            )
             p.add_argument("--json", action="store_true", help="print JSON")
             _add_verb_args(group, verb, p)
     return parser
+
+
+_RPM_POLICY_HELP = "how the account's rpm is set: fixed (--rpm), balance, or tier (total top-ups)"
 
 
 def _add_verb_args(group: str, verb: str, p: argparse.ArgumentParser) -> None:
@@ -182,30 +281,62 @@ def _add_verb_args(group: str, verb: str, p: argparse.ArgumentParser) -> None:
         if verb != "list":
             p.add_argument("id", help="account id")
         if verb == "create":
-            p.add_argument("--balance-usd", help="prepaid balance, e.g. 10.00 (makes it prepaid)")
+            p.add_argument(
+                "--balance-usd",
+                metavar="USD",
+                help="prepaid balance, e.g. 10.00 (makes it prepaid)",
+            )
             _limit_args(p)
-            p.add_argument("--rpm-policy", choices=("fixed", "balance", "tier"), default="fixed")
-            p.add_argument("--rpm-override", type=int)
+            p.add_argument(
+                "--rpm-policy",
+                choices=("fixed", "balance", "tier"),
+                default="fixed",
+                help=f"{_RPM_POLICY_HELP} (default fixed)",
+            )
+            p.add_argument(
+                "--rpm-override", type=int, metavar="N", help="rpm that wins over the policy"
+            )
         elif verb == "update":
             _limit_args(p, clear_hint=True)
-            p.add_argument("--rpm-policy", choices=("fixed", "balance", "tier"))
-            p.add_argument("--rpm-override", type=int, help="rpm that wins over the policy")
-            p.add_argument("--prepaid", choices=("yes", "no"))
+            p.add_argument(
+                "--rpm-policy",
+                choices=("fixed", "balance", "tier"),
+                help=_RPM_POLICY_HELP,
+            )
+            p.add_argument(
+                "--rpm-override",
+                type=int,
+                metavar="N",
+                help="rpm that wins over the policy (0 clears it)",
+            )
+            p.add_argument(
+                "--prepaid",
+                choices=("yes", "no"),
+                help="whether requests are held against the balance",
+            )
         elif verb == "topup":
-            p.add_argument("amount_usd", help="e.g. 25.00")
-            p.add_argument("--idempotency-key", required=True)
+            p.add_argument("amount_usd", help="amount to credit in USD, e.g. 25.00")
+            p.add_argument(
+                "--idempotency-key",
+                required=True,
+                help="e.g. the invoice id: the same key credits once, however often it is sent",
+            )
         elif verb == "ledger":
-            p.add_argument("--limit", type=int, default=50)
+            p.add_argument(
+                "--limit", type=int, default=50, metavar="N", help="entries to show (default 50)"
+            )
     elif verb == "create":
-        p.add_argument("account")
-        p.add_argument("--name", default="")
-        p.add_argument("--models", nargs="+", help="allowed model ids or globs")
-        p.add_argument("--expires-at", help="RFC 3339 time")
+        p.add_argument("account", help="the account the key belongs to")
+        p.add_argument("--name", default="", help="a label for the key, e.g. ci")
+        list_option(p, "--models", "allowed model ids or globs, e.g. 'gpt-*' (default: all)")
+        p.add_argument(
+            "--expires-at", metavar="TIME", help="RFC 3339 time, e.g. 2027-01-01T00:00:00Z"
+        )
         _limit_args(p)
     elif verb == "list":
-        p.add_argument("account")
+        p.add_argument("account", help="account id")
     else:
-        p.add_argument("id", help="key id (key_…)")
+        p.add_argument("id", help="key id (key_…), as `keys list` shows it; not the secret")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -767,18 +767,20 @@ def test_cli_accounts_with_text_output(redis_url: str) -> None:
     created = cli_text(
         "accounts", "create", "acme", "--balance-usd", "10.00", "--tpm", "900", *storage
     )
-    assert (created["id"], created["balance_usd"], created["prepaid"]) == ("acme", "10.00", "True")
-    assert (created["rpm"], created["tpm"]) == ("None", "900")
+    assert (created["id"], created["balance_usd"], created["prepaid"]) == ("acme", "10.00", "yes")
+    assert (created["rpm"], created["tpm"]) == ("-", "900")
     shown = cli_text("accounts", "show", "acme", *storage)
     assert shown == created
     updated = cli_text(
         "accounts", "update", "acme", "--concurrency", "2", "--prepaid", "no", *storage
     )
-    assert (updated["concurrency"], updated["prepaid"], updated["tpm"]) == ("2", "False", "900")
+    assert (updated["concurrency"], updated["prepaid"], updated["tpm"]) == ("2", "no", "900")
     topped = cli("accounts", "topup", "acme", "1.25", "--idempotency-key", "inv-1", *storage)
     assert topped.returncode == 0
-    assert topped.stdout.startswith("credited  True\naccount   {")
-    assert "'balance_usd': '11.25'" in topped.stdout
+    # The nested account is indented under its name, field by field: no Python reprs.
+    assert topped.stdout.startswith("credited  yes\naccount\n  id             acme\n")
+    assert "\n  balance_usd    11.25\n" in topped.stdout
+    assert "\n  rpm            -\n" in topped.stdout
     ledger = cli("accounts", "ledger", "acme", *storage)
     assert ledger.returncode == 0
     blocks = [block for block in ledger.stdout.split("\n\n") if block.strip()]
@@ -800,8 +802,7 @@ def test_cli_keys_create_list_revoke(redis_url: str) -> None:
         "--name",
         "ci",
         "--models",
-        "gpt-4o-mini",
-        "gpt-4o",
+        "gpt-4o-mini,gpt-4o",
         "--rpm",
         "10",
         *storage,
@@ -824,7 +825,11 @@ def test_cli_keys_create_list_revoke(redis_url: str) -> None:
     }
     text_created = cli_text("keys", "create", "acme", "--name", "batch", *storage)
     assert_fresh_key(text_created["key"])
-    assert text_created["name"] == "batch"
+    assert (text_created["name"], text_created["models"], text_created["expires_at"]) == (
+        "batch",
+        "-",
+        "-",
+    )
 
     listing = cli_json("keys", "list", "acme", *storage)
     assert sorted(k["id"] for k in listing) == sorted([key_id, text_created["id"]])
@@ -836,7 +841,7 @@ def test_cli_keys_create_list_revoke(redis_url: str) -> None:
     revoked = cli_json("keys", "revoke", key_id, *storage)
     assert (revoked["id"], revoked["revoked"]) == (key_id, True)
     revoked_text = cli_text("keys", "revoke", text_created["id"], *storage)
-    assert revoked_text["revoked"] == "True"
+    assert revoked_text["revoked"] == "yes"
     assert all(k["revoked"] for k in cli_json("keys", "list", "acme", *storage))
 
 
