@@ -37,12 +37,13 @@ def protocol_of(request: web.Request) -> str:
     return caller_protocol(path, request.headers, request.query)
 
 
-def _as_gateway_error(exc: web.HTTPException) -> GatewayError:
+def _as_gateway_error(request: web.Request, exc: web.HTTPException) -> GatewayError:
     if exc.status == 404:
+        path = request.path if len(request.path) <= 200 else request.path[:200] + "…"
         return GatewayError(
             404,
             "route_not_found",
-            f"No route {exc.reason}: this gateway serves "
+            f"No route for {request.method} {path}: this gateway serves "
             "/v1/chat/completions, /v1/responses, /v1/messages, Gemini routes, the converter "
             "routes under /openai/v1, /anthropic and /gemini, and /proxy-api/.",
         )
@@ -111,7 +112,7 @@ async def _answer(
         ctx.reason = err.reason
         return await _render(request, ctx, err)
     except web.HTTPException as exc:
-        mapped = _as_gateway_error(exc)
+        mapped = _as_gateway_error(request, exc)
         ctx.reason = mapped.reason
         return await _render(request, ctx, mapped)
     except RecursionError:

@@ -22,6 +22,15 @@ _KEY_MESSAGES = {
 }
 
 
+def count(number: int | str, noun: str) -> str:
+    """``number`` and ``noun`` as a message says them: "1 request", "0.5 requests"."""
+    return f"{number} {noun}" if str(number) == "1" else f"{number} {noun}s"
+
+
+def _per_second(per_minute: int) -> str:
+    return count(f"{per_minute / 60:.3g}", "request") + " per second"
+
+
 def key_error(reason: str) -> GatewayError | None:
     """The 401 for a key the admission script refused; None for any other reason."""
     message = _KEY_MESSAGES.get(reason)
@@ -42,9 +51,10 @@ def rejection_error(decision: Decision, model: Model, hold: Hold) -> GatewayErro
             402,
             reason,
             f"Insufficient balance: ${format_usd(max(available, 0))} available, but this "
-            f"request may cost up to ${format_usd(hold.nano)} (at most {hold.input_tokens} "
-            f"input tokens + {output} output tokens on {model.id}). The balance can pay for at "
-            f"most {affordable // choices} output tokens{each}: lower max_tokens or top up "
+            f"request may cost up to ${format_usd(hold.nano)} (at most "
+            f"{count(hold.input_tokens, 'input token')} + {count(output, 'output token')} on "
+            f"{model.id}). The balance can pay for at most "
+            f"{count(affordable // choices, 'output token')}{each}: lower max_tokens or top up "
             "the account.",
             should_retry=False,
         )
@@ -103,26 +113,28 @@ def _limit_error(
         return GatewayError(
             429,
             reason,
-            f"This request needs an estimated {estimate} tokens ({input_tokens} input + "
-            f"{output or output_tokens} max output), more than your limit of {limit} tokens "
-            "per minute can ever allow. Lower max_tokens or shorten the input.",
+            f"This request needs an estimated {count(estimate, 'token')} ({input_tokens} input "
+            f"+ {output or output_tokens} max output), more than your limit of "
+            f"{count(limit, 'token')} per minute can ever allow. Lower max_tokens or shorten "
+            "the input.",
             should_retry=False,
             rate_limit=limits,
         )
     wait = f" Please try again in {go_duration(decision.retry_after_ms)}."
     if reason == "rpm_exceeded":
         message = (
-            f"Rate limit exceeded. Your current limit is {limit} requests per minute "
-            f"(approximately {limit / 60:.3g} requests per second).{wait}"
+            f"Rate limit exceeded. Your current limit is {count(limit, 'request')} per minute "
+            f"(approximately {_per_second(limit)}).{wait}"
         )
     elif reason == "tpm_exceeded":
         message = (
-            f"Rate limit exceeded. Your current limit is {limit} tokens per minute; this "
-            f"request needs an estimated {estimate} tokens.{wait}"
+            f"Rate limit exceeded. Your current limit is {count(limit, 'token')} per minute; "
+            f"this request needs an estimated {count(estimate, 'token')}.{wait}"
         )
     else:
         message = (
-            f"Too many concurrent requests. Your current limit is {limit} requests in flight.{wait}"
+            f"Too many concurrent requests. Your current limit is {count(limit, 'request')} in "
+            f"flight.{wait}"
         )
     return GatewayError(
         429, reason, message, retry_after_ms=max(decision.retry_after_ms, 1), rate_limit=limits
@@ -140,8 +152,9 @@ def upstream_quota_error(decision: QuotaDecision) -> GatewayError:
         return GatewayError(
             429,
             "upstream_quota",
-            f"This request needs an estimated {decision.tokens} tokens, more than the shared "
-            f"upstream limit of {quota.label} ({limit} tokens per minute for all callers) "
+            f"This request needs an estimated {count(decision.tokens, 'token')}, more than the "
+            f"shared upstream limit of {quota.label} ({count(limit, 'token')} per minute for "
+            "all callers) "
             "can ever allow. Lower max_tokens or shorten the input.",
             should_retry=False,
             rate_limit=limits,
@@ -149,13 +162,13 @@ def upstream_quota_error(decision: QuotaDecision) -> GatewayError:
     wait = f" Please try again in {go_duration(decision.retry_after_ms)}."
     if decision.reason == "rpm_exceeded":
         message = (
-            f"{shared} {limit} requests per minute for all callers together (approximately "
-            f"{limit / 60:.3g} requests per second).{wait}"
+            f"{shared} {count(limit, 'request')} per minute for all callers together "
+            f"(approximately {_per_second(limit)}).{wait}"
         )
     else:
         message = (
-            f"{shared} {limit} tokens per minute for all callers together; this request "
-            f"needs an estimated {decision.tokens} tokens.{wait}"
+            f"{shared} {count(limit, 'token')} per minute for all callers together; this "
+            f"request needs an estimated {count(decision.tokens, 'token')}.{wait}"
         )
     return GatewayError(
         429,

@@ -467,6 +467,15 @@ async def test_wrong_method_is_405_invalid_request_error(
     assert allowed == ({"GET", "HEAD"} if path == "/v1/models" else {"POST"})
 
 
+async def test_unknown_route_is_404_naming_the_method_and_path(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    key = await gateway.new_key()
+    reply = await call(http, gateway, "/v1/chat/complete", CHAT, auth("openai", key))
+    message = assert_error_envelope(reply, "openai", 404, "route_not_found")
+    assert message.startswith("No route for POST /v1/chat/complete: this gateway serves ")
+
+
 @pytest.mark.parametrize("protocol", BY_PROTOCOL)
 async def test_model_the_key_may_not_use_is_403(
     gateway: Gateway, http: aiohttp.ClientSession, protocol: str
@@ -522,6 +531,25 @@ async def test_rpm_429_states_the_limit_and_the_real_wait(
         delay = retry[0]["retryDelay"]
         assert re.match(r"^\d+(\.\d{3})?s$", delay)
         assert round(float(delay[:-1]) * 1000) == wait_ms
+
+
+@pytest.mark.parametrize(
+    ("rpm", "stated"),
+    [
+        (60, "60 requests per minute (approximately 1 request per second)"),
+        (1, "1 request per minute (approximately 0.0167 requests per second)"),
+    ],
+)
+async def test_rpm_429_says_request_or_requests_as_english_does(
+    gateway: Gateway, http: aiohttp.ClientSession, rpm: int, stated: str
+) -> None:
+    key = await gateway.new_key(rpm=rpm)
+    headers = auth("openai", key)
+    for _ in range(rpm):
+        assert (await call(http, gateway, "/v1/chat/completions", CHAT, headers)).status == 200
+    reply = await call(http, gateway, "/v1/chat/completions", CHAT, headers)
+    message = assert_error_envelope(reply, "openai", 429, "rpm_exceeded")
+    assert message.startswith(f"Rate limit exceeded. Your current limit is {stated}. Please")
 
 
 @pytest.mark.parametrize("protocol", BY_PROTOCOL)
