@@ -8,7 +8,9 @@ shapes fails here.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator
@@ -330,6 +332,26 @@ async def test_gemini_json_array_stream_under_v1(mock: Mock) -> None:
         "totalTokenCount": 23,
     }
     assert chunks[-1]["candidates"][0]["finishReason"] == "STOP"
+
+
+async def test_a_client_hanging_up_mid_stream_logs_no_error(
+    mock: Mock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway closes its upstream connection when its caller leaves: routine for a
+    provider, so the mock's log (the demo's terminal) shows no traceback for it."""
+    caplog.set_level(logging.DEBUG)
+    body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": USER}]}
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(
+            f"{mock.url}/v1/chat/completions",
+            json=body,
+            headers={"x-mock-chunk-delay-ms": "100"},  # 4 chunks: the stream lasts 300 ms
+        )
+        assert PIECES[0] in (await resp.content.readany()).decode()
+        resp.close()  # drops the connection: the mock's next write fails
+    await asyncio.sleep(0.5)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert mock.state.total_requests == 1
 
 
 # --- Tool calls -------------------------------------------------------------------------------

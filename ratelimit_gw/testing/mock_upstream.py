@@ -19,6 +19,7 @@ every request received is kept in a bounded log readable over HTTP (``/mock/requ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections import deque
@@ -305,9 +306,17 @@ def _reset(request: web.Request) -> None:
 async def _stream(
     call: _Call, frames: StreamFrames, headers: Mapping[str, str] = _SSE_HEADERS
 ) -> web.StreamResponse:
-    ctl = call.ctl
     resp = web.StreamResponse(headers=headers)
     await resp.prepare(call.request)
+    # The client may hang up mid-stream (a gateway does when its own caller leaves): what a
+    # real provider sees every day, not an error of the mock's, so no traceback.
+    with contextlib.suppress(ConnectionResetError):
+        await _write_frames(call, resp, frames)
+    return resp
+
+
+async def _write_frames(call: _Call, resp: web.StreamResponse, frames: StreamFrames) -> None:
+    ctl = call.ctl
     # Malformed: after the head and after every piece, frames no parser should choke on.
     garbage = wire.MALFORMED_SSE_FRAMES if ctl.malformed_sse else b""
     if frames.head or garbage:
@@ -315,16 +324,15 @@ async def _stream(
     for i, frame in enumerate(frames.chunks):
         if i == ctl.error_after_chunks:
             _reset(call.request)
-            return resp
+            return
         if i and ctl.chunk_delay_s > 0:
             await asyncio.sleep(ctl.chunk_delay_s)
         await resp.write(frame + garbage)
     if ctl.error_after_chunks is not None:
         _reset(call.request)  # N >= number of chunks: still never finish the stream
-        return resp
+        return
     await resp.write(frames.tail)
     await resp.write_eof()
-    return resp
 
 
 @_endpoint("openai")
