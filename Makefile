@@ -2,6 +2,9 @@
 #   make run   - the demo: mock upstream + gateway on memory://, with a demo key
 #   make test  - lint, type-check and the whole test suite (real-Redis tests included)
 PYTHON ?= python3
+# Run as root with apt-get, `make test` installs the test tools it misses (redis-server,
+# prometheus, wrk, gcc) from the system packages; SYSTEM_INSTALL=no never installs any.
+SYSTEM_INSTALL ?= yes
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -20,7 +23,7 @@ run: $(STAMP)
 # The tests start their own redis-server processes; make sure one can be found.
 redis-server: $(STAMP)
 	@command -v redis-server >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  if [ "$(SYSTEM_INSTALL)" != no ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing redis-server from the system packages"; \
 	    (apt-get install -y -qq redis-server >/dev/null 2>&1 || \
 	     (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)) || true; \
@@ -33,7 +36,7 @@ redis-server: $(STAMP)
 # policy-rc.d keeps the package from starting a system daemon; tests run their own.
 prometheus:
 	@{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  if [ "$(SYSTEM_INSTALL)" != no ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing prometheus (with promtool) from the system packages"; \
 	    policy=; [ -e /usr/sbin/policy-rc.d ] || { policy=1; \
 	      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; }; \
@@ -48,7 +51,7 @@ prometheus:
 # The benchmark drives load with wrk (Debian's package); its smoke test runs in `make test`.
 wrk:
 	@command -v wrk >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  if [ "$(SYSTEM_INSTALL)" != no ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing wrk from the system packages"; \
 	    (apt-get install -y -qq wrk >/dev/null 2>&1 || \
 	     (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)) || true; \
@@ -58,7 +61,7 @@ wrk:
 # The benchmark's fixed-rate generator is C (benchmarks/openloop/), compiled on first use.
 cc:
 	@command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  if [ "$(SYSTEM_INSTALL)" != no ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing gcc from the system packages"; \
 	    (apt-get install -y -qq gcc libc6-dev >/dev/null 2>&1 || \
 	     (apt-get update -qq && apt-get install -y -qq gcc libc6-dev >/dev/null)) || true; \

@@ -224,7 +224,7 @@ async def test_the_gateways_429_comes_in_the_callers_envelope(
         err = await sdk.error(model)
     assert err.status == 429
     assert err.reason == "rpm_exceeded"
-    assert "1 requests per minute" in err.message
+    assert "1 request per minute" in err.message
     assert isinstance(
         err.exception,
         {"openai": openai.RateLimitError, "anthropic": anthropic.RateLimitError}.get(

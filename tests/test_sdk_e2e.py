@@ -395,7 +395,7 @@ async def test_openai_over_rpm_raises_rate_limit_error(gateway: Gateway) -> None
         assert err.body["type"] == "rate_limit_error"
         assert err.body["reason"] == "rpm_exceeded"
         assert err.body["rate_limit"] == {"rpm": 1, "qps": 1 / 60, "tpm": None}
-        assert "1 requests per minute" in err.body["message"]
+        assert "1 request per minute" in err.body["message"]
         assert err.code == "429"
         assert_rpm_headers(err.response.headers)
     assert len(gateway.upstream.state.requests) == 1  # rejected requests never reach upstream
@@ -452,9 +452,48 @@ async def test_gemini_over_rpm_raises_client_error_with_retry_info(gateway: Gate
         assert (err.code, err.status) == (429, "RESOURCE_EXHAUSTED")
         error = err.details["error"]
         assert error["reason"] == "rpm_exceeded"
-        assert "1 requests per minute" in error["message"]
+        assert "1 request per minute" in error["message"]
         assert 55_000 < retry_delay_ms(error["details"]) <= 60_000
     assert len(gateway.upstream.state.requests) == 1
+
+
+async def test_gemini_retries_a_429_only_with_the_readme_retry_options(gateway: Gateway) -> None:
+    """google-genai retries nothing by default; with the README's HttpRetryOptions a 429 (here
+    the one request in flight the key allows, held by a slow stream) is retried and answered."""
+    key = await gateway.new_key(concurrency=1)
+    statuses: list[int] = []
+
+    async def on_request_end(
+        _session: aiohttp.ClientSession, _context: Any, params: aiohttp.TraceRequestEndParams
+    ) -> None:
+        statuses.append(params.response.status)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(on_request_end)
+    slow_stream = {"x-goog-api-key": key, "x-mock-chunk-delay-ms": "400"}  # 4 chunks: 1.2 s
+    url = f"{gateway.url}/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+    async with (
+        aiohttp.ClientSession() as raw,
+        raw.post(
+            url, json={"contents": [{"parts": [{"text": USER}]}]}, headers=slow_stream
+        ) as held,
+    ):
+        assert held.status == 200
+        async with aiohttp.ClientSession(trace_configs=[trace]) as session:
+            options = genai_types.HttpOptions(base_url=gateway.url, aiohttp_client=session)
+            client = genai.Client(api_key=key, http_options=options)
+            with pytest.raises(genai_errors.ClientError) as refused:
+                await client.aio.models.generate_content(model="gemini-2.5-flash", contents=USER)
+            assert (refused.value.code, statuses) == (429, [429])
+            retry = genai_types.HttpRetryOptions(attempts=4, initial_delay=1.0, max_delay=30.0)
+            options.retry_options = retry
+            client = genai.Client(api_key=key, http_options=options)
+            answer = await client.aio.models.generate_content(
+                model="gemini-2.5-flash", contents=USER
+            )
+        assert answer.text == FULL_TEXT
+        assert statuses[0] == statuses[1] == 429 and statuses[-1] == 200
+        assert FULL_TEXT.split()[-1] in (await held.read()).decode()
 
 
 # --- The SDKs' own retries obey retry-after-ms ------------------------------------------------
