@@ -265,7 +265,10 @@ def _check_url(url: str, path: str, schemes: tuple[str, ...]) -> None:
     scheme, sep, _ = url.partition("://")
     if not sep or scheme not in schemes:
         expected = ", ".join(f"{s}://" for s in schemes)
-        raise ConfigError(f"{path}: {url!r} must start with one of {expected}")
+        # Only the scheme is shown: the rest of a storage URL may hold a password.
+        head, colon, _ = url.partition(":")
+        shown = repr(head[:24] + colon + ("…" if len(url) > len(head) + 1 else ""))
+        raise ConfigError(f"{path}: must start with one of {expected}, not {shown}")
 
 
 def _check_header_value(value: str, path: str) -> None:

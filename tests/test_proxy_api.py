@@ -493,7 +493,7 @@ def _ep(**fields: Any) -> dict[str, Any]:
         ),
         (
             [_ep(base_url="ftp://x")],
-            "custom_endpoints[0].base_url: 'ftp://x' must start with one of http://, https://",
+            "custom_endpoints[0].base_url: must start with one of http://, https://, not 'ftp:…'",
         ),
         ([_ep(rpm=0)], "custom_endpoints[0].rpm: Expected `int` >= 1"),
         (
