@@ -9,9 +9,11 @@ usage.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -74,6 +76,8 @@ _DROP_RESPONSE = (
 )
 _DROP_RESPONSE_PREFIXES = ("x-ratelimit-", *OWN_HEADER_PREFIXES)
 MAX_ERROR_BODY_BYTES = 1 << 20
+
+log = logging.getLogger("ratelimit_gw.upstream")
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +154,18 @@ def carries_gateway_key(name: str, value: str) -> bool:
     return name.strip().startswith(KEY_PREFIX) or value.strip().startswith(KEY_PREFIX)
 
 
+def shown_url(url: str) -> str:
+    """An upstream URL fit for a log: no user info, no query (either may hold a credential)."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    shown = f"[{host}]" if ":" in host else host
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # not a number: the request was never made, the host says enough
+        port = ""
+    return f"{parts.scheme}://{shown}{port}{parts.path}"
+
+
 def client_response_headers(
     upstream: Iterable[tuple[str, str]], own: Mapping[str, str]
 ) -> CIMultiDict[str]:
@@ -221,6 +237,13 @@ class Relay:
         except TimeoutError:
             result.outcome = "upstream_error"
             self._count(call, "timeout")
+            log.warning(
+                "upstream %s at %s timed out (connect_timeout_s %g, timeout_s %g)",
+                call.provider,
+                shown_url(call.url),
+                call.connect_timeout_s,
+                call.total_timeout_s,
+            )
             raise GatewayError(
                 504, "upstream_timeout", "The upstream did not answer in time.", retry_after_ms=1000
             ) from None
@@ -233,6 +256,13 @@ class Relay:
                 message = f"The upstream request could not be made: {exc}."
             else:
                 message = f"The upstream connection failed: {exc}."
+            log.warning(
+                "upstream %s at %s %s: %s",
+                call.provider,
+                shown_url(call.url),
+                "unreachable" if isinstance(exc, UpstreamUnreachable) else "failed",
+                exc,
+            )
             raise GatewayError(502, "upstream_unreachable", message) from None
         self._count(
             call, "cut" if result.outcome == "upstream_cut" else f"{result.status // 100}xx"
