@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from .client_address import trusted_network
 from .keyspace import ID_PATTERN
 from .money import MoneyError, parse_usd
 from .protocols import ADAPTERS, CREDENTIAL_HEADERS, ProtocolName
@@ -67,6 +68,10 @@ class ServerSettings(_Section):
     # of common load balancers (AWS ALB, GCP), so they, not the gateway, close first and
     # never send a request on a connection the gateway is closing.
     keepalive_timeout_s: PositiveFloat = 75.0
+    # Addresses or networks of the proxies and load balancers in front of the gateway
+    # ("10.0.0.0/8", "127.0.0.1"): a request from one of them is logged with the caller's
+    # address from X-Forwarded-For (docs/operations.md#access-log). Empty: the header is ignored.
+    trusted_proxies: list[str] = []
 
 
 class StorageSettings(_Section):
@@ -268,6 +273,17 @@ def _check_url(url: str, path: str, schemes: tuple[str, ...]) -> None:
         raise ConfigError(f"{path}: {url!r} must start with one of {expected}")
 
 
+def _check_trusted_proxies(entries: list[str]) -> None:
+    for i, entry in enumerate(entries):
+        try:
+            trusted_network(entry)
+        except ValueError as exc:
+            raise ConfigError(
+                f"server.trusted_proxies[{i}]: {exc}; write an address like 10.0.0.5 or a "
+                "network like 10.0.0.0/8"
+            ) from None
+
+
 def _check_header_value(value: str, path: str) -> None:
     # Caught here, at start-up, rather than as a 502 on every request: the usual cause is a
     # secret file or variable that ends with a newline.
@@ -446,6 +462,7 @@ def build_settings(raw: dict[str, Any], environ: Mapping[str, str] | None = None
     except msgspec.ValidationError as exc:
         raise ConfigError(_msgspec_path(exc)) from None
     _check_url(file.storage.url, "storage.url", STORAGE_SCHEMES)
+    _check_trusted_proxies(file.server.trusted_proxies)
 
     providers: dict[str, Provider] = {}
     for i, p in enumerate(file.providers):
