@@ -20,10 +20,10 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .accounts import KEY_PREFIX
+from .client_headers import HOP_BY_HOP, ClientHeaderPolicy
 from .errors import GatewayError
 from .metrics import Metrics, labelled
 from .protocols import (
-    CREDENTIAL_HEADERS,
     FAMILY_HEADER_PREFIXES,
     OWN_HEADER_NAMES,
     OWN_HEADER_PREFIXES,
@@ -41,25 +41,6 @@ from .upstream_client import (
     UpstreamUnreachable,
 )
 
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "expect",
-    }
-)
-# Whatever a client sends to prove who it is must never reach the upstream (docs/relay.md).
-CLIENT_CREDENTIALS = CREDENTIAL_HEADERS | {"cookie"}
-# Compression is negotiated per hop: the gateway asks the upstream for none (the client decodes
-# a compressed answer anyway) and sends the caller plain bytes.
-_DROP_REQUEST = HOP_BY_HOP | CLIENT_CREDENTIALS | {"accept-encoding"}
 # The upstream's own request id and rate limits would contradict the gateway's.
 _DROP_RESPONSE = (
     HOP_BY_HOP
@@ -111,11 +92,13 @@ class RelayResult:
 
 
 def upstream_request_headers(
-    client_headers: Mapping[str, str], provider_headers: Mapping[str, str]
+    client_headers: Mapping[str, str],
+    provider_headers: Mapping[str, str],
+    policy: ClientHeaderPolicy,
 ) -> dict[str, str]:
-    # The provider's headers replace a client header of the same name in any letter case.
-    replaced = _DROP_REQUEST | {name.lower() for name in provider_headers}
-    headers = {k: v for k, v in client_headers.items() if k.lower() not in replaced}
+    """The client's headers that ``policy`` forwards (it withholds every name the provider's
+    headers set, in any letter case), then the provider's."""
+    headers = policy.forwarded(client_headers)
     headers.update(provider_headers)
     return headers
 
@@ -124,22 +107,22 @@ def translated_request_headers(
     client_headers: Mapping[str, str],
     upstream: ProtocolAdapter,
     provider_headers: Mapping[str, str],
+    policy: ClientHeaderPolicy,
 ) -> dict[str, str]:
-    """A converter's upstream headers (docs/converters.md): the caller's, less every protocol
-    family's own (``anthropic-*``, ``openai-*``, ``x-goog-*``, the SDKs' ``x-stainless-*``:
-    they describe a request the upstream does not get), plus what the upstream's protocol
-    requires, then the provider's."""
-    kept = {
+    """A converter's upstream headers (docs/converters.md): the caller's that ``policy``
+    forwards, less every protocol family's own (``anthropic-*``, ``openai-*``, ``x-goog-*``,
+    the SDKs' ``x-stainless-*``: they describe a request the upstream does not get), plus what
+    the upstream's protocol requires, then the provider's."""
+    headers = {
         name: value
-        for name, value in client_headers.items()
+        for name, value in policy.forwarded(client_headers).items()
         if not name.lower().startswith(FAMILY_HEADER_PREFIXES)
     }
-    required = {
-        name: value
-        for name, value in upstream.upstream_required_headers.items()
-        if name not in {configured.lower() for configured in provider_headers}
-    }
-    return upstream_request_headers(kept, {**required, **provider_headers})
+    for name, value in upstream.upstream_required_headers.items():
+        if name.lower() not in policy.withheld:  # a provider's own header of that name wins
+            headers[name] = value
+    headers.update(provider_headers)
+    return headers
 
 
 def gateway_key_free(query: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:

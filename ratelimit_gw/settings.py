@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from .client_address import trusted_network
+from .client_headers import NEVER_FORWARDED, ClientHeaderPolicy, client_header_policy
 from .keyspace import ID_PATTERN
 from .money import MoneyError, parse_usd
 from .protocols import ADAPTERS, CREDENTIAL_HEADERS, ProtocolName
@@ -115,6 +116,11 @@ class ProviderSettings(_Section):
     # (docs/limits-and-balance.md). OpenAI's o-series refuse max_tokens; some compatible servers
     # ignore the newer one.
     chat_cap_field: ChatCapField | None = None
+    # Which client request headers reach this upstream (docs/relay.md#request-headers): only
+    # those named in forward_headers, or all but those in drop_headers (default:
+    # OpenAI-Organization and OpenAI-Project, which pick the upstream account). Not both.
+    forward_headers: list[str] | None = None
+    drop_headers: list[str] | None = None
 
 
 class ModelSettings(_Section):
@@ -189,6 +195,7 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True):
     protocol: str
     base_url: str
     upstream_headers: dict[str, str]
+    client_headers: ClientHeaderPolicy  # which of a caller's headers reach the upstream
     rpm: int | None
     tpm: int | None
     timeout_s: float
@@ -221,6 +228,7 @@ class CustomEndpoint(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     base_url: str
     upstream_headers: dict[str, str]
+    client_headers: ClientHeaderPolicy  # all but credentials and hop-by-hop (transparent)
     accounts: tuple[str, ...]
     rpm: int | None
     tpm: int | None
@@ -334,12 +342,37 @@ def _resolve_provider(p: ProviderSettings, i: int, environ: Mapping[str, str]) -
         protocol=p.protocol,
         base_url=p.base_url.rstrip("/"),
         upstream_headers=headers,
+        client_headers=_client_header_policy(p, path, headers),
         rpm=p.rpm,
         tpm=p.tpm,
         timeout_s=p.timeout_s,
         connect_timeout_s=p.connect_timeout_s,
         chat_cap_field=p.chat_cap_field or "max_completion_tokens",
     )
+
+
+def _client_header_policy(
+    p: ProviderSettings, path: str, upstream_headers: Mapping[str, str]
+) -> ClientHeaderPolicy:
+    if p.forward_headers is not None and p.drop_headers is not None:
+        raise ConfigError(
+            f"{path}: forward_headers (an allow list) and drop_headers (a deny list) exclude "
+            "each other; keep one"
+        )
+    own = {name.lower() for name in upstream_headers}
+    for field, names in (("forward_headers", p.forward_headers), ("drop_headers", p.drop_headers)):
+        for j, name in enumerate(names or ()):
+            npath = f"{path}.{field}[{j}]"
+            if not _HEADER_NAME.fullmatch(name):
+                raise ConfigError(f"{npath}: {name!r} is not a valid HTTP header name")
+            if field == "forward_headers" and name.lower() in NEVER_FORWARDED | own:
+                raise ConfigError(
+                    f"{npath}: {name} never comes from the client (a credential, a hop-by-hop "
+                    "header, or one this provider's configuration sets); remove it"
+                )
+    if p.drop_headers is not None:
+        return client_header_policy(upstream_headers, drop=p.drop_headers)
+    return client_header_policy(upstream_headers, forward=p.forward_headers)
 
 
 def _max_output_tokens(m: ModelSettings, path: str) -> int:
@@ -399,11 +432,13 @@ def _resolve_custom_endpoint(
                 f"{path}.accounts[{j}]: must be an account id or a glob like 'team-*'"
             )
     price = e.price_per_request_usd
+    upstream_headers = _resolve_headers(e.headers, path, environ)
     return CustomEndpoint(
         provider_account=e.provider_account,
         name=e.name,
         base_url=e.base_url.rstrip("/"),
-        upstream_headers=_resolve_headers(e.headers, path, environ),
+        upstream_headers=upstream_headers,
+        client_headers=client_header_policy(upstream_headers, drop=()),
         accounts=tuple(e.accounts),
         rpm=e.rpm,
         tpm=e.tpm,
