@@ -104,6 +104,7 @@ async def test_x_forwarded_for_from_an_untrusted_peer_is_ignored(
         (["203.0.113.66", "198.51.100.7, 10.1.2.3"], "198.51.100.7"),  # two header lines
         (["10.9.9.9, 10.1.1.1"], "10.9.9.9"),  # every hop trusted: the left-most
         (["not-an-address, 10.1.2.3"], "10.1.2.3"),  # nothing left of garbage is believed
+        ([f"{'9' * 4000}, 10.1.2.3"], "10.1.2.3"),  # nor left of text too long for an address
         (["198.51.100.7:4711"], "198.51.100.7"),
         (["[2001:db8::7]:443"], "2001:db8::7"),
         (["2001:db8::7"], "2001:db8::7"),
