@@ -14,6 +14,7 @@ import pytest
 
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import open_storage
+from ratelimit_gw.storage.location import storage_location, url_secrets
 
 from .cli_helpers import cli
 from .conftest import UPSTREAM_KEY, Upstream, start_gateway
@@ -157,3 +158,31 @@ async def test_an_unreachable_upstream_is_logged_with_provider_and_url_never_a_c
     for message in _messages(caplog):
         for secret in (UPSTREAM_KEY, "team-secret-value", key, "q-secret"):
             assert secret not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("memory://", "memory://"),
+        (f"redis://:{PASSWORD}@10.0.0.5:6379/2", "redis://10.0.0.5:6379/2"),
+        (f"rediss://app:{PASSWORD}@redis.internal:6380", "rediss://redis.internal:6380"),
+        (
+            f"unix://:{PASSWORD}@/run/redis.sock?db=3&password={PASSWORD}",
+            "unix:///run/redis.sock?db=3",
+        ),
+        (f"unix:///run/redis.sock?password={PASSWORD}", "unix:///run/redis.sock"),
+        (
+            f"redis+sentinel://:{PASSWORD}@10.0.0.1:26379,10.0.0.2:26379/mymaster/1",
+            "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster/1",
+        ),
+        (
+            f"redis+cluster://:{PASSWORD}@10.0.0.1:7000,10.0.0.2:7000",
+            "redis+cluster://10.0.0.1:7000,10.0.0.2:7000",
+        ),
+    ],
+)
+def test_the_storage_location_keeps_hosts_and_database_and_drops_credentials(
+    url: str, shown: str
+) -> None:
+    assert storage_location(url) == shown
+    assert (PASSWORD in url_secrets(url)) == (PASSWORD in url)

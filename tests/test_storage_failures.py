@@ -538,7 +538,7 @@ async def test_storage_calls_are_bounded_by_the_command_timeout() -> None:
 
         started = time.monotonic()
         with pytest.raises(
-            StorageError, match="^storage call slow failed at memory://: timed out$"
+            StorageError, match=r"^storage call slow failed at memory://: timed out$"
         ):
             await storage._guarded("slow", slow)
         assert time.monotonic() - started < 0.1 + 0.2

@@ -116,7 +116,7 @@ class Storage:
                 self._cooldown_s,
             )
         elif state == "closed":
-            log.warning("storage at %s answers again", self.location)
+            log.info("storage at %s answers again", self.location)
         if self.observer is not None:
             self.observer.breaker_changed(state)
 
