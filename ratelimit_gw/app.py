@@ -15,6 +15,7 @@ from .accounts import AccountStore
 from .auth import KeyCache
 from .body import BodyReader
 from .catalog import Catalog
+from .client_address import ClientAddresses
 from .limiter import Limiter
 from .metrics import StorageMetrics, create_metrics
 from .middleware import error_middleware
@@ -77,6 +78,7 @@ def create_app(
             registry=registry,
             quota=quota,
             bodies=BodyReader(settings.server, metrics.buffered_body_bytes),
+            client_addresses=ClientAddresses(settings.server.trusted_proxies),
             passthrough=passthrough,
         )
         watcher = asyncio.create_task(eviction.watch())

@@ -7,6 +7,8 @@ catches it and writes the response.
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass, field
 
 ERROR_TYPE_BY_STATUS: dict[int, str] = {
@@ -108,3 +110,16 @@ class GatewayError(Exception):
         # route (a 422, 409, …): a client error must not read as the server's api_error.
         fallback = "invalid_request_error" if 400 <= self.status < 500 else "api_error"
         return ERROR_TYPE_BY_STATUS.get(self.status, fallback)
+
+
+def connect_failure_reason(exc: OSError) -> str:
+    """Why a connection (to storage or an upstream) failed, in the operating system's words:
+    ``connection refused``, ``no route to host``, ``name lookup failed: …``. asyncio's own
+    messages ("Connect call failed ('10.0.0.5', 6379)") hide the errno's meaning."""
+    if isinstance(exc, socket.gaierror):
+        return f"name lookup failed: {exc.strerror or exc}"
+    if exc.errno and exc.errno > 0:
+        reason = os.strerror(exc.errno)
+    else:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+    return reason[:1].lower() + reason[1:]

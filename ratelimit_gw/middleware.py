@@ -93,6 +93,8 @@ async def _render(request: web.Request, ctx: RequestContext, err: GatewayError) 
     return response
 
 
+MAX_USER_AGENT_CHARS = 256  # enough for any real client's; a log line stays bounded
+
 # Probes and scrapes are not traffic: they are neither counted nor logged.
 _QUIET_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 
@@ -224,6 +226,11 @@ def record_request(svc: Services, request: web.Request, ctx: RequestContext, sta
                     "upstream_ttfb_ms": None
                     if ctx.upstream_ttfb_s is None
                     else round(ctx.upstream_ttfb_s * 1000, 3),
+                    # Appended, so the fields above keep their order. JSON escapes quotes and
+                    # control characters: a user agent cannot forge a second line or field.
+                    "client": svc.client_addresses.of(request),
+                    "user_agent": request.headers.get("User-Agent", "")[:MAX_USER_AGENT_CHARS]
+                    or None,
                 }
             ).decode()
         )

@@ -9,19 +9,21 @@ usage.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
 from .accounts import KEY_PREFIX
+from .client_headers import HOP_BY_HOP, ClientHeaderPolicy
 from .errors import GatewayError
 from .metrics import Metrics, labelled
 from .protocols import (
-    CREDENTIAL_HEADERS,
     FAMILY_HEADER_PREFIXES,
     OWN_HEADER_NAMES,
     OWN_HEADER_PREFIXES,
@@ -39,25 +41,6 @@ from .upstream_client import (
     UpstreamUnreachable,
 )
 
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "expect",
-    }
-)
-# Whatever a client sends to prove who it is must never reach the upstream (docs/relay.md).
-CLIENT_CREDENTIALS = CREDENTIAL_HEADERS | {"cookie"}
-# Compression is negotiated per hop: the gateway asks the upstream for none (the client decodes
-# a compressed answer anyway) and sends the caller plain bytes.
-_DROP_REQUEST = HOP_BY_HOP | CLIENT_CREDENTIALS | {"accept-encoding"}
 # The upstream's own request id and rate limits would contradict the gateway's.
 _DROP_RESPONSE = (
     HOP_BY_HOP
@@ -74,6 +57,8 @@ _DROP_RESPONSE = (
 )
 _DROP_RESPONSE_PREFIXES = ("x-ratelimit-", *OWN_HEADER_PREFIXES)
 MAX_ERROR_BODY_BYTES = 1 << 20
+
+log = logging.getLogger("ratelimit_gw.upstream")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,11 +92,13 @@ class RelayResult:
 
 
 def upstream_request_headers(
-    client_headers: Mapping[str, str], provider_headers: Mapping[str, str]
+    client_headers: Mapping[str, str],
+    provider_headers: Mapping[str, str],
+    policy: ClientHeaderPolicy,
 ) -> dict[str, str]:
-    # The provider's headers replace a client header of the same name in any letter case.
-    replaced = _DROP_REQUEST | {name.lower() for name in provider_headers}
-    headers = {k: v for k, v in client_headers.items() if k.lower() not in replaced}
+    """The client's headers that ``policy`` forwards (it withholds every name the provider's
+    headers set, in any letter case), then the provider's."""
+    headers = policy.forwarded(client_headers)
     headers.update(provider_headers)
     return headers
 
@@ -120,22 +107,22 @@ def translated_request_headers(
     client_headers: Mapping[str, str],
     upstream: ProtocolAdapter,
     provider_headers: Mapping[str, str],
+    policy: ClientHeaderPolicy,
 ) -> dict[str, str]:
-    """A converter's upstream headers (docs/converters.md): the caller's, less every protocol
-    family's own (``anthropic-*``, ``openai-*``, ``x-goog-*``, the SDKs' ``x-stainless-*``:
-    they describe a request the upstream does not get), plus what the upstream's protocol
-    requires, then the provider's."""
-    kept = {
+    """A converter's upstream headers (docs/converters.md): the caller's that ``policy``
+    forwards, less every protocol family's own (``anthropic-*``, ``openai-*``, ``x-goog-*``,
+    the SDKs' ``x-stainless-*``: they describe a request the upstream does not get), plus what
+    the upstream's protocol requires, then the provider's."""
+    headers = {
         name: value
-        for name, value in client_headers.items()
+        for name, value in policy.forwarded(client_headers).items()
         if not name.lower().startswith(FAMILY_HEADER_PREFIXES)
     }
-    required = {
-        name: value
-        for name, value in upstream.upstream_required_headers.items()
-        if name not in {configured.lower() for configured in provider_headers}
-    }
-    return upstream_request_headers(kept, {**required, **provider_headers})
+    for name, value in upstream.upstream_required_headers.items():
+        if name.lower() not in policy.withheld:  # a provider's own header of that name wins
+            headers[name] = value
+    headers.update(provider_headers)
+    return headers
 
 
 def gateway_key_free(query: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
@@ -148,6 +135,18 @@ def carries_gateway_key(name: str, value: str) -> bool:
     sent upstream, on any route: the caller's own key or another's, under any name (every
     gateway key starts with the prefix; an upstream's own key does not)."""
     return name.strip().startswith(KEY_PREFIX) or value.strip().startswith(KEY_PREFIX)
+
+
+def shown_url(url: str) -> str:
+    """An upstream URL fit for a log: no user info, no query (either may hold a credential)."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    shown = f"[{host}]" if ":" in host else host
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # not a number: the request was never made, the host says enough
+        port = ""
+    return f"{parts.scheme}://{shown}{port}{parts.path}"
 
 
 def client_response_headers(
@@ -221,6 +220,13 @@ class Relay:
         except TimeoutError:
             result.outcome = "upstream_error"
             self._count(call, "timeout")
+            log.warning(
+                "upstream %s at %s timed out (connect_timeout_s %g, timeout_s %g)",
+                call.provider,
+                shown_url(call.url),
+                call.connect_timeout_s,
+                call.total_timeout_s,
+            )
             raise GatewayError(
                 504, "upstream_timeout", "The upstream did not answer in time.", retry_after_ms=1000
             ) from None
@@ -233,6 +239,13 @@ class Relay:
                 message = f"The upstream request could not be made: {exc}."
             else:
                 message = f"The upstream connection failed: {exc}."
+            log.warning(
+                "upstream %s at %s %s: %s",
+                call.provider,
+                shown_url(call.url),
+                "unreachable" if isinstance(exc, UpstreamUnreachable) else "failed",
+                exc,
+            )
             raise GatewayError(502, "upstream_unreachable", message) from None
         self._count(
             call, "cut" if result.outcome == "upstream_cut" else f"{result.status // 100}xx"

@@ -18,6 +18,7 @@ from .app import create_app
 from .services import SERVICES
 from .settings import ServerSettings, Settings
 from .storage.eviction_guard import check_before_serving
+from .storage.location import storage_location
 
 log = logging.getLogger("ratelimit_gw")
 
@@ -126,7 +127,7 @@ async def serve_forever(
         "listening on http://%s:%s (storage %s, pid %s)%s",
         settings.server.host,
         runner.addresses[0][1],
-        settings.storage.url.split("@")[-1],
+        storage_location(settings.storage.url),  # never its password
         os.getpid(),
         " PASSTHROUGH: no keys, limits or balance (benchmark baseline)" if passthrough else "",
     )

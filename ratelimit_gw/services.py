@@ -12,6 +12,7 @@ from .accounts import AccountStore
 from .auth import KeyCache
 from .body import BodyReader
 from .catalog import Catalog
+from .client_address import ClientAddresses
 from .limiter import Limiter
 from .metrics import Metrics
 from .relay import Relay
@@ -35,6 +36,7 @@ class Services:
     registry: CollectorRegistry
     quota: UpstreamQuota  # upstream quotas (docs/custom-endpoints.md)
     bodies: BodyReader  # reads request bodies within the [server] limits
+    client_addresses: ClientAddresses  # who sent a request (server.trusted_proxies)
     # Benchmark baseline: relay without keys, limits or balance (``serve --passthrough-…``).
     passthrough: bool = False
     draining: bool = False  # set at shutdown: /readyz answers 503 so load balancers move on

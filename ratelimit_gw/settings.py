@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from .client_address import trusted_network
+from .client_headers import NEVER_FORWARDED, ClientHeaderPolicy, client_header_policy
 from .keyspace import ID_PATTERN
 from .money import MoneyError, parse_usd
 from .protocols import ADAPTERS, CREDENTIAL_HEADERS, ProtocolName
@@ -67,6 +69,10 @@ class ServerSettings(_Section):
     # of common load balancers (AWS ALB, GCP), so they, not the gateway, close first and
     # never send a request on a connection the gateway is closing.
     keepalive_timeout_s: PositiveFloat = 75.0
+    # Addresses or networks of the proxies and load balancers in front of the gateway
+    # ("10.0.0.0/8", "127.0.0.1"): a request from one of them is logged with the caller's
+    # address from X-Forwarded-For (docs/operations.md#access-log). Empty: the header is ignored.
+    trusted_proxies: list[str] = []
 
 
 class StorageSettings(_Section):
@@ -110,6 +116,11 @@ class ProviderSettings(_Section):
     # (docs/limits-and-balance.md). OpenAI's o-series refuse max_tokens; some compatible servers
     # ignore the newer one.
     chat_cap_field: ChatCapField | None = None
+    # Which client request headers reach this upstream (docs/relay.md#request-headers): only
+    # those named in forward_headers, or all but those in drop_headers (default:
+    # OpenAI-Organization and OpenAI-Project, which pick the upstream account). Not both.
+    forward_headers: list[str] | None = None
+    drop_headers: list[str] | None = None
 
 
 class ModelSettings(_Section):
@@ -184,6 +195,7 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True):
     protocol: str
     base_url: str
     upstream_headers: dict[str, str]
+    client_headers: ClientHeaderPolicy  # which of a caller's headers reach the upstream
     rpm: int | None
     tpm: int | None
     timeout_s: float
@@ -216,6 +228,7 @@ class CustomEndpoint(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     base_url: str
     upstream_headers: dict[str, str]
+    client_headers: ClientHeaderPolicy  # all but credentials and hop-by-hop (transparent)
     accounts: tuple[str, ...]
     rpm: int | None
     tpm: int | None
@@ -271,6 +284,17 @@ def _check_url(url: str, path: str, schemes: tuple[str, ...]) -> None:
         raise ConfigError(f"{path}: must start with one of {expected}, not {shown}")
 
 
+def _check_trusted_proxies(entries: list[str]) -> None:
+    for i, entry in enumerate(entries):
+        try:
+            trusted_network(entry)
+        except ValueError as exc:
+            raise ConfigError(
+                f"server.trusted_proxies[{i}]: {exc}; write an address like 10.0.0.5 or a "
+                "network like 10.0.0.0/8"
+            ) from None
+
+
 def _check_header_value(value: str, path: str) -> None:
     # Caught here, at start-up, rather than as a 502 on every request: the usual cause is a
     # secret file or variable that ends with a newline.
@@ -321,12 +345,37 @@ def _resolve_provider(p: ProviderSettings, i: int, environ: Mapping[str, str]) -
         protocol=p.protocol,
         base_url=p.base_url.rstrip("/"),
         upstream_headers=headers,
+        client_headers=_client_header_policy(p, path, headers),
         rpm=p.rpm,
         tpm=p.tpm,
         timeout_s=p.timeout_s,
         connect_timeout_s=p.connect_timeout_s,
         chat_cap_field=p.chat_cap_field or "max_completion_tokens",
     )
+
+
+def _client_header_policy(
+    p: ProviderSettings, path: str, upstream_headers: Mapping[str, str]
+) -> ClientHeaderPolicy:
+    if p.forward_headers is not None and p.drop_headers is not None:
+        raise ConfigError(
+            f"{path}: forward_headers (an allow list) and drop_headers (a deny list) exclude "
+            "each other; keep one"
+        )
+    own = {name.lower() for name in upstream_headers}
+    for field, names in (("forward_headers", p.forward_headers), ("drop_headers", p.drop_headers)):
+        for j, name in enumerate(names or ()):
+            npath = f"{path}.{field}[{j}]"
+            if not _HEADER_NAME.fullmatch(name):
+                raise ConfigError(f"{npath}: {name!r} is not a valid HTTP header name")
+            if field == "forward_headers" and name.lower() in NEVER_FORWARDED | own:
+                raise ConfigError(
+                    f"{npath}: {name} never comes from the client (a credential, a hop-by-hop "
+                    "header, or one this provider's configuration sets); remove it"
+                )
+    if p.drop_headers is not None:
+        return client_header_policy(upstream_headers, drop=p.drop_headers)
+    return client_header_policy(upstream_headers, forward=p.forward_headers)
 
 
 def _max_output_tokens(m: ModelSettings, path: str) -> int:
@@ -386,11 +435,13 @@ def _resolve_custom_endpoint(
                 f"{path}.accounts[{j}]: must be an account id or a glob like 'team-*'"
             )
     price = e.price_per_request_usd
+    upstream_headers = _resolve_headers(e.headers, path, environ)
     return CustomEndpoint(
         provider_account=e.provider_account,
         name=e.name,
         base_url=e.base_url.rstrip("/"),
-        upstream_headers=_resolve_headers(e.headers, path, environ),
+        upstream_headers=upstream_headers,
+        client_headers=client_header_policy(upstream_headers, drop=()),
         accounts=tuple(e.accounts),
         rpm=e.rpm,
         tpm=e.tpm,
@@ -449,6 +500,7 @@ def _decode_file(raw: dict[str, Any]) -> FileSettings:
     except msgspec.ValidationError as exc:
         raise ConfigError(_msgspec_path(exc)) from None
     _check_url(file.storage.url, "storage.url", STORAGE_SCHEMES)
+    _check_trusted_proxies(file.server.trusted_proxies)
     return file
 
 

@@ -33,6 +33,8 @@ from urllib.parse import quote, urlsplit
 
 import httptools
 
+from .errors import connect_failure_reason
+
 # Reading stops (TCP back-pressure reaches the upstream) while this much body waits unread.
 READ_HIGH_WATER_BYTES = 256 * 1024
 IDLE_TIMEOUT_S = 15.0  # below common server keep-alive limits, so the server rarely closes first
@@ -478,6 +480,8 @@ class UpstreamClient:
                 )
         except TimeoutError:
             raise  # an OSError too, but a slow upstream is a timeout (504), not unreachable
-        except OSError as exc:  # refused, unreachable, name lookup, TLS (ssl.SSLError)
-            raise UpstreamUnreachable(f"{type(exc).__name__}: {exc}") from None
+        except ssl.SSLError as exc:  # the handshake or the certificate's verification
+            raise UpstreamUnreachable(f"TLS: {exc}") from None
+        except OSError as exc:  # refused, unreachable, name lookup
+            raise UpstreamUnreachable(connect_failure_reason(exc)) from None
         return conn

@@ -410,6 +410,7 @@ def test_full_config_resolves_server_storage_and_admin(full: Settings) -> None:
         "body_timeout_s": 30.0,
         "max_buffered_body_bytes": 256 * 1024 * 1024,
         "keepalive_timeout_s": 75.0,
+        "trusted_proxies": [],
     }
     assert full.storage.url == "redis://redis.internal:6379/0"
     assert full.storage.on_error == "reject"

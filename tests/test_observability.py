@@ -524,6 +524,8 @@ ACCESS_FIELDS = {
     "cost_usd",
     "duration_ms",
     "upstream_ttfb_ms",
+    "client",
+    "user_agent",
 }
 
 
@@ -556,6 +558,7 @@ async def test_access_log_writes_one_json_line_per_request_with_its_outcome(
         "key_id": record.id,
         "account": "acme",
         "model": "gpt-4o-mini",
+        "client": "127.0.0.1",
         "input_tokens": usage["prompt_tokens"],
         "output_tokens": usage["completion_tokens"],
         "cost_usd": format_usd(

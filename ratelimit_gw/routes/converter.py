@@ -64,7 +64,7 @@ async def handle_converter(
         path=path,
         query=_GEMINI_SSE if upstream_route is Route.STREAM_GENERATE else {},
         headers=translated_request_headers(
-            request.headers, adapter, model.provider.upstream_headers
+            request.headers, adapter, model.provider.upstream_headers, model.provider.client_headers
         ),
         translation=AnswerTranslation(
             caller=caller,

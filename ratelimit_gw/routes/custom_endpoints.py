@@ -203,7 +203,9 @@ async def handle_custom_endpoint(request: web.Request) -> web.StreamResponse:
             model=ctx.model,
             method=request.method,
             url=_upstream_url(endpoint, request),
-            headers=upstream_request_headers(request.headers, endpoint.upstream_headers),
+            headers=upstream_request_headers(
+                request.headers, endpoint.upstream_headers, endpoint.client_headers
+            ),
             body=_upstream_body(endpoint, route, body, request_info, output_cap),
             connect_timeout_s=endpoint.connect_timeout_s,
             total_timeout_s=endpoint.timeout_s,

@@ -118,7 +118,9 @@ def _as_sent(
         info=info,
         path=request.path,
         query=request.query,
-        headers=upstream_request_headers(request.headers, model.provider.upstream_headers),
+        headers=upstream_request_headers(
+            request.headers, model.provider.upstream_headers, model.provider.client_headers
+        ),
     )
 
 

@@ -8,6 +8,7 @@ and an error reply is told from an outage so the breaker judges right.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -29,12 +30,15 @@ from redis.exceptions import (
 
 from ..settings import StorageSettings
 from .breaker import Breaker
+from .location import failure_cause, scrubbed, storage_location, url_secrets
 from .script_batch import ScriptBatcher
 from .script_channel import NeverSent, ScriptChannel
 from .scripts import script_sources
 
 # Their writes are money: with ``wait_replicas`` they return only once replicas have them.
 DURABLE_SCRIPTS = frozenset({"settle", "topup"})
+
+log = logging.getLogger("ratelimit_gw.storage")
 
 
 class StorageError(Exception):
@@ -75,6 +79,10 @@ class Storage:
     ) -> None:
         self.client = client
         self.url = settings.url
+        # Named in every error and log line: where storage is, never its password.
+        self.location = storage_location(settings.url)
+        self._secrets = url_secrets(settings.url)
+        self._last_cause = "no failure yet"
         self._timeout_s = settings.command_timeout_s
         # WAIT for replicas after durable scripts; its own timeout leaves room for the script.
         self._wait_replicas = wait_replicas
@@ -84,6 +92,7 @@ class Storage:
         self._follow_master = follow_master  # sentinel: re-ask where the master is
         self._closers = closers
         self.observer: StorageObserver | None = None
+        self._cooldown_s = settings.breaker_cooldown_s
         self.breaker = Breaker(
             settings.breaker_failures, settings.breaker_cooldown_s, self._breaker_changed
         )
@@ -99,6 +108,15 @@ class Storage:
             self._batcher = ScriptBatcher(client, sources, settings.command_timeout_s)
 
     def _breaker_changed(self, state: str) -> None:
+        if state == "open":
+            log.warning(
+                "storage at %s unavailable (%s): failing calls at once for %gs, then trying again",
+                self.location,
+                self._last_cause,
+                self._cooldown_s,
+            )
+        elif state == "closed":
+            log.info("storage at %s answers again", self.location)
         if self.observer is not None:
             self.observer.breaker_changed(state)
 
@@ -106,7 +124,7 @@ class Storage:
         """Breaker, timeout, metrics and error wrapping around one call (batched scripts get
         the same from :meth:`_batched`)."""
         if not self.breaker.allow():
-            raise _refused(operation)
+            raise self._refused(operation)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s):
@@ -133,14 +151,15 @@ class Storage:
         if isinstance(exc, NotReplicatedError):
             # Storage answered: a missing replica must not open the breaker for everyone.
             self.breaker.record_success()
-            detail = str(exc)
+            cause = str(exc)
         elif isinstance(exc, RedisError | RedisClusterException | OSError | TimeoutError):
+            cause = scrubbed(failure_cause(exc), self._secrets)
             # RedisClusterException: no node reachable, a slot not covered (not a RedisError).
             if _unavailable(exc):
+                self._last_cause = cause  # before the breaker may open and log it
                 self.breaker.record_failure()
             else:  # an error reply (bad input, WRONGTYPE…): storage is up, the breaker stays
                 self.breaker.record_success()
-            detail = type(exc).__name__
         else:
             # Cancelled (the client left) or an unexpected error: no verdict on storage, but a
             # half-open breaker must not wait forever for this trial's outcome.
@@ -149,7 +168,8 @@ class Storage:
         if self.observer is not None:
             self.observer.storage_call(operation, time.perf_counter() - started, False)
         error = StorageError(
-            f"storage call {operation} failed: {detail}", never_sent=isinstance(exc, NeverSent)
+            f"storage call {operation} failed at {self.location}: {cause}",
+            never_sent=isinstance(exc, NeverSent),
         )
         error.__cause__ = exc
         return error
@@ -187,7 +207,7 @@ class Storage:
         loop = asyncio.get_running_loop()
         outcome: asyncio.Future[Any] = loop.create_future()
         if not self.breaker.allow():
-            outcome.set_exception(_refused(script))
+            outcome.set_exception(self._refused(script))
             return outcome
         started = time.perf_counter()
 
@@ -301,16 +321,19 @@ class Storage:
                 raise
             return refusal
 
+    def _refused(self, operation: str) -> StorageError:
+        return StorageError(
+            f"storage call {operation} refused: circuit breaker open, storage at "
+            f"{self.location} failed recently ({self._last_cause})",
+            never_sent=True,
+        )
+
     async def close(self) -> None:
         if isinstance(self._batcher, ScriptChannel):
             await self._batcher.aclose()
         await self.client.aclose()
         for close in self._closers:
             await close()
-
-
-def _refused(operation: str) -> StorageError:
-    return StorageError(f"storage call {operation} refused: circuit breaker open", never_sent=True)
 
 
 def _unavailable(exc: BaseException) -> bool:

@@ -259,6 +259,7 @@ class ScriptChannel:
                 error = ConnectTimeoutError("connecting to Redis timed out")
             else:
                 error = NotConnectedError(f"cannot connect to Redis: {exc!r}")
+                error.__cause__ = exc  # the OSError says why (refused, unreachable…)
             for call in waiting:
                 if not call.future.done():
                     call.future.set_exception(error)
