@@ -1,70 +1,93 @@
-"""The admin API (docs/admin.md): accounts, keys, top-ups and the ledger, behind one bearer token.
+"""The admin API (docs/admin.md): accounts, keys, top-ups and the ledger, behind named tokens.
 
-Off unless ``RLGW_ADMIN_TOKEN`` is set; the token is compared in constant time. USD amounts
+Every endpoint is one entry of :data:`ROUTES` (see :mod:`ratelimit_gw.admin_routes`): that
+entry registers it, guards it and documents it at ``/admin/openapi.json``. USD amounts
 travel as decimal strings, never floats.
 """
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 from aiohttp import web
+from msgspec import UNSET, UnsetType
 
-from .accounts import AccountError, AccountStore, RpmPolicy
-from .audit import admin_actor, record, set_admin_actor
-from .context import context
+from .accounts import Account, AccountStore, KeyRecord, LedgerEntry, RpmPolicy
+from .admin_openapi import openapi_json
+from .admin_routes import (
+    AccountId,
+    AdminRoute,
+    IdempotencyKey,
+    KeyId,
+    PositiveCount,
+    QueryParam,
+    UsdAmount,
+    register,
+    route_body,
+)
+from .audit import admin_actor, record
 from .errors import GatewayError
-from .limits import NO_LIMITS, Limits, flat_type, flatten, nest
+from .limits import NO_LIMITS, Limits, flatten
 from .money import MoneyError, parse_usd
-from .services import SERVICES
 
-T = TypeVar("T")
-S = TypeVar("S", bound=msgspec.Struct)
+# --- bodies ----------------------------------------------------------------------------------
 
 
 class CreateAccountBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    id: str
-    balance_usd: str | None = None
+    id: AccountId
+    balance_usd: UsdAmount | None = None
     limits: Limits = NO_LIMITS  # flat in the body: rpm, tpm, concurrency
     rpm_policy: RpmPolicy = "fixed"
-    rpm_override: int | None = None
+    rpm_override: PositiveCount | None = None
+
+
+class UpdateAccountBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Only the fields sent change; null clears a limit or the override."""
+
+    rpm: PositiveCount | UnsetType | None = UNSET
+    tpm: PositiveCount | UnsetType | None = UNSET
+    concurrency: PositiveCount | UnsetType | None = UNSET
+    rpm_override: PositiveCount | UnsetType | None = UNSET
+    rpm_policy: RpmPolicy | UnsetType = UNSET
+    prepaid: bool | UnsetType = UNSET
 
 
 class TopupBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    amount_usd: str
-    idempotency_key: str
+    amount_usd: UsdAmount
+    idempotency_key: IdempotencyKey  # not starting with "rlgw:" (the gateway's own)
 
 
 class CreateKeyBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    account: str
+    account: AccountId
     name: str = ""
     limits: Limits = NO_LIMITS  # flat in the body: rpm, tpm, concurrency
     models: list[str] | None = None
     expires_at: str | None = None
 
 
-# The bodies as they travel: limits flat, so errors name the field as sent (``$.rpm``).
-_FLAT_BODIES: dict[type[msgspec.Struct], type[msgspec.Struct]] = {
-    kind: flat_type(kind) for kind in (CreateAccountBody, CreateKeyBody)
-}
+# --- answers ---------------------------------------------------------------------------------
 
 
-async def _read_body(request: web.Request, kind: type[S]) -> S:
-    """A body with limits (sent flat, see :data:`_FLAT_BODIES`)."""
-    return nest(await _read_json(request, _FLAT_BODIES[kind]), kind)
+class AccountIds(msgspec.Struct, kw_only=True):
+    data: list[str]
 
 
-async def _read_json(request: web.Request, kind: type[T]) -> T:
-    request_body = await request.app[SERVICES].bodies.read(request, context(request))
-    try:
-        return msgspec.json.decode(request_body, type=kind)
-    except msgspec.ValidationError as exc:
-        raise GatewayError(400, "invalid_request", str(exc)) from None
-    except msgspec.DecodeError as exc:
-        raise GatewayError(400, "invalid_json", f"Request body is not valid JSON: {exc}") from None
+class Keys(msgspec.Struct, kw_only=True):
+    data: list[KeyRecord]
+
+
+class Ledger(msgspec.Struct, kw_only=True):
+    data: list[LedgerEntry]  # newest first
+
+
+class Topup(msgspec.Struct, kw_only=True):
+    credited: bool  # false: this idempotency key was already credited
+    account: Account
+
+
+class IssuedKey(KeyRecord, frozen=True, kw_only=True):
+    key: str  # the only time the key is ever shown
 
 
 def _usd(text: str, *, positive: bool = False) -> int:
@@ -80,36 +103,11 @@ def _json(document: object, status: int = 200) -> web.Response:
     )
 
 
-Handler = Callable[[web.Request, AccountStore], Awaitable[web.Response]]
-
-
-def _admin(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
-    async def guarded(request: web.Request) -> web.Response:
-        svc = request.app[SERVICES]
-        token = svc.settings.admin_token
-        if token is None:
-            raise GatewayError(
-                404, "admin_disabled", "The admin API is disabled (RLGW_ADMIN_TOKEN is not set)."
-            )
-        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-        # surrogateescape: header bytes that are not UTF-8 compare as the bytes they are.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            presented.strip().encode(errors="surrogateescape"),
-            token.encode(errors="surrogateescape"),
-        ):
-            svc.metrics.admin_auth_failures.inc()
-            raise GatewayError(401, "invalid_admin_token", "Invalid admin token.")
-        set_admin_actor(request, "default")
-        try:
-            return await handler(request, svc.accounts)
-        except AccountError as exc:
-            raise GatewayError(exc.status, exc.reason, exc.message) from None
-
-    return guarded
+# --- handlers --------------------------------------------------------------------------------
 
 
 async def create_account(request: web.Request, accounts: AccountStore) -> web.Response:
-    body = await _read_body(request, CreateAccountBody)
+    body = route_body(request, CreateAccountBody)
     account = await accounts.create_account(
         body.id,
         balance_nano=None if body.balance_usd is None else _usd(body.balance_usd),
@@ -122,7 +120,7 @@ async def create_account(request: web.Request, accounts: AccountStore) -> web.Re
 
 
 async def list_accounts(request: web.Request, accounts: AccountStore) -> web.Response:
-    return _json({"data": await accounts.list_accounts()})
+    return _json(AccountIds(data=await accounts.list_accounts()))
 
 
 async def show_account(request: web.Request, accounts: AccountStore) -> web.Response:
@@ -130,7 +128,10 @@ async def show_account(request: web.Request, accounts: AccountStore) -> web.Resp
 
 
 async def update_account(request: web.Request, accounts: AccountStore) -> web.Response:
-    changes = await _read_json(request, dict[str, Any])
+    body = route_body(request, UpdateAccountBody)
+    changes: dict[str, Any] = {
+        name: value for name, value in msgspec.structs.asdict(body).items() if value is not UNSET
+    }
     account_id = request.match_info["id"]
     before = await accounts.get_account(account_id)
     after = await accounts.update_account(account_id, changes)
@@ -139,7 +140,7 @@ async def update_account(request: web.Request, accounts: AccountStore) -> web.Re
 
 
 async def topup(request: web.Request, accounts: AccountStore) -> web.Response:
-    body = await _read_json(request, TopupBody)
+    body = route_body(request, TopupBody)
     account_id = request.match_info["id"]
     before = await accounts.get_account(account_id)
     credited = await accounts.topup(
@@ -148,7 +149,7 @@ async def topup(request: web.Request, accounts: AccountStore) -> web.Response:
     account = await accounts.get_account(account_id)
     if credited:
         record(admin_actor(request), "account.topup", account_id, before, account)
-    return _json({"credited": credited, "account": account})
+    return _json(Topup(credited=credited, account=account))
 
 
 async def ledger(request: web.Request, accounts: AccountStore) -> web.Response:
@@ -157,11 +158,11 @@ async def ledger(request: web.Request, accounts: AccountStore) -> web.Response:
     except ValueError:
         raise GatewayError(400, "invalid_request", "limit must be an integer") from None
     entries = await accounts.ledger(request.match_info["id"], max(1, min(limit, 10_000)))
-    return _json({"data": entries})
+    return _json(Ledger(data=entries))
 
 
 async def create_key(request: web.Request, accounts: AccountStore) -> web.Response:
-    body = await _read_body(request, CreateKeyBody)
+    body = route_body(request, CreateKeyBody)
     created = await accounts.create_key(
         body.account,
         name=body.name,
@@ -170,16 +171,15 @@ async def create_key(request: web.Request, accounts: AccountStore) -> web.Respon
         expires_at=body.expires_at,
     )
     record(admin_actor(request), "key.create", created.record.id, None, created.record)
-    document = flatten(created.record)
-    document["key"] = created.key  # the only time the key is ever shown
-    return _json(document, status=201)
+    issued = IssuedKey(**msgspec.structs.asdict(created.record), key=created.key)
+    return _json(issued, status=201)
 
 
 async def list_keys(request: web.Request, accounts: AccountStore) -> web.Response:
     account_id = request.query.get("account")
     if not account_id:
         raise GatewayError(400, "invalid_request", "the account query parameter is required")
-    return _json({"data": await accounts.list_keys(account_id)})
+    return _json(Keys(data=await accounts.list_keys(account_id)))
 
 
 async def revoke_key(request: web.Request, accounts: AccountStore) -> web.Response:
@@ -188,14 +188,90 @@ async def revoke_key(request: web.Request, accounts: AccountStore) -> web.Respon
     return _json(revoked)
 
 
+async def openapi(request: web.Request, accounts: AccountStore) -> web.Response:
+    return web.Response(body=openapi_json(ROUTES), content_type="application/json")
+
+
+# --- the route table: an endpoint is one entry here (docs/admin.md) --------------------------
+
+ROUTES: tuple[AdminRoute, ...] = (
+    AdminRoute(
+        "POST",
+        "/admin/accounts",
+        create_account,
+        "Create an account",
+        Account,
+        status=201,
+        body=CreateAccountBody,
+        errors=(409,),
+    ),
+    AdminRoute("GET", "/admin/accounts", list_accounts, "List account ids", AccountIds),
+    AdminRoute(
+        "GET",
+        "/admin/accounts/{id}",
+        show_account,
+        "Show an account",
+        Account,
+        path_types={"id": AccountId},
+    ),
+    AdminRoute(
+        "PATCH",
+        "/admin/accounts/{id}",
+        update_account,
+        "Change an account's limits, rpm policy or prepaid flag",
+        Account,
+        body=UpdateAccountBody,
+        path_types={"id": AccountId},
+    ),
+    AdminRoute(
+        "POST",
+        "/admin/accounts/{id}/topup",
+        topup,
+        "Credit an account once per idempotency key",
+        Topup,
+        body=TopupBody,
+        path_types={"id": AccountId},
+        errors=(409,),
+    ),
+    AdminRoute(
+        "GET",
+        "/admin/accounts/{id}/ledger",
+        ledger,
+        "An account's ledger, newest first",
+        Ledger,
+        path_types={"id": AccountId},
+        query=(QueryParam("limit", int, "entries to show, 1 to 10000 (default 100)"),),
+    ),
+    AdminRoute(
+        "POST",
+        "/admin/keys",
+        create_key,
+        "Issue a key (the only answer that shows it)",
+        IssuedKey,
+        status=201,
+        body=CreateKeyBody,
+    ),
+    AdminRoute(
+        "GET",
+        "/admin/keys",
+        list_keys,
+        "An account's keys, without secrets",
+        Keys,
+        query=(QueryParam("account", AccountId, "the account whose keys to list", required=True),),
+    ),
+    AdminRoute(
+        "DELETE",
+        "/admin/keys/{id}",
+        revoke_key,
+        "Revoke a key",
+        KeyRecord,
+        path_types={"id": KeyId},
+    ),
+    AdminRoute(
+        "GET", "/admin/openapi.json", openapi, "This document (OpenAPI 3.1)", dict[str, Any]
+    ),
+)
+
+
 def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_post("/admin/accounts", _admin(create_account))
-    r.add_get("/admin/accounts", _admin(list_accounts))
-    r.add_get("/admin/accounts/{id}", _admin(show_account))
-    r.add_patch("/admin/accounts/{id}", _admin(update_account))
-    r.add_post("/admin/accounts/{id}/topup", _admin(topup))
-    r.add_get("/admin/accounts/{id}/ledger", _admin(ledger))
-    r.add_post("/admin/keys", _admin(create_key))
-    r.add_get("/admin/keys", _admin(list_keys))
-    r.add_delete("/admin/keys/{id}", _admin(revoke_key))
+    register(app, ROUTES)

@@ -13,19 +13,24 @@ it (and its flag's help in ``DESCRIPTIONS``).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
 S = TypeVar("S", bound=msgspec.Struct)
 
 
+# A limit is a positive count. Only documented here (the admin API's OpenAPI schemas): the
+# account store refuses anything else with a message that names the limit.
+_Count = Annotated[int, msgspec.Meta(extra_json_schema={"minimum": 1, "maximum": 2**63 - 1})]
+
+
 class Limits(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """None: no such limit. Frozen and untracked by the GC: a key's lives in the key cache."""
 
-    rpm: int | None = None
-    tpm: int | None = None
-    concurrency: int | None = None
+    rpm: _Count | None = None
+    tpm: _Count | None = None
+    concurrency: _Count | None = None
 
     def items(self) -> list[tuple[str, int | None]]:
         return list(zip(LIMIT_NAMES, msgspec.structs.astuple(self), strict=True))

@@ -171,8 +171,21 @@ class LogSettings(_Section):
     access_log: bool = True  # one JSON line per request on the ratelimit_gw.access logger
 
 
+AdminAccess = Literal["full", "read"]  # read: GET routes only
+
+
+class AdminTokenSettings(_Section):
+    """``[[admin.tokens]]``: one more bearer token of the admin API, named in the audit trail."""
+
+    name: str
+    token: str  # only an env reference: ``${RLGW_OPS_TOKEN}``
+    access: AdminAccess
+
+
 class AdminSettings(_Section):
+    # The full token named ``default``; unset or empty: no such token.
     token_env: str = "RLGW_ADMIN_TOKEN"
+    tokens: list[AdminTokenSettings] = []
 
 
 class FileSettings(_Section):
@@ -245,15 +258,34 @@ class CustomEndpoint(msgspec.Struct, frozen=True, kw_only=True):
         return any(fnmatchcase(account_id, pattern) for pattern in self.accounts)
 
 
+class AdminToken(msgspec.Struct, frozen=True, kw_only=True):
+    """An admin bearer token with its secret resolved: what the admin guard compares."""
+
+    name: str
+    token: str
+    access: AdminAccess
+
+
+DEFAULT_ADMIN_TOKEN_NAME = "default"
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     server: ServerSettings
     storage: StorageSettings
     providers: dict[str, Provider]
     models: dict[str, Model]
-    admin_token: str | None
+    # Every token the admin API takes; none: the admin API is off.
+    admin_tokens: tuple[AdminToken, ...] = ()
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     log: LogSettings = msgspec.field(default_factory=LogSettings)
     custom_endpoints: dict[tuple[str, str], CustomEndpoint] = msgspec.field(default_factory=dict)
+
+    @property
+    def admin_token(self) -> str | None:
+        """The ``default`` token (``RLGW_ADMIN_TOKEN``), if set."""
+        return next(
+            (t.token for t in self.admin_tokens if t.name == DEFAULT_ADMIN_TOKEN_NAME), None
+        )
 
 
 def usd_to_nano(value: float | str, path: str) -> int:
@@ -454,6 +486,51 @@ def _resolve_custom_endpoint(
     )
 
 
+def _resolve_admin_tokens(
+    admin: AdminSettings, environ: Mapping[str, str]
+) -> tuple[AdminToken, ...]:
+    """The default token (if its variable is set) and each ``[[admin.tokens]]`` entry: names
+    unique, every secret a set variable, no secret shared by two names (the audit trail could
+    not tell them apart)."""
+    tokens: list[AdminToken] = []
+    default = environ.get(admin.token_env)
+    if default:
+        _check_admin_secret(default, f"admin.token_env ({admin.token_env})")
+        tokens.append(AdminToken(name=DEFAULT_ADMIN_TOKEN_NAME, token=default, access="full"))
+    for i, entry in enumerate(admin.tokens):
+        path = f"admin.tokens[{i}]"
+        _check_id(entry.name, f"{path}.name")
+        if entry.name == DEFAULT_ADMIN_TOKEN_NAME:
+            raise ConfigError(
+                f"{path}.name: 'default' is the name of the {admin.token_env} token; choose another"
+            )
+        if any(t.name == entry.name for t in tokens):
+            raise ConfigError(f"{path}.name: duplicate admin token name {entry.name!r}")
+        if not _ENV_REF.fullmatch(entry.token.strip()):
+            raise ConfigError(
+                f"{path}.token: must be an env reference like ${{RLGW_OPS_TOKEN}}, "
+                "never the secret itself"
+            )
+        secret = expand_env(entry.token.strip(), f"{path}.token", environ)
+        if not secret:
+            raise ConfigError(f"{path}.token: environment variable {entry.token.strip()} is empty")
+        _check_admin_secret(secret, f"{path}.token")
+        if shared := next((t.name for t in tokens if t.token == secret), None):
+            raise ConfigError(f"{path}.token: the same secret as admin token {shared!r}")
+        tokens.append(AdminToken(name=entry.name, token=secret, access=entry.access))
+    return tuple(tokens)
+
+
+def _check_admin_secret(secret: str, path: str) -> None:
+    # The guard compares the header's value stripped: a secret with outer whitespace (a
+    # variable read from a file that ends with a newline) could never match.
+    if secret != secret.strip():
+        raise ConfigError(
+            f"{path}: the secret starts or ends with whitespace (a trailing newline?)"
+        )
+    _check_header_value(secret, path)
+
+
 _UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(.+)`")
 _MISSING_FIELD = re.compile(r"Object missing required field `(.+)`")
 _BAD_ENUM = re.compile(r"Invalid enum value (.+)")
@@ -539,7 +616,7 @@ def build_settings(raw: dict[str, Any], environ: Mapping[str, str] | None = None
         storage=file.storage,
         providers=providers,
         models=models,
-        admin_token=env.get(file.admin.token_env) or None,
+        admin_tokens=_resolve_admin_tokens(file.admin, env),
         metrics=file.metrics,
         log=file.log,
         custom_endpoints=custom_endpoints,
