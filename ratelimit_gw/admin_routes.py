@@ -96,11 +96,6 @@ class AdminRoute:
         return self.handler.__name__
 
 
-def wire_type(kind: type[msgspec.Struct]) -> type[msgspec.Struct]:
-    """The body as it travels: limits flat, so errors name a field as sent (``$.rpm``)."""
-    return flat_type(kind) if _LIMITS_FIELD in kind.__struct_fields__ else kind
-
-
 def route_body(request: web.Request, kind: type[T]) -> T:
     """The body the guard decoded for this route; ``kind`` must be the table's body type."""
     body = request[_BODY]
@@ -110,6 +105,9 @@ def route_body(request: web.Request, kind: type[T]) -> T:
 
 
 def register(app: web.Application, routes: tuple[AdminRoute, ...]) -> None:
+    operation_ids = [route.operation_id for route in routes]
+    if len(set(operation_ids)) != len(operation_ids):  # the document's operationIds
+        raise ValueError(f"two admin routes share a handler: {sorted(operation_ids)}")
     for route in routes:
         app.router.add_route(route.method, route.path, _guarded(route))
 
@@ -158,12 +156,13 @@ def _authenticate(request: web.Request, tokens: tuple[AdminToken, ...]) -> Admin
 
 
 class _BodyDecoder:
-    """A route's body from the wire (limits flat) into the table's Struct."""
+    """A route's body from the wire into the table's Struct. Limits travel flat, so the wire
+    type spells them out and errors name a field as sent (``$.rpm``)."""
 
     def __init__(self, kind: type[msgspec.Struct]) -> None:
         self._kind = kind
         self._nested = _LIMITS_FIELD in kind.__struct_fields__
-        self._decoder = msgspec.json.Decoder(wire_type(kind))
+        self._decoder = msgspec.json.Decoder(flat_type(kind) if self._nested else kind)
 
     def decode(self, raw: bytes) -> msgspec.Struct:
         try:
@@ -182,8 +181,8 @@ def _invalid(raw: bytes, problem: str) -> GatewayError:
     found = _NUMBER_FOR_STRING.match(problem)
     if found is None or not found[1].endswith("_usd"):
         return GatewayError(400, "invalid_request", problem)
-    field = found[1]
-    sent = msgspec.json.Decoder(dict[str, Any], float_hook=Decimal).decode(raw)[field]
+    name = found[1]
+    sent = msgspec.json.Decoder(dict[str, Any], float_hook=Decimal).decode(raw)[name]
     try:
         as_string = format_usd(parse_usd(str(sent)))
     except MoneyError:  # out of range or too precise: still a string, as sent
@@ -191,6 +190,6 @@ def _invalid(raw: bytes, problem: str) -> GatewayError:
     return GatewayError(
         400,
         "invalid_amount",
-        f'USD amounts are decimal strings, not JSON numbers: send "{as_string}" - at `$.{field}`',
-        param=field,
+        f'USD amounts are decimal strings, not JSON numbers: send "{as_string}" - at `$.{name}`',
+        param=name,
     )
