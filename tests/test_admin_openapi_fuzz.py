@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import (
     content_type_conformance,
+    ignored_auth,
     not_a_server_error,
     response_schema_conformance,
     status_code_conformance,
@@ -38,6 +39,7 @@ FUZZ_TOKEN = "fuzz-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {FUZZ_TOKEN}"}
 CHECKS = [
     not_a_server_error,
+    ignored_auth,  # a success with the token is refused without it and with a wrong one
     status_code_conformance,
     content_type_conformance,
     response_schema_conformance,
