@@ -71,14 +71,17 @@ def served(
         storage_url = server.url
     directory = tmp_path_factory.mktemp("fuzz")
     config = directory / "gateway.toml"
-    config.write_text(f'[storage]\nurl = "{storage_url}"\n')
+    config.write_text(
+        f'[storage]\nurl = "{storage_url}"\n\n'
+        '[[admin.tokens]]\nname = "fuzzer"\ntoken = "${RLGW_FUZZ_TOKEN}"\naccess = "full"\n'
+    )
     log = directory / "serve.log"
     port = free_port()
     with log.open("wb") as out:
         process = start_serve(
             config,
             port=port,
-            env=serve_env(RLGW_ADMIN_TOKEN=FUZZ_TOKEN),
+            env=serve_env(RLGW_FUZZ_TOKEN=FUZZ_TOKEN),  # a named token from the file
             stdout=out,
             stderr=out,
         )
