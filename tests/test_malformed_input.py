@@ -61,7 +61,7 @@ ROUTES: dict[str, tuple[str, str, str]] = {
 
 # Admin bodies decode into strict Structs: the first misplaced value is refused before any
 # depth is reached (still a 400, never a 500).
-SCHEMA_FIRST = {"admin create account", "admin create key"}
+SCHEMA_FIRST = {"admin create account", "admin create key", "admin patch account"}
 
 
 def headers_for(kind: str, key: str) -> dict[str, str]:
