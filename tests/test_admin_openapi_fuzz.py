@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -69,6 +70,8 @@ def served(
     else:
         server: RedisProcess = request.getfixturevalue("redis_server")
         storage_url = server.url
+        with redis.Redis.from_url(storage_url) as client:
+            client.flushall()  # the session's Redis: what earlier tests left is not ours
     directory = tmp_path_factory.mktemp("fuzz")
     config = directory / "gateway.toml"
     config.write_text(
