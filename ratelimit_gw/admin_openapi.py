@@ -113,7 +113,7 @@ def _operation(route: AdminRoute, schemas: dict[Any, Any]) -> dict[str, Any]:
     }
     if route.body is not None:
         operation["requestBody"] = {
-            "required": True,
+            "required": not route.body_optional,
             "content": {"application/json": {"schema": schemas[route.body]}},
         }
     return operation

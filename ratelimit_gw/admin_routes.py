@@ -72,6 +72,7 @@ class QueryParam:
 class AdminRoute:
     """One admin endpoint. ``body``: the request body's Struct (limits as one ``Limits``
     field; the wire and the document have them flat); ``answer``: what a success carries;
+    ``body_optional``: an empty body reads as ``{}`` (every field of ``body`` has a default);
     ``path_types``: the types of path parameters that are not any string (``{"id": KeyId}``);
     ``errors``: statuses the route may answer beyond those every admin route may."""
 
@@ -82,6 +83,7 @@ class AdminRoute:
     answer: type
     status: int = 200
     body: type[msgspec.Struct] | None = None
+    body_optional: bool = False
     query: tuple[QueryParam, ...] = ()
     path_types: dict[str, Any] = field(default_factory=dict)
     errors: tuple[int, ...] = ()
@@ -113,7 +115,7 @@ def register(app: web.Application, routes: tuple[AdminRoute, ...]) -> None:
 
 
 def _guarded(route: AdminRoute) -> Callable[[web.Request], Awaitable[web.Response]]:
-    body_decoder = None if route.body is None else _BodyDecoder(route.body)
+    body_decoder = None if route.body is None else _BodyDecoder(route.body, route.body_optional)
 
     async def guarded(request: web.Request) -> web.Response:
         svc = request.app[SERVICES]
@@ -159,12 +161,15 @@ class _BodyDecoder:
     """A route's body from the wire into the table's Struct. Limits travel flat, so the wire
     type spells them out and errors name a field as sent (``$.rpm``)."""
 
-    def __init__(self, kind: type[msgspec.Struct]) -> None:
+    def __init__(self, kind: type[msgspec.Struct], optional: bool) -> None:
         self._kind = kind
+        self._optional = optional
         self._nested = _LIMITS_FIELD in kind.__struct_fields__
         self._decoder = msgspec.json.Decoder(flat_type(kind) if self._nested else kind)
 
     def decode(self, raw: bytes) -> msgspec.Struct:
+        if self._optional and not raw.strip():
+            raw = b"{}"
         try:
             decoded: msgspec.Struct = self._decoder.decode(raw)
         except msgspec.ValidationError as exc:

@@ -13,15 +13,28 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
+from aiohttp import web
 
+from ratelimit_gw.accounts import AccountStore
 from ratelimit_gw.admin import ROUTES
-from ratelimit_gw.admin_routes import AccountId, AdminRoute, KeyId
+from ratelimit_gw.admin_openapi import openapi_document
+from ratelimit_gw.admin_routes import AccountId, AdminRoute, KeyId, register, route_body
+from ratelimit_gw.app import create_app
 from ratelimit_gw.money import parse_usd
-from ratelimit_gw.settings import AdminToken, ConfigError, parse_settings
+from ratelimit_gw.serve import make_runner
+from ratelimit_gw.settings import AdminToken, ConfigError, build_settings, parse_settings
 from ratelimit_gw.storage import Storage
 
-from .conftest import ADMIN_TOKEN, Gateway, Upstream, start_gateway
+from .conftest import (
+    ADMIN_TOKEN,
+    UPSTREAM_KEY,
+    Gateway,
+    Upstream,
+    gateway_config,
+    start_gateway,
+)
 
 OPS_TOKEN = "ops-token-0123456789"
 VIEWER_TOKEN = "viewer-token-0123456789"
@@ -357,3 +370,46 @@ def test_bad_admin_tokens_are_refused_naming_the_field(
     with pytest.raises(ConfigError) as refused:
         parse_settings(tokens_toml(*entries), environ)
     assert str(refused.value) == message
+
+
+# --- the table's mechanics, on a route of the test's own ----------------------------------------
+
+
+class GraceBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    grace_s: int = 60
+
+
+async def echo_grace(request: web.Request, accounts: AccountStore) -> web.Response:
+    body = route_body(request, GraceBody)
+    return web.json_response({"grace_s": body.grace_s})
+
+
+ECHO_ROUTE = AdminRoute(
+    "POST", "/admin/echo", echo_grace, "Echo", dict[str, int], body=GraceBody, body_optional=True
+)
+
+
+async def test_a_route_with_an_optional_body_reads_none_as_its_defaults(
+    upstream: Upstream, storage: Storage, http: aiohttp.ClientSession
+) -> None:
+    settings = build_settings(
+        gateway_config(upstream.url, storage.url),
+        {"RLGW_ADMIN_TOKEN": ADMIN_TOKEN, "RLGW_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
+    )
+    app = create_app(settings, storage)
+    register(app, (ECHO_ROUTE,))
+    runner = make_runner(app, settings.server)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/admin/echo"
+    try:
+        for data, expected in ((b"", 200), (b" ", 200), (b'{"grace_s": 5}', 200), (b"[]", 400)):
+            async with http.post(url, data=data, headers=bearer(ADMIN_TOKEN)) as response:
+                assert response.status == expected, data
+                if expected == 200:
+                    assert (await response.json())["grace_s"] == (5 if b"5" in data else 60)
+    finally:
+        await runner.cleanup()
+    operation = openapi_document((ECHO_ROUTE,))["paths"]["/admin/echo"]["post"]
+    assert operation["requestBody"]["required"] is False
