@@ -506,14 +506,15 @@ def _resolve_admin_tokens(
             )
         if any(t.name == entry.name for t in tokens):
             raise ConfigError(f"{path}.name: duplicate admin token name {entry.name!r}")
-        if not _ENV_REF.fullmatch(entry.token.strip()):
+        reference = _ENV_REF.fullmatch(entry.token.strip())
+        if reference is None:
             raise ConfigError(
                 f"{path}.token: must be an env reference like ${{RLGW_OPS_TOKEN}}, "
                 "never the secret itself"
             )
-        secret = expand_env(entry.token.strip(), f"{path}.token", environ)
+        secret = expand_env(reference[0], f"{path}.token", environ)
         if not secret:
-            raise ConfigError(f"{path}.token: environment variable {entry.token.strip()} is empty")
+            raise ConfigError(f"{path}.token: environment variable {reference[1]} is empty")
         _check_admin_secret(secret, f"{path}.token")
         if shared := next((t.name for t in tokens if t.token == secret), None):
             raise ConfigError(f"{path}.token: the same secret as admin token {shared!r}")

@@ -310,7 +310,7 @@ def test_admin_tokens_resolve_with_the_default_token_first() -> None:
         (
             ['name = "ops"\ntoken = "${RLGW_OPS_TOKEN}"\naccess = "full"'],
             {"RLGW_OPS_TOKEN": ""},
-            "admin.tokens[0].token: environment variable ${RLGW_OPS_TOKEN} is empty",
+            "admin.tokens[0].token: environment variable RLGW_OPS_TOKEN is empty",
         ),
         (
             ['name = "ops"\ntoken = "s3cret-in-the-file"\naccess = "full"'],
@@ -344,6 +344,12 @@ def test_admin_tokens_resolve_with_the_default_token_first() -> None:
             ['name = "ops"\ntoken = "${RLGW_OPS_TOKEN}"\naccess = "full"'],
             {"RLGW_OPS_TOKEN": "ops-token\n"},
             "admin.tokens[0].token: the secret starts or ends with whitespace "
+            "(a trailing newline?)",
+        ),
+        (
+            [],
+            {"RLGW_ADMIN_TOKEN": "admin-token\r\n"},
+            "admin.token_env (RLGW_ADMIN_TOKEN): the secret starts or ends with whitespace "
             "(a trailing newline?)",
         ),
         (
