@@ -18,7 +18,7 @@ import msgspec
 
 from . import keyspace
 from .keyspace import AccountKeys
-from .limits import LIMIT_NAMES, NO_LIMITS, Limits, flat_type, flatten, nest
+from .limits import LIMIT_NAMES, MAX_LIMIT, NO_LIMITS, Limits, flat_type, flatten, nest
 from .money import format_usd
 from .storage import Storage
 
@@ -158,6 +158,8 @@ def _key_not_found(key_id: str) -> AccountError:
 def _check_limit(name: str, value: Any) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise AccountError(400, "invalid_request", f"{name} must be a positive integer or null")
+    if value is not None and value > MAX_LIMIT:
+        raise AccountError(400, "invalid_request", f"{name} must be at most {MAX_LIMIT}")
 
 
 def _check_limits(limits: Limits) -> None:

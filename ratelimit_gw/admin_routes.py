@@ -28,7 +28,7 @@ from .audit import set_admin_actor
 from .context import context
 from .errors import GatewayError
 from .keyspace import ID_PATTERN
-from .limits import flat_type, nest
+from .limits import MAX_LIMIT, flat_type, nest
 from .money import MoneyError, format_usd, parse_usd
 from .services import SERVICES
 from .settings import AdminToken
@@ -56,7 +56,7 @@ UsdAmount = Annotated[
 ]
 AccountId = Annotated[str, msgspec.Meta(extra_json_schema={"pattern": ID_PATTERN.pattern})]
 KeyId = Annotated[str, msgspec.Meta(extra_json_schema={"pattern": r"^key_[0-9a-f]{16}$"})]
-PositiveCount = Annotated[int, msgspec.Meta(extra_json_schema={"minimum": 1, "maximum": 2**63 - 1})]
+PositiveCount = Annotated[int, msgspec.Meta(extra_json_schema={"minimum": 1, "maximum": MAX_LIMIT})]
 IdempotencyKey = Annotated[str, msgspec.Meta(extra_json_schema={"minLength": 1, "maxLength": 200})]
 
 

@@ -20,9 +20,11 @@ import msgspec
 S = TypeVar("S", bound=msgspec.Struct)
 
 
-# A limit is a positive count. Only documented here (the admin API's OpenAPI schemas): the
-# account store refuses anything else with a message that names the limit.
-_Count = Annotated[int, msgspec.Meta(extra_json_schema={"minimum": 1, "maximum": 2**63 - 1})]
+# The largest limit: the storage scripts count in Lua numbers (doubles), exact up to 2^53.
+MAX_LIMIT = 2**53 - 1
+# A limit is a count from 1 to MAX_LIMIT. Only documented here (the admin API's OpenAPI
+# schemas): the account store refuses anything else with a message that names the limit.
+_Count = Annotated[int, msgspec.Meta(extra_json_schema={"minimum": 1, "maximum": MAX_LIMIT})]
 
 
 class Limits(msgspec.Struct, frozen=True, kw_only=True, gc=False):

@@ -22,6 +22,7 @@ from ratelimit_gw.admin import ROUTES
 from ratelimit_gw.admin_openapi import openapi_document
 from ratelimit_gw.admin_routes import AccountId, AdminRoute, KeyId, register, route_body
 from ratelimit_gw.app import create_app
+from ratelimit_gw.limits import MAX_LIMIT
 from ratelimit_gw.money import parse_usd
 from ratelimit_gw.serve import make_runner
 from ratelimit_gw.settings import AdminToken, ConfigError, build_settings, parse_settings
@@ -274,6 +275,38 @@ async def test_the_default_token_is_the_actor_default(
     [line] = audit_lines(caplog)
     assert (line["actor"], line["action"], line["target"]) == ("default", "account.update", "acme")
     assert (line["before"]["concurrency"], line["after"]["concurrency"]) == (None, 2)
+
+
+# --- limits the document promises -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/admin/accounts", {"id": "beta", "rpm": 2**53}),
+        ("POST", "/admin/accounts", {"id": "beta", "rpm_override": 2**64}),
+        ("PATCH", "/admin/accounts/acme", {"tpm": 1691318671228757153247395840}),
+        ("POST", "/admin/keys", {"account": "acme", "concurrency": 2**53}),
+    ],
+)
+async def test_a_limit_beyond_what_storage_counts_exactly_is_400(
+    gw: Gateway, http: aiohttp.ClientSession, method: str, path: str, body: dict[str, Any]
+) -> None:
+    """Found by the fuzzer: such a limit was stored, and the answer broke the document."""
+    account_before = await gw.accounts.get_account("acme")
+    [(name, _)] = [(k, v) for k, v in body.items() if k not in ("id", "account")]
+    status, answer = await call(http, gw, method, path, ADMIN_TOKEN, body)
+    assert (status, answer["error"]["message"]) == (400, f"{name} must be at most {MAX_LIMIT}")
+    assert await gw.accounts.get_account("acme") == account_before
+    assert await gw.accounts.list_accounts() == ["acme"]
+    assert await gw.accounts.list_keys("acme") == []
+
+
+async def test_the_largest_limit_is_accepted(gw: Gateway, http: aiohttp.ClientSession) -> None:
+    status, answer = await call(
+        http, gw, "PATCH", "/admin/accounts/acme", ADMIN_TOKEN, {"tpm": MAX_LIMIT}
+    )
+    assert (status, answer["tpm"]) == (200, MAX_LIMIT)
 
 
 # --- [[admin.tokens]] in the config --------------------------------------------------------------
