@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import msgspec
 import pytest
+import schemathesis
 from aiohttp import web
 
 from ratelimit_gw.accounts import AccountStore
@@ -130,6 +131,14 @@ async def test_every_registered_admin_route_is_in_the_document_and_no_other(
     }
     assert registered == documented
     assert len(documented) == len(ROUTES)
+
+
+async def test_the_served_document_is_valid_openapi_3_1(
+    gw: Gateway, http: aiohttp.ClientSession
+) -> None:
+    document = (await call(http, gw, "GET", "/admin/openapi.json", VIEWER_TOKEN))[1]
+    assert document["openapi"] == "3.1.0"
+    schemathesis.openapi.from_dict(document).validate()  # against the OpenAPI 3.1 schema
 
 
 async def test_every_documented_operation_lists_its_errors_with_the_error_schema(
