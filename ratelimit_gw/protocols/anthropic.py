@@ -32,7 +32,6 @@ from ratelimit_gw.protocols.base import (
     lenient,
     rate_limit_body,
     require_model,
-    sse_event_fields,
 )
 from ratelimit_gw.protocols.model_lists import ModelListing, openai_anthropic_list
 
@@ -177,9 +176,8 @@ class MessagesStreamTap(SseStreamTap):
         # and each repeated value is a cumulative total that replaces the earlier one.
         self._counts = _Usage()
 
-    def on_event(self, event: bytes) -> bool:
-        name, data = sse_event_fields(event)
-        if data is None or (name is not None and name not in _READ_EVENTS):
+    def read_event(self, name: str | None, data: bytes) -> bool:
+        if name is not None and name not in _READ_EVENTS:
             return True
         try:
             parsed = _EVENT.decode(data)

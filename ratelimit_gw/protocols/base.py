@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -230,7 +230,9 @@ class SseStreamTap(StreamTap):
 
     A partial event is held only until its blank line arrives, because an event is the
     smallest unit a tap can read (or, for the OpenAI usage chunk, drop). Subclasses read
-    events in ``on_event``.
+    each event's fields in ``read_event``; every event is split out and its fields parsed
+    once, whether the tap forwards bytes (``feed``) or hands a translator the fields
+    (``feed_events``).
     """
 
     def __init__(self) -> None:
@@ -241,43 +243,70 @@ class SseStreamTap(StreamTap):
         self._scan_from = 0
 
     def feed(self, data: bytes) -> bytes:
-        buf = self._pending + data if self._pending else data
-        start = 0
+        whole, events = self._take_whole_events(data)
         kept: list[bytes] = []
-        dropped = False
-        while (end := _event_end(buf, max(start, self._scan_from))) >= 0:
-            if self.on_event(buf[start:end]):
-                kept.append(buf[start:end])
-            else:
-                dropped = True
-            start = end
-        self._pending = buf[start:]
-        # A separator may straddle this chunk and the next: re-check its last 3 bytes.
-        self._scan_from = max(0, len(self._pending) - 3)
-        if not dropped:
-            return buf[:start]
-        return b"".join(kept)
+        for event in events:
+            name, payload = sse_event_fields(event)
+            if payload is None or self.read_event(name, payload):
+                kept.append(event)
+        return whole if len(kept) == len(events) else b"".join(kept)
 
     def flush(self) -> bytes:
         """Forward what is left: an event the upstream did not end with a blank line."""
-        rest, self._pending, self._scan_from = self._pending, b"", 0
-        if rest and self.on_event(rest):
-            return rest
-        return b""
+        rest = self._take_rest()
+        if not rest:
+            return b""
+        name, payload = sse_event_fields(rest)
+        return rest if payload is None or self.read_event(name, payload) else b""
+
+    def feed_events(self, data: bytes) -> list[tuple[str | None, bytes]]:
+        """Read one network chunk as ``feed`` does, but return the ``event:`` name and
+        ``data:`` payload of each event ``feed`` would forward that has a payload: for a
+        tap that writes a stream of its own from them (translation)."""
+        return self._read_fields(self._take_whole_events(data)[1])
+
+    def flush_events(self) -> list[tuple[str | None, bytes]]:
+        """``flush`` for ``feed_events``."""
+        rest = self._take_rest()
+        return self._read_fields([rest]) if rest else []
 
     @abstractmethod
-    def on_event(self, event: bytes) -> bool:
-        """Read one event (separator included); return False to keep it from the client."""
+    def read_event(self, name: str | None, data: bytes) -> bool:
+        """Read one event's ``event:`` name and ``data:`` payload (an event without a payload
+        is forwarded unread); return False to keep the event from the client."""
 
+    def _read_fields(self, events: list[bytes]) -> list[tuple[str | None, bytes]]:
+        read: list[tuple[str | None, bytes]] = []
+        for event in events:
+            name, payload = sse_event_fields(event)
+            if payload is not None and self.read_event(name, payload):
+                read.append((name, payload))
+        return read
 
-def whole_events(buf: bytes) -> Iterator[bytes]:
-    """The events in ``buf``, which holds whole events (the last may lack its blank line)."""
-    start = 0
-    while (end := _event_end(buf, start)) >= 0:
-        yield buf[start:end]
-        start = end
-    if start < len(buf):
-        yield buf[start:]
+    def _take_whole_events(self, data: bytes) -> tuple[bytes, list[bytes]]:
+        """The complete events held and in ``data``: their bytes, and each event with its
+        separator. What follows the last is held for the next chunk."""
+        buf = self._pending + data if self._pending else data
+        events: list[bytes] = []
+        start = 0
+        if b"\r" in buf:
+            while (end := _event_end(buf, max(start, self._scan_from))) >= 0:
+                events.append(buf[start:end])
+                start = end
+        else:  # the usual stream: one separator to look for, and no search bound to pass
+            end = buf.find(b"\n\n", self._scan_from)
+            while end >= 0:
+                events.append(buf[start : end + 2])
+                start = end + 2
+                end = buf.find(b"\n\n", start)
+        self._pending = buf[start:]
+        # A separator may straddle this chunk and the next: re-check its last 3 bytes.
+        self._scan_from = max(0, len(self._pending) - 3)
+        return buf[:start], events
+
+    def _take_rest(self) -> bytes:
+        rest, self._pending, self._scan_from = self._pending, b"", 0
+        return rest
 
 
 def _event_end(buf: bytes, scan_from: int) -> int:
