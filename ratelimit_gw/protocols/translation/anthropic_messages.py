@@ -925,6 +925,11 @@ def _stream_error(error: _Error | None) -> GatewayError:
     )
 
 
+# Events that say nothing a caller's stream needs: a block's end is written when the next
+# begins or the message ends, and the stream's end by close().
+_UNREAD_EVENTS = frozenset({"ping", "content_block_stop", "message_stop"})
+
+
 class _MessagesStreamReader(StreamReader):
     """Reads Anthropic's event stream; usage figures are cumulative, field by field."""
 
@@ -933,6 +938,8 @@ class _MessagesStreamReader(StreamReader):
         self._tool_calls: dict[int, int] = {}  # block index → IR tool-call index
 
     def feed(self, name: str | None, data: bytes) -> list[StreamEvent]:
+        if name in _UNREAD_EVENTS:
+            return []  # known by its name, as the adapter's tap knows it: not decoded
         event = _EVENT.decode(data)
         kind = event.type or name
         if kind == "content_block_delta" and event.delta is not None:

@@ -815,11 +815,8 @@ def _usage_json(usage: Usage) -> dict[str, Any]:
     }
 
 
-def _delta_json(event: StreamEvent) -> bytes | None:
-    """The chunk delta for a content event, as JSON (None: nothing to write)."""
-    if isinstance(event, TextDelta):
-        # The most frequent chunk: only the text needs encoding.
-        return b'{"content":' + encode_json(event.text) + b"}" if event.text else None
+def _tool_call_delta(event: StreamEvent) -> bytes | None:
+    """The chunk delta for a tool-call event, as JSON (None: nothing to write)."""
     if isinstance(event, ToolCallStarted):
         function = {"name": event.name, "arguments": ""}
         call = {"index": event.index, "id": event.id, "type": "function", "function": function}
@@ -881,6 +878,10 @@ class _ChunkWriter(StreamWriter):
         self._head = self._chunk_head("")
 
     def feed(self, event: StreamEvent) -> bytes:
+        if isinstance(event, TextDelta):  # the most frequent event: only its text is encoded
+            if not event.text:
+                return b""
+            return self._opening() + self._chunk(b'{"content":' + encode_json(event.text) + b"}")
         if isinstance(event, Started):
             return b"" if self._started else self._start(event.id, event.model)
         if isinstance(event, UsageReport):
@@ -888,7 +889,7 @@ class _ChunkWriter(StreamWriter):
             return b""
         if isinstance(event, Finished):
             return self._opening() + self._chunk(b"{}", _FINISH_REASONS[event.stop])
-        delta = _delta_json(event)
+        delta = _tool_call_delta(event)
         return b"" if delta is None else self._opening() + self._chunk(delta)
 
     def close(self) -> bytes:
