@@ -206,9 +206,9 @@ def sse_event_fields(event: bytes) -> tuple[str | None, bytes | None]:
 
 
 def _lf_event_fields(event: bytes) -> tuple[str | None, bytes | None]:
-    """``sse_event_fields`` of an event with no CR in it, quicker for the shape upstreams
-    send: an optional ``event:`` line and one ``data:`` line (any other shape: the general
-    reading)."""
+    """``sse_event_fields`` of an event with no CR in it (its blank line may be left off),
+    quicker for the shape upstreams send: an optional ``event:`` line and one ``data:`` line
+    (any other shape: the general reading)."""
     line, _, rest = event.partition(b"\n")
     name = None
     if line[:6] == b"event:":
@@ -260,13 +260,16 @@ class SseStreamTap(StreamTap):
         self._scan_from = 0
 
     def feed(self, data: bytes) -> bytes:
-        whole, events, fields = self._take_whole_events(data)
+        whole, events, lf_only = self._take_whole_events(data)
+        fields = _lf_event_fields if lf_only else sse_event_fields
         kept: list[bytes] = []
         for event in events:
             name, payload = fields(event)
             if payload is None or self.read_event(name, payload):
                 kept.append(event)
-        return whole if len(kept) == len(events) else b"".join(kept)
+        if len(kept) == len(events):
+            return whole
+        return b"".join([event + b"\n\n" for event in kept] if lf_only else kept)
 
     def flush(self) -> bytes:
         """Forward what is left: an event the upstream did not end with a blank line."""
@@ -280,8 +283,8 @@ class SseStreamTap(StreamTap):
         """Read one network chunk as ``feed`` does, but return the ``event:`` name and
         ``data:`` payload of each event ``feed`` would forward that has a payload: for a
         tap that writes a stream of its own from them (translation)."""
-        _, events, fields = self._take_whole_events(data)
-        return self._read_fields(events, fields)
+        _, events, lf_only = self._take_whole_events(data)
+        return self._read_fields(events, _lf_event_fields if lf_only else sse_event_fields)
 
     def flush_events(self) -> list[tuple[str | None, bytes]]:
         """``flush`` for ``feed_events``."""
@@ -303,29 +306,32 @@ class SseStreamTap(StreamTap):
                 read.append((name, payload))
         return read
 
-    def _take_whole_events(self, data: bytes) -> tuple[bytes, list[bytes], _FieldReader]:
-        """The complete events held and in ``data``: their bytes, each event with its
-        separator, and how to read their fields. What follows the last is held for the next
-        chunk."""
+    def _take_whole_events(self, data: bytes) -> tuple[bytes, list[bytes], bool]:
+        """The complete events held and in ``data``: their bytes, the events, and whether
+        the stream is LF-only so far; what follows the last is held for the next chunk. An
+        LF-only stream's events come without their blank line (one split finds them all),
+        others' with it."""
         buf = self._pending + data if self._pending else data
-        events: list[bytes] = []
-        start = 0
-        fields: _FieldReader = _lf_event_fields
-        if buf.find(b"\r") >= 0:
-            fields = sse_event_fields
+        if buf.find(b"\r") < 0:  # the usual stream
+            if self._scan_from and buf.find(b"\n\n", self._scan_from) < 0:
+                events: list[bytes] = []  # still inside one event: held, not split again
+                rest = buf
+            else:
+                *events, rest = buf.split(b"\n\n")
+            whole = buf[: len(buf) - len(rest)]
+            lf_only = True
+        else:
+            events = []
+            start = 0
             while (end := _event_end(buf, max(start, self._scan_from))) >= 0:
                 events.append(buf[start:end])
                 start = end
-        else:  # the usual stream: one separator to look for, and no search bound to pass
-            end = buf.find(b"\n\n", self._scan_from)
-            while end >= 0:
-                events.append(buf[start : end + 2])
-                start = end + 2
-                end = buf.find(b"\n\n", start)
-        self._pending = buf[start:]
+            whole, rest = buf[:start], buf[start:]
+            lf_only = False
+        self._pending = rest
         # A separator may straddle this chunk and the next: re-check its last 3 bytes.
-        self._scan_from = max(0, len(self._pending) - 3)
-        return buf[:start], events, fields
+        self._scan_from = max(0, len(rest) - 3)
+        return whole, events, lf_only
 
     def _take_rest(self) -> bytes:
         rest, self._pending, self._scan_from = self._pending, b"", 0
