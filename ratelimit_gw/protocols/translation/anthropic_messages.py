@@ -34,9 +34,10 @@ import msgspec
 
 from ratelimit_gw.errors import GatewayError
 
-# The adapter's view of Anthropic's usage and its conversion to the IR's meaning (cache reads
-# and writes added to input): one definition for the native tap and this codec.
-from ratelimit_gw.protocols.anthropic import _Usage, _usage
+# The adapter's view of Anthropic's usage, its conversion to the IR's meaning (cache reads
+# and writes added to input) and how a stream's reports add up: one definition for the
+# native tap and this codec.
+from ratelimit_gw.protocols.anthropic import _running_usage, _Usage, _usage
 from ratelimit_gw.protocols.base import Route, Usage, decode_any_json, encode_json, require_model
 from ratelimit_gw.protocols.translation.ir import (
     ChatAnswer,
@@ -1013,12 +1014,7 @@ class _MessagesStreamReader(StreamReader):
         return events
 
     def _count(self, usage: _Usage) -> Usage:
-        counts = self._counts
-        for field in _Usage.__struct_fields__:
-            value = getattr(usage, field)
-            if value is not None:  # a repeated figure is a new total; an absent one stands
-                setattr(counts, field, value)
-        return _usage(counts)
+        return _running_usage(self._counts, usage)
 
 
 def _error_message(body: bytes) -> str:
