@@ -258,6 +258,8 @@ class SseStreamTap(StreamTap):
         # Where the boundary search resumes, so a large event arriving in many small
         # chunks is not rescanned from its start each time.
         self._scan_from = 0
+        # No CR seen yet: events end only with an LF pair, and one split finds them all.
+        self._lf_only = True
 
     def feed(self, data: bytes) -> bytes:
         whole, events, lf_only = self._take_whole_events(data)
@@ -309,17 +311,17 @@ class SseStreamTap(StreamTap):
     def _take_whole_events(self, data: bytes) -> tuple[bytes, list[bytes], bool]:
         """The complete events held and in ``data``: their bytes, the events, and whether
         the stream is LF-only so far; what follows the last is held for the next chunk. An
-        LF-only stream's events come without their blank line (one split finds them all),
-        others' with it."""
+        LF-only stream's events come without their blank line, others' with it."""
+        if self._lf_only and data.find(b"\r") >= 0:
+            self._lf_only = False
         buf = self._pending + data if self._pending else data
-        if buf.find(b"\r") < 0:  # the usual stream
+        if self._lf_only:  # the usual stream
             if self._scan_from and buf.find(b"\n\n", self._scan_from) < 0:
                 events: list[bytes] = []  # still inside one event: held, not split again
                 rest = buf
             else:
                 *events, rest = buf.split(b"\n\n")
             whole = buf[: len(buf) - len(rest)]
-            lf_only = True
         else:
             events = []
             start = 0
@@ -327,11 +329,10 @@ class SseStreamTap(StreamTap):
                 events.append(buf[start:end])
                 start = end
             whole, rest = buf[:start], buf[start:]
-            lf_only = False
         self._pending = rest
         # A separator may straddle this chunk and the next: re-check its last 3 bytes.
         self._scan_from = max(0, len(rest) - 3)
-        return whole, events, lf_only
+        return whole, events, self._lf_only
 
     def _take_rest(self) -> bytes:
         rest, self._pending, self._scan_from = self._pending, b"", 0
