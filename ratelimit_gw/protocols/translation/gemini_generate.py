@@ -903,9 +903,9 @@ class _PendingCall:
         return _call_part(self.id, self.name, arguments if isinstance(arguments, dict) else {})
 
 
-# A text chunk, the most frequent, as the bytes around its text: what _response_body gives
-# up to the text, and from its end to the usage (the rest, from an encoded chunk with no
-# parts: _EMPTY_CANDIDATE_HEAD then the same rest).
+# A text chunk, the most frequent, is written as fixed bytes around its encoded text, then
+# the chunk's rest (usage, model, id), cut once from an encoded chunk with no parts: such a
+# chunk's bytes are _EMPTY_CANDIDATE_HEAD followed by that rest.
 _TEXT_CHUNK_HEAD = b'{"candidates":[{"content":{"role":"model","parts":[{"text":'
 _TEXT_CHUNK_MIDDLE = b'}]},"index":0}]'
 _EMPTY_CANDIDATE_HEAD = b'{"candidates":[{"content":{"role":"model","parts":[]},"index":0}]'
