@@ -22,6 +22,7 @@ from ratelimit_gw.protocols import (
     estimate_input_tokens,
     input_token_bound,
 )
+from ratelimit_gw.protocols.base import SseStreamTap, sse_event_fields
 
 OPENAI = ADAPTERS["openai"]
 ANTHROPIC = ADAPTERS["anthropic"]
@@ -165,6 +166,66 @@ def test_tap_forwards_each_event_as_soon_as_it_is_complete(case: str) -> None:
         boundary = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
         assert forwarded == stream[:boundary]
     assert tap.flush() == b""
+
+
+def whole_event_fields(stream: bytes) -> list[tuple[str | None, bytes]]:
+    """Each event's fields, read the general way from the stream cut at its blank lines (an
+    LF pair or a CRLF pair, whichever comes first)."""
+    events: list[bytes] = []
+    start = 0
+    while True:
+        found = [
+            (at, len(sep)) for sep in (b"\n\n", b"\r\n\r\n") if (at := stream.find(sep, start)) >= 0
+        ]
+        if not found:
+            break
+        at, size = min(found)
+        events.append(stream[start : at + size])
+        start = at + size
+    events.append(stream[start:])
+    return [(name, data) for name, data in map(sse_event_fields, events) if data is not None]
+
+
+@pytest.mark.parametrize("case", list(STREAM_CASES))
+def test_tap_hands_a_translator_the_fields_of_each_event_however_it_is_split(case: str) -> None:
+    adapter, route, stream, usage, output_chars = STREAM_CASES[case]
+    expected = whole_event_fields(stream)
+    for pieces in splits(stream):
+        tap = adapter.new_stream_tap(route, False)
+        assert isinstance(tap, SseStreamTap)
+        read = [fields for piece in pieces for fields in tap.feed_events(piece)]
+        assert read + tap.flush_events() == expected
+        assert (tap.usage, tap.output_chars) == (usage, output_chars)
+
+
+# Shapes an SSE stream may take beside the usual `event:` line and one `data:` line.
+ODD_EVENTS = (
+    b": keep-alive comment\n\n",
+    b"event: ping\n\n",
+    b"data:no space\n\n",
+    b"data:  two spaces\n\n",
+    b"data: line one\ndata: line two\n\n",
+    b"event:  padded \ndata: x\n\n",
+    b"data: first\nevent: named after\n\n",
+    b"event: a\nevent: b\ndata: last name wins\n\n",
+    b"id: 7\nretry: 100\ndata: with other fields\n\n",
+    b"\ndata: after a blank line\n\n",
+    b"data:\n\n",
+    b"event: \xff\xfe\ndata: a name that is not UTF-8\n\n",
+    b"data: a final event without its blank line",
+)
+
+
+@pytest.mark.parametrize("line_end", [b"\n", b"\r\n", b"\r"])
+def test_tap_reads_every_shape_of_event_as_the_general_reading_does(line_end: bytes) -> None:
+    stream = b"".join(ODD_EVENTS).replace(b"\n", line_end)
+    expected = whole_event_fields(stream)
+    for pieces in ([stream], [stream[i : i + 1] for i in range(len(stream))]):
+        tap = OPENAI.new_stream_tap(Route.CHAT, False)
+        assert isinstance(tap, SseStreamTap)
+        read = [fields for piece in pieces for fields in tap.feed_events(piece)]
+        assert read + tap.flush_events() == expected
+        assert relay(OPENAI.new_stream_tap(Route.CHAT, False), pieces) == stream
 
 
 def test_chat_tap_strips_only_the_usage_chunk_the_gateway_asked_for() -> None:

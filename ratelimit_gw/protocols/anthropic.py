@@ -32,7 +32,6 @@ from ratelimit_gw.protocols.base import (
     lenient,
     rate_limit_body,
     require_model,
-    sse_event_fields,
 )
 from ratelimit_gw.protocols.model_lists import ModelListing, openai_anthropic_list
 
@@ -91,6 +90,20 @@ def _usage(usage: _Usage) -> Usage:
         cache_read_tokens=cache_read,
         cache_write_tokens=cache_write,
     )
+
+
+def _running_usage(counts: _Usage, report: _Usage) -> Usage:
+    """A stream's usage after one more report: each figure a report gives is a cumulative
+    total that replaces the one in ``counts``; a figure it leaves out stands."""
+    if report.input_tokens is not None:
+        counts.input_tokens = report.input_tokens
+    if report.output_tokens is not None:
+        counts.output_tokens = report.output_tokens
+    if report.cache_creation_input_tokens is not None:
+        counts.cache_creation_input_tokens = report.cache_creation_input_tokens
+    if report.cache_read_input_tokens is not None:
+        counts.cache_read_input_tokens = report.cache_read_input_tokens
+    return _usage(counts)
 
 
 # Content blocks whose cost is not their bytes: images are priced by their pixels, PDFs by
@@ -177,9 +190,8 @@ class MessagesStreamTap(SseStreamTap):
         # and each repeated value is a cumulative total that replaces the earlier one.
         self._counts = _Usage()
 
-    def on_event(self, event: bytes) -> bool:
-        name, data = sse_event_fields(event)
-        if data is None or (name is not None and name not in _READ_EVENTS):
+    def read_event(self, name: str | None, data: bytes) -> bool:
+        if name is not None and name not in _READ_EVENTS:
             return True
         try:
             parsed = _EVENT.decode(data)
@@ -197,14 +209,8 @@ class MessagesStreamTap(SseStreamTap):
         return True
 
     def _update(self, usage: _Usage | None) -> None:
-        if usage is None:
-            return
-        counts = self._counts
-        for field in _Usage.__struct_fields__:
-            value = getattr(usage, field)
-            if value is not None:
-                setattr(counts, field, value)
-        self.usage = _usage(counts)
+        if usage is not None:
+            self.usage = _running_usage(self._counts, usage)
 
 
 # The Anthropic forms of the rate-limit headers, per bucket kind: (limit, remaining, reset).

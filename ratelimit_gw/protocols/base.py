@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -205,6 +205,23 @@ def sse_event_fields(event: bytes) -> tuple[str | None, bytes | None]:
     return name, (b"\n".join(data) if data else None)
 
 
+def _lf_event_fields(event: bytes) -> tuple[str | None, bytes | None]:
+    """``sse_event_fields`` of an event with no CR in it (its blank line may be left off),
+    quicker for the shape upstreams send: an optional ``event:`` line and one ``data:`` line
+    (any other shape: the general reading)."""
+    line, _, rest = event.partition(b"\n")
+    name = None
+    if line[:6] == b"event:":
+        name = line[6:].strip().decode("utf-8", "replace")
+        line, _, rest = rest.partition(b"\n")
+    if line[:5] == b"data:" and (rest == b"\n" or not rest):
+        return name, (line[6:] if line[5:6] == b" " else line[5:])
+    return sse_event_fields(event)
+
+
+_FieldReader = Callable[[bytes], tuple[str | None, bytes | None]]
+
+
 class StreamTap(ABC):
     """Relays one upstream stream unchanged while reading its usage.
 
@@ -230,7 +247,9 @@ class SseStreamTap(StreamTap):
 
     A partial event is held only until its blank line arrives, because an event is the
     smallest unit a tap can read (or, for the OpenAI usage chunk, drop). Subclasses read
-    events in ``on_event``.
+    each event's fields in ``read_event``; every event is split out and its fields parsed
+    once, whether the tap forwards bytes (``feed``) or hands a translator the fields
+    (``feed_events``).
     """
 
     def __init__(self) -> None:
@@ -239,45 +258,85 @@ class SseStreamTap(StreamTap):
         # Where the boundary search resumes, so a large event arriving in many small
         # chunks is not rescanned from its start each time.
         self._scan_from = 0
+        # No CR seen yet: events end only with an LF pair, and one split finds them all.
+        self._lf_only = True
 
     def feed(self, data: bytes) -> bytes:
-        buf = self._pending + data if self._pending else data
-        start = 0
+        whole, events, lf_only = self._take_whole_events(data)
+        fields = _lf_event_fields if lf_only else sse_event_fields
         kept: list[bytes] = []
-        dropped = False
-        while (end := _event_end(buf, max(start, self._scan_from))) >= 0:
-            if self.on_event(buf[start:end]):
-                kept.append(buf[start:end])
-            else:
-                dropped = True
-            start = end
-        self._pending = buf[start:]
-        # A separator may straddle this chunk and the next: re-check its last 3 bytes.
-        self._scan_from = max(0, len(self._pending) - 3)
-        if not dropped:
-            return buf[:start]
-        return b"".join(kept)
+        for event in events:
+            name, payload = fields(event)
+            if payload is None or self.read_event(name, payload):
+                kept.append(event)
+        if len(kept) == len(events):
+            return whole
+        return b"".join([event + b"\n\n" for event in kept] if lf_only else kept)
 
     def flush(self) -> bytes:
         """Forward what is left: an event the upstream did not end with a blank line."""
-        rest, self._pending, self._scan_from = self._pending, b"", 0
-        if rest and self.on_event(rest):
-            return rest
-        return b""
+        rest = self._take_rest()
+        if not rest:
+            return b""
+        name, payload = sse_event_fields(rest)
+        return rest if payload is None or self.read_event(name, payload) else b""
+
+    def feed_events(self, data: bytes) -> list[tuple[str | None, bytes]]:
+        """Read one network chunk as ``feed`` does, but return the ``event:`` name and
+        ``data:`` payload of each event ``feed`` would forward that has a payload: for a
+        tap that writes a stream of its own from them (translation)."""
+        _, events, lf_only = self._take_whole_events(data)
+        return self._read_fields(events, _lf_event_fields if lf_only else sse_event_fields)
+
+    def flush_events(self) -> list[tuple[str | None, bytes]]:
+        """``flush`` for ``feed_events``."""
+        rest = self._take_rest()
+        return self._read_fields([rest], sse_event_fields) if rest else []
 
     @abstractmethod
-    def on_event(self, event: bytes) -> bool:
-        """Read one event (separator included); return False to keep it from the client."""
+    def read_event(self, name: str | None, data: bytes) -> bool:
+        """Read one event's ``event:`` name and ``data:`` payload (an event without a payload
+        is forwarded unread); return False to keep the event from the client."""
 
+    def _read_fields(
+        self, events: list[bytes], fields: _FieldReader
+    ) -> list[tuple[str | None, bytes]]:
+        read: list[tuple[str | None, bytes]] = []
+        for event in events:
+            name, payload = fields(event)
+            if payload is not None and self.read_event(name, payload):
+                read.append((name, payload))
+        return read
 
-def whole_events(buf: bytes) -> Iterator[bytes]:
-    """The events in ``buf``, which holds whole events (the last may lack its blank line)."""
-    start = 0
-    while (end := _event_end(buf, start)) >= 0:
-        yield buf[start:end]
-        start = end
-    if start < len(buf):
-        yield buf[start:]
+    def _take_whole_events(self, data: bytes) -> tuple[bytes, list[bytes], bool]:
+        """The complete events held and in ``data``: their bytes, the events, and whether
+        the stream is LF-only so far; what follows the last is held for the next chunk. An
+        LF-only stream's events come without their blank line, others' with it."""
+        if self._lf_only and data.find(b"\r") >= 0:
+            self._lf_only = False
+        buf = self._pending + data if self._pending else data
+        if self._lf_only:  # the usual stream
+            if self._scan_from and buf.find(b"\n\n", self._scan_from) < 0:
+                events: list[bytes] = []  # still inside one event: held, not split again
+                rest = buf
+            else:
+                *events, rest = buf.split(b"\n\n")
+            whole = buf[: len(buf) - len(rest)]
+        else:
+            events = []
+            start = 0
+            while (end := _event_end(buf, max(start, self._scan_from))) >= 0:
+                events.append(buf[start:end])
+                start = end
+            whole, rest = buf[:start], buf[start:]
+        self._pending = rest
+        # A separator may straddle this chunk and the next: re-check its last 3 bytes.
+        self._scan_from = max(0, len(rest) - 3)
+        return whole, events, self._lf_only
+
+    def _take_rest(self) -> bytes:
+        rest, self._pending, self._scan_from = self._pending, b"", 0
+        return rest
 
 
 def _event_end(buf: bytes, scan_from: int) -> int:

@@ -31,7 +31,6 @@ from ratelimit_gw.protocols.base import (
     lenient,
     rate_limit_body,
     require_model,
-    sse_event_fields,
 )
 from ratelimit_gw.protocols.model_lists import ModelListing, gemini_list, gemini_model
 
@@ -250,10 +249,7 @@ def retry_delay(retry_after_ms: int) -> str:
 class GeminiSseTap(SseStreamTap):
     """`?alt=sse`: every event is a GenerateContentResponse."""
 
-    def on_event(self, event: bytes) -> bool:
-        _, data = sse_event_fields(event)
-        if data is None:
-            return True
+    def read_event(self, name: str | None, data: bytes) -> bool:
         try:
             response = _RESPONSE.decode(data)
         except msgspec.DecodeError:

@@ -30,7 +30,6 @@ from ratelimit_gw.protocols.base import (
     lenient,
     rate_limit_body,
     require_model,
-    sse_event_fields,
 )
 from ratelimit_gw.protocols.model_lists import ModelListing, openai_anthropic_list
 
@@ -246,9 +245,8 @@ class ChatStreamTap(SseStreamTap):
         super().__init__()
         self._strip_usage_chunk = strip_usage_chunk
 
-    def on_event(self, event: bytes) -> bool:
-        _, data = sse_event_fields(event)
-        if data is None or data.startswith(b"["):  # no payload, or the `[DONE]` sentinel
+    def read_event(self, name: str | None, data: bytes) -> bool:
+        if data.startswith(b"["):  # the `[DONE]` sentinel
             return True
         try:
             chunk = _CHAT_CHUNK.decode(data)
@@ -273,9 +271,8 @@ class ChatStreamTap(SseStreamTap):
 class ResponsesStreamTap(SseStreamTap):
     """Responses SSE: named events; usage in the terminal ``response.*`` event."""
 
-    def on_event(self, event: bytes) -> bool:
-        name, data = sse_event_fields(event)
-        if data is None or (
+    def read_event(self, name: str | None, data: bytes) -> bool:
+        if (
             name is not None
             and name not in _RESPONSES_TEXT_EVENTS
             and name not in _RESPONSES_USAGE_EVENTS

@@ -34,9 +34,10 @@ import msgspec
 
 from ratelimit_gw.errors import GatewayError
 
-# The adapter's view of Anthropic's usage and its conversion to the IR's meaning (cache reads
-# and writes added to input): one definition for the native tap and this codec.
-from ratelimit_gw.protocols.anthropic import _Usage, _usage
+# The adapter's view of Anthropic's usage, its conversion to the IR's meaning (cache reads
+# and writes added to input) and how a stream's reports add up: one definition for the
+# native tap and this codec.
+from ratelimit_gw.protocols.anthropic import _running_usage, _Usage, _usage
 from ratelimit_gw.protocols.base import Route, Usage, decode_any_json, encode_json, require_model
 from ratelimit_gw.protocols.translation.ir import (
     ChatAnswer,
@@ -502,6 +503,31 @@ def _sse(event: Json) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + encode_json(event) + b"\n\n"
 
 
+# Most of a stream is content_block_delta events: their bytes around the block's index and
+# the one string each carries, per delta type, so that only the string is encoded.
+_DELTA_EVENT_HEAD = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
+_DELTA_OPENINGS = {
+    kind: f',"delta":{{"type":"{kind}","{field}":'.encode()
+    for kind, field in (
+        ("text_delta", "text"),
+        ("thinking_delta", "thinking"),
+        ("signature_delta", "signature"),
+        ("input_json_delta", "partial_json"),
+    )
+}
+
+
+def _delta_event(index: int | None, kind: str, value: str) -> bytes:
+    """A content_block_delta event (the bytes ``_sse`` would write for it)."""
+    return (
+        _DELTA_EVENT_HEAD
+        + encode_json(index)
+        + _DELTA_OPENINGS[kind]
+        + encode_json(value)
+        + b"}}\n\n"
+    )
+
+
 BlockKind = Literal["text", "thinking", "tool_use"]
 
 
@@ -581,7 +607,7 @@ class _MessagesStreamWriter(StreamWriter):
             return
         if self._open_kind != "text":
             self._open("text", {"type": "text", "text": ""}, out)
-        self._delta({"type": "text_delta", "text": event.text}, out)
+        out.append(_delta_event(self._open_index, "text_delta", event.text))
 
     def _reasoning(self, event: ReasoningDelta, out: list[bytes]) -> None:
         if not self._request.show_reasoning or not (event.text or event.signature):
@@ -589,9 +615,9 @@ class _MessagesStreamWriter(StreamWriter):
         if self._open_kind != "thinking" or self._signed:
             self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}, out)
         if event.text:
-            self._delta({"type": "thinking_delta", "thinking": event.text}, out)
+            out.append(_delta_event(self._open_index, "thinking_delta", event.text))
         if event.signature:
-            self._delta({"type": "signature_delta", "signature": event.signature}, out)
+            out.append(_delta_event(self._open_index, "signature_delta", event.signature))
             self._signed = True
 
     def _arguments(self, event: ToolArgumentsDelta, out: list[bytes]) -> None:
@@ -600,8 +626,7 @@ class _MessagesStreamWriter(StreamWriter):
             return
         # A fragment for a call whose block another block has closed (arguments interleaved
         # across calls) still goes to that call's index: the SDK's accumulator reads by index.
-        delta = {"type": "input_json_delta", "partial_json": event.fragment}
-        out.append(_sse({"type": "content_block_delta", "index": index, "delta": delta}))
+        out.append(_delta_event(index, "input_json_delta", event.fragment))
 
     def _open(self, kind: BlockKind, block: Json, out: list[bytes]) -> int:
         self._close_block(out)
@@ -609,9 +634,6 @@ class _MessagesStreamWriter(StreamWriter):
         self._open_index, self._open_kind, self._signed = index, kind, False
         out.append(_sse({"type": "content_block_start", "index": index, "content_block": block}))
         return index
-
-    def _delta(self, delta: Json, out: list[bytes]) -> None:
-        out.append(_sse({"type": "content_block_delta", "index": self._open_index, "delta": delta}))
 
     def _close_block(self, out: list[bytes]) -> None:
         if self._open_index is not None:
@@ -925,6 +947,11 @@ def _stream_error(error: _Error | None) -> GatewayError:
     )
 
 
+# Events that say nothing a caller's stream needs: a block's end is written when the next
+# begins or the message ends, and the stream's end by close().
+_UNREAD_EVENTS = frozenset({"ping", "content_block_stop", "message_stop"})
+
+
 class _MessagesStreamReader(StreamReader):
     """Reads Anthropic's event stream; usage figures are cumulative, field by field."""
 
@@ -933,6 +960,8 @@ class _MessagesStreamReader(StreamReader):
         self._tool_calls: dict[int, int] = {}  # block index → IR tool-call index
 
     def feed(self, name: str | None, data: bytes) -> list[StreamEvent]:
+        if name in _UNREAD_EVENTS:
+            return []  # known by its name, as the adapter's tap knows it: not decoded
         event = _EVENT.decode(data)
         kind = event.type or name
         if kind == "content_block_delta" and event.delta is not None:
@@ -985,12 +1014,7 @@ class _MessagesStreamReader(StreamReader):
         return events
 
     def _count(self, usage: _Usage) -> Usage:
-        counts = self._counts
-        for field in _Usage.__struct_fields__:
-            value = getattr(usage, field)
-            if value is not None:  # a repeated figure is a new total; an absent one stands
-                setattr(counts, field, value)
-        return _usage(counts)
+        return _running_usage(self._counts, usage)
 
 
 def _error_message(body: bytes) -> str:

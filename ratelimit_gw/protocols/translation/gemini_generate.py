@@ -903,6 +903,14 @@ class _PendingCall:
         return _call_part(self.id, self.name, arguments if isinstance(arguments, dict) else {})
 
 
+# A text chunk, the most frequent, is written as fixed bytes around its encoded text, then
+# the chunk's rest (usage, model, id), cut once from an encoded chunk with no parts: such a
+# chunk's bytes are _EMPTY_CANDIDATE_HEAD followed by that rest.
+_TEXT_CHUNK_HEAD = b'{"candidates":[{"content":{"role":"model","parts":[{"text":'
+_TEXT_CHUNK_MIDDLE = b'}]},"index":0}]'
+_EMPTY_CANDIDATE_HEAD = b'{"candidates":[{"content":{"role":"model","parts":[]},"index":0}]'
+
+
 class GeminiStreamWriter(StreamWriter):
     """Each event as a GenerateContentResponse chunk (an SSE event, or an element of the
     JSON array). Held only what Gemini's shape forces: a call until its arguments are
@@ -919,11 +927,16 @@ class GeminiStreamWriter(StreamWriter):
         self._stop: StopReason | None = None
         self._chunks = 0
         self._final_sent = False
+        # A text chunk's bytes after its text, kept while the id, model and usage stand.
+        self._text_tail: bytes | None = None
 
     def feed(self, event: StreamEvent) -> bytes:
+        if isinstance(event, TextDelta) and self._call is None:  # the most frequent event
+            return self._text_chunk(event.text) if event.text else b""
         if isinstance(event, Started):
             self._id, self._model = event.id, event.model
             self._usage = event.usage or self._usage
+            self._text_tail = None
             return b""
         if isinstance(event, ToolArgumentsDelta):
             if self._call is not None and self._call.index == event.index:
@@ -931,12 +944,13 @@ class GeminiStreamWriter(StreamWriter):
             return b""
         if isinstance(event, UsageReport):
             self._usage = event.usage
+            self._text_tail = None
             if self._final_sent:  # a late report: pass the newer totals on
                 return self._chunk([{"text": ""}], None)
             return self._final() if self._stop is not None else b""
         held = self._flush_call()
         if isinstance(event, TextDelta):
-            return held + (self._chunk([{"text": event.text}], None) if event.text else b"")
+            return held + (self._text_chunk(event.text) if event.text else b"")
         if isinstance(event, ReasoningDelta):
             if not self._show_reasoning or not event.text:
                 return held
@@ -967,8 +981,20 @@ class GeminiStreamWriter(StreamWriter):
         # only chunks whose candidate has content.
         return self._chunk([{"text": ""}], self._stop or "stop")
 
+    def _text_chunk(self, text: str) -> bytes:
+        """``_chunk([{"text": text}], None)``, with only the text encoded."""
+        if self._text_tail is None:
+            body = _encode(_response_body(self._id, self._model, [], None, self._usage))
+            assert body.startswith(_EMPTY_CANDIDATE_HEAD), "_response_body's layout changed"
+            self._text_tail = body[len(_EMPTY_CANDIDATE_HEAD) :]
+        return self._framed(_TEXT_CHUNK_HEAD + _encode(text) + _TEXT_CHUNK_MIDDLE + self._text_tail)
+
     def _chunk(self, parts: list[dict[str, Any]], finish: StopReason | None) -> bytes:
-        data = _encode(_response_body(self._id, self._model, parts, finish, self._usage))
+        return self._framed(
+            _encode(_response_body(self._id, self._model, parts, finish, self._usage))
+        )
+
+    def _framed(self, data: bytes) -> bytes:
         self._chunks += 1
         if not self._json_array:
             return b"data: " + data + b"\n\n"

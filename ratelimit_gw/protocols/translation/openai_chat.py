@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Final
+from typing import Any, Final, get_args
 
 import msgspec
 
@@ -815,17 +815,15 @@ def _usage_json(usage: Usage) -> dict[str, Any]:
     }
 
 
-def _delta(event: StreamEvent) -> dict[str, Any] | None:
-    """The chunk delta for a content event (None: nothing to write)."""
-    if isinstance(event, TextDelta):
-        return {"content": event.text} if event.text else None
+def _tool_call_delta(event: StreamEvent) -> bytes | None:
+    """The chunk delta for a tool-call event, as JSON (None: nothing to write)."""
     if isinstance(event, ToolCallStarted):
         function = {"name": event.name, "arguments": ""}
         call = {"index": event.index, "id": event.id, "type": "function", "function": function}
-        return {"tool_calls": [call]}
+        return encode_json({"tool_calls": [call]})
     if isinstance(event, ToolArgumentsDelta) and event.fragment:
         call = {"index": event.index, "function": {"arguments": event.fragment}}
-        return {"tool_calls": [call]}
+        return encode_json({"tool_calls": [call]})
     return None  # a ReasoningDelta has no slot in a chunk
 
 
@@ -854,34 +852,51 @@ def _write_answer(answer: ChatAnswer, request: ChatRequest) -> bytes:
     return encode_json(body)
 
 
+# Each stop reason as JSON, for the finish chunk.
+_FINISH_REASONS: Final[dict[StopReason, bytes]] = {
+    stop: encode_json(stop) for stop in get_args(StopReason)
+}
+
+
 class _ChunkWriter(StreamWriter):
     """Writes ``chat.completion.chunk`` events: the role first, then each delta as it comes,
     the finish chunk, the usage chunk (asked for with ``include_usage``: the latest report,
-    held to the end as OpenAI sends it last), and ``data: [DONE]``."""
+    held to the end as OpenAI sends it last), and ``data: [DONE]``.
+
+    Every chunk of one stream has the same id, created and model: their JSON is encoded once,
+    and each chunk is that head, its delta's JSON and a fixed tail (the bytes ``encode_json``
+    of the whole chunk would give)."""
 
     def __init__(self, request: ChatRequest) -> None:
         self._include_usage = request.include_usage
-        self._id = ""
         self._model = request.model
         self._created = int(time.time())
         self._started = False
         self._usage: Usage | None = None
+        # With include_usage every chunk has the field, null but on the last (OpenAI's way).
+        self._tail = b',"usage":null}\n\n' if self._include_usage else b"}\n\n"
+        self._head = self._chunk_head("")
 
     def feed(self, event: StreamEvent) -> bytes:
+        if isinstance(event, TextDelta):  # the most frequent event: only its text is encoded
+            if not event.text:
+                return b""
+            return self._opening() + self._chunk(b'{"content":' + encode_json(event.text) + b"}")
         if isinstance(event, Started):
             return b"" if self._started else self._start(event.id, event.model)
         if isinstance(event, UsageReport):
             self._usage = event.usage
             return b""
         if isinstance(event, Finished):
-            return self._opening() + self._chunk({}, event.stop)
-        delta = _delta(event)
+            return self._opening() + self._chunk(b"{}", _FINISH_REASONS[event.stop])
+        delta = _tool_call_delta(event)
         return b"" if delta is None else self._opening() + self._chunk(delta)
 
     def close(self) -> bytes:
         usage = b""
         if self._include_usage and self._usage is not None:
-            usage = self._frame([], _usage_json(self._usage))
+            usage_json = encode_json(_usage_json(self._usage))
+            usage = self._head + b'],"usage":' + usage_json + b"}\n\n"
         return usage + b"data: [DONE]\n\n"
 
     def _opening(self) -> bytes:
@@ -890,26 +905,32 @@ class _ChunkWriter(StreamWriter):
 
     def _start(self, answer_id: str, model: str) -> bytes:
         self._started = True
-        self._id = answer_id or _new_completion_id()
         self._model = model or self._model
-        return self._chunk({"role": "assistant", "content": ""})
+        self._head = self._chunk_head(answer_id or _new_completion_id())
+        return self._chunk(b'{"role":"assistant","content":""}')
 
-    def _chunk(self, delta: dict[str, Any], finish_reason: StopReason | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return self._frame([choice], None)
+    def _chunk_head(self, answer_id: str) -> bytes:
+        """A chunk's bytes up to its choices' first element."""
+        return (
+            b'data: {"id":'
+            + encode_json(answer_id)
+            + b',"object":"chat.completion.chunk","created":'
+            + str(self._created).encode()
+            + b',"model":'
+            + encode_json(self._model)
+            + b',"choices":['
+        )
 
-    def _frame(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None) -> bytes:
-        chunk: dict[str, Any] = {
-            "id": self._id,
-            "object": "chat.completion.chunk",
-            "created": self._created,
-            "model": self._model,
-            "choices": choices,
-        }
-        # With include_usage every chunk has the field, null but on the last (OpenAI's way).
-        if self._include_usage:
-            chunk["usage"] = usage
-        return b"data: " + encode_json(chunk) + b"\n\n"
+    def _chunk(self, delta_json: bytes, finish_reason: bytes = b"null") -> bytes:
+        return (
+            self._head
+            + b'{"index":0,"delta":'
+            + delta_json
+            + b',"logprobs":null,"finish_reason":'
+            + finish_reason
+            + b"}]"
+            + self._tail
+        )
 
 
 # --- the codec ---------------------------------------------------------------------------

@@ -13,12 +13,7 @@ from dataclasses import dataclass
 import msgspec
 
 from ratelimit_gw.errors import GatewayError
-from ratelimit_gw.protocols.base import (
-    ProtocolAdapter,
-    StreamTap,
-    sse_event_fields,
-    whole_events,
-)
+from ratelimit_gw.protocols.base import ProtocolAdapter, SseStreamTap, StreamTap
 from ratelimit_gw.protocols.translation.ir import ChatRequest, Codec, StreamReader, StreamWriter
 
 # What a broken upstream answer can raise while it is read (a view's decode, a missing key).
@@ -67,10 +62,15 @@ class AnswerTranslation:
 
 class TranslatingTap(StreamTap):
     """Reads the upstream's stream with the upstream adapter's own tap (usage, text relayed)
-    and writes each of its events, as soon as it is whole, as the caller's stream."""
+    and writes each of its events, as soon as it is whole, as the caller's stream.
+
+    The adapter's tap splits the stream into events and parses each event's fields once, for
+    both: it reads its usage from them and hands them on here (``feed_events``)."""
 
     def __init__(self, upstream_tap: StreamTap, translation: AnswerTranslation) -> None:
         super().__init__()
+        # The converter asks every upstream for an SSE stream (Gemini: ?alt=sse).
+        assert isinstance(upstream_tap, SseStreamTap), "a translated stream is SSE upstream"
         self._upstream_tap = upstream_tap
         self._translation = translation
         self._reader: StreamReader = translation.upstream_codec.answer_reader()
@@ -78,31 +78,29 @@ class TranslatingTap(StreamTap):
         self._failed = False  # the upstream reported an error mid-stream: nothing more is written
 
     def feed(self, data: bytes) -> bytes:
-        return self._translate(self._upstream_tap.feed(data))
+        return self._translate(self._upstream_tap.feed_events(data))
 
     def flush(self) -> bytes:
-        out = self._translate(self._upstream_tap.flush())
+        out = self._translate(self._upstream_tap.flush_events())
         return out if self._failed else out + self._writer.close()
 
-    def _translate(self, events: bytes) -> bytes:
+    def _translate(self, events: list[tuple[str | None, bytes]]) -> bytes:
         tap = self._upstream_tap
         self.usage, self.output_chars = tap.usage, tap.output_chars
         if not events or self._failed:
             return b""
         out: list[bytes] = []
-        for event in whole_events(events):
-            name, data = sse_event_fields(event)
-            if data is None:
-                continue
+        reader, writer = self._reader, self._writer
+        for name, data in events:
             try:
-                read = self._reader.feed(name, data)
+                read = reader.feed(name, data)
             except GatewayError as err:  # an error event: the caller's, and the stream ends
                 out.append(self._error_event(err))
                 break
             except _UNREADABLE:
                 continue  # an event that cannot be read cannot be written either
             for translated in read:
-                if written := self._writer.feed(translated):
+                if written := writer.feed(translated):
                     out.append(written)
         return b"".join(out)
 
