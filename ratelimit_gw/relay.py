@@ -17,8 +17,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .accounts import KEY_PREFIX
 from .errors import GatewayError
+from .keys import KEY_PREFIX
 from .metrics import Metrics, labelled
 from .protocols import (
     CREDENTIAL_HEADERS,
