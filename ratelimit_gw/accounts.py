@@ -19,6 +19,7 @@ from .keyspace import AccountKeys
 from .limits import LIMIT_NAMES, NO_LIMITS, Limits
 from .management import (
     AccountError,
+    FieldChanges,
     check_id,
     check_limit,
     check_limits,
@@ -173,30 +174,23 @@ class AccountStore(KeyStore):
         """Set or clear (None) limits, the rpm policy/override and whether it is prepaid."""
         await self._open_account(account_id)
         unknown_fields(changes, {*LIMIT_NAMES, "rpm_override", "rpm_policy", "prepaid"})
-        to_set: list[Any] = []
-        to_clear: list[str] = []
+        fields = FieldChanges()
         for name, value in changes.items():
             if name == "rpm_policy":
                 if value not in ("fixed", "balance", "tier"):
                     raise AccountError(
                         400, "invalid_request", "rpm_policy must be fixed, balance or tier"
                     )
-                to_set += [name, value]
+                fields.set(name, value)
             elif name == "prepaid":
                 if not isinstance(value, bool):
                     raise AccountError(400, "invalid_request", "prepaid must be true or false")
-                to_set += [name, "1" if value else "0"]
+                fields.set(name, "1" if value else "0")
             else:
-                check_limit(name, value)
-                if value is None:
-                    to_clear.append(name)
-                else:
-                    to_set += [name, value]
-        account_key = AccountKeys(account_id).account
-        if to_set:
-            await self._storage.call("HSET", account_key, *to_set)
-        if to_clear:
-            await self._storage.call("HDEL", account_key, *to_clear)
+                fields.limit(name, value)
+        writes = fields.commands(AccountKeys(account_id).account)
+        if writes:
+            await self._storage.call_many(writes, atomic=True)
         return await self.get_account(account_id)
 
     async def set_disabled(self, account_id: str, disabled: bool) -> bool:

@@ -28,8 +28,8 @@ from .keyspace import AccountKeys
 from .limits import LIMIT_NAMES, NO_LIMITS, Limits, flatten
 from .management import (
     AccountError,
+    FieldChanges,
     check_id,
-    check_limit,
     check_limits,
     iso,
     parse_time_ms,
@@ -221,32 +221,23 @@ class KeyStore:
         account_id = await self._key_account(key_id)
         if (await self.get_key(account_id, key_id)).revoked:
             raise AccountError(409, "key_revoked", f"key {key_id!r} is revoked")
-        to_set: list[Any] = []
-        to_clear: list[str] = []
+        fields = FieldChanges()
         for name, value in changes.items():
             if name == "name":
                 if value is not None and not isinstance(value, str):
                     raise AccountError(400, "invalid_request", "name must be a string")
-                to_set += ["name", value or ""]
+                fields.set("name", value or "")
             elif name == "models":
-                to_set += ["models", msgspec.json.encode(_checked_models(value) or []).decode()]
+                models = _checked_models(value) or []
+                fields.set("models", msgspec.json.encode(models).decode())
             elif name == "expires_at":
                 if value is None:
-                    to_clear.append("expires_ms")
+                    fields.clear("expires_ms")
                 else:
-                    to_set += ["expires_ms", parse_time_ms(value)]
+                    fields.set("expires_ms", parse_time_ms(value))
             else:
-                check_limit(name, value)
-                if value is None:
-                    to_clear.append(name)
-                else:
-                    to_set += [name, value]
-        key_hash = AccountKeys(account_id).key(key_id)
-        writes: list[tuple[Any, ...]] = []
-        if to_set:
-            writes.append(("HSET", key_hash, *to_set))
-        if to_clear:
-            writes.append(("HDEL", key_hash, *to_clear))
+                fields.limit(name, value)
+        writes = fields.commands(AccountKeys(account_id).key(key_id))
         if writes:
             await self._storage.call_many(writes, atomic=True)
             # Only once the hash has it: a gateway that hears of the change reads it at once.

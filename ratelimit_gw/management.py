@@ -67,6 +67,37 @@ def check_limits(limits: Limits) -> None:
         check_limit(name, value)
 
 
+class FieldChanges:
+    """The field writes of one storage hash an update makes: fields set, fields cleared."""
+
+    def __init__(self) -> None:
+        self._set: list[Any] = []
+        self._cleared: list[str] = []
+
+    def set(self, name: str, value: Any) -> None:
+        self._set += [name, value]
+
+    def clear(self, name: str) -> None:
+        self._cleared.append(name)
+
+    def limit(self, name: str, value: Any) -> None:
+        """A limit: a positive integer is set, None clears it (no such limit)."""
+        check_limit(name, value)
+        if value is None:
+            self.clear(name)
+        else:
+            self.set(name, value)
+
+    def commands(self, hash_key: str) -> list[tuple[Any, ...]]:
+        """The HSET and HDEL that make them (none for no change), to run as one step."""
+        commands: list[tuple[Any, ...]] = []
+        if self._set:
+            commands.append(("HSET", hash_key, *self._set))
+        if self._cleared:
+            commands.append(("HDEL", hash_key, *self._cleared))
+        return commands
+
+
 def opt_int(value: str | None) -> int | None:
     return None if value in (None, "") else int(value)
 

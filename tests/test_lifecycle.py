@@ -256,16 +256,25 @@ async def test_a_rotated_key_keeps_its_id_limits_and_spend(
     assert account["spent_usd"] != "0.00"
 
 
+async def rotate_a_cached_key(
+    admin: Admin, http: aiohttp.ClientSession, gateways: tuple[Gateway, ...], grace_s: int
+) -> tuple[str, dict[str, Any]]:
+    """A key every instance has used (and cached), rotated: its old secret and the rotation."""
+    await new_account(admin)
+    key = await new_key(admin)
+    for gw in gateways:
+        assert await chat(http, gw, key["key"]) == (200, None)
+    status, rotated = await admin.call(
+        "POST", f"/admin/keys/{key['id']}/rotate", {"grace_s": grace_s}
+    )
+    assert status == 200
+    return key["key"], rotated
+
+
 async def test_a_rotated_out_secret_stops_when_its_grace_ends_on_every_instance(
     admin: Admin, gateway: Gateway, other: Gateway, http: aiohttp.ClientSession
 ) -> None:
-    await new_account(admin)
-    key = await new_key(admin)
-    old = key["key"]
-    for gw in (gateway, other):
-        assert await chat(http, gw, old) == (200, None)
-    status, rotated = await admin.call("POST", f"/admin/keys/{key['id']}/rotate", {"grace_s": 2})
-    assert status == 200
+    old, rotated = await rotate_a_cached_key(admin, http, (gateway, other), grace_s=2)
     for gw in (gateway, other):  # in its grace, on instances that cached it or not
         assert await chat(http, gw, old) == (200, None)
         assert await chat(http, gw, rotated["key"]) == (200, None)
@@ -282,13 +291,7 @@ async def test_a_rotated_out_secret_stops_when_its_grace_ends_on_every_instance(
 async def test_a_rotation_without_grace_stops_the_old_secret_within_a_second(
     admin: Admin, gateway: Gateway, other: Gateway, http: aiohttp.ClientSession
 ) -> None:
-    await new_account(admin)
-    key = await new_key(admin)
-    old = key["key"]
-    for gw in (gateway, other):
-        assert await chat(http, gw, old) == (200, None)
-    status, rotated = await admin.call("POST", f"/admin/keys/{key['id']}/rotate", {"grace_s": 0})
-    assert status == 200
+    old, rotated = await rotate_a_cached_key(admin, http, (gateway, other), grace_s=0)
     assert seconds_until(rotated["old_key_expires_at"]) <= 0
     for gw in (other, gateway):
         assert await chat(http, gw, rotated["key"]) == (200, None)
