@@ -1,48 +1,47 @@
-"""Accounts, API keys, top-ups and the ledger: the operations behind the admin API and CLI.
+"""Accounts, their balances and ledger, and their lifecycle: the operations behind the admin
+API and CLI (keys: keys.py, which :class:`AccountStore` extends).
 
-Keys are generated here (``rlgw-`` + 32 random bytes, url-safe), shown once, and stored only
-as a SHA-256 hash. Everything per account lives under its hash tag (see keyspace.py); the
-two lookup indexes let a request find its key and a revoke find its account.
+Everything per account lives under its hash tag (see keyspace.py). An account is active,
+disabled (admit.lua refuses its keys, nothing else changes) or deleted: a tombstone that keeps
+its id from being used again, its ledger and its revoked keys.
 """
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 import time
-from datetime import UTC, datetime
-from fnmatch import fnmatchcase
 from typing import Any, Literal
 
 import msgspec
 
 from . import keyspace
+from .keys import KeyStore
 from .keyspace import AccountKeys
-from .limits import LIMIT_NAMES, MAX_LIMIT, NO_LIMITS, Limits, flat_type, flatten, nest
+from .limits import LIMIT_NAMES, NO_LIMITS, Limits
+from .management import (
+    AccountError,
+    FieldChanges,
+    check_id,
+    check_limit,
+    check_limits,
+    iso,
+    opt_int,
+    unknown_fields,
+)
 from .money import format_usd
-from .storage import Storage
 
-KEY_PREFIX = "rlgw-"
-# How much of a secret a key record keeps and shows (`prefix`): enough to tell keys apart.
-SHOWN_PREFIX_CHARS = 12
-MAX_TOPUP_NANO = 10**18  # $1e9 per top-up
+MAX_TOPUP_NANO = 10**18  # $1e9 per top-up or adjustment
 # Idempotency keys of the gateway's own top-ups (initial balances): callers may not use it.
 RESERVED_IDEMPOTENCY_PREFIX = "rlgw:"
 RpmPolicy = Literal["fixed", "balance", "tier"]
-
-
-class AccountError(Exception):
-    """A management operation cannot be done; ``status`` is the HTTP status it maps to."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
+AccountStatus = Literal["active", "disabled", "deleted"]
+# Ledger entries that move money by hand, not by a request: they have no cost.
+_BALANCE_ENTRIES = frozenset({"topup", "adjustment", "forfeit"})
+_KINDS = {"topup": "a top-up", "adjustment": "an adjustment"}
 
 
 class Account(msgspec.Struct, kw_only=True):
     id: str
+    status: AccountStatus
     prepaid: bool
     balance_usd: str
     held_usd: str
@@ -58,30 +57,9 @@ class Account(msgspec.Struct, kw_only=True):
     created_at: str
 
 
-class KeyRecord(msgspec.Struct, kw_only=True, frozen=True, gc=False):
-    """What a gateway knows about a key (never the key itself)."""
-
-    id: str
-    account: str
-    name: str
-    prefix: str  # the first characters of the key, to recognise it in listings
-    models: tuple[str, ...] = ()
-    limits: Limits = NO_LIMITS  # as issued; flat in the index entry and the API
-    expires_at: str | None = None
-    revoked: bool = False
-    created_at: str = ""
-
-    def allows_model(self, model_id: str) -> bool:
-        return not self.models or any(fnmatchcase(model_id, p) for p in self.models)
-
-
-# The index entry is a KeyRecord's flat form, the same JSON every build has written.
-_INDEX_DECODER = msgspec.json.Decoder(flat_type(KeyRecord))
-
-
-class CreatedKey(msgspec.Struct, kw_only=True):
-    key: str  # shown once
-    record: KeyRecord
+class Deletion(msgspec.Struct, kw_only=True):
+    forfeited_usd: str  # the balance written off by a forced delete ("0.00": none)
+    account: Account
 
 
 class LedgerEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -99,82 +77,13 @@ class LedgerEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
     balance_usd: str | None = None
     outcome: str | None = None
     idempotency_key: str | None = None
+    reason: str | None = None  # an adjustment's or a forfeit's
     settlement_id: str | None = None  # the gateway's own id (request_id is the caller's)
     cache_read_tokens: int | None = None
     cache_write_tokens: int | None = None
 
 
-def hash_key(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
-
-
-# The last instant a datetime can show (9999-12-31T23:59:59.999Z): a later time could be
-# stored but never printed back.
-_MAX_TIME_MS = 253_402_300_799_999
-
-
-def parse_time_ms(value: str) -> int:
-    """RFC 3339 time or unix seconds → unix ms, from 1970 to the end of year 9999."""
-    try:
-        if value.replace(".", "", 1).isdigit():
-            time_ms = float(value) * 1000  # inf for absurdly many digits
-        else:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-            if parsed.tzinfo is None:
-                parsed = parsed.replace(tzinfo=UTC)
-            time_ms = parsed.timestamp() * 1000
-    except ValueError:
-        raise AccountError(400, "invalid_request", f"{value!r} is not an RFC 3339 time") from None
-    if not 0 <= time_ms <= _MAX_TIME_MS:
-        raise AccountError(
-            400, "invalid_request", f"{value!r} is out of range (1970 to the end of 9999)"
-        )
-    return int(time_ms)
-
-
-def _check_id(value: str, what: str) -> None:
-    if not keyspace.ID_PATTERN.match(value):
-        raise AccountError(
-            400, "invalid_request", f"{what} must be 1-64 of A-Z a-z 0-9 _ . - (got {value!r})"
-        )
-
-
-def _key_not_found(key_id: str) -> AccountError:
-    if key_id.startswith(KEY_PREFIX):
-        # A secret passed where the id belongs: never echo it (terminals, logs, tickets).
-        return AccountError(
-            404,
-            "key_not_found",
-            f"that is a key's secret, not its id; its account's key list shows the id (key_…) "
-            f"beside the prefix {key_id[:SHOWN_PREFIX_CHARS]!r}",
-        )
-    return AccountError(404, "key_not_found", f"key {key_id!r} not found")
-
-
-def _check_limit(name: str, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise AccountError(400, "invalid_request", f"{name} must be a positive integer or null")
-    if value is not None and value > MAX_LIMIT:
-        raise AccountError(400, "invalid_request", f"{name} must be at most {MAX_LIMIT}")
-
-
-def _check_limits(limits: Limits) -> None:
-    for name, value in limits.items():
-        _check_limit(name, value)
-
-
-def _opt_int(value: str | None) -> int | None:
-    return None if value in (None, "") else int(value)
-
-
-class AccountStore:
-    def __init__(self, storage: Storage) -> None:
-        self._storage = storage
-
+class AccountStore(KeyStore):
     async def create_account(
         self,
         account_id: str,
@@ -186,9 +95,9 @@ class AccountStore:
     ) -> Account:
         """Create an account; giving a balance (even 0) makes it prepaid
         (docs/limits-and-balance.md)."""
-        _check_id(account_id, "account id")
-        _check_limits(limits)
-        _check_limit("rpm_override", rpm_override)
+        check_id(account_id, "account id")
+        check_limits(limits)
+        check_limit("rpm_override", rpm_override)
         fields: list[Any] = [
             "created_ms",
             int(time.time() * 1000),
@@ -209,16 +118,24 @@ class AccountStore:
         if rpm_override is not None:
             fields += ["rpm_override", rpm_override]
         keys = AccountKeys(account_id)
-        if not await self._storage.run("create_account", [keys.account], fields):
+        created = int(await self._storage.run("create_account", [keys.account], fields))
+        if created == -1:
+            raise AccountError(
+                409,
+                "account_deleted",
+                f"account {account_id!r} was deleted: its id cannot be used again",
+            )
+        if not created:
             raise AccountError(409, "account_exists", f"account {account_id!r} already exists")
         await self._storage.call("SADD", keyspace.ACCOUNTS_SET, account_id)
         if balance_nano:
             initial = f"{RESERVED_IDEMPOTENCY_PREFIX}initial-balance:{account_id}"
-            await self._credit(account_id, balance_nano, initial)
+            await self._change_balance(account_id, balance_nano, initial, "topup")
         return await self.get_account(account_id)
 
     async def get_account(self, account_id: str) -> Account:
-        _check_id(account_id, "account id")
+        """Any account, a deleted one too (its tombstone)."""
+        check_id(account_id, "account id")
         keys = AccountKeys(account_id)
         # One snapshot: a settlement landing between two reads would mix two states.
         raw, live = await self._storage.call_many(
@@ -229,6 +146,7 @@ class AccountStore:
         balance, held = int(raw.get("balance_nano", 0)), int(raw.get("held_nano", 0))
         return Account(
             id=account_id,
+            status=raw.get("status", "active"),
             prepaid=raw.get("prepaid") == "1",
             balance_usd=format_usd(balance),
             held_usd=format_usd(held),
@@ -237,11 +155,11 @@ class AccountStore:
             topped_up_usd=format_usd(int(raw.get("topped_up_nano", 0))),
             limits=Limits.from_hash(raw),
             rpm_policy=raw.get("rpm_policy", "fixed"),
-            rpm_override=_opt_int(raw.get("rpm_override")),
+            rpm_override=opt_int(raw.get("rpm_override")),
             holds_live=int(live),
             holds_expired=int(raw.get("holds_expired", 0)),
             overruns=int(raw.get("overruns", 0)),
-            created_at=_iso(int(raw["created_ms"])),
+            created_at=iso(int(raw["created_ms"])),
         )
 
     async def is_prepaid(self, account_id: str) -> bool:
@@ -254,225 +172,183 @@ class AccountStore:
 
     async def update_account(self, account_id: str, changes: dict[str, Any]) -> Account:
         """Set or clear (None) limits, the rpm policy/override and whether it is prepaid."""
-        await self.get_account(account_id)
-        allowed = {*LIMIT_NAMES, "rpm_override", "rpm_policy", "prepaid"}
-        unknown = sorted(set(changes) - allowed)
-        if unknown:
-            raise AccountError(400, "invalid_request", f"unknown field(s): {', '.join(unknown)}")
-        to_set: list[Any] = []
-        to_clear: list[str] = []
+        await self._open_account(account_id)
+        unknown_fields(changes, {*LIMIT_NAMES, "rpm_override", "rpm_policy", "prepaid"})
+        fields = FieldChanges()
         for name, value in changes.items():
             if name == "rpm_policy":
                 if value not in ("fixed", "balance", "tier"):
                     raise AccountError(
                         400, "invalid_request", "rpm_policy must be fixed, balance or tier"
                     )
-                to_set += [name, value]
+                fields.set(name, value)
             elif name == "prepaid":
                 if not isinstance(value, bool):
                     raise AccountError(400, "invalid_request", "prepaid must be true or false")
-                to_set += [name, "1" if value else "0"]
+                fields.set(name, "1" if value else "0")
             else:
-                _check_limit(name, value)
-                if value is None:
-                    to_clear.append(name)
-                else:
-                    to_set += [name, value]
-        account_key = AccountKeys(account_id).account
-        if to_set:
-            await self._storage.call("HSET", account_key, *to_set)
-        if to_clear:
-            await self._storage.call("HDEL", account_key, *to_clear)
+                fields.limit(name, value)
+        writes = fields.commands(AccountKeys(account_id).account)
+        if writes:
+            await self._storage.call_many(writes, atomic=True)
         return await self.get_account(account_id)
+
+    async def set_disabled(self, account_id: str, disabled: bool) -> bool:
+        """Disable (admit.lua refuses the account's keys on their next request, 403
+        ``account_disabled``) or enable again; False when it already was."""
+        check_id(account_id, "account id")
+        status = "disabled" if disabled else ""
+        changed = int(
+            await self._storage.run("account_status", [AccountKeys(account_id).account], [status])
+        )
+        if changed == -1:
+            raise AccountError(404, "account_not_found", f"account {account_id!r} not found")
+        if changed == -2:
+            raise AccountError(409, "account_deleted", f"account {account_id!r} is deleted")
+        return changed == 1
+
+    async def delete_account(self, account_id: str, *, force: bool = False) -> Deletion:
+        """Delete an account: refused (409 ``account_not_empty``) while it has a balance or
+        live holds, unless ``force``d (the balance is then forfeited, in a ledger entry).
+        Its keys are revoked, its ledger kept, and its id never used again."""
+        check_id(account_id, "account id")
+        keys = AccountKeys(account_id)
+        reply = await self._storage.run(
+            "delete_account", [keys.account, keys.holds, keys.ledger], ["1" if force else "0"]
+        )
+        status, balance, held, holds = int(reply[0]), int(reply[1]), int(reply[2]), int(reply[3])
+        if status == -1:
+            raise AccountError(404, "account_not_found", f"account {account_id!r} not found")
+        if status == -2:
+            raise AccountError(409, "account_deleted", f"account {account_id!r} is already deleted")
+        if status == 0:
+            left = [f"a balance of {_dollars(balance)}"] if balance else []
+            if holds:
+                plural = "s" if holds > 1 else ""
+                left.append(f"{holds} live hold{plural} ({_dollars(held)} held)")
+            raise AccountError(
+                409,
+                "account_not_empty",
+                f"account {account_id!r} still has {' and '.join(left)}: a forced delete "
+                "forfeits the balance (the requests in flight still settle)",
+            )
+        # admit.lua refuses them already (the account's status): this makes listings say so.
+        now_ms = int(time.time() * 1000)
+        key_ids = sorted(await self._storage.call("SMEMBERS", keys.key_ids))
+        for start in range(0, len(key_ids), 500):
+            revocations: list[tuple[Any, ...]] = []
+            for key_id in key_ids[start : start + 500]:
+                revocations += [
+                    ("HSET", keys.key(key_id), "revoked", "1"),
+                    ("HSETNX", keys.key(key_id), "revoked_ms", now_ms),
+                ]
+            await self._storage.call_many(revocations, atomic=True)
+        await self._storage.call("SREM", keyspace.ACCOUNTS_SET, account_id)
+        return Deletion(
+            forfeited_usd=format_usd(balance), account=await self.get_account(account_id)
+        )
 
     async def topup(self, account_id: str, amount_nano: int, idempotency_key: str) -> bool:
         """Credit once per idempotency key; False when that key was already used for the
-        same amount (a retry). The key used before for another amount: 409
-        ``idempotency_conflict``, nothing credited."""
-        if idempotency_key.startswith(RESERVED_IDEMPOTENCY_PREFIX):
-            raise AccountError(
-                400,
-                "invalid_request",
-                f"idempotency keys starting with {RESERVED_IDEMPOTENCY_PREFIX!r} are reserved "
-                "for the gateway's own top-ups",
-            )
-        return await self._credit(account_id, amount_nano, idempotency_key)
-
-    async def _credit(self, account_id: str, amount_nano: int, idempotency_key: str) -> bool:
+        same amount (a retry). The key used before for another amount or for an adjustment:
+        409 ``idempotency_conflict``, nothing credited."""
+        _check_idempotency_key(idempotency_key)
         if amount_nano <= 0:
             raise AccountError(400, "invalid_request", "amount_usd must be > 0")
-        if amount_nano > MAX_TOPUP_NANO:
+        return await self._change_balance(account_id, amount_nano, idempotency_key, "topup")
+
+    async def adjust(
+        self, account_id: str, amount_nano: int, reason: str, idempotency_key: str
+    ) -> bool:
+        """Credit (positive) or debit (negative) the balance by hand, once per idempotency
+        key (shared with top-ups), with a reason in its own ledger entry (``adjustment``).
+        Not a top-up: the rpm policies do not count it. A debit may not take the balance
+        below the live holds (409 ``debit_exceeds_available``)."""
+        _check_idempotency_key(idempotency_key)
+        if amount_nano == 0:
+            raise AccountError(400, "invalid_request", "amount_usd must not be 0")
+        if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
+            raise AccountError(400, "invalid_request", "reason is required (≤ 500 chars)")
+        return await self._change_balance(
+            account_id, amount_nano, idempotency_key, "adjustment", reason
+        )
+
+    async def _change_balance(
+        self, account_id: str, amount_nano: int, idempotency_key: str, kind: str, reason: str = ""
+    ) -> bool:
+        if abs(amount_nano) > MAX_TOPUP_NANO:
             # Balances are 64-bit integers of nano-USD in Redis: keep far from overflow.
             raise AccountError(400, "invalid_request", "amount_usd must be at most 1000000000")
-        if not idempotency_key or len(idempotency_key) > 200:
-            raise AccountError(400, "invalid_request", "idempotency_key is required (≤ 200 chars)")
         keys = AccountKeys(account_id)
         reply = await self._storage.run(
-            "topup", [keys.account, keys.topups, keys.ledger], [amount_nano, idempotency_key]
+            "topup",
+            [keys.account, keys.topups, keys.ledger],
+            [amount_nano, idempotency_key, kind, reason],
         )
-        credited = int(reply[0])
-        if credited == -1:
+        status = int(reply[0])
+        if status == -1:
             raise AccountError(404, "account_not_found", f"account {account_id!r} not found")
-        if credited == -2:
+        if status == -4:
+            raise AccountError(409, "account_deleted", f"account {account_id!r} is deleted")
+        if status == -3:
+            balance, held = int(reply[1]), int(reply[3])
+            raise AccountError(
+                409,
+                "debit_exceeds_available",
+                f"a debit of {_dollars(-amount_nano)} would take account {account_id!r} "
+                f"below its live holds (balance {_dollars(balance)}, held {_dollars(held)}): "
+                f"at most {_dollars(max(balance - held, 0))} can be debited now",
+            )
+        if status == -2:
+            first, first_kind = str(reply[3]), str(reply[4])
+            used = _KINDS.get(first_kind, first_kind)
+            if first:
+                used += f" of {_dollars(int(first))}"
+            if first_kind == kind:
+                new = kind.replace("topup", "top-up")
+                raise AccountError(
+                    409,
+                    "idempotency_conflict",
+                    f"idempotency key {idempotency_key!r} was already used for {used} on "
+                    f"account {account_id!r}, not {_dollars(amount_nano)}: use a new key "
+                    f"for a new {new}",
+                )
             raise AccountError(
                 409,
                 "idempotency_conflict",
-                f"idempotency key {idempotency_key!r} was already used for a top-up of "
-                f"${format_usd(int(reply[3]))} on account {account_id!r}, not "
-                f"${format_usd(amount_nano)}: use a new key for a new top-up",
+                f"idempotency key {idempotency_key!r} was already used for {used} on "
+                f"account {account_id!r}: use a new key for {_KINDS[kind]}",
             )
-        return credited == 1
+        return status == 1
 
     async def ledger(self, account_id: str, limit: int = 100) -> list[LedgerEntry]:
-        """The newest ``limit`` ledger entries, newest first."""
-        await self.get_account(account_id)
+        """The newest ``limit`` ledger entries, newest first (a deleted account's too)."""
+        await self._account_status(account_id)
         rows = await self._storage.call(
             "XREVRANGE", AccountKeys(account_id).ledger, "+", "-", "COUNT", limit
         )
         return [_ledger_entry(entry_id, _pairs(fields)) for entry_id, fields in rows]
 
-    async def create_key(
-        self,
-        account_id: str,
-        *,
-        name: str = "",
-        models: list[str] | None = None,
-        limits: Limits = NO_LIMITS,
-        expires_at: str | None = None,
-    ) -> CreatedKey:
-        await self.get_account(account_id)
-        secret, key_id, writes = _new_key_writes(account_id, name, models, limits, expires_at)
-        # In order: the key's own hash first, so an index entry never points at nothing.
-        for command in writes:
-            await self._storage.call(*command)
-        return CreatedKey(key=secret, record=await self.get_key(account_id, key_id))
-
-    async def create_keys(
-        self, account_id: str, count: int, limits: Limits = NO_LIMITS
-    ) -> list[str]:
-        """Many keys alike, in pipelined batches (benchmarks, bulk provisioning)."""
-        await self.get_account(account_id)
-        secrets_out: list[str] = []
-        for start in range(0, count, 1000):
-            batch: list[tuple[Any, ...]] = []
-            for _ in range(min(1000, count - start)):
-                secret, _key_id, writes = _new_key_writes(account_id, "", None, limits, None)
-                secrets_out.append(secret)
-                batch.extend(writes)
-            await self._storage.call_many(batch)
-        return secrets_out
-
-    async def get_key(self, account_id: str, key_id: str) -> KeyRecord:
-        raw: dict[str, str] = await self._storage.call(
-            "HGETALL", AccountKeys(account_id).key(key_id)
-        )
-        if "created_ms" not in raw:  # none, or a partial record: not a key
-            raise _key_not_found(key_id)
-        expires = raw.get("expires_ms")
-        return KeyRecord(
-            id=key_id,
-            account=account_id,
-            name=raw.get("name", ""),
-            prefix=raw.get("prefix", ""),
-            models=tuple(msgspec.json.decode(raw.get("models", "[]"))),
-            limits=Limits.from_hash(raw),
-            expires_at=_iso(int(expires)) if expires else None,
-            revoked=raw.get("revoked") == "1",
-            created_at=_iso(int(raw["created_ms"])),
-        )
-
-    async def list_keys(self, account_id: str) -> list[KeyRecord]:
-        await self.get_account(account_id)
-        key_ids = sorted(await self._storage.call("SMEMBERS", AccountKeys(account_id).key_ids))
-        return [await self.get_key(account_id, key_id) for key_id in key_ids]
-
     async def list_accounts(self) -> list[str]:
+        """Every account but the deleted ones."""
         return sorted(await self._storage.call("SMEMBERS", keyspace.ACCOUNTS_SET))
 
-    async def revoke_key(self, key_id: str) -> KeyRecord:
-        account_id = await self._storage.call("GET", keyspace.key_account(key_id))
-        if account_id is None:
-            raise _key_not_found(key_id)
-        key_hash = AccountKeys(account_id).key(key_id)
-        # admit.lua reads this flag on every request: revocation needs no cache expiry.
-        await self._storage.call(
-            "HSET", key_hash, "revoked", "1", "revoked_ms", int(time.time() * 1000)
+
+def _dollars(nano: int) -> str:
+    """ "$12.50", "-$0.25"."""
+    return f"-${format_usd(-nano)}" if nano < 0 else f"${format_usd(nano)}"
+
+
+def _check_idempotency_key(idempotency_key: str) -> None:
+    if not isinstance(idempotency_key, str) or not idempotency_key or len(idempotency_key) > 200:
+        raise AccountError(400, "invalid_request", "idempotency_key is required (≤ 200 chars)")
+    if idempotency_key.startswith(RESERVED_IDEMPOTENCY_PREFIX):
+        raise AccountError(
+            400,
+            "invalid_request",
+            f"idempotency keys starting with {RESERVED_IDEMPOTENCY_PREFIX!r} are reserved "
+            "for the gateway's own top-ups",
         )
-        return await self.get_key(account_id, key_id)
-
-    async def find_key(self, secret: str) -> KeyRecord | None:
-        """The key a caller presented, or None if no such key was ever issued.
-
-        One GET: the index entry carries the key's immutable facts (account, models, expiry,
-        limits as issued). Its ``revoked`` is not maintained there — admit.lua reads the live
-        flag from the key's own hash on every request.
-        """
-        if not secret.startswith(KEY_PREFIX):
-            return None
-        indexed = await self._storage.call("GET", keyspace.key_by_hash(hash_key(secret)))
-        if indexed is None:
-            return None
-        try:
-            return nest(_INDEX_DECODER.decode(indexed), KeyRecord)
-        except msgspec.DecodeError:
-            pass
-        # Keys issued by builds before the index carried the record: "account key_id".
-        account_id, _, key_id = str(indexed).partition(" ")
-        try:
-            return await self.get_key(account_id, key_id)
-        except AccountError:
-            return None
-
-
-def _new_key_writes(
-    account_id: str,
-    name: str,
-    models: list[str] | None,
-    limits: Limits,
-    expires_at: str | None,
-) -> tuple[str, str, list[tuple[Any, ...]]]:
-    """A new secret, its key id, and the storage writes that create it (in order)."""
-    _check_limits(limits)
-    if models is not None and (
-        not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)
-    ):
-        raise AccountError(400, "invalid_request", "models must be a list of model ids/globs")
-    secret = KEY_PREFIX + secrets.token_urlsafe(32)
-    key_id = "key_" + secrets.token_hex(8)
-    created_ms = int(time.time() * 1000)
-    fields: list[Any] = [
-        "created_ms",
-        created_ms,
-        "account",
-        account_id,
-        "name",
-        name,
-        "prefix",
-        secret[:SHOWN_PREFIX_CHARS],
-        "models",
-        msgspec.json.encode(models or []).decode(),
-        *limits.hash_fields(),
-    ]
-    if expires_at is not None:
-        fields += ["expires_ms", parse_time_ms(expires_at)]
-    keys = AccountKeys(account_id)
-    indexed = KeyRecord(
-        id=key_id,
-        account=account_id,
-        name=name,
-        prefix=secret[:SHOWN_PREFIX_CHARS],
-        models=tuple(models or ()),
-        limits=limits,
-        expires_at=_iso(parse_time_ms(expires_at)) if expires_at is not None else None,
-        created_at=_iso(created_ms),
-    )
-    writes: list[tuple[Any, ...]] = [
-        ("HSET", keys.key(key_id), *fields),
-        ("SADD", keys.key_ids, key_id),
-        ("SET", keyspace.key_account(key_id), account_id),
-        ("SET", keyspace.key_by_hash(hash_key(secret)), msgspec.json.encode(flatten(indexed))),
-    ]
-    return secret, key_id, writes
 
 
 def _pairs(fields: Any) -> dict[str, str]:
@@ -490,20 +366,21 @@ def _ledger_entry(entry_id: str, f: dict[str, str]) -> LedgerEntry:
     entry_type = f.get("type", "")
     return LedgerEntry(
         id=entry_id,
-        time=_iso(int(entry_id.split("-", 1)[0])),
+        time=iso(int(entry_id.split("-", 1)[0])),
         type=entry_type,
         request_id=f.get("request_id"),
         key_id=f.get("key_id"),
         model=f.get("model"),
-        input_tokens=_opt_int(f.get("input_tokens")),
-        output_tokens=_opt_int(f.get("output_tokens")),
-        cost_usd=_usd(f, "cost_nano") if entry_type != "topup" else None,
+        input_tokens=opt_int(f.get("input_tokens")),
+        output_tokens=opt_int(f.get("output_tokens")),
+        cost_usd=_usd(f, "cost_nano") if entry_type not in _BALANCE_ENTRIES else None,
         amount_usd=_usd(f, "amount_nano"),
         hold_usd=_usd(f, "hold_nano"),
         balance_usd=_usd(f, "balance_nano"),
         outcome=f.get("outcome"),
         idempotency_key=f.get("idempotency_key"),
+        reason=f.get("reason"),
         settlement_id=f.get("settlement_id"),
-        cache_read_tokens=_opt_int(f.get("cache_read_tokens")),
-        cache_write_tokens=_opt_int(f.get("cache_write_tokens")),
+        cache_read_tokens=opt_int(f.get("cache_read_tokens")),
+        cache_write_tokens=opt_int(f.get("cache_write_tokens")),
     )

@@ -7,13 +7,13 @@ travel as decimal strings, never floats.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
 from msgspec import UNSET, UnsetType
 
-from .accounts import Account, AccountStore, KeyRecord, LedgerEntry, RpmPolicy
+from .accounts import Account, AccountStore, Deletion, LedgerEntry, RpmPolicy
 from .admin_openapi import openapi_json
 from .admin_routes import (
     AccountId,
@@ -22,12 +22,14 @@ from .admin_routes import (
     KeyId,
     PositiveCount,
     QueryParam,
+    SignedUsdAmount,
     UsdAmount,
     register,
     route_body,
 )
 from .audit import admin_actor, record
 from .errors import GatewayError
+from .keys import DEFAULT_GRACE_S, MAX_GRACE_S, MAX_PAGE, KeyPage, KeyRecord
 from .limits import NO_LIMITS, Limits, flatten
 from .money import MoneyError, parse_usd
 
@@ -58,6 +60,12 @@ class TopupBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     idempotency_key: IdempotencyKey  # not starting with "rlgw:" (the gateway's own)
 
 
+class AdjustBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    amount_usd: SignedUsdAmount  # "-5.00" debits
+    reason: Annotated[str, msgspec.Meta(extra_json_schema={"minLength": 1, "maxLength": 500})]
+    idempotency_key: IdempotencyKey  # shared with top-ups: one key moves money once
+
+
 class CreateKeyBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     account: AccountId
     name: str = ""
@@ -66,15 +74,30 @@ class CreateKeyBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     expires_at: str | None = None
 
 
+class UpdateKeyBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Only the fields sent change; null clears a limit, the model list (every model) or the
+    expiry (never)."""
+
+    name: str | UnsetType = UNSET
+    models: list[str] | UnsetType | None = UNSET
+    expires_at: str | UnsetType | None = UNSET
+    rpm: PositiveCount | UnsetType | None = UNSET
+    tpm: PositiveCount | UnsetType | None = UNSET
+    concurrency: PositiveCount | UnsetType | None = UNSET
+
+
+class RotateKeyBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # How long the old secret keeps working; 0: it stops at once.
+    grace_s: Annotated[
+        int, msgspec.Meta(extra_json_schema={"minimum": 0, "maximum": MAX_GRACE_S})
+    ] = DEFAULT_GRACE_S
+
+
 # --- answers ---------------------------------------------------------------------------------
 
 
 class AccountIds(msgspec.Struct, kw_only=True):
     data: list[str]
-
-
-class Keys(msgspec.Struct, kw_only=True):
-    data: list[KeyRecord]
 
 
 class Ledger(msgspec.Struct, kw_only=True):
@@ -90,11 +113,41 @@ class IssuedKey(KeyRecord, frozen=True, kw_only=True):
     key: str  # the only time the key is ever shown
 
 
-def _usd(text: str, *, positive: bool = False) -> int:
+class Adjustment(msgspec.Struct, kw_only=True):
+    adjusted: bool  # false: this idempotency key already moved money
+    account: Account
+
+
+class RotatedKey(KeyRecord, frozen=True, kw_only=True):
+    key: str  # the new secret, shown this once
+    old_key_expires_at: str  # when the old secret stops working
+
+
+def _usd(text: str, *, positive: bool = False, signed: bool = False) -> int:
     try:
-        return parse_usd(text, allow_zero=not positive)
+        return parse_usd(text, allow_zero=not positive, signed=signed)
     except MoneyError as exc:
         raise GatewayError(400, "invalid_amount", str(exc)) from None
+
+
+def _query_int(request: web.Request, name: str, default: int) -> int:
+    try:
+        return int(request.query.get(name, str(default)))
+    except ValueError:
+        raise GatewayError(400, "invalid_request", f"{name} must be an integer") from None
+
+
+def _query_flag(request: web.Request, name: str) -> bool:
+    value = request.query.get(name, "false").lower()
+    if value not in ("true", "false", "1", "0"):
+        raise GatewayError(400, "invalid_request", f"{name} must be true or false")
+    return value in ("true", "1")
+
+
+def _changes(body: msgspec.Struct) -> dict[str, Any]:
+    """The fields a PATCH body sent (null included: it clears)."""
+    sent = msgspec.structs.asdict(body).items()
+    return {name: value for name, value in sent if value is not UNSET}
 
 
 def _json(document: object, status: int = 200) -> web.Response:
@@ -128,10 +181,7 @@ async def show_account(request: web.Request, accounts: AccountStore) -> web.Resp
 
 
 async def update_account(request: web.Request, accounts: AccountStore) -> web.Response:
-    body = route_body(request, UpdateAccountBody)
-    changes: dict[str, Any] = {
-        name: value for name, value in msgspec.structs.asdict(body).items() if value is not UNSET
-    }
+    changes = _changes(route_body(request, UpdateAccountBody))
     account_id = request.match_info["id"]
     before = await accounts.get_account(account_id)
     after = await accounts.update_account(account_id, changes)
@@ -152,11 +202,50 @@ async def topup(request: web.Request, accounts: AccountStore) -> web.Response:
     return _json(Topup(credited=credited, account=account))
 
 
+async def _set_disabled(
+    request: web.Request, accounts: AccountStore, disabled: bool
+) -> web.Response:
+    account_id = request.match_info["id"]
+    before = await accounts.get_account(account_id)
+    changed = await accounts.set_disabled(account_id, disabled)
+    after = await accounts.get_account(account_id)
+    if changed:
+        action = "account.disable" if disabled else "account.enable"
+        record(admin_actor(request), action, account_id, before, after)
+    return _json(after)
+
+
+async def disable_account(request: web.Request, accounts: AccountStore) -> web.Response:
+    return await _set_disabled(request, accounts, True)
+
+
+async def enable_account(request: web.Request, accounts: AccountStore) -> web.Response:
+    return await _set_disabled(request, accounts, False)
+
+
+async def delete_account(request: web.Request, accounts: AccountStore) -> web.Response:
+    account_id = request.match_info["id"]
+    force = _query_flag(request, "force")
+    before = await accounts.get_account(account_id)
+    deleted = await accounts.delete_account(account_id, force=force)
+    record(admin_actor(request), "account.delete", account_id, before, deleted)
+    return _json(deleted)
+
+
+async def adjust(request: web.Request, accounts: AccountStore) -> web.Response:
+    body = route_body(request, AdjustBody)
+    account_id = request.match_info["id"]
+    amount = _usd(body.amount_usd, positive=True, signed=True)
+    before = await accounts.get_account(account_id)
+    adjusted = await accounts.adjust(account_id, amount, body.reason, body.idempotency_key)
+    account = await accounts.get_account(account_id)
+    if adjusted:
+        record(admin_actor(request), "account.adjust", account_id, before, account)
+    return _json(Adjustment(adjusted=adjusted, account=account))
+
+
 async def ledger(request: web.Request, accounts: AccountStore) -> web.Response:
-    try:
-        limit = int(request.query.get("limit", "100"))
-    except ValueError:
-        raise GatewayError(400, "invalid_request", "limit must be an integer") from None
+    limit = _query_int(request, "limit", 100)
     entries = await accounts.ledger(request.match_info["id"], max(1, min(limit, 10_000)))
     return _json(Ledger(data=entries))
 
@@ -176,15 +265,45 @@ async def create_key(request: web.Request, accounts: AccountStore) -> web.Respon
 
 
 async def list_keys(request: web.Request, accounts: AccountStore) -> web.Response:
+    """One account's keys (``account=``), or every account's; paged (``limit``, ``cursor``)."""
     account_id = request.query.get("account")
-    if not account_id:
-        raise GatewayError(400, "invalid_request", "the account query parameter is required")
-    return _json(Keys(data=await accounts.list_keys(account_id)))
+    if account_id == "":
+        raise GatewayError(400, "invalid_request", "account must not be empty")
+    page = await accounts.page_keys(
+        account_id, limit=_query_int(request, "limit", 100), cursor=request.query.get("cursor")
+    )
+    return _json(page)
+
+
+async def update_key(request: web.Request, accounts: AccountStore) -> web.Response:
+    changes = _changes(route_body(request, UpdateKeyBody))
+    key_id = request.match_info["id"]
+    before = await accounts.key_by_id(key_id)
+    after = await accounts.update_key(key_id, changes)
+    record(admin_actor(request), "key.update", key_id, before, after)
+    return _json(after)
+
+
+async def rotate_key(request: web.Request, accounts: AccountStore) -> web.Response:
+    body = route_body(request, RotateKeyBody)
+    key_id = request.match_info["id"]
+    before = await accounts.key_by_id(key_id)
+    rotated = await accounts.rotate_key(key_id, body.grace_s)
+    after = rotated.without_secret()
+    record(admin_actor(request), "key.rotate", key_id, before, after)  # never the secret
+    answer = RotatedKey(
+        **msgspec.structs.asdict(rotated.record),
+        key=rotated.key,
+        old_key_expires_at=rotated.old_key_expires_at,
+    )
+    return _json(answer)
 
 
 async def revoke_key(request: web.Request, accounts: AccountStore) -> web.Response:
-    revoked = await accounts.revoke_key(request.match_info["id"])
-    record(admin_actor(request), "key.revoke", revoked.id, None, revoked)
+    key_id = request.match_info["id"]
+    before = await accounts.key_by_id(key_id)
+    revoked = await accounts.revoke_key(key_id)
+    record(admin_actor(request), "key.revoke", revoked.id, before, revoked)
     return _json(revoked)
 
 
@@ -234,6 +353,45 @@ ROUTES: tuple[AdminRoute, ...] = (
         errors=(409,),
     ),
     AdminRoute(
+        "POST",
+        "/admin/accounts/{id}/adjust",
+        adjust,
+        "Credit or debit an account by hand, with a reason, once per idempotency key",
+        Adjustment,
+        body=AdjustBody,
+        path_types={"id": AccountId},
+        errors=(409,),
+    ),
+    AdminRoute(
+        "POST",
+        "/admin/accounts/{id}/disable",
+        disable_account,
+        "Disable an account: its keys get a 403 account_disabled on their next request",
+        Account,
+        path_types={"id": AccountId},
+        errors=(409,),
+    ),
+    AdminRoute(
+        "POST",
+        "/admin/accounts/{id}/enable",
+        enable_account,
+        "Enable a disabled account",
+        Account,
+        path_types={"id": AccountId},
+        errors=(409,),
+    ),
+    AdminRoute(
+        "DELETE",
+        "/admin/accounts/{id}",
+        delete_account,
+        "Delete an account (refused with a balance or live holds unless force=true); its "
+        "ledger is kept and its id is never used again",
+        Deletion,
+        path_types={"id": AccountId},
+        query=(QueryParam("force", bool, "forfeit the balance and cancel live holds"),),
+        errors=(409,),
+    ),
+    AdminRoute(
         "GET",
         "/admin/accounts/{id}/ledger",
         ledger,
@@ -255,9 +413,34 @@ ROUTES: tuple[AdminRoute, ...] = (
         "GET",
         "/admin/keys",
         list_keys,
-        "An account's keys, without secrets",
-        Keys,
-        query=(QueryParam("account", AccountId, "the account whose keys to list", required=True),),
+        "Keys without secrets, of one account or of all, a page at a time",
+        KeyPage,
+        query=(
+            QueryParam("account", AccountId, "only this account's keys (default: every account)"),
+            QueryParam("limit", int, f"keys per page, 1 to {MAX_PAGE} (default 100)"),
+            QueryParam("cursor", str, "the next_cursor of the page before"),
+        ),
+    ),
+    AdminRoute(
+        "PATCH",
+        "/admin/keys/{id}",
+        update_key,
+        "Change a key's name, models, limits or expiry (in force within a second)",
+        KeyRecord,
+        body=UpdateKeyBody,
+        path_types={"id": KeyId},
+        errors=(409,),
+    ),
+    AdminRoute(
+        "POST",
+        "/admin/keys/{id}/rotate",
+        rotate_key,
+        "A new secret for the key (shown this once); the old one works for grace_s seconds",
+        RotatedKey,
+        body=RotateKeyBody,
+        body_optional=True,
+        path_types={"id": KeyId},
+        errors=(409,),
     ),
     AdminRoute(
         "DELETE",

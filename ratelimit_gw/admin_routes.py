@@ -23,12 +23,13 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from .accounts import AccountError, AccountStore
+from .accounts import AccountStore
 from .audit import set_admin_actor
 from .context import context
 from .errors import GatewayError
 from .keyspace import ID_PATTERN
 from .limits import MAX_LIMIT, flat_type, nest
+from .management import AccountError
 from .money import MoneyError, format_usd, parse_usd
 from .services import SERVICES
 from .settings import AdminToken
@@ -52,6 +53,13 @@ UsdAmount = Annotated[
     msgspec.Meta(
         description='USD as a decimal string with at most 9 decimals, e.g. "10.00"',
         extra_json_schema={"pattern": r"^[0-9]+(\.[0-9]{1,9})?$", "examples": ["10.00"]},
+    ),
+]
+SignedUsdAmount = Annotated[
+    str,
+    msgspec.Meta(
+        description='USD as a signed decimal string, e.g. "5.00" (credit) or "-5.00" (debit)',
+        extra_json_schema={"pattern": r"^-?[0-9]+(\.[0-9]{1,9})?$", "examples": ["-5.00"]},
     ),
 ]
 AccountId = Annotated[str, msgspec.Meta(extra_json_schema={"pattern": ID_PATTERN.pattern})]
@@ -189,7 +197,7 @@ def _invalid(raw: bytes, problem: str) -> GatewayError:
     name = found[1]
     sent = msgspec.json.Decoder(dict[str, Any], float_hook=Decimal).decode(raw)[name]
     try:
-        as_string = format_usd(parse_usd(str(sent)))
+        as_string = format_usd(parse_usd(str(sent), signed=True))
     except MoneyError:  # out of range or too precise: still a string, as sent
         as_string = str(sent)
     return GatewayError(

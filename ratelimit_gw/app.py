@@ -16,6 +16,7 @@ from .auth import KeyCache
 from .body import BodyReader
 from .catalog import Catalog
 from .client_address import ClientAddresses
+from .key_changes import KeyChangeFeed
 from .limiter import Limiter
 from .metrics import StorageMetrics, create_metrics
 from .middleware import error_middleware
@@ -61,15 +62,16 @@ def create_app(
         limiter = Limiter(store)
         quota = UpstreamQuota(store)
         settler = Settler(limiter, metrics, quota)
+        keys = KeyCache(
+            accounts,
+            settings.storage.key_cache_ttl_s,
+            stale_on_error=settings.storage.on_error == "allow",
+        )
         app[SERVICES] = Services(
             settings=settings,
             storage=store,
             accounts=accounts,
-            keys=KeyCache(
-                accounts,
-                settings.storage.key_cache_ttl_s,
-                stale_on_error=settings.storage.on_error == "allow",
-            ),
+            keys=keys,
             limiter=limiter,
             settler=settler,
             catalog=Catalog(settings.models),
@@ -81,11 +83,15 @@ def create_app(
             client_addresses=ClientAddresses(settings.server.trusted_proxies),
             passthrough=passthrough,
         )
-        watcher = asyncio.create_task(eviction.watch())
+        watchers = [
+            asyncio.create_task(eviction.watch()),
+            asyncio.create_task(keys.follow_changes(KeyChangeFeed(store))),
+        ]
         yield
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        for watcher in watchers:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         await settler.drain()
         await upstream.close()
         if own_storage:

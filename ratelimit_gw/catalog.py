@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import difflib
 
-from .accounts import KeyRecord
 from .errors import GatewayError
+from .keys import KeyRecord
 from .money import format_usd
 from .protocols import ADAPTERS
 from .protocols.model_lists import ModelListing

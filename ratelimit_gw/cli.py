@@ -12,8 +12,11 @@ from typing import Any
 import msgspec
 
 from . import text_output
-from .accounts import AccountError, AccountStore
+from .accounts import AccountStore
+from .audit import cli_actor, record
+from .keys import DEFAULT_GRACE_S, MAX_PAGE, KeyRecord
 from .limits import DESCRIPTIONS, LIMIT_NAMES, Limits, flatten
+from .management import AccountError
 from .money import MoneyError, parse_usd
 from .settings import ConfigError, StorageSettings, load_settings, load_storage_settings
 from .storage import Storage, StorageError, open_storage
@@ -47,9 +50,9 @@ def _print(document: Any, as_json: bool) -> None:
         sys.stdout.write(f"\n{SECRET_NOTICE}\n")
 
 
-def _usd(text: str) -> int:
+def _usd(text: str, *, signed: bool = False) -> int:
     try:
-        return parse_usd(text)
+        return parse_usd(text, allow_zero=not signed, signed=signed)
     except MoneyError as exc:
         raise SystemExit(f"error: {exc}") from None
 
@@ -80,13 +83,15 @@ async def _with_store(args: argparse.Namespace, operation: Operation) -> Any:
 
 
 async def _accounts_create(store: AccountStore, a: argparse.Namespace) -> Any:
-    return await store.create_account(
+    account = await store.create_account(
         a.id,
         balance_nano=None if a.balance_usd is None else _usd(a.balance_usd),
         limits=_limits(a),
         rpm_policy=a.rpm_policy,
         rpm_override=a.rpm_override,
     )
+    record(cli_actor(), "account.create", a.id, None, account)
+    return account
 
 
 async def _accounts_update(store: AccountStore, a: argparse.Namespace) -> Any:
@@ -97,12 +102,46 @@ async def _accounts_update(store: AccountStore, a: argparse.Namespace) -> Any:
             changes[name] = None if value == 0 and name != "rpm_policy" else value
     if a.prepaid is not None:
         changes["prepaid"] = a.prepaid == "yes"
-    return await store.update_account(a.id, changes)
+    before = await store.get_account(a.id)
+    after = await store.update_account(a.id, changes)
+    record(cli_actor(), "account.update", a.id, before, after)
+    return after
 
 
 async def _accounts_topup(store: AccountStore, a: argparse.Namespace) -> Any:
+    before = await store.get_account(a.id)
     credited = await store.topup(a.id, _usd(a.amount_usd), a.idempotency_key)
-    return {"credited": credited, "account": await store.get_account(a.id)}
+    after = await store.get_account(a.id)
+    if credited:
+        record(cli_actor(), "account.topup", a.id, before, after)
+    return {"credited": credited, "account": after}
+
+
+async def _accounts_adjust(store: AccountStore, a: argparse.Namespace) -> Any:
+    amount = _usd(a.amount_usd, signed=True)
+    before = await store.get_account(a.id)
+    adjusted = await store.adjust(a.id, amount, a.reason, a.idempotency_key)
+    after = await store.get_account(a.id)
+    if adjusted:
+        record(cli_actor(), "account.adjust", a.id, before, after)
+    return {"adjusted": adjusted, "account": after}
+
+
+async def _accounts_set_disabled(store: AccountStore, a: argparse.Namespace) -> Any:
+    disabled = a.verb == "disable"
+    before = await store.get_account(a.id)
+    if await store.set_disabled(a.id, disabled):
+        after = await store.get_account(a.id)
+        record(cli_actor(), f"account.{a.verb}", a.id, before, after)
+        return after
+    return before
+
+
+async def _accounts_delete(store: AccountStore, a: argparse.Namespace) -> Any:
+    before = await store.get_account(a.id)
+    deleted = await store.delete_account(a.id, force=a.force)
+    record(cli_actor(), "account.delete", a.id, before, deleted)
+    return deleted
 
 
 async def _keys_create(store: AccountStore, a: argparse.Namespace) -> Any:
@@ -113,9 +152,61 @@ async def _keys_create(store: AccountStore, a: argparse.Namespace) -> Any:
         limits=_limits(a),
         expires_at=a.expires_at,
     )
+    record(cli_actor(), "key.create", created.record.id, None, created.record)
     document = flatten(created.record)
     document["key"] = created.key
     return document
+
+
+async def _keys_list(store: AccountStore, a: argparse.Namespace) -> list[KeyRecord]:
+    """Every key (of one account, or of all), page by page; with --limit one page, and the
+    cursor of the next on stderr when there is one."""
+    if a.limit is not None:
+        page = await store.page_keys(a.account, limit=a.limit, cursor=a.cursor)
+        if page.next_cursor is not None:
+            print(f"next cursor: {page.next_cursor}", file=sys.stderr)
+        return page.data
+    records: list[KeyRecord] = []
+    cursor = a.cursor
+    while True:
+        page = await store.page_keys(a.account, limit=MAX_PAGE, cursor=cursor)
+        records += page.data
+        if page.next_cursor is None:
+            return records
+        cursor = page.next_cursor
+
+
+async def _keys_update(store: AccountStore, a: argparse.Namespace) -> Any:
+    changes: dict[str, Any] = {}
+    for name in LIMIT_NAMES:
+        value = getattr(a, name)
+        if value is not None:
+            changes[name] = None if value == 0 else value
+    if a.name is not None:
+        changes["name"] = a.name
+    if a.models is not None or a.all_models:
+        changes["models"] = a.models  # None: every model
+    if a.expires_at is not None or a.no_expiry:
+        changes["expires_at"] = a.expires_at
+    before = await store.key_by_id(a.id)
+    after = await store.update_key(a.id, changes)
+    record(cli_actor(), "key.update", a.id, before, after)
+    return after
+
+
+async def _keys_rotate(store: AccountStore, a: argparse.Namespace) -> Any:
+    before = await store.key_by_id(a.id)
+    rotated = await store.rotate_key(a.id, a.grace_s)
+    after = rotated.without_secret()
+    record(cli_actor(), "key.rotate", a.id, before, after)  # never the secret
+    return {**after, "key": rotated.key}
+
+
+async def _keys_revoke(store: AccountStore, a: argparse.Namespace) -> Any:
+    before = await store.key_by_id(a.id)
+    revoked = await store.revoke_key(a.id)
+    record(cli_actor(), "key.revoke", a.id, before, revoked)
+    return revoked
 
 
 OPERATIONS: dict[str, Operation] = {
@@ -125,9 +216,15 @@ OPERATIONS: dict[str, Operation] = {
     "accounts topup": _accounts_topup,
     "accounts ledger": lambda s, a: s.ledger(a.id, a.limit),
     "accounts list": lambda s, a: s.list_accounts(),
+    "accounts disable": _accounts_set_disabled,
+    "accounts enable": _accounts_set_disabled,
+    "accounts delete": _accounts_delete,
+    "accounts adjust": _accounts_adjust,
     "keys create": _keys_create,
-    "keys list": lambda s, a: s.list_keys(a.account),
-    "keys revoke": lambda s, a: s.revoke_key(a.id),
+    "keys list": _keys_list,
+    "keys update": _keys_update,
+    "keys rotate": _keys_rotate,
+    "keys revoke": _keys_revoke,
 }
 
 
@@ -157,7 +254,7 @@ class _ListAction(argparse.Action):
         setattr(namespace, self.dest, items)
 
 
-def list_option(p: argparse.ArgumentParser, flag: str, help: str, metavar: str = "A,B") -> None:
+def list_option(p: argparse._ActionsContainer, flag: str, help: str, metavar: str = "A,B") -> None:
     """Add ``flag`` as a list option (:class:`_ListAction`); unset, its value is None."""
     p.add_argument(
         flag, action=_ListAction, metavar=metavar, help=f"{help}; repeat or comma-separate"
@@ -179,8 +276,14 @@ VERB_HELP = {
     "accounts topup": "credit a prepaid account, once per idempotency key",
     "accounts ledger": "list an account's ledger entries, newest first",
     "accounts list": "list account ids",
+    "accounts disable": "disable an account: its keys get a 403 on the next request",
+    "accounts enable": "enable a disabled account again",
+    "accounts delete": "delete an account (refused with a balance or live holds unless --force)",
+    "accounts adjust": "credit or debit an account by hand, with a reason (a ledger entry)",
     "keys create": "create an API key for an account (its secret is shown once)",
-    "keys list": "list an account's keys (never their secrets)",
+    "keys list": "list one account's keys, or every account's (never their secrets)",
+    "keys update": "change a key's name, models, limits or expiry (in force within a second)",
+    "keys rotate": "give a key a new secret; the old one works for a grace period",
     "keys revoke": "revoke a key by its id (key_…); effective on the next request",
 }
 GROUP_HELP = {
@@ -251,8 +354,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     for group, verbs in (
-        ("accounts", ("create", "show", "update", "topup", "ledger", "list")),
-        ("keys", ("create", "list", "revoke")),
+        (
+            "accounts",
+            (
+                "create",
+                "show",
+                "update",
+                "topup",
+                "ledger",
+                "list",
+                "disable",
+                "enable",
+                "delete",
+                "adjust",
+            ),
+        ),
+        ("keys", ("create", "list", "update", "rotate", "revoke")),
     ):
         gp = sub.add_parser(group, help=GROUP_HELP[group], description=GROUP_HELP[group])
         gsub = gp.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -325,6 +442,20 @@ def _add_verb_args(group: str, verb: str, p: argparse.ArgumentParser) -> None:
             p.add_argument(
                 "--limit", type=int, default=50, metavar="N", help="entries to show (default 50)"
             )
+        elif verb == "delete":
+            p.add_argument(
+                "--force",
+                action="store_true",
+                help="delete even with a balance or live holds (the balance is forfeited)",
+            )
+        elif verb == "adjust":
+            p.add_argument("amount_usd", help="signed: 5.00 credits, -5.00 debits")
+            p.add_argument("--reason", required=True, help="why (kept in the ledger)")
+            p.add_argument(
+                "--idempotency-key",
+                required=True,
+                help="the same key adjusts once, however often it is sent",
+            )
     elif verb == "create":
         p.add_argument("account", help="the account the key belongs to")
         p.add_argument("--name", default="", help="a label for the key, e.g. ci")
@@ -334,9 +465,33 @@ def _add_verb_args(group: str, verb: str, p: argparse.ArgumentParser) -> None:
         )
         _limit_args(p)
     elif verb == "list":
-        p.add_argument("account", help="account id")
+        p.add_argument("account", nargs="?", help="one account's keys (default: every account's)")
+        p.add_argument(
+            "--limit", type=int, metavar="N", help=f"one page of at most N keys (N <= {MAX_PAGE})"
+        )
+        p.add_argument("--cursor", help="start after this (the next cursor a page printed)")
     else:
         p.add_argument("id", help="key id (key_…), as `keys list` shows it; not the secret")
+        if verb == "update":
+            p.add_argument("--name", help="a new label for the key")
+            models = p.add_mutually_exclusive_group()
+            list_option(models, "--models", "allowed model ids or globs, e.g. 'gpt-*'")
+            models.add_argument("--all-models", action="store_true", help="allow every model")
+            expiry = p.add_mutually_exclusive_group()
+            expiry.add_argument(
+                "--expires-at", metavar="TIME", help="RFC 3339 time, e.g. 2027-01-01T00:00:00Z"
+            )
+            expiry.add_argument("--no-expiry", action="store_true", help="never expires")
+            _limit_args(p, clear_hint=True)
+        elif verb == "rotate":
+            p.add_argument(
+                "--grace-s",
+                type=int,
+                default=DEFAULT_GRACE_S,
+                metavar="S",
+                help=f"seconds the old secret keeps working (default {DEFAULT_GRACE_S}; 0: it "
+                "stops now)",
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from .accounts import KeyRecord
+from .keys import KeyRecord
 from .limiter import Decision
 from .protocols import ADAPTERS
 from .rate_limit_headers import rate_limit_headers

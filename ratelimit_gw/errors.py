@@ -36,7 +36,7 @@ ERROR_TYPE_BY_STATUS: dict[int, str] = {
 # (docs/limits-and-balance.md): each
 # rlgw_rejections_total series exists from start-up at zero. A new reason is added here.
 REJECTION_REASONS: tuple[str, ...] = (
-    # the admission script (limits, balance, the key's state)
+    # the admission script (limits, balance, the key's and its account's state)
     "rpm_exceeded",
     "tpm_exceeded",
     "concurrency_exceeded",
@@ -45,6 +45,7 @@ REJECTION_REASONS: tuple[str, ...] = (
     "invalid_key",
     "key_revoked",
     "key_expired",
+    "account_disabled",
     "upstream_quota",
     # the request itself
     "missing_key",

@@ -3,9 +3,13 @@
 Everything one admission or settlement touches lives under the account's hash tag
 ``{a:<account>}``, so a Redis Cluster keeps each script in one slot. Only the two lookup
 indexes (key hash → key, key id → account) and the account list live outside it: they are
-read before the account is known; and the orphan-settlements stream, written after a script
-found no account. Shared upstream quotas (docs/custom-endpoints.md) belong to no account: each
-has its own tag ``{q:<quota>}`` and its own script run.
+read before the account is known; the orphan-settlements stream, written after a script
+found no account; and the key-change feed, which every gateway reads whatever the account.
+Shared upstream quotas (docs/custom-endpoints.md) belong to no account: each has its own tag
+``{q:<quota>}`` and its own script run.
+
+Deleting an account keeps its hash (status ``deleted``: the tombstone that keeps its id from
+being created again), its ledger and its revoked keys; it leaves the account list.
 
 Token buckets have no keys of their own: each is two fields (``rpm_level``/``rpm_ts``,
 ``tpm_level``/``tpm_ts``) of its scope's hash, the account's or the key's, which admit.lua
@@ -23,6 +27,9 @@ ACCOUNTS_SET = f"{PREFIX}:accounts"
 # applied. One stream for every account, appended by the settler (settle.lua cannot: on a
 # cluster it is in another slot than the account's).
 ORPHAN_SETTLEMENTS = f"{PREFIX}:orphan-settlements"
+# The ids of keys whose record changed (updated, rotated): every gateway's key cache reads it
+# four times a second and forgets those keys (auth.py). Written after the key's own hash.
+KEY_CHANGES = f"{PREFIX}:key-changes"
 # Account and key ids appear inside key names and hash tags: keep them plain.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from .accounts import KeyRecord
 from .context import RequestContext, own_headers
 from .errors import GatewayError
+from .keys import KeyRecord
 from .limiter import AdmissionRequest, Decision, Settlement
 from .metrics import labelled
 from .protocols import Usage

@@ -78,6 +78,7 @@ STORAGE_OPERATIONS = (
     "sadd",
     "smembers",
     "xrevrange",
+    "xrange",  # the key-change feed, read four times a second (key_changes.py)
     "ping",
     "config",
     "info",

@@ -72,7 +72,8 @@ async def _render(request: web.Request, ctx: RequestContext, err: GatewayError) 
         # consuming nothing.
         with contextlib.suppress(StorageError):
             ctx.decision = await request.app[SERVICES].limiter.peek(ctx.key.account, ctx.key.id)
-        # The key was cached as valid, but storage says revoked/expired: that wins (docs/admin.md).
+        # The key was cached as valid, but storage says revoked/expired (or its account
+        # disabled): that wins (docs/admin.md).
         if ctx.decision is not None and (refused := key_error(ctx.decision.reason)) is not None:
             err = refused
     headers = own_headers(ctx)

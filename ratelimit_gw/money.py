@@ -12,8 +12,9 @@ class MoneyError(ValueError):
     pass
 
 
-def parse_usd(text: str | int, *, allow_zero: bool = True) -> int:
-    """A decimal USD string (at most 9 decimals) → nano-USD. Floats are refused on purpose."""
+def parse_usd(text: str | int, *, allow_zero: bool = True, signed: bool = False) -> int:
+    """A decimal USD string (at most 9 decimals) → nano-USD. Floats are refused on purpose;
+    a negative amount only when ``signed`` (an adjustment's debit)."""
     if isinstance(text, bool) or not isinstance(text, str | int):
         raise MoneyError('amounts must be decimal strings, e.g. "12.50"')
     try:
@@ -25,7 +26,9 @@ def parse_usd(text: str | int, *, allow_zero: bool = True) -> int:
     nano = amount * NANO_PER_USD
     if nano != nano.to_integral_value():
         raise MoneyError(f"{text!r} must have at most 9 decimal places")
-    if amount < 0 or (amount == 0 and not allow_zero):
+    if amount == 0 and not allow_zero:
+        raise MoneyError(f"{text!r} must not be 0" if signed else f"{text!r} must be > 0")
+    if amount < 0 and not signed:
         raise MoneyError(f"{text!r} must be {'≥' if allow_zero else '>'} 0")
     return int(nano)
 

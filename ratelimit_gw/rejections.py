@@ -15,10 +15,11 @@ from .upstream_quota import QuotaDecision
 if TYPE_CHECKING:  # worst_case.py raises this module's errors
     from .worst_case import Hold
 
-_KEY_MESSAGES = {
-    "invalid_key": "Invalid API key.",
-    "key_revoked": "This API key has been revoked.",
-    "key_expired": "This API key has expired.",
+_KEY_REFUSALS = {
+    "invalid_key": (401, "Invalid API key."),
+    "key_revoked": (401, "This API key has been revoked."),
+    "key_expired": (401, "This API key has expired."),
+    "account_disabled": (403, "The account of this API key is disabled."),
 }
 
 
@@ -32,9 +33,10 @@ def _per_second(per_minute: int) -> str:
 
 
 def key_error(reason: str) -> GatewayError | None:
-    """The 401 for a key the admission script refused; None for any other reason."""
-    message = _KEY_MESSAGES.get(reason)
-    return None if message is None else GatewayError(401, reason, message)
+    """The 401 for a key the admission script refused (the 403 for a key of a disabled
+    account); None for any other reason."""
+    refusal = _KEY_REFUSALS.get(reason)
+    return None if refusal is None else GatewayError(refusal[0], reason, refusal[1])
 
 
 def rejection_error(decision: Decision, model: Model, hold: Hold) -> GatewayError:

@@ -19,9 +19,9 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .accounts import KEY_PREFIX
 from .client_headers import HOP_BY_HOP, ClientHeaderPolicy
 from .errors import GatewayError
+from .keys import KEY_PREFIX
 from .metrics import Metrics, labelled
 from .protocols import (
     FAMILY_HEADER_PREFIXES,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .accounts import KeyRecord
+from .keys import KeyRecord
 from .limiter import Decision
 from .money import cost_nano
 from .protocols import (

@@ -26,15 +26,30 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
+AUDIT_LOGGER = " ratelimit_gw.audit "
+
+
+def audit_lines(stderr: str) -> list[dict[str, Any]]:
+    """The audit lines a command wrote on stderr (the changes it made), parsed; stderr may
+    hold nothing else."""
+    lines = []
+    for line in stderr.splitlines():
+        assert AUDIT_LOGGER in line, line
+        lines.append(json.loads(line.split(AUDIT_LOGGER, 1)[1]))
+    return lines
+
+
 def cli_json(*args: str) -> Any:
     done = cli(*args, "--json")
-    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    assert done.returncode == 0, done.stderr
+    audit_lines(done.stderr)
     return json.loads(done.stdout)
 
 
 def cli_text(*args: str) -> dict[str, str]:
     """A one-record text answer: "name  value" lines → {name: value}."""
     done = cli(*args)
-    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    assert done.returncode == 0, done.stderr
+    audit_lines(done.stderr)
     rows = [line.split(None, 1) for line in done.stdout.splitlines() if line]
     return {row[0]: row[1] if len(row) > 1 else "" for row in rows}

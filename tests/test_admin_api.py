@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -56,6 +56,19 @@ CHANGES: dict[str, tuple[str, Any]] = {
     "topup": ("/admin/accounts/acme/topup", {"amount_usd": "2.50", "idempotency_key": "inv-1"}),
     "create_key": ("/admin/keys", {"account": "acme", "name": "ci", "rpm": 3}),
     "revoke_key": ("/admin/keys/{key}", None),
+    "adjust": (
+        "/admin/accounts/acme/adjust",
+        {"amount_usd": "-1.25", "reason": "refund of ticket 12", "idempotency_key": "adj-12"},
+    ),
+    "disable_account": ("/admin/accounts/acme/disable", None),
+    "enable_account": ("/admin/accounts/acme/enable", None),
+    "delete_account": ("/admin/accounts/acme?force=true", None),
+    "update_key": ("/admin/keys/{key}", {"name": "batch", "models": ["gpt-*"], "rpm": None}),
+    "rotate_key": ("/admin/keys/{key}/rotate", {"grace_s": 60}),
+}
+# What must hold before a change's call can change something (enabling needs a disabled one).
+PREPARE: dict[str, Callable[[AccountStore], Awaitable[object]]] = {
+    "enable_account": lambda accounts: accounts.set_disabled("acme", True),
 }
 CHANGING = [pytest.param(r, id=r.operation_id) for r in ROUTES if r.changes_state]
 READING = [pytest.param(r, id=r.operation_id) for r in ROUTES if not r.changes_state]
@@ -191,6 +204,8 @@ async def test_a_read_only_token_may_change_nothing(
     key_id: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    if route.operation_id in PREPARE:
+        await PREPARE[route.operation_id](gw.accounts)
     caplog.set_level(logging.INFO, logger="ratelimit_gw.audit")
     account_before = await gw.accounts.get_account("acme")
     key_before = await gw.accounts.get_key("acme", key_id)
@@ -248,6 +263,8 @@ async def test_every_change_writes_one_audit_line_naming_the_token(
     assert route.operation_id in CHANGES, (
         f"{route.method} {route.path} changes state: add a call that succeeds to CHANGES"
     )
+    if route.operation_id in PREPARE:
+        await PREPARE[route.operation_id](gw.accounts)
     caplog.set_level(logging.INFO, logger="ratelimit_gw.audit")
     path, body = CHANGES[route.operation_id]
     status, answer = await call(http, gw, route.method, path.format(key=key_id), OPS_TOKEN, body)

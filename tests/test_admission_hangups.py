@@ -22,8 +22,9 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from ratelimit_gw.accounts import AccountStore, KeyRecord
+from ratelimit_gw.accounts import AccountStore
 from ratelimit_gw.context import RequestContext
+from ratelimit_gw.keys import KeyRecord
 from ratelimit_gw.keyspace import AccountKeys
 from ratelimit_gw.limiter import AdmissionRequest, Decision, Limiter, Settlement
 from ratelimit_gw.limits import Limits

@@ -16,7 +16,7 @@ import pytest
 from ratelimit_gw import text_output
 from ratelimit_gw.cli import SECRET_NOTICE, build_parser
 
-from .cli_helpers import cli, cli_json
+from .cli_helpers import audit_lines, cli, cli_json
 
 PYPROJECT_VERSION = re.search(
     r'^version = "([^"]+)"$',
@@ -131,7 +131,9 @@ def test_a_new_key_is_printed_as_shown_once_and_json_stays_machine_readable(
     storage = ("--storage", redis_url)
     cli_json("accounts", "create", "acme", *storage)
     done = cli("keys", "create", "--models", "gpt-*", "acme", *storage)
-    assert (done.returncode, done.stderr) == (0, "")
+    assert done.returncode == 0, done.stderr
+    (audit,) = audit_lines(done.stderr)  # stderr holds the change's audit line, nothing else
+    assert audit["action"] == "key.create"
     secret = re.search(r"^key\s+(rlgw-\S+)$", done.stdout, re.MULTILINE)
     assert secret is not None, done.stdout
     assert re.search(r"^models\s+gpt-\*$", done.stdout, re.MULTILINE)

@@ -14,8 +14,9 @@ from typing import cast
 import pytest
 import redis.asyncio as aioredis
 
-from ratelimit_gw.accounts import AccountStore, KeyRecord
+from ratelimit_gw.accounts import AccountStore
 from ratelimit_gw.auth import KeyCache
+from ratelimit_gw.keys import KeyRecord
 from ratelimit_gw.services import SERVICES, Services
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import open_storage

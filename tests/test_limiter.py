@@ -18,10 +18,11 @@ import pytest
 from redis.crc import key_slot
 
 from ratelimit_gw import keyspace
-from ratelimit_gw.accounts import AccountError, AccountStore
+from ratelimit_gw.accounts import AccountStore
 from ratelimit_gw.keyspace import AccountKeys
 from ratelimit_gw.limiter import AdmissionRequest, Limiter, Settlement
 from ratelimit_gw.limits import Limits
+from ratelimit_gw.management import AccountError
 from ratelimit_gw.money import NANO_PER_USD, parse_usd
 from ratelimit_gw.storage import Storage
 

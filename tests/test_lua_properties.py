@@ -54,10 +54,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from ratelimit_gw.accounts import AccountError, AccountStore
+from ratelimit_gw.accounts import AccountStore
 from ratelimit_gw.keyspace import AccountKeys, quota_keys
 from ratelimit_gw.limiter import ABANDONED, AdmissionRequest, Decision, Limiter, Settlement
 from ratelimit_gw.limits import Limits
+from ratelimit_gw.management import AccountError
 from ratelimit_gw.money import parse_usd
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import Storage, open_storage
@@ -108,6 +109,8 @@ class Model:
     live: dict[str, Live] = field(default_factory=dict)
     settled: set[str] = field(default_factory=set)
     revoked: set[str] = field(default_factory=set)
+    disabled: bool = False  # the account (account_status.lua)
+    adjustments: dict[str, int] = field(default_factory=dict)  # idempotency key -> amount
     pending_sweep: set[str] = field(default_factory=set)  # holds whose TTL we made pass
     stale_leases: set[tuple[str, str]] = field(default_factory=set)  # (key scope, rid), ditto
     holds_expired: int = 0
@@ -264,6 +267,8 @@ class LuaMachine(RuleBasedStateMachine):
         undecided) and whether the verdict is certain."""
         if key in self.model.revoked:
             return {"key_revoked"}, True
+        if self.model.disabled:
+            return {"account_disabled"}, True
         certain = True
         too_big = False
         sure_fail: set[str] = set()
@@ -306,8 +311,10 @@ class LuaMachine(RuleBasedStateMachine):
         rid = f"req-{self.counter}"
         buckets = self.buckets_for(key)
         before_state = {b.name: self.run(self.bucket_state(b)) for b, _ in buckets}
-        # Any admission on a valid key sweeps the holds whose TTL passed, allowed or not.
-        sweep = set() if key in self.model.revoked else set(self.model.pending_sweep)
+        # Any admission on a valid key of an active account sweeps the holds whose TTL
+        # passed, allowed or not.
+        refused_outright = key in self.model.revoked or self.model.disabled
+        sweep = set() if refused_outright else set(self.model.pending_sweep)
         before = self.run(self.snapshot())
         t0 = self.run(self.redis_ms())
         decision: Decision = self.run(
@@ -324,7 +331,7 @@ class LuaMachine(RuleBasedStateMachine):
         pruned = {
             (scope, r)
             for scope, r in self.model.stale_leases
-            if key not in self.model.revoked and scope in self.limited_scopes(key)
+            if not refused_outright and scope in self.limited_scopes(key)
         }
         self.model.stale_leases -= pruned
         assert decision.holds_expired == len(sweep)
@@ -534,6 +541,36 @@ class LuaMachine(RuleBasedStateMachine):
             self.model.balance += amount
             self.model.topped_up += amount
 
+    @rule(amount=st.integers(-2000, 2000).filter(bool), reuse=st.booleans())
+    def adjust(self, amount: int, reuse: bool) -> None:
+        """A manual credit or debit: once per idempotency key; a debit below the live holds
+        (those not swept yet count) is refused and writes nothing."""
+        if reuse and self.model.adjustments:
+            idempotency = sorted(self.model.adjustments)[0]
+            amount = self.model.adjustments[idempotency]
+        else:
+            idempotency = f"adjust-{len(self.model.adjustments)}"
+        stored_held = sum(r.hold for r in self.model.live.values() if not r.expired)
+        fresh = idempotency not in self.model.adjustments
+        if fresh and amount < 0 and self.model.balance + amount < stored_held:
+            before = self.run(self.snapshot())
+            with pytest.raises(AccountError) as refused:
+                self.run(self.accounts.adjust(ACCOUNT, amount, "property", idempotency))
+            assert (refused.value.status, refused.value.reason) == (409, "debit_exceeds_available")
+            assert self.run(self.snapshot()) == before, "a refused debit wrote"
+            return
+        adjusted = self.run(self.accounts.adjust(ACCOUNT, amount, "property", idempotency))
+        assert adjusted == fresh
+        if adjusted:
+            self.model.adjustments[idempotency] = amount
+            self.model.balance += amount  # not topped up: the rpm policies ignore it
+
+    @rule()
+    def toggle_disabled(self) -> None:
+        changed = self.run(self.accounts.set_disabled(ACCOUNT, not self.model.disabled))
+        assert changed
+        self.model.disabled = not self.model.disabled
+
     @rule(amount=st.integers(1, 2000))
     def money_for_a_missing_account_writes_nothing(self, amount: int) -> None:
         before = self.run(self.snapshot())
@@ -584,7 +621,9 @@ class LuaMachine(RuleBasedStateMachine):
         ledger = self.run(self.accounts.ledger(ACCOUNT, limit=100_000))
         ledger_costs = sum(parse_usd(e.cost_usd) for e in ledger if e.cost_usd)
         ledger_topups = sum(
-            parse_usd(e.amount_usd) for e in ledger if e.type == "topup" and e.amount_usd
+            parse_usd(e.amount_usd, signed=True)
+            for e in ledger
+            if e.type in ("topup", "adjustment") and e.amount_usd
         )
         assert ledger_costs == self.model.charges
         assert ledger_topups - ledger_costs == balance  # Σ ledger = Δ balance

@@ -1,9 +1,10 @@
 -- admit.lua: decide and consume, in one atomic step, everything one request needs.
 --
--- Checks the key (exists, not revoked, not expired), releases holds whose TTL passed
--- (a gateway died mid-request), then tests every limit of every scope and the account's
--- balance. Only when all pass does it consume: one request from each rpm bucket, the token
--- estimate from each tpm bucket, a concurrency lease per scope, and a balance hold.
+-- Checks the key (exists, not revoked, not expired) and its account (exists; not disabled:
+-- reason "account_disabled"; not deleted: its keys read as revoked), releases holds whose
+-- TTL passed (a gateway died mid-request), then tests every limit of every scope and the
+-- account's balance. Only when all pass does it consume: one request from each rpm bucket,
+-- the token estimate from each tpm bucket, a concurrency lease per scope, and a balance hold.
 -- A rejected request writes nothing but the expired-hold sweep. Mode "peek" computes the
 -- same state and writes nothing at all (headers for requests rejected before admission).
 -- A request id already in the settled zset was released before this admission ran (its
@@ -55,8 +56,12 @@ if key[3] and tonumber(key[3]) <= now_ms then return reply_rejected('key_expired
 
 local acct = redis.call('HMGET', account_key, 'created_ms', 'rpm', 'tpm', 'concurrency',
   'rpm_policy', 'rpm_override', 'balance_nano', 'held_nano', 'topped_up_nano', 'prepaid',
-  'rpm_level', 'rpm_ts', 'tpm_level', 'tpm_ts')
+  'rpm_level', 'rpm_ts', 'tpm_level', 'tpm_ts', 'status')
 if not acct[1] then return reply_rejected('invalid_key') end
+-- status is absent on an active account (account_status.lua, delete_account.lua).
+if acct[15] then
+  return reply_rejected(acct[15] == 'disabled' and 'account_disabled' or 'key_revoked')
+end
 
 -- Release holds whose request outlived its TTL: the gateway holding them is gone.
 local swept = 0

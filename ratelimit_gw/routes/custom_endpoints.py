@@ -22,9 +22,9 @@ from urllib.parse import unquote_plus
 import msgspec
 from aiohttp import web
 
-from ..accounts import KeyRecord
 from ..context import context
 from ..errors import GatewayError
+from ..keys import KeyRecord
 from ..metering import MeteredRequest
 from ..protocols import (
     ADAPTERS,

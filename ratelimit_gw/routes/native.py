@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from ..accounts import KeyRecord
 from ..context import RequestContext, context, own_headers
 from ..errors import GatewayError
+from ..keys import KeyRecord
 from ..metering import MeteredRequest
 from ..protocols import ADAPTERS, ProtocolAdapter, RequestInfo, Route
 from ..protocols.translation.relaying import AnswerTranslation

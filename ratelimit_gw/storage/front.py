@@ -36,7 +36,7 @@ from .script_channel import NeverSent, ScriptChannel
 from .scripts import script_sources
 
 # Their writes are money: with ``wait_replicas`` they return only once replicas have them.
-DURABLE_SCRIPTS = frozenset({"settle", "topup"})
+DURABLE_SCRIPTS = frozenset({"settle", "topup", "delete_account"})
 
 log = logging.getLogger("ratelimit_gw.storage")
 

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from importlib import resources
 
-SCRIPT_NAMES = ("admit", "settle", "topup", "create_account", "upstream_quota")
+SCRIPT_NAMES = (
+    "admit",
+    "settle",
+    "topup",
+    "create_account",
+    "account_status",
+    "delete_account",
+    "rotate_key",
+    "upstream_quota",
+)
 
 
 def load_script(name: str) -> str:
