@@ -341,6 +341,7 @@ ROUTES: tuple[AdminRoute, ...] = (
         Account,
         body=UpdateAccountBody,
         path_types={"id": AccountId},
+        errors=(409,),  # the account is deleted
     ),
     AdminRoute(
         "POST",
@@ -408,6 +409,7 @@ ROUTES: tuple[AdminRoute, ...] = (
         IssuedKey,
         status=201,
         body=CreateKeyBody,
+        errors=(409,),  # the account is deleted
     ),
     AdminRoute(
         "GET",
