@@ -253,8 +253,6 @@ class AccountStore(KeyStore):
         same amount (a retry). The key used before for another amount or for an adjustment:
         409 ``idempotency_conflict``, nothing credited."""
         _check_idempotency_key(idempotency_key)
-        if amount_nano <= 0:
-            raise AccountError(400, "invalid_request", "amount_usd must be > 0")
         return await self._change_balance(account_id, amount_nano, idempotency_key, "topup")
 
     async def adjust(
@@ -276,6 +274,8 @@ class AccountStore(KeyStore):
     async def _change_balance(
         self, account_id: str, amount_nano: int, idempotency_key: str, kind: str, reason: str = ""
     ) -> bool:
+        if kind == "topup" and amount_nano <= 0:
+            raise AccountError(400, "invalid_request", "amount_usd must be > 0")
         if abs(amount_nano) > MAX_TOPUP_NANO:
             # Balances are 64-bit integers of nano-USD in Redis: keep far from overflow.
             raise AccountError(400, "invalid_request", "amount_usd must be at most 1000000000")

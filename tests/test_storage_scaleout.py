@@ -213,6 +213,74 @@ async def settled(gw: Gateway, within_s: float = 60) -> None:
         await asyncio.sleep(0.05)
 
 
+async def test_key_and_account_lifecycle_on_a_cluster_without_cross_slot_errors(
+    upstream: Upstream, cluster_storage: Storage
+) -> None:
+    """Key updates, rotations, the all-accounts key listing, disabling, adjusting and
+    deleting, with accounts on every node (the key-change feed is one more slot)."""
+    runner, gw = await start_gateway(upstream, cluster_storage, {"RLGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    try:
+        accounts = accounts_on_every_node(await cluster_slots(cluster_storage))
+        async with aiohttp.ClientSession() as session:
+            keys = {}
+            for account in accounts:
+                body = {"id": account, "balance_usd": "1.00"}
+                assert (await admin(session, gw, "POST", "/admin/accounts", body))[0] == 201
+                status, keys[account] = await admin(
+                    session, gw, "POST", "/admin/keys", {"account": account}
+                )
+                assert status == 201
+                assert (await chat(session, gw.url, keys[account]["key"]))[0] == 200
+
+            listed, cursor = [], ""
+            while True:
+                status, page = await admin(session, gw, "GET", f"/admin/keys?limit=2{cursor}")
+                assert status == 200
+                listed += [k["id"] for k in page["data"]]
+                if page["next_cursor"] is None:
+                    break
+                cursor = f"&cursor={page['next_cursor']}"
+            assert listed == [keys[a]["id"] for a in sorted(accounts)]
+
+            first, second, third = accounts
+            key = keys[first]
+            path = f"/admin/keys/{key['id']}"
+            assert (await admin(session, gw, "PATCH", path, {"models": ["gpt-4o"]}))[0] == 200
+            deadline = time.monotonic() + 1.0
+            while (await chat(session, gw.url, key["key"]))[0] != 403:
+                assert time.monotonic() < deadline, "the update did not reach the key cache"
+            status, rotated = await admin(session, gw, "POST", path + "/rotate", {"grace_s": 0})
+            assert status == 200
+            deadline = time.monotonic() + 1.0
+            while (await chat(session, gw.url, key["key"]))[0] != 401:
+                assert time.monotonic() < deadline, "the old secret still works"
+
+            assert (await admin(session, gw, "POST", f"/admin/accounts/{second}/disable"))[0] == 200
+            assert (await chat(session, gw.url, keys[second]["key"]))[0] == 403
+            assert (await admin(session, gw, "POST", f"/admin/accounts/{second}/enable"))[0] == 200
+            assert (await chat(session, gw.url, keys[second]["key"]))[0] == 200
+
+            await settled(gw)
+            adjust = {"amount_usd": "-0.50", "reason": "test", "idempotency_key": "a-1"}
+            status, adjusted = await admin(
+                session, gw, "POST", f"/admin/accounts/{third}/adjust", adjust
+            )
+            assert (status, adjusted["adjusted"]) == (200, True)
+            status, deleted = await admin(
+                session, gw, "DELETE", f"/admin/accounts/{third}?force=true"
+            )
+            assert (status, deleted["account"]["status"]) == (200, "deleted")
+            assert (await chat(session, gw.url, keys[third]["key"]))[0] == 401
+            status, _ = await admin(session, gw, "POST", "/admin/accounts", {"id": third})
+            assert status == 409
+            status, ledger = await admin(session, gw, "GET", f"/admin/accounts/{third}/ledger")
+            assert [e["type"] for e in ledger["data"]][:2] == ["forfeit", "adjustment"]
+            assert rotated["id"] == key["id"]
+        assert await metric(gw, "rlgw_storage_errors_total") == 0
+    finally:
+        await runner.cleanup()
+
+
 @pytest.fixture
 def two_gateway_processes_on_the_cluster(
     upstream: Upstream, redis_cluster: RedisClusterProcesses, tmp_path: Path
