@@ -27,7 +27,8 @@ from .admin_routes import (
     register,
     route_body,
 )
-from .audit import admin_actor, record
+from .audit import admin_actor
+from .audited_changes import AuditedChanges
 from .errors import GatewayError
 from .keys import DEFAULT_GRACE_S, MAX_GRACE_S, MAX_PAGE, KeyPage, KeyRecord
 from .limits import NO_LIMITS, Limits, flatten
@@ -144,7 +145,7 @@ def _query_flag(request: web.Request, name: str) -> bool:
     return value in ("true", "1")
 
 
-def _changes(body: msgspec.Struct) -> dict[str, Any]:
+def _sent_fields(body: msgspec.Struct) -> dict[str, Any]:
     """The fields a PATCH body sent (null included: it clears)."""
     sent = msgspec.structs.asdict(body).items()
     return {name: value for name, value in sent if value is not UNSET}
@@ -159,16 +160,20 @@ def _json(document: object, status: int = 200) -> web.Response:
 # --- handlers --------------------------------------------------------------------------------
 
 
+def _by(request: web.Request, accounts: AccountStore) -> AuditedChanges:
+    """The changes this request may make, each audited as made by its token's name."""
+    return AuditedChanges(accounts, admin_actor(request))
+
+
 async def create_account(request: web.Request, accounts: AccountStore) -> web.Response:
     body = route_body(request, CreateAccountBody)
-    account = await accounts.create_account(
+    account = await _by(request, accounts).create_account(
         body.id,
         balance_nano=None if body.balance_usd is None else _usd(body.balance_usd),
         limits=body.limits,
         rpm_policy=body.rpm_policy,
         rpm_override=body.rpm_override,
     )
-    record(admin_actor(request), "account.create", account.id, None, account)
     return _json(account, status=201)
 
 
@@ -181,66 +186,37 @@ async def show_account(request: web.Request, accounts: AccountStore) -> web.Resp
 
 
 async def update_account(request: web.Request, accounts: AccountStore) -> web.Response:
-    changes = _changes(route_body(request, UpdateAccountBody))
-    account_id = request.match_info["id"]
-    before = await accounts.get_account(account_id)
-    after = await accounts.update_account(account_id, changes)
-    record(admin_actor(request), "account.update", account_id, before, after)
-    return _json(after)
+    changes = _sent_fields(route_body(request, UpdateAccountBody))
+    return _json(await _by(request, accounts).update_account(request.match_info["id"], changes))
 
 
 async def topup(request: web.Request, accounts: AccountStore) -> web.Response:
     body = route_body(request, TopupBody)
-    account_id = request.match_info["id"]
-    before = await accounts.get_account(account_id)
-    credited = await accounts.topup(
-        account_id, _usd(body.amount_usd, positive=True), body.idempotency_key
+    credited, account = await _by(request, accounts).topup(
+        request.match_info["id"], _usd(body.amount_usd, positive=True), body.idempotency_key
     )
-    account = await accounts.get_account(account_id)
-    if credited:
-        record(admin_actor(request), "account.topup", account_id, before, account)
     return _json(Topup(credited=credited, account=account))
 
 
-async def _set_disabled(
-    request: web.Request, accounts: AccountStore, disabled: bool
-) -> web.Response:
-    account_id = request.match_info["id"]
-    before = await accounts.get_account(account_id)
-    changed = await accounts.set_disabled(account_id, disabled)
-    after = await accounts.get_account(account_id)
-    if changed:
-        action = "account.disable" if disabled else "account.enable"
-        record(admin_actor(request), action, account_id, before, after)
-    return _json(after)
-
-
 async def disable_account(request: web.Request, accounts: AccountStore) -> web.Response:
-    return await _set_disabled(request, accounts, True)
+    return _json(await _by(request, accounts).set_disabled(request.match_info["id"], True))
 
 
 async def enable_account(request: web.Request, accounts: AccountStore) -> web.Response:
-    return await _set_disabled(request, accounts, False)
+    return _json(await _by(request, accounts).set_disabled(request.match_info["id"], False))
 
 
 async def delete_account(request: web.Request, accounts: AccountStore) -> web.Response:
-    account_id = request.match_info["id"]
     force = _query_flag(request, "force")
-    before = await accounts.get_account(account_id)
-    deleted = await accounts.delete_account(account_id, force=force)
-    record(admin_actor(request), "account.delete", account_id, before, deleted)
-    return _json(deleted)
+    return _json(await _by(request, accounts).delete_account(request.match_info["id"], force=force))
 
 
 async def adjust(request: web.Request, accounts: AccountStore) -> web.Response:
     body = route_body(request, AdjustBody)
-    account_id = request.match_info["id"]
     amount = _usd(body.amount_usd, positive=True, signed=True)
-    before = await accounts.get_account(account_id)
-    adjusted = await accounts.adjust(account_id, amount, body.reason, body.idempotency_key)
-    account = await accounts.get_account(account_id)
-    if adjusted:
-        record(admin_actor(request), "account.adjust", account_id, before, account)
+    adjusted, account = await _by(request, accounts).adjust(
+        request.match_info["id"], amount, body.reason, body.idempotency_key
+    )
     return _json(Adjustment(adjusted=adjusted, account=account))
 
 
@@ -252,14 +228,13 @@ async def ledger(request: web.Request, accounts: AccountStore) -> web.Response:
 
 async def create_key(request: web.Request, accounts: AccountStore) -> web.Response:
     body = route_body(request, CreateKeyBody)
-    created = await accounts.create_key(
+    created = await _by(request, accounts).create_key(
         body.account,
         name=body.name,
         models=body.models,
         limits=body.limits,
         expires_at=body.expires_at,
     )
-    record(admin_actor(request), "key.create", created.record.id, None, created.record)
     issued = IssuedKey(**msgspec.structs.asdict(created.record), key=created.key)
     return _json(issued, status=201)
 
@@ -276,21 +251,13 @@ async def list_keys(request: web.Request, accounts: AccountStore) -> web.Respons
 
 
 async def update_key(request: web.Request, accounts: AccountStore) -> web.Response:
-    changes = _changes(route_body(request, UpdateKeyBody))
-    key_id = request.match_info["id"]
-    before = await accounts.key_by_id(key_id)
-    after = await accounts.update_key(key_id, changes)
-    record(admin_actor(request), "key.update", key_id, before, after)
-    return _json(after)
+    changes = _sent_fields(route_body(request, UpdateKeyBody))
+    return _json(await _by(request, accounts).update_key(request.match_info["id"], changes))
 
 
 async def rotate_key(request: web.Request, accounts: AccountStore) -> web.Response:
     body = route_body(request, RotateKeyBody)
-    key_id = request.match_info["id"]
-    before = await accounts.key_by_id(key_id)
-    rotated = await accounts.rotate_key(key_id, body.grace_s)
-    after = rotated.without_secret()
-    record(admin_actor(request), "key.rotate", key_id, before, after)  # never the secret
+    rotated = await _by(request, accounts).rotate_key(request.match_info["id"], body.grace_s)
     answer = RotatedKey(
         **msgspec.structs.asdict(rotated.record),
         key=rotated.key,
@@ -300,11 +267,7 @@ async def rotate_key(request: web.Request, accounts: AccountStore) -> web.Respon
 
 
 async def revoke_key(request: web.Request, accounts: AccountStore) -> web.Response:
-    key_id = request.match_info["id"]
-    before = await accounts.key_by_id(key_id)
-    revoked = await accounts.revoke_key(key_id)
-    record(admin_actor(request), "key.revoke", revoked.id, before, revoked)
-    return _json(revoked)
+    return _json(await _by(request, accounts).revoke_key(request.match_info["id"]))
 
 
 async def openapi(request: web.Request, accounts: AccountStore) -> web.Response:

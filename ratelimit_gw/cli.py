@@ -13,7 +13,8 @@ import msgspec
 
 from . import text_output
 from .accounts import AccountStore
-from .audit import cli_actor, record
+from .audit import cli_actor
+from .audited_changes import AuditedChanges
 from .keys import DEFAULT_GRACE_S, MAX_PAGE, KeyRecord
 from .limits import DESCRIPTIONS, LIMIT_NAMES, Limits, flatten
 from .management import AccountError
@@ -82,16 +83,19 @@ async def _with_store(args: argparse.Namespace, operation: Operation) -> Any:
         await storage.close()
 
 
+def _by_cli(store: AccountStore) -> AuditedChanges:
+    """The changes a CLI command makes, each audited as made by ``cli:<os user>`` (stderr)."""
+    return AuditedChanges(store, cli_actor())
+
+
 async def _accounts_create(store: AccountStore, a: argparse.Namespace) -> Any:
-    account = await store.create_account(
+    return await _by_cli(store).create_account(
         a.id,
         balance_nano=None if a.balance_usd is None else _usd(a.balance_usd),
         limits=_limits(a),
         rpm_policy=a.rpm_policy,
         rpm_override=a.rpm_override,
     )
-    record(cli_actor(), "account.create", a.id, None, account)
-    return account
 
 
 async def _accounts_update(store: AccountStore, a: argparse.Namespace) -> Any:
@@ -102,57 +106,36 @@ async def _accounts_update(store: AccountStore, a: argparse.Namespace) -> Any:
             changes[name] = None if value == 0 and name != "rpm_policy" else value
     if a.prepaid is not None:
         changes["prepaid"] = a.prepaid == "yes"
-    before = await store.get_account(a.id)
-    after = await store.update_account(a.id, changes)
-    record(cli_actor(), "account.update", a.id, before, after)
-    return after
+    return await _by_cli(store).update_account(a.id, changes)
 
 
 async def _accounts_topup(store: AccountStore, a: argparse.Namespace) -> Any:
-    before = await store.get_account(a.id)
-    credited = await store.topup(a.id, _usd(a.amount_usd), a.idempotency_key)
-    after = await store.get_account(a.id)
-    if credited:
-        record(cli_actor(), "account.topup", a.id, before, after)
+    credited, after = await _by_cli(store).topup(a.id, _usd(a.amount_usd), a.idempotency_key)
     return {"credited": credited, "account": after}
 
 
 async def _accounts_adjust(store: AccountStore, a: argparse.Namespace) -> Any:
     amount = _usd(a.amount_usd, signed=True)
-    before = await store.get_account(a.id)
-    adjusted = await store.adjust(a.id, amount, a.reason, a.idempotency_key)
-    after = await store.get_account(a.id)
-    if adjusted:
-        record(cli_actor(), "account.adjust", a.id, before, after)
+    adjusted, after = await _by_cli(store).adjust(a.id, amount, a.reason, a.idempotency_key)
     return {"adjusted": adjusted, "account": after}
 
 
 async def _accounts_set_disabled(store: AccountStore, a: argparse.Namespace) -> Any:
-    disabled = a.verb == "disable"
-    before = await store.get_account(a.id)
-    if await store.set_disabled(a.id, disabled):
-        after = await store.get_account(a.id)
-        record(cli_actor(), f"account.{a.verb}", a.id, before, after)
-        return after
-    return before
+    return await _by_cli(store).set_disabled(a.id, a.verb == "disable")
 
 
 async def _accounts_delete(store: AccountStore, a: argparse.Namespace) -> Any:
-    before = await store.get_account(a.id)
-    deleted = await store.delete_account(a.id, force=a.force)
-    record(cli_actor(), "account.delete", a.id, before, deleted)
-    return deleted
+    return await _by_cli(store).delete_account(a.id, force=a.force)
 
 
 async def _keys_create(store: AccountStore, a: argparse.Namespace) -> Any:
-    created = await store.create_key(
+    created = await _by_cli(store).create_key(
         a.account,
         name=a.name,
         models=a.models,
         limits=_limits(a),
         expires_at=a.expires_at,
     )
-    record(cli_actor(), "key.create", created.record.id, None, created.record)
     document = flatten(created.record)
     document["key"] = created.key
     return document
@@ -188,25 +171,16 @@ async def _keys_update(store: AccountStore, a: argparse.Namespace) -> Any:
         changes["models"] = a.models  # None: every model
     if a.expires_at is not None or a.no_expiry:
         changes["expires_at"] = a.expires_at
-    before = await store.key_by_id(a.id)
-    after = await store.update_key(a.id, changes)
-    record(cli_actor(), "key.update", a.id, before, after)
-    return after
+    return await _by_cli(store).update_key(a.id, changes)
 
 
 async def _keys_rotate(store: AccountStore, a: argparse.Namespace) -> Any:
-    before = await store.key_by_id(a.id)
-    rotated = await store.rotate_key(a.id, a.grace_s)
-    after = rotated.without_secret()
-    record(cli_actor(), "key.rotate", a.id, before, after)  # never the secret
-    return {**after, "key": rotated.key}
+    rotated = await _by_cli(store).rotate_key(a.id, a.grace_s)
+    return {**rotated.without_secret(), "key": rotated.key}
 
 
 async def _keys_revoke(store: AccountStore, a: argparse.Namespace) -> Any:
-    before = await store.key_by_id(a.id)
-    revoked = await store.revoke_key(a.id)
-    record(cli_actor(), "key.revoke", a.id, before, revoked)
-    return revoked
+    return await _by_cli(store).revoke_key(a.id)
 
 
 OPERATIONS: dict[str, Operation] = {
