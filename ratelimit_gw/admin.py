@@ -27,12 +27,15 @@ from .admin_routes import (
     register,
     route_body,
 )
-from .audit import admin_actor
+from .audit import admin_actor, record
 from .audited_changes import AuditedChanges
+from .config_reload import ConfigReload, NoConfigFile, reload_config
 from .errors import GatewayError
 from .keys import DEFAULT_GRACE_S, MAX_GRACE_S, MAX_PAGE, KeyPage, KeyRecord
 from .limits import NO_LIMITS, Limits, flatten
 from .money import MoneyError, parse_usd
+from .services import SERVICES
+from .settings import ConfigError
 
 # --- bodies ----------------------------------------------------------------------------------
 
@@ -270,6 +273,27 @@ async def revoke_key(request: web.Request, accounts: AccountStore) -> web.Respon
     return _json(await _by(request, accounts).revoke_key(request.match_info["id"]))
 
 
+async def reload_configuration(request: web.Request, accounts: AccountStore) -> web.Response:
+    """The config file again, as SIGHUP does; audited with the file's digests, no secret."""
+    svc = request.app[SERVICES]
+    before = {"digest": svc.config.digest}
+    try:
+        reload = reload_config(svc)
+    except NoConfigFile:
+        raise GatewayError(
+            409,
+            "no_config_file",
+            "This gateway was built without a config file; there is nothing to reload.",
+        ) from None
+    except ConfigError as exc:  # logged at ERROR and counted; the running config is kept
+        raise GatewayError(
+            400, "invalid_config", f"The config file is invalid, nothing changed: {exc}"
+        ) from None
+    # The after-state says what changed, by name: never a value, so never a secret.
+    record(admin_actor(request), "config.reload", "config", before, reload)
+    return _json(reload)
+
+
 async def openapi(request: web.Request, accounts: AccountStore) -> web.Response:
     return web.Response(body=openapi_json(ROUTES), content_type="application/json")
 
@@ -414,6 +438,15 @@ ROUTES: tuple[AdminRoute, ...] = (
         "Revoke a key",
         KeyRecord,
         path_types={"id": KeyId},
+    ),
+    AdminRoute(
+        "POST",
+        "/admin/config/reload",
+        reload_configuration,
+        "Read the config file again (as SIGHUP does): providers, models, prices, custom "
+        "endpoints and admin tokens; an invalid file changes nothing (400 naming the field)",
+        ConfigReload,
+        errors=(400, 409),
     ),
     AdminRoute(
         "GET", "/admin/openapi.json", openapi, "This document (OpenAPI 3.1)", dict[str, Any]

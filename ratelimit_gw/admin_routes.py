@@ -127,7 +127,7 @@ def _guarded(route: AdminRoute) -> Callable[[web.Request], Awaitable[web.Respons
 
     async def guarded(request: web.Request) -> web.Response:
         svc = request.app[SERVICES]
-        token = _authenticate(request, svc.settings.admin_tokens)
+        token = _authenticate(request, svc.config.settings.admin_tokens)
         if token is None:
             svc.metrics.admin_auth_failures.inc()
             raise GatewayError(401, "invalid_admin_token", "Invalid admin token.")

@@ -14,10 +14,11 @@ from . import admin
 from .accounts import AccountStore
 from .auth import KeyCache
 from .body import BodyReader
-from .catalog import Catalog
 from .client_address import ClientAddresses
+from .config_reload import show_config
 from .key_changes import KeyChangeFeed
 from .limiter import Limiter
+from .live_config import ConfigFile, LiveConfig
 from .metrics import StorageMetrics, create_metrics
 from .middleware import error_middleware
 from .protocols import Route
@@ -37,9 +38,15 @@ from .upstream_quota import UpstreamQuota
 
 
 def create_app(
-    settings: Settings, storage: Storage | None = None, *, passthrough: bool = False
+    settings: Settings,
+    storage: Storage | None = None,
+    *,
+    passthrough: bool = False,
+    config_file: ConfigFile | None = None,
 ) -> web.Application:
-    """The gateway application. ``storage`` lets a caller share one already open (tests, demo)."""
+    """The gateway application. ``storage`` lets a caller share one already open (tests, demo);
+    ``config_file``: the file ``settings`` came from, which a reload reads again (none: no
+    reload)."""
     app = web.Application(
         middlewares=[error_middleware], client_max_size=settings.server.max_body_bytes
     )
@@ -50,6 +57,7 @@ def create_app(
         registry = CollectorRegistry()
         metrics = create_metrics(registry, settings.metrics.account_label)
         store.observer = StorageMetrics(metrics)
+        digest = "" if config_file is None else config_file.digest
         eviction = EvictionGuard(store, settings.storage, metrics)
         try:
             await eviction.check_at_startup()  # refuses a Redis that may evict: not listening yet
@@ -68,13 +76,12 @@ def create_app(
             stale_on_error=settings.storage.on_error == "allow",
         )
         app[SERVICES] = Services(
-            settings=settings,
+            config=LiveConfig.of(settings, digest),
             storage=store,
             accounts=accounts,
             keys=keys,
             limiter=limiter,
             settler=settler,
-            catalog=Catalog(settings.models),
             relay=Relay(upstream, metrics),
             metrics=metrics,
             registry=registry,
@@ -82,7 +89,9 @@ def create_app(
             bodies=BodyReader(settings.server, metrics.buffered_body_bytes),
             client_addresses=ClientAddresses(settings.server.trusted_proxies),
             passthrough=passthrough,
+            config_file=config_file,
         )
+        show_config(metrics, digest)
         watchers = [
             asyncio.create_task(eviction.watch()),
             asyncio.create_task(keys.follow_changes(KeyChangeFeed(store))),

@@ -19,7 +19,7 @@ from .keys import DEFAULT_GRACE_S, MAX_PAGE, KeyRecord
 from .limits import DESCRIPTIONS, LIMIT_NAMES, Limits, flatten
 from .management import AccountError
 from .money import MoneyError, parse_usd
-from .settings import ConfigError, StorageSettings, load_settings, load_storage_settings
+from .settings import ConfigError, StorageSettings, config_path, load_storage_settings
 from .storage import Storage, StorageError, open_storage
 
 DESCRIPTION = """\
@@ -494,9 +494,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
+        from .live_config import ConfigFile
         from .serve import serve_workers
 
-        settings = load_settings(args.config)
+        config_file = ConfigFile.load(config_path(args.config))
+        settings = config_file.started
         server = settings.server
         if args.host or args.port is not None:
             server = msgspec.structs.replace(
@@ -505,7 +507,12 @@ def _dispatch(args: argparse.Namespace) -> int:
                 port=server.port if args.port is None else args.port,
             )
             settings = msgspec.structs.replace(settings, server=server)
-        serve_workers(settings, args.workers, passthrough=args.passthrough_for_benchmark)
+        serve_workers(
+            settings,
+            args.workers,
+            passthrough=args.passthrough_for_benchmark,
+            config_file=config_file,
+        )
     elif args.command == "demo":
         from .demo import run_demo
 

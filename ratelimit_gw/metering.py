@@ -99,7 +99,7 @@ class MeteredRequest:
             await self._admit(svc, admission)
             return
         except StorageError as exc:
-            if svc.settings.storage.on_error != "allow":
+            if svc.config.settings.storage.on_error != "allow":
                 raise
             failure = exc
         self.ctx.storage_bypassed = True

@@ -84,6 +84,8 @@ STORAGE_OPERATIONS = (
     "info",
 )
 
+RELOAD_OUTCOMES = ("ok", "failed")
+
 
 @dataclass(frozen=True)
 class Metrics:
@@ -108,6 +110,8 @@ class Metrics:
     eviction_policy: Gauge
     admin_auth_failures: Counter
     buffered_body_bytes: Gauge
+    config_reloads: Counter
+    config_info: Gauge
 
     def account(self, account_id: str | None) -> tuple[str, ...]:
         """The extra label values for per-account series (none unless opted in)."""
@@ -238,6 +242,21 @@ def create_metrics(registry: CollectorRegistry | None, account_label: bool = Fal
             multiprocess_mode="livesum",
             registry=registry,
         ),
+        config_reloads=Counter(
+            "rlgw_config_reloads",
+            "Configuration reloads (SIGHUP or the admin API) by outcome: ok, or failed (an "
+            "invalid file; the running configuration was kept)",
+            ["outcome"],
+            registry=registry,
+        ),
+        config_info=Gauge(
+            "rlgw_config_info",
+            "1 for the digest (the config file's SHA-256, first 12 hex digits) this process "
+            "runs on, 0 for one it ran on before; per process, so every worker shows its own",
+            ["digest"],
+            multiprocess_mode="all",
+            registry=registry,
+        ),
     )
     _start_at_zero(metrics)
     return metrics
@@ -258,6 +277,8 @@ def _start_at_zero(metrics: Metrics) -> None:
         labelled(metrics.abandoned_admissions, cause)
     for event in HOLD_EVENTS:
         labelled(metrics.holds, event)
+    for outcome in RELOAD_OUTCOMES:
+        labelled(metrics.config_reloads, outcome)
 
 
 @functools.lru_cache(maxsize=8192)

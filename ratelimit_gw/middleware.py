@@ -164,7 +164,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     if request.path in _QUIET_PATHS:
         return await _answer(request, ctx, handler)
     svc = request.app[SERVICES]
-    if len(svc.inflight) >= svc.settings.server.max_inflight:
+    if len(svc.inflight) >= svc.config.settings.server.max_inflight:
         # Shed load before doing any work for it: no body read, no storage call.
         ctx.reason = "overloaded"
         overloaded = GatewayError(
@@ -204,7 +204,7 @@ def record_request(svc: Services, request: web.Request, ctx: RequestContext, sta
     # Admin calls are management, not traffic: a refused one is no rejection.
     if ctx.reason and status >= 400 and ctx.protocol != "admin":
         labelled(m.rejections, ctx.reason, *m.account(account)).inc()
-    if svc.settings.log.access_log:
+    if svc.config.settings.log.access_log:
         access_log.info(
             msgspec.json.encode(
                 {

@@ -15,8 +15,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from .app import create_app
+from .config_reload import NoConfigFile, reload_config
+from .live_config import ConfigFile
 from .services import SERVICES
-from .settings import ServerSettings, Settings
+from .settings import ConfigError, ServerSettings, Settings
 from .storage.eviction_guard import check_before_serving
 from .storage.location import storage_location
 
@@ -113,10 +115,25 @@ def install_fast_loop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def reload_on_signal(app: web.Application) -> None:
+    """SIGHUP: the config file again (config_reload.py logs and counts either outcome)."""
+    try:
+        reload_config(app[SERVICES])
+    except NoConfigFile:
+        log.warning("SIGHUP: this gateway was started without a config file; nothing to reload")
+    except ConfigError:
+        pass  # logged at ERROR with the field path and counted; the running config is kept
+
+
 async def serve_forever(
-    settings: Settings, *, reuse_port: bool = False, passthrough: bool = False
+    settings: Settings,
+    *,
+    reuse_port: bool = False,
+    passthrough: bool = False,
+    config_file: ConfigFile | None = None,
 ) -> None:
-    runner = make_runner(create_app(settings, passthrough=passthrough), settings.server)
+    app = create_app(settings, passthrough=passthrough, config_file=config_file)
+    runner = make_runner(app, settings.server)
     await runner.setup()
     # Everything loaded so far (modules, config, the app) lives as long as the process:
     # keep it out of the cyclic collector's full passes, which otherwise grow with it.
@@ -135,6 +152,7 @@ async def serve_forever(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_on_signal, app)
     try:
         await stop.wait()
         await drain(runner, settings.server.shutdown_timeout_s)
@@ -143,22 +161,36 @@ async def serve_forever(
         await runner.cleanup()
 
 
-def _worker(settings: Settings, passthrough: bool) -> None:
+def _worker(settings: Settings, passthrough: bool, config_file: ConfigFile | None) -> None:
     configure_logging()
     install_fast_loop()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_forever(settings, reuse_port=True, passthrough=passthrough))
+        asyncio.run(
+            serve_forever(
+                settings, reuse_port=True, passthrough=passthrough, config_file=config_file
+            )
+        )
 
 
-def serve_workers(settings: Settings, workers: int, *, passthrough: bool = False) -> None:
+def serve_workers(
+    settings: Settings,
+    workers: int,
+    *,
+    passthrough: bool = False,
+    config_file: ConfigFile | None = None,
+) -> None:
     """Run ``workers`` processes on one port (SO_REUSEPORT: the kernel spreads connections).
 
     Metrics switch to prometheus_client's multiprocess mode, so ``/metrics`` of any worker
-    reports the sum over all of them.
+    reports the sum over all of them. SIGTERM, SIGINT and SIGHUP (reload) to this process reach
+    every worker.
     """
+    # SIGHUP's default action ends a process: ignored until a reload handles it (the loop's
+    # handler, or forward() below). Workers inherit the ignoring until their loop takes over.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if workers == 1:
         install_fast_loop()
-        asyncio.run(serve_forever(settings, passthrough=passthrough))
+        asyncio.run(serve_forever(settings, passthrough=passthrough, config_file=config_file))
         return
     if settings.server.port == 0:
         raise SystemExit("--workers needs a fixed --port: each worker binds the same one")
@@ -175,7 +207,9 @@ def serve_workers(settings: Settings, workers: int, *, passthrough: bool = False
 
     context = multiprocessing.get_context("spawn")
     children = [
-        context.Process(target=_worker, args=(settings, passthrough), name=f"worker-{i}")
+        context.Process(
+            target=_worker, args=(settings, passthrough, config_file), name=f"worker-{i}"
+        )
         for i in range(workers)
     ]
     for child in children:
@@ -188,6 +222,7 @@ def serve_workers(settings: Settings, workers: int, *, passthrough: bool = False
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)
     try:
         for child in children:
             child.join()

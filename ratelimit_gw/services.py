@@ -11,12 +11,11 @@ from prometheus_client import CollectorRegistry
 from .accounts import AccountStore
 from .auth import KeyCache
 from .body import BodyReader
-from .catalog import Catalog
 from .client_address import ClientAddresses
 from .limiter import Limiter
+from .live_config import ConfigFile, LiveConfig
 from .metrics import Metrics
 from .relay import Relay
-from .settings import Settings
 from .settler import Settler
 from .storage import Storage
 from .upstream_quota import UpstreamQuota
@@ -24,13 +23,14 @@ from .upstream_quota import UpstreamQuota
 
 @dataclass
 class Services:
-    settings: Settings
+    # The reloadable configuration with the restart-only sections it started with: read once
+    # per request, at its start (live_config.py); a reload replaces it whole.
+    config: LiveConfig
     storage: Storage
     accounts: AccountStore
     keys: KeyCache
     limiter: Limiter
     settler: Settler
-    catalog: Catalog
     relay: Relay
     metrics: Metrics
     registry: CollectorRegistry
@@ -39,6 +39,7 @@ class Services:
     client_addresses: ClientAddresses  # who sent a request (server.trusted_proxies)
     # Benchmark baseline: relay without keys, limits or balance (``serve --passthrough-…``).
     passthrough: bool = False
+    config_file: ConfigFile | None = None  # what a reload reads; None: built in code, no reload
     draining: bool = False  # set at shutdown: /readyz answers 503 so load balancers move on
     # The handler tasks of the requests being served (probes and scrapes excepted): bounded
     # by server.max_inflight, and what a graceful shutdown waits for (serve.py).

@@ -649,21 +649,30 @@ NO_STORAGE = (
 )
 
 
-def _read_config(path: str | Path | None, missing: str) -> dict[str, Any]:
-    """The TOML document at ``path``, else at ``$RLGW_CONFIG``; ConfigError(``missing``) with
-    neither."""
+def config_path(path: str | Path | None, missing: str = NO_CONFIG) -> Path:
+    """``path``, else ``$RLGW_CONFIG``; ConfigError(``missing``) with neither."""
     chosen = path or os.environ.get("RLGW_CONFIG")
     if not chosen:
         raise ConfigError(missing)
+    return Path(chosen)
+
+
+def read_config_text(path: Path) -> str:
+    """The text of the config file at ``path``; a ConfigError saying why it cannot be read."""
     try:
-        text = Path(chosen).read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {chosen}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(
-            f"cannot read config file {chosen}: not UTF-8 text (byte {exc.start})"
+            f"cannot read config file {path}: not UTF-8 text (byte {exc.start})"
         ) from None
-    return _parse_toml(text)
+
+
+def _read_config(path: str | Path | None, missing: str) -> dict[str, Any]:
+    """The TOML document at ``path``, else at ``$RLGW_CONFIG``; ConfigError(``missing``) with
+    neither."""
+    return _parse_toml(read_config_text(config_path(path, missing)))
 
 
 def load_settings(path: str | Path | None = None) -> Settings:

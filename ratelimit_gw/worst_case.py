@@ -98,7 +98,7 @@ async def _is_prepaid(svc: Services, key: KeyRecord) -> bool:
     try:
         return await svc.accounts.is_prepaid(key.account)
     except StorageError:
-        if svc.settings.storage.on_error != "allow":
+        if svc.config.settings.storage.on_error != "allow":
             raise
         return False  # admission will be bypassed too: nothing is held or charged
 

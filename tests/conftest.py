@@ -7,9 +7,11 @@ real Redis, so the same assertions run on both backends.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,6 +23,7 @@ from aiohttp import web
 from ratelimit_gw.accounts import AccountStore
 from ratelimit_gw.app import create_app
 from ratelimit_gw.limits import LIMIT_NAMES, Limits
+from ratelimit_gw.live_config import ConfigFile
 from ratelimit_gw.serve import make_runner
 from ratelimit_gw.settings import Settings, StorageSettings, build_settings
 from ratelimit_gw.storage import Storage, open_storage
@@ -176,12 +179,57 @@ def with_limits(options: dict[str, Any]) -> dict[str, Any]:
     return {**options, "limits": Limits(**limits)}
 
 
+def toml_document(config: dict[str, Any]) -> str:
+    """``config`` as a TOML file: its tables as sections, lists of tables as [[arrays]]."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, list):
+            return "[" + ", ".join(map(value, v)) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
+        return json.dumps(v)  # strings, integers and floats read the same in TOML
+
+    def is_tables(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+    def table(header: str, name: str, fields: dict[str, Any]) -> list[str]:
+        lines = [header] + [f"{k} = {value(v)}" for k, v in fields.items() if not is_tables(v)]
+        for k, v in fields.items():
+            if is_tables(v):
+                lines += [line for item in v for line in table(f"[[{name}.{k}]]", "", item)]
+        return lines
+
+    lines: list[str] = []
+    for name, section in config.items():
+        if isinstance(section, dict):
+            lines += table(f"[{name}]", name, section)
+        else:
+            lines += [line for item in section for line in table(f"[[{name}]]", name, item)]
+    return "\n".join(lines) + "\n"
+
+
 async def start_gateway(
-    upstream: Upstream, storage: Storage, environ: dict[str, str] | None = None, **overrides: Any
+    upstream: Upstream,
+    storage: Storage,
+    environ: dict[str, str] | None = None,
+    *,
+    config_file: Path | None = None,
+    **overrides: Any,
 ) -> tuple[web.AppRunner, Gateway]:
+    """A gateway on a loopback port. ``config_file``: where its config is written first and
+    read from, so the gateway can reload it; ``overrides``: sections of the config."""
     env = {"RLGW_TEST_UPSTREAM_KEY": UPSTREAM_KEY, **(environ or {})}
-    settings = build_settings(gateway_config(upstream.url, storage.url, **overrides), env)
-    app = create_app(settings, storage)
+    config = gateway_config(upstream.url, storage.url, **overrides)
+    loaded = None
+    if config_file is None:
+        settings = build_settings(config, env)
+    else:
+        config_file.write_text(toml_document(config))
+        loaded = ConfigFile.load(config_file, env)
+        settings = loaded.started
+    app = create_app(settings, storage, config_file=loaded)
     runner = make_runner(app, settings.server)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -65,6 +66,7 @@ CHANGES: dict[str, tuple[str, Any]] = {
     "delete_account": ("/admin/accounts/acme?force=true", None),
     "update_key": ("/admin/keys/{key}", {"name": "batch", "models": ["gpt-*"], "rpm": None}),
     "rotate_key": ("/admin/keys/{key}/rotate", {"grace_s": 60}),
+    "reload_configuration": ("/admin/config/reload", None),
 }
 # What must hold before a change's call can change something (enabling needs a disabled one).
 PREPARE: dict[str, Callable[[AccountStore], Awaitable[object]]] = {
@@ -79,13 +81,15 @@ def bearer(token: str) -> dict[str, str]:
 
 
 @pytest.fixture
-async def gw(upstream: Upstream, storage: Storage) -> AsyncIterator[Gateway]:
+async def gw(upstream: Upstream, storage: Storage, tmp_path: Path) -> AsyncIterator[Gateway]:
     """A gateway whose admin API takes RLGW_ADMIN_TOKEN (``default``), ``ops`` and ``viewer``,
-    with account ``acme`` ($10) and one key on it, made behind the API's back (no audit)."""
+    with account ``acme`` ($10) and one key on it, made behind the API's back (no audit); its
+    config in a file, so it can reload."""
     runner, gateway = await start_gateway(
         upstream,
         storage,
         {"RLGW_ADMIN_TOKEN": ADMIN_TOKEN, **TOKENS_ENV},
+        config_file=tmp_path / "gateway.toml",
         admin=TOKENS_CONFIG,
     )
     await gateway.accounts.create_account("acme", balance_nano=parse_usd("10.00"))
@@ -272,7 +276,7 @@ async def test_every_change_writes_one_audit_line_naming_the_token(
     [line] = audit_lines(caplog)
     assert line["actor"] == "ops"
     assert line["action"].count(".") == 1  # <noun>.<verb>
-    assert line["target"] == answer.get("id") or line["target"] == "acme"
+    assert line["target"] in (answer.get("id"), "acme", "config")
     assert line["after"] is not None and line["after"] != line["before"]
     assert "key" not in line["after"]  # never the secret
 
@@ -288,6 +292,17 @@ async def test_reads_write_no_audit_line(
     caplog.set_level(logging.INFO, logger="ratelimit_gw.audit")
     assert (await call(http, gw, "GET", existing_path(route, key_id), OPS_TOKEN))[0] == 200
     assert audit_lines(caplog) == []
+
+
+async def test_a_gateway_built_without_a_file_has_nothing_to_reload(
+    upstream: Upstream, storage: Storage, http: aiohttp.ClientSession
+) -> None:
+    runner, gateway = await start_gateway(upstream, storage, {"RLGW_ADMIN_TOKEN": ADMIN_TOKEN})
+    try:
+        status, answer = await call(http, gateway, "POST", "/admin/config/reload", ADMIN_TOKEN)
+    finally:
+        await runner.cleanup()
+    assert (status, answer["error"]["reason"]) == (409, "no_config_file")
 
 
 async def test_the_default_token_is_the_actor_default(

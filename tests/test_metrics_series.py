@@ -67,6 +67,8 @@ async def test_a_fresh_gateway_exports_its_bounded_series_at_zero(gateway: Gatew
     assert set(SCRIPT_NAMES) | {"get", "ping", "pipeline"} <= set(STORAGE_OPERATIONS)
     assert series(m, "rlgw_holds_total", "event") == dict.fromkeys(HOLD_EVENTS, 0)
     assert set(HOLD_EVENTS) == {"placed", "settled", "expired"}
+    assert series(m, "rlgw_config_reloads_total", "outcome") == {"ok": 0, "failed": 0}
+    assert series(m, "rlgw_config_info", "digest") == {"": 1}  # built in code: no file
     for name in (
         "rlgw_breaker_state",
         "rlgw_admin_auth_failures_total",

@@ -43,7 +43,7 @@ async def handle_converter(
     key = await authenticate(request, svc, ctx, caller)
     body = await svc.bodies.read(request, ctx)
     info = caller.parse_request(route, body, path_model)
-    model = allowed_model(svc, ctx, key, svc.catalog.find(info.model or ""))
+    model = allowed_model(svc, ctx, key, svc.config.catalog.find(info.model or ""))
     if model.protocol == ctx.protocol:
         return await relay_native(request, svc, ctx, key, model, route, body, info)
 

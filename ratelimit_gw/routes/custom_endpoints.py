@@ -132,7 +132,8 @@ async def handle_custom_endpoint(request: web.Request) -> web.StreamResponse:
     key = await svc.keys.authenticate(_OPENAI.credential(request.headers, request.query))
     ctx.key = key
     info = request.match_info
-    endpoint = svc.settings.custom_endpoints.get((info["provider_account"], info["endpoint"]))
+    config = svc.config  # once: the endpoint and the model prices of one configuration
+    endpoint = config.settings.custom_endpoints.get((info["provider_account"], info["endpoint"]))
     if endpoint is None:
         raise GatewayError(
             404,
@@ -163,7 +164,7 @@ async def handle_custom_endpoint(request: web.Request) -> web.StreamResponse:
     body = await svc.bodies.read(request, ctx)
     _check_restricted_key(key, body)
     route = Route.RESPONSES if suffix.rstrip("/").endswith("responses") else Route.CHAT
-    model = _priced_model(body, svc.settings.models)
+    model = _priced_model(body, config.settings.models)
     request_info = None
     new_tap: Callable[[], StreamTap] | None
     if model is not None:  # a restricted key may use it: _check_restricted_key said so

@@ -25,7 +25,7 @@ async def _listings(request: web.Request) -> tuple[ProtocolAdapter, list[ModelLi
     if (refused := key_error(decision.reason)) is not None:
         raise refused
     ctx.key, ctx.decision = key, decision
-    return caller, svc.catalog.listings(key)
+    return caller, svc.config.catalog.listings(key)
 
 
 def _json(document: object) -> web.Response:

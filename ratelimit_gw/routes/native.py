@@ -38,7 +38,7 @@ async def handle_llm(
     key = await authenticate(request, svc, ctx, caller)
     body = await svc.bodies.read(request, ctx)
     info = caller.parse_request(route, body, path_model)
-    model = allowed_model(svc, ctx, key, svc.catalog.resolve(info.model or "", ctx.protocol))
+    model = allowed_model(svc, ctx, key, svc.config.catalog.resolve(info.model or "", ctx.protocol))
     return await relay_native(request, svc, ctx, key, model, route, body, info)
 
 
@@ -199,6 +199,6 @@ async def _passthrough(
     """Benchmark baseline only: relay with no key, limit, balance or settlement."""
     body = await svc.bodies.read(request, ctx)
     info = caller.parse_request(route, body, path_model)
-    model = svc.catalog.resolve(info.model or "", ctx.protocol)
+    model = svc.config.catalog.resolve(info.model or "", ctx.protocol)
     call = _upstream_call(request, _as_sent(request, model, route, body, info), model, None)
     return await svc.relay.forward(request, call, RelayResult(), own_headers(ctx))
