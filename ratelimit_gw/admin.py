@@ -7,6 +7,8 @@ travel as decimal strings, never floats.
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Annotated, Any
 
 import msgspec
@@ -291,6 +293,10 @@ async def reload_configuration(request: web.Request, accounts: AccountStore) -> 
         ) from None
     # The after-state says what changed, by name: never a value, so never a secret.
     record(admin_actor(request), "config.reload", "config", before, reload)
+    if svc.pool_parent_pid is not None:
+        # One worker of a pool answered: its parent sends SIGHUP to every worker, so all of
+        # them run on the file this one validated (this one again: a no-op, same digest).
+        os.kill(svc.pool_parent_pid, signal.SIGHUP)
     return _json(reload)
 
 

@@ -131,10 +131,12 @@ async def serve_forever(
     reuse_port: bool = False,
     passthrough: bool = False,
     config_file: ConfigFile | None = None,
+    pool_parent_pid: int | None = None,
 ) -> None:
     app = create_app(settings, passthrough=passthrough, config_file=config_file)
     runner = make_runner(app, settings.server)
     await runner.setup()
+    app[SERVICES].pool_parent_pid = pool_parent_pid  # the services exist once set up
     # Everything loaded so far (modules, config, the app) lives as long as the process:
     # keep it out of the cyclic collector's full passes, which otherwise grow with it.
     gc.freeze()
@@ -167,7 +169,11 @@ def _worker(settings: Settings, passthrough: bool, config_file: ConfigFile | Non
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(
             serve_forever(
-                settings, reuse_port=True, passthrough=passthrough, config_file=config_file
+                settings,
+                reuse_port=True,
+                passthrough=passthrough,
+                config_file=config_file,
+                pool_parent_pid=os.getppid(),
             )
         )
 

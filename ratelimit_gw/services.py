@@ -40,6 +40,9 @@ class Services:
     # Benchmark baseline: relay without keys, limits or balance (``serve --passthrough-…``).
     passthrough: bool = False
     config_file: ConfigFile | None = None  # what a reload reads; None: built in code, no reload
+    # The `serve --workers` parent of this worker process (None: not a worker): a reload asked
+    # of one worker over the admin API is passed on to it, which sends SIGHUP to every worker.
+    pool_parent_pid: int | None = None
     draining: bool = False  # set at shutdown: /readyz answers 503 so load balancers move on
     # The handler tasks of the requests being served (probes and scrapes excepted): bounded
     # by server.max_inflight, and what a graceful shutdown waits for (serve.py).

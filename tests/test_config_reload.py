@@ -312,9 +312,11 @@ async def test_the_admin_endpoint_reloads_and_says_what_changed(
 
 
 @pytest.mark.slow
-async def test_one_sighup_to_a_worker_pool_reloads_every_worker(
-    upstream: Upstream, redis_server: RedisProcess, tmp_path: Path
+@pytest.mark.parametrize("trigger", ["sighup", "admin_api"])
+async def test_one_reload_of_a_worker_pool_reloads_every_worker(
+    upstream: Upstream, redis_server: RedisProcess, tmp_path: Path, trigger: str
 ) -> None:
+    """One SIGHUP to the parent, or one admin call that a single worker answers."""
     key = await acme_key(redis_server.url)
     port = free_port()
     config = tmp_path / "gateway.toml"
@@ -330,8 +332,16 @@ async def test_one_sighup_to_a_worker_pool_reloads_every_worker(
             workers = await until_each_worker_answers(http, base, pool.pid)
             new_file = config_toml(upstream.url, redis_server.url, NEW_PRICES, extra=server)
             config.write_text(new_file)
-            pool.send_signal(signal.SIGHUP)
-            await until_reloads(http, base, "ok", 2)  # the pool's sum: both workers
+            if trigger == "sighup":
+                pool.send_signal(signal.SIGHUP)
+                await until_reloads(http, base, "ok", 2)  # the pool's sum: both workers
+            else:
+                async with http.post(f"{base}/admin/config/reload", headers=ADMIN) as response:
+                    assert response.status == 200, await response.text()
+                    assert (await response.json())["changed"] == ["models/gpt-4o-mini"]
+                # The answering worker, then the SIGHUP its parent sent to both (a no-op on
+                # the one that already runs the file).
+                await until_reloads(http, base, "ok", 3)
             async with http.get(f"{base}/metrics") as response:
                 exposition = await response.text()
             request_ids = []
