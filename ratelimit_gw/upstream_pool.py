@@ -14,7 +14,7 @@ Promises, on every gateway instance alike (the state is in storage, never in a p
 - An upstream 429 cools a key down for the upstream's hint (:meth:`PoolStore.cool_down`; the
   marker expires by itself); a 401 marks it unhealthy until a probe marks it healthy.
 
-Knows no HTTP and no configuration file: a :class:`Pool` is what it needs of a provider.
+Knows no HTTP: a :class:`Pool` (:func:`pool_of` a provider) is what it needs of one.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .keyspace import PoolKeys
+from .settings import Provider
 from .storage import Storage
 
 KeyStateName = Literal["ok", "cooling", "unhealthy"]
@@ -55,6 +56,12 @@ class Pool:
             if key.name == name:
                 return key
         raise KeyError(f"pool {self.provider!r} has no key {name!r}")
+
+
+def pool_of(provider: Provider) -> Pool:
+    """A provider's pool: its keys with their ceilings; its own rpm/tpm for the whole pool."""
+    keys = tuple(PoolKey(key.name, key.rpm, key.tpm) for key in provider.keys)
+    return Pool(provider.name, keys, provider.rpm, provider.tpm)
 
 
 @dataclass(frozen=True, slots=True)
