@@ -107,6 +107,10 @@ if mode == 'refund' then
   return {}
 end
 
+-- One read of the unhealthy set rather than one per key.
+local unhealthy = {}
+for _, name in ipairs(redis.call('SMEMBERS', KEYS[4])) do unhealthy[name] = true end
+
 local function headroom(k)
   local h = 1.0
   for _, b in ipairs(k.buckets) do
@@ -125,7 +129,7 @@ if mode == 'peek' then
   for _, k in ipairs(keys) do
     local state, until_ms = 'ok', 0
     local cool = cooling_ms(k)
-    if redis.call('SISMEMBER', KEYS[4], k.name) == 1 then
+    if unhealthy[k.name] then
       state = 'unhealthy'
     elseif cool > 0 then
       state, until_ms = 'cooling', now_ms + cool
@@ -152,7 +156,7 @@ local healthy, fitting = 0, 0
 local soonest_ms, soonest_cooling = nil, false
 local best, tied = nil, {}
 for _, k in ipairs(keys) do
-  if redis.call('SISMEMBER', KEYS[4], k.name) == 0 then
+  if not unhealthy[k.name] then
     healthy = healthy + 1
     local cool = cooling_ms(k)
     local wait, fits = cool, true
