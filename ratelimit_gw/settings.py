@@ -464,12 +464,12 @@ def _resolve_keys(
             f"{path}.api_key_env: a provider has one key (api_key_env) or a pool "
             "([[providers.keys]]), not both; move it into a keys entry"
         )
-    credential_header = adapter.upstream_credential("")[0].lower()
-    if credential_header in written:
-        raise ConfigError(
-            f"{path}.headers.{written[credential_header]}: each key of the pool sends its own "
-            "credential in this header; remove it"
-        )
+    for name in headers:
+        if name.lower() in CREDENTIAL_HEADERS:  # a second credential beside each key's
+            raise ConfigError(
+                f"{path}.headers.{name}: the pool's keys carry the credential (sent as "
+                f"{adapter.upstream_credential('')[0]}); remove this header"
+            )
     keys: list[UpstreamKey] = []
     secrets: dict[str, str] = {}  # secret -> the key that has it
     for j, k in enumerate(p.keys):

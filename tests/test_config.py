@@ -742,8 +742,14 @@ def test_a_credential_written_in_headers_is_a_pool_of_one_key_the_headers_carry(
         (
             ("rpm = 900\n", 'rpm = 900\nheaders = { authorization = "Bearer ${OPENAI_KEY_A}" }\n'),
             POOL_ENV,
-            "providers[0].headers.authorization: each key of the pool sends its own credential "
-            "in this header; remove it",
+            "providers[0].headers.authorization: the pool's keys carry the credential (sent as "
+            "Authorization); remove this header",
+        ),
+        (
+            ("rpm = 900\n", 'rpm = 900\nheaders = { api-key = "${OPENAI_KEY_A}" }\n'),
+            POOL_ENV,
+            "providers[0].headers.api-key: the pool's keys carry the credential (sent as "
+            "Authorization); remove this header",
         ),
         (
             ('"team-b"', '"team b"'),
