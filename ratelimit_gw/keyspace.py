@@ -6,7 +6,10 @@ indexes (key hash → key, key id → account) and the account list live outside
 read before the account is known; the orphan-settlements stream, written after a script
 found no account; and the key-change feed, which every gateway reads whatever the account.
 Shared upstream quotas (docs/custom-endpoints.md) belong to no account: each has its own tag
-``{q:<quota>}`` and its own script run.
+``{q:<quota>}`` and its own script run. So do upstream key pools (SPEC §14): every key of one
+provider's pool — each upstream key's buckets and cool-down, the pool's own buckets, its tie
+counter and unhealthy set — shares the tag ``{p:<provider>}``, so a pick weighs the whole
+pool in one slot.
 
 Deleting an account keeps its hash (status ``deleted``: the tombstone that keeps its id from
 being created again), its ledger and its revoked keys; it leaves the account list.
@@ -20,6 +23,7 @@ Redis calls on every request (admit.lua went from 27 calls to 14, settle.lua fro
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 PREFIX = "rlgw"
 ACCOUNTS_SET = f"{PREFIX}:accounts"
@@ -113,3 +117,30 @@ def quota_keys(quota_id: str) -> list[str]:
     """
     base = f"{PREFIX}:{{q:{quota_id}}}"
     return [f"{base}:rpm", f"{base}:tpm"]
+
+
+class PoolKeys:
+    """Key names of one provider's upstream key pool (``pool_pick.lua`` and the plain commands
+    that mark keys cooling or unhealthy), all under ``{p:<provider>}``."""
+
+    __slots__ = ("base",)
+
+    def __init__(self, provider: str) -> None:
+        self.base = f"{PREFIX}:{{p:{provider}}}"
+
+    @property
+    def unhealthy(self) -> str:
+        """The set of key names an upstream 401 marked unhealthy (until a probe clears them)."""
+        return f"{self.base}:unhealthy"
+
+    def cooling(self, key_name: str) -> str:
+        """A marker whose TTL is the key's cool-down after an upstream 429."""
+        return f"{self.base}:key:{key_name}:cooling"
+
+    def script_keys(self, key_names: Sequence[str]) -> list[str]:
+        """KEYS of pool_pick.lua, in the order its header states, for the keys named."""
+        base = self.base
+        keys = [f"{base}:rpm", f"{base}:tpm", f"{base}:tie", self.unhealthy]
+        for name in key_names:
+            keys += [f"{base}:key:{name}:rpm", f"{base}:key:{name}:tpm", self.cooling(name)]
+        return keys

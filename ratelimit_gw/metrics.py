@@ -76,6 +76,7 @@ STORAGE_OPERATIONS = (
     "hset",
     "hdel",
     "sadd",
+    "srem",  # a pool key healthy again (upstream_pool.py)
     "smembers",
     "xrevrange",
     "xrange",  # the key-change feed, read four times a second (key_changes.py)

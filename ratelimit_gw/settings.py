@@ -102,11 +102,28 @@ class StorageSettings(_Section):
     eviction_check_interval_s: PositiveFloat = 60.0
 
 
+class UpstreamKeySettings(_Section):
+    """``[[providers.keys]]``: one upstream key of a provider's pool (SPEC §14)."""
+
+    name: str  # in storage, metrics and logs; never the secret
+    api_key_env: str
+    rpm: PositiveInt | None = None  # this key's own ceiling at the provider
+    tpm: PositiveInt | None = None
+
+
 class ProviderSettings(_Section):
     name: str
     protocol: ProtocolName
     base_url: str
     api_key_env: str | None = None
+    # A pool of upstream keys instead of api_key_env (SPEC §14; parsed and validated, the
+    # relay's failover lands next): attempts per request over all keys and fallbacks, the
+    # cool-down after an upstream 429 without a retry hint, and how often a key an upstream
+    # 401 marked unhealthy is probed.
+    keys: list[UpstreamKeySettings] = []
+    max_attempts: PositiveInt = 2
+    cooldown_default_s: PositiveFloat = 60.0
+    probe_interval_s: PositiveFloat = 30.0
     headers: dict[str, str] = {}
     rpm: PositiveInt | None = None
     tpm: PositiveInt | None = None
@@ -123,10 +140,20 @@ class ProviderSettings(_Section):
     drop_headers: list[str] | None = None
 
 
+class FallbackSettings(_Section):
+    """A model's fallback written as a table: another provider, under its own model id."""
+
+    provider: str
+    upstream_id: str | None = None
+
+
 class ModelSettings(_Section):
     id: str
     provider: str
     upstream_id: str | None = None
+    # Providers of the same protocol tried in order once the model's own pool is spent
+    # (SPEC §14): a provider name (same upstream_id) or {provider, upstream_id}.
+    fallbacks: list[str | FallbackSettings] = []
     display_name: str | None = None
     input_per_mtok: Price = 0.0
     output_per_mtok: Price = 0.0
@@ -201,12 +228,24 @@ class FileSettings(_Section):
     log: LogSettings = msgspec.field(default_factory=LogSettings)
 
 
+class UpstreamKey(msgspec.Struct, frozen=True, kw_only=True):
+    """One upstream key of a provider's pool, its secret resolved."""
+
+    name: str
+    # (header, value) as the protocol sends it; None: the provider's own headers carry the
+    # credential (a provider configured without api_key_env, e.g. an `api-key` header).
+    credential: tuple[str, str] | None
+    rpm: int | None = None
+    tpm: int | None = None
+
+
 class Provider(msgspec.Struct, frozen=True, kw_only=True):
     """A provider with its secrets resolved: what the relay uses."""
 
     name: str
     protocol: str
     base_url: str
+    # Until failover lands, the pool's first key's credential is among these.
     upstream_headers: dict[str, str]
     client_headers: ClientHeaderPolicy  # which of a caller's headers reach the upstream
     rpm: int | None
@@ -214,6 +253,18 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True):
     timeout_s: float
     connect_timeout_s: float
     chat_cap_field: str
+    # The pool (SPEC §14): today's api_key_env alone is one key named after the provider.
+    keys: tuple[UpstreamKey, ...] = ()
+    max_attempts: int = 2
+    cooldown_default_s: float = 60.0
+    probe_interval_s: float = 30.0
+
+
+class Fallback(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a model's request may go once its own provider's keys are spent."""
+
+    provider: Provider
+    upstream_id: str
 
 
 class Model(msgspec.Struct, frozen=True, kw_only=True):
@@ -228,6 +279,7 @@ class Model(msgspec.Struct, frozen=True, kw_only=True):
     max_output_tokens: int
     reference_allowance_tokens: int | None
     created: int
+    fallbacks: tuple[Fallback, ...] = ()
 
     @property
     def protocol(self) -> str:
@@ -360,18 +412,9 @@ def _resolve_provider(p: ProviderSettings, i: int, environ: Mapping[str, str]) -
             f"speaks {p.protocol}); remove it"
         )
     headers = _resolve_headers(p.headers, path, environ)
-    if p.api_key_env is not None:
-        if p.api_key_env not in environ:
-            raise ConfigError(
-                f"{path}.api_key_env: environment variable {p.api_key_env} is not set"
-            )
-        key = environ[p.api_key_env]
-        _check_header_value(key, f"{path}.api_key_env ({p.api_key_env})")
-        # Each protocol's upstream expects its credential in its own header; one written in
-        # `headers` wins, whatever its letter case (two would both be sent).
-        credential = ADAPTERS[p.protocol].upstream_credential(key)
-        if credential[0].lower() not in {name.lower() for name in headers}:
-            headers[credential[0]] = credential[1]
+    keys = _resolve_keys(p, path, environ, headers)
+    if keys[0].credential is not None:  # the relay sends the first key until failover lands
+        headers[keys[0].credential[0]] = keys[0].credential[1]
     return Provider(
         name=p.name,
         protocol=p.protocol,
@@ -383,7 +426,104 @@ def _resolve_provider(p: ProviderSettings, i: int, environ: Mapping[str, str]) -
         timeout_s=p.timeout_s,
         connect_timeout_s=p.connect_timeout_s,
         chat_cap_field=p.chat_cap_field or "max_completion_tokens",
+        keys=keys,
+        max_attempts=p.max_attempts,
+        cooldown_default_s=p.cooldown_default_s,
+        probe_interval_s=p.probe_interval_s,
     )
+
+
+def _api_key(env_name: str, path: str, environ: Mapping[str, str]) -> str:
+    if env_name not in environ:
+        raise ConfigError(f"{path}: environment variable {env_name} is not set")
+    key = environ[env_name]
+    _check_header_value(key, f"{path} ({env_name})")
+    return key
+
+
+def _resolve_keys(
+    p: ProviderSettings, path: str, environ: Mapping[str, str], headers: Mapping[str, str]
+) -> tuple[UpstreamKey, ...]:
+    """The provider's pool: its ``[[providers.keys]]``, or one key named after the provider
+    (``api_key_env``, or a credential written in ``headers``)."""
+    adapter = ADAPTERS[p.protocol]
+    written = {name.lower(): name for name in headers}
+    if not p.keys:
+        if p.api_key_env is None:
+            return (UpstreamKey(name=p.name, credential=None),)
+        credential = adapter.upstream_credential(
+            _api_key(p.api_key_env, f"{path}.api_key_env", environ)
+        )
+        # Each protocol's upstream expects its credential in its own header; one written in
+        # `headers` wins, whatever its letter case (two would both be sent).
+        if credential[0].lower() in written:
+            return (UpstreamKey(name=p.name, credential=None),)
+        return (UpstreamKey(name=p.name, credential=credential),)
+    if p.api_key_env is not None:
+        raise ConfigError(
+            f"{path}.api_key_env: a provider has one key (api_key_env) or a pool "
+            "([[providers.keys]]), not both; move it into a keys entry"
+        )
+    for name in headers:
+        if name.lower() in CREDENTIAL_HEADERS:  # a second credential beside each key's
+            raise ConfigError(
+                f"{path}.headers.{name}: the pool's keys carry the credential (sent as "
+                f"{adapter.upstream_credential('')[0]}); remove this header"
+            )
+    keys: list[UpstreamKey] = []
+    secrets: dict[str, str] = {}  # secret -> the key that has it
+    for j, k in enumerate(p.keys):
+        kpath = f"{path}.keys[{j}]"
+        _check_id(k.name, f"{kpath}.name")  # in storage key names and metric labels
+        if any(key.name == k.name for key in keys):
+            raise ConfigError(f"{kpath}.name: duplicate key {k.name!r} in this provider's pool")
+        secret = _api_key(k.api_key_env, f"{kpath}.api_key_env", environ)
+        if secret in secrets:
+            # One upstream key under two names would be spent twice over its real ceiling.
+            raise ConfigError(
+                f"{kpath}.api_key_env: {k.api_key_env} holds the same key as key "
+                f"{secrets[secret]!r}; list each upstream key once"
+            )
+        secrets[secret] = k.name
+        keys.append(
+            UpstreamKey(
+                name=k.name, credential=adapter.upstream_credential(secret), rpm=k.rpm, tpm=k.tpm
+            )
+        )
+    return tuple(keys)
+
+
+def _resolve_fallbacks(
+    m: ModelSettings, path: str, providers: Mapping[str, Provider], upstream_id: str
+) -> tuple[Fallback, ...]:
+    own = providers[m.provider]
+    fallbacks: list[Fallback] = []
+    for j, entry in enumerate(m.fallbacks):
+        fpath = f"{path}.fallbacks[{j}]"
+        if isinstance(entry, str):
+            name, fallback_id = entry, upstream_id
+        else:
+            name, fallback_id = entry.provider, entry.upstream_id or upstream_id
+            fpath = f"{fpath}.provider"
+        if name not in providers:
+            known = ", ".join(sorted(providers))
+            raise ConfigError(f"{fpath}: unknown provider {name!r} ({known})")
+        if name == own.name:
+            raise ConfigError(
+                f"{fpath}: {name!r} is the model's own provider, whose keys are tried first "
+                "anyway; name another provider"
+            )
+        if any(f.provider.name == name for f in fallbacks):
+            raise ConfigError(f"{fpath}: provider {name!r} is already a fallback of this model")
+        other = providers[name]
+        if other.protocol != own.protocol:
+            raise ConfigError(
+                f"{fpath}: provider {name!r} speaks {other.protocol} and this model's "
+                f"provider {own.name!r} speaks {own.protocol}; a fallback must speak the same "
+                "protocol"
+            )
+        fallbacks.append(Fallback(provider=other, upstream_id=fallback_id))
+    return tuple(fallbacks)
 
 
 def _client_header_policy(
@@ -421,7 +561,8 @@ def _max_output_tokens(m: ModelSettings, path: str) -> int:
     return m.max_output_tokens
 
 
-def _resolve_model(m: ModelSettings, path: str, provider: Provider) -> Model:
+def _resolve_model(m: ModelSettings, path: str, providers: Mapping[str, Provider]) -> Model:
+    upstream_id = m.upstream_id or m.id
     input_price = usd_to_nano(m.input_per_mtok, f"{path}.input_per_mtok")
     cache_read, cache_write = (
         input_price if price is None else usd_to_nano(price, f"{path}.{name}")
@@ -432,8 +573,8 @@ def _resolve_model(m: ModelSettings, path: str, provider: Provider) -> Model:
     )
     return Model(
         id=m.id,
-        provider=provider,
-        upstream_id=m.upstream_id or m.id,
+        provider=providers[m.provider],
+        upstream_id=upstream_id,
         display_name=m.display_name or m.id,
         input_nano_usd_per_mtok=input_price,
         output_nano_usd_per_mtok=usd_to_nano(m.output_per_mtok, f"{path}.output_per_mtok"),
@@ -442,6 +583,7 @@ def _resolve_model(m: ModelSettings, path: str, provider: Provider) -> Model:
         max_output_tokens=_max_output_tokens(m, path),
         reference_allowance_tokens=m.reference_allowance_tokens,
         created=m.created,
+        fallbacks=_resolve_fallbacks(m, path, providers, upstream_id),
     )
 
 
@@ -543,6 +685,9 @@ def _type_at(path: str) -> msgspec.inspect.Type:
     for part in re.findall(r"[^.\[\]]+", path):
         if isinstance(node, msgspec.inspect.ListType):
             node = node.item_type
+            if isinstance(node, msgspec.inspect.UnionType):  # a name or a table: the table
+                structs = [t for t in node.types if isinstance(t, msgspec.inspect.StructType)]
+                node = structs[0] if structs else node
         elif isinstance(node, msgspec.inspect.StructType):
             node = next((f.type for f in node.fields if f.name == part), node)
     return node
@@ -601,7 +746,7 @@ def build_settings(raw: dict[str, Any], environ: Mapping[str, str] | None = None
         if m.provider not in providers:
             known = ", ".join(sorted(providers)) or "none defined"
             raise ConfigError(f"{path}.provider: unknown provider {m.provider!r} ({known})")
-        models[m.id] = _resolve_model(m, path, providers[m.provider])
+        models[m.id] = _resolve_model(m, path, providers)
 
     custom_endpoints: dict[tuple[str, str], CustomEndpoint] = {}
     for i, e in enumerate(file.custom_endpoints):

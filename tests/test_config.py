@@ -23,10 +23,12 @@ from ratelimit_gw.settings import (
     ServerSettings,
     Settings,
     StorageSettings,
+    UpstreamKey,
     load_settings,
     load_storage_settings,
     parse_settings,
 )
+from ratelimit_gw.upstream_pool import Pool, PoolKey, pool_of
 
 from .cli_helpers import cli
 
@@ -629,3 +631,215 @@ def test_serve_without_a_config_stops_and_points_to_one() -> None:
     done = run_cli("serve")
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr == f"config error: {NO_CONFIG}\n"
+
+
+# --- upstream key pools and fallbacks (§14): parsed and validated; failover lands next -------
+
+AZURE = """
+[[providers]]
+name = "azure-east"
+protocol = "openai"
+base_url = "https://east.example.azure.com"
+api_key_env = "AZURE_KEY"
+"""
+CLAUDE = """
+[[providers]]
+name = "anthropic-main"
+protocol = "anthropic"
+base_url = "https://api.anthropic.com"
+api_key_env = "ANTHROPIC_API_KEY"
+"""
+POOL = """
+[[providers]]
+name = "openai-main"
+protocol = "openai"
+base_url = "https://api.openai.com"
+rpm = 900
+max_attempts = 3
+cooldown_default_s = 20
+probe_interval_s = 15
+[[providers.keys]]
+name = "team-a"
+api_key_env = "OPENAI_KEY_A"
+rpm = 500
+tpm = 200000
+[[providers.keys]]
+name = "team-b"
+api_key_env = "OPENAI_KEY_B"
+"""
+POOL_ENV = {
+    "OPENAI_KEY_A": "sk-a",
+    "OPENAI_KEY_B": "sk-b",
+    "AZURE_KEY": "az",
+    "ANTHROPIC_API_KEY": "sk-ant",
+}
+
+
+def test_a_pool_resolves_each_keys_credential_and_ceilings() -> None:
+    provider = parse_settings(POOL, POOL_ENV).providers["openai-main"]
+    assert provider.keys == (
+        UpstreamKey(
+            name="team-a", credential=("Authorization", "Bearer sk-a"), rpm=500, tpm=200000
+        ),
+        UpstreamKey(name="team-b", credential=("Authorization", "Bearer sk-b")),
+    )
+    assert (provider.max_attempts, provider.cooldown_default_s, provider.probe_interval_s) == (
+        3,
+        20.0,
+        15.0,
+    )
+    # Until failover lands, the relay sends the first key.
+    assert provider.upstream_headers == {"Authorization": "Bearer sk-a"}
+    assert pool_of(provider) == Pool(
+        "openai-main", (PoolKey("team-a", 500, 200000), PoolKey("team-b")), rpm=900
+    )
+
+
+def test_api_key_env_alone_is_a_pool_of_one_key_named_after_the_provider() -> None:
+    provider = parse_settings(OPENAI, ENV).providers["openai-main"]
+    assert provider.keys == (
+        UpstreamKey(name="openai-main", credential=("Authorization", "Bearer sk-openai-secret")),
+    )
+    assert (provider.max_attempts, provider.cooldown_default_s, provider.probe_interval_s) == (
+        2,
+        60.0,
+        30.0,
+    )
+
+
+def test_a_credential_written_in_headers_is_a_pool_of_one_key_the_headers_carry() -> None:
+    text = OPENAI.replace('api_key_env = "OPENAI_API_KEY"\n', 'headers = { api-key = "${AZ}" }\n')
+    provider = parse_settings(text, {"AZ": "azure-secret"}).providers["openai-main"]
+    assert provider.keys == (UpstreamKey(name="openai-main", credential=None),)
+    assert provider.upstream_headers == {"api-key": "azure-secret"}
+
+
+@pytest.mark.parametrize(
+    ("edit", "environ", "message"),
+    [
+        (
+            ("team-b", "team-a"),
+            POOL_ENV,
+            "providers[0].keys[1].name: duplicate key 'team-a' in this provider's pool",
+        ),
+        (
+            ("", ""),
+            {"OPENAI_KEY_A": "sk-a"},
+            "providers[0].keys[1].api_key_env: environment variable OPENAI_KEY_B is not set",
+        ),
+        (
+            ("", ""),
+            {**POOL_ENV, "OPENAI_KEY_B": "sk-a"},
+            "providers[0].keys[1].api_key_env: OPENAI_KEY_B holds the same key as key 'team-a'; "
+            "list each upstream key once",
+        ),
+        (
+            ("rpm = 900\n", 'rpm = 900\napi_key_env = "OPENAI_KEY_A"\n'),
+            POOL_ENV,
+            "providers[0].api_key_env: a provider has one key (api_key_env) or a pool "
+            "([[providers.keys]]), not both; move it into a keys entry",
+        ),
+        (
+            ("rpm = 900\n", 'rpm = 900\nheaders = { authorization = "Bearer ${OPENAI_KEY_A}" }\n'),
+            POOL_ENV,
+            "providers[0].headers.authorization: the pool's keys carry the credential (sent as "
+            "Authorization); remove this header",
+        ),
+        (
+            ("rpm = 900\n", 'rpm = 900\nheaders = { api-key = "${OPENAI_KEY_A}" }\n'),
+            POOL_ENV,
+            "providers[0].headers.api-key: the pool's keys carry the credential (sent as "
+            "Authorization); remove this header",
+        ),
+        (
+            ('"team-b"', '"team b"'),
+            POOL_ENV,
+            "providers[0].keys[1].name: 'team b' must be 1-64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit",
+        ),
+        (
+            ("max_attempts = 3", "max_attempts = 0"),
+            POOL_ENV,
+            "providers[0].max_attempts: Expected `int` >= 1",
+        ),
+        (
+            ("cooldown_default_s = 20", "cooldown_default_s = 0"),
+            POOL_ENV,
+            "providers[0].cooldown_default_s: Expected `float` > 0.0",
+        ),
+        (
+            ("tpm = 200000", "tpm = 0"),
+            POOL_ENV,
+            "providers[0].keys[0].tpm: Expected `int` >= 1",
+        ),
+        (
+            ("rpm = 500\n", 'rpm = 500\nsecret = "sk-literal"\n'),
+            POOL_ENV,
+            "providers[0].keys[0].secret: unknown field (allowed: name, api_key_env, rpm, tpm)",
+        ),
+    ],
+)
+def test_a_bad_pool_is_named_by_its_field_path(
+    edit: tuple[str, str], environ: Mapping[str, str], message: str
+) -> None:
+    assert config_error(POOL.replace(*edit), environ) == message
+
+
+def model_with(fallbacks: str) -> str:
+    return MODEL + f'upstream_id = "gpt-4o-mini-2024"\nfallbacks = {fallbacks}\n'
+
+
+def test_fallbacks_resolve_to_providers_of_the_same_protocol() -> None:
+    text = (
+        POOL
+        + AZURE
+        + (AZURE.replace("azure-east", "azure-west").replace("AZURE_KEY", "AZURE_WEST_KEY"))
+    )
+    text += model_with('["azure-east", { provider = "azure-west", upstream_id = "gpt4o-prod" }]')
+    settings = parse_settings(text, {**POOL_ENV, "AZURE_WEST_KEY": "az-west"})
+    fallbacks = settings.models["gpt-4o-mini"].fallbacks
+    assert [(f.provider.name, f.upstream_id) for f in fallbacks] == [
+        ("azure-east", "gpt-4o-mini-2024"),  # a name alone keeps the model's upstream_id
+        ("azure-west", "gpt4o-prod"),
+    ]
+    assert fallbacks[0].provider is settings.providers["azure-east"]
+    assert parse_settings(POOL + MODEL, POOL_ENV).models["gpt-4o-mini"].fallbacks == ()
+
+
+@pytest.mark.parametrize(
+    ("fallbacks", "message"),
+    [
+        (
+            '["azure-north"]',
+            "models[0].fallbacks[0]: unknown provider 'azure-north' "
+            "(anthropic-main, azure-east, openai-main)",
+        ),
+        (
+            '["azure-east", { provider = "nowhere" }]',
+            "models[0].fallbacks[1].provider: unknown provider 'nowhere' "
+            "(anthropic-main, azure-east, openai-main)",
+        ),
+        (
+            '["anthropic-main"]',
+            "models[0].fallbacks[0]: provider 'anthropic-main' speaks anthropic and this "
+            "model's provider 'openai-main' speaks openai; a fallback must speak the same "
+            "protocol",
+        ),
+        (
+            '["openai-main"]',
+            "models[0].fallbacks[0]: 'openai-main' is the model's own provider, whose keys are "
+            "tried first anyway; name another provider",
+        ),
+        (
+            '["azure-east", { provider = "azure-east", upstream_id = "x" }]',
+            "models[0].fallbacks[1].provider: provider 'azure-east' is already a fallback of "
+            "this model",
+        ),
+        (
+            '[{ provider = "azure-east", model = "x" }]',
+            "models[0].fallbacks[0].model: unknown field (allowed: provider, upstream_id)",
+        ),
+    ],
+)
+def test_a_bad_fallback_is_named_by_its_field_path(fallbacks: str, message: str) -> None:
+    assert config_error(POOL + AZURE + CLAUDE + model_with(fallbacks), POOL_ENV) == message

@@ -32,6 +32,7 @@ from ratelimit_gw.protocols import input_token_bound
 from ratelimit_gw.services import SERVICES
 from ratelimit_gw.settings import ConfigError, StorageSettings
 from ratelimit_gw.storage import Storage, open_storage
+from ratelimit_gw.upstream_pool import Exhausted, Picked, Pool, PoolKey, PoolStore
 
 from .concurrent_admission import fire, gateway_processes_on, holds_released
 from .conftest import ADMIN_TOKEN, MODELS, Gateway, Upstream, start_gateway
@@ -123,6 +124,33 @@ def test_every_script_touches_one_cluster_slot() -> None:
     ):
         assert len({key_slot(k.encode()) for k in script_keys}) == 1
     assert len({key_slot(k.encode()) for k in keyspace.quota_keys("provider:mock")}) == 1
+    pool_keys = keyspace.PoolKeys("openai-main").script_keys(["team-a", "team-b", "team-c"])
+    assert len({key_slot(k.encode()) for k in pool_keys}) == 1
+
+
+async def test_upstream_pool_picks_and_marks_keys_on_a_cluster_without_cross_slot_errors(
+    cluster_storage: Storage,
+) -> None:
+    """Pools on every master: the pick, its refund, cool-downs and health marks each run in
+    one slot (a CROSSSLOT error would raise StorageError here)."""
+    ranges = [(int(r[0]), int(r[1]), int(r[2][1])) for r in await cluster_slots(cluster_storage)]
+    pools = PoolStore(cluster_storage)
+    masters_used = set()
+    for i in range(12):
+        pool = Pool(f"provider-{i}", (PoolKey("a", rpm=1), PoolKey("b", rpm=1)), rpm=5)
+        slot = key_slot(keyspace.PoolKeys(pool.provider).unhealthy.encode())
+        masters_used.add(next(port for lo, hi, port in ranges if lo <= slot <= hi))
+        await pools.mark_unhealthy(pool, "a")
+        await pools.cool_down(pool, "b", 60_000)
+        refused = await pools.pick(pool, 0)
+        assert isinstance(refused, Exhausted) and refused.reason == "all_cooling"
+        assert 59_000 < refused.retry_after_ms <= 60_000
+        await pools.mark_healthy(pool, "a")
+        picked = await pools.pick(pool, 0)
+        assert isinstance(picked, Picked) and picked.key_name == "a"
+        await pools.refund(pool, "a", 1, 0)
+        assert [s.state for s in await pools.states(pool)] == ["ok", "cooling"]
+    assert len(masters_used) == 3
 
 
 def accounts_on_every_node(cluster_slots: Any, per_node: int = 1) -> list[str]:

@@ -17,6 +17,7 @@ SCRIPT_NAMES = (
     "delete_account",
     "rotate_key",
     "upstream_quota",
+    "pool_pick",
 )
 
 

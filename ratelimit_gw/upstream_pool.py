@@ -1,0 +1,165 @@
+"""Upstream key pools (SPEC §14): which of a provider's upstream keys serves the next attempt.
+
+Promises, on every gateway instance alike (the state is in storage, never in a process):
+
+- :meth:`PoolStore.pick` takes a key that is healthy, not cooling down, and whose own rpm/tpm
+  ceilings and the provider's both have room for the request — the one with the most
+  headroom, ties in turn — and reserves those ceilings in the same atomic step
+  (``lua/pool_pick.lua``). No key ever serves more than its ceiling, nor the pool more than
+  the provider's, however many instances pick at once.
+- When none can be picked, :class:`Exhausted` says why and the soonest real time a key frees
+  up (a cool-down ending, a bucket refilling enough for this request).
+- A failed attempt gives its reservation back (:meth:`PoolStore.refund`); settlement corrects
+  the token reservation to the real usage the same way.
+- An upstream 429 cools a key down for the upstream's hint (:meth:`PoolStore.cool_down`; the
+  marker expires by itself); a 401 marks it unhealthy until a probe marks it healthy.
+
+Knows no HTTP: a :class:`Pool` (:func:`pool_of` a provider) is what it needs of one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .keyspace import PoolKeys
+from .settings import Provider
+from .storage import Storage
+
+KeyStateName = Literal["ok", "cooling", "unhealthy"]
+ExhaustedReason = Literal[
+    "all_unhealthy", "all_cooling", "all_full", "provider_full", "request_exceeds_limit"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolKey:
+    """One upstream key of a pool: its name (in storage, metrics and logs; never the secret)
+    and its own ceilings at the provider (None: none)."""
+
+    name: str
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """A provider's upstream keys, and the provider's own ceiling shared by all of them."""
+
+    provider: str
+    keys: tuple[PoolKey, ...]
+    rpm: int | None = None
+    tpm: int | None = None
+
+    def key(self, name: str) -> PoolKey:
+        for key in self.keys:
+            if key.name == name:
+                return key
+        raise KeyError(f"pool {self.provider!r} has no key {name!r}")
+
+
+def pool_of(provider: Provider) -> Pool:
+    """A provider's pool: its keys with their ceilings; its own rpm/tpm for the whole pool."""
+    keys = tuple(PoolKey(key.name, key.rpm, key.tpm) for key in provider.keys)
+    return Pool(provider.name, keys, provider.rpm, provider.tpm)
+
+
+@dataclass(frozen=True, slots=True)
+class Picked:
+    """A key picked and its ceilings reserved (give them back with :meth:`PoolStore.refund`
+    if the attempt fails)."""
+
+    key_name: str
+    headroom: float  # the key's min(rpm, tpm) fraction left before this reservation
+
+
+@dataclass(frozen=True, slots=True)
+class Exhausted:
+    """No key can take the request now; ``retry_after_ms`` is the soonest one frees up (0 when
+    waiting cannot help: every key unhealthy, or the request larger than every ceiling)."""
+
+    retry_after_ms: int
+    reason: ExhaustedReason
+
+
+@dataclass(frozen=True, slots=True)
+class KeyState:
+    """One key as metrics show it; headroom fractions are None for a key without that ceiling."""
+
+    name: str
+    state: KeyStateName
+    cooling_until_ms: int  # Redis time, epoch ms; 0 when not cooling
+    rpm_headroom: float | None
+    tpm_headroom: float | None
+
+
+def _ceiling(limit: int | None) -> int:
+    return -1 if limit is None else limit
+
+
+def _fraction(text: str) -> float | None:
+    return None if text == "" else float(text)
+
+
+class PoolStore:
+    """Picks, refunds and marks the keys of upstream pools in storage."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+
+    async def _run(
+        self, mode: str, pool: Pool, keys: tuple[PoolKey, ...], requests: int, tokens: int
+    ) -> list[str]:
+        args: list[str | int] = [mode, requests, tokens, _ceiling(pool.rpm), _ceiling(pool.tpm)]
+        for key in keys:
+            args += [key.name, _ceiling(key.rpm), _ceiling(key.tpm)]
+        script_keys = PoolKeys(pool.provider).script_keys([key.name for key in keys])
+        reply: list[str] = await self._storage.run("pool_pick", script_keys, args)
+        return reply
+
+    async def pick(self, pool: Pool, tokens: int) -> Picked | Exhausted:
+        """Pick a key for one request of ``tokens`` (estimated) and reserve its ceilings."""
+        reply = await self._run("pick", pool, pool.keys, 1, tokens)
+        if int(reply[0]) == 1:
+            return Picked(key_name=str(reply[1]), headroom=float(reply[4]))
+        reason: ExhaustedReason = reply[2]  # type: ignore[assignment]  # the script's contract
+        return Exhausted(retry_after_ms=int(reply[3]), reason=reason)
+
+    async def refund(self, pool: Pool, key_name: str, requests: int, tokens: int) -> None:
+        """Give ``requests`` and ``tokens`` back to the key and the pool, never above their
+        ceilings: ``(1, estimate)`` for a failed attempt; ``(0, estimate - actual)`` to settle
+        the tpm reservation to the real usage (negative: an extra debit)."""
+        if requests == 0 and tokens == 0:
+            return
+        await self._run("refund", pool, (pool.key(key_name),), requests, tokens)
+
+    async def cool_down(self, pool: Pool, key_name: str, ms: int) -> None:
+        """Skip the key for ``ms`` on every instance (an upstream 429 and its retry hint).
+        The latest hint wins: an upstream's newer answer is the better guess."""
+        pool.key(key_name)  # a name outside the pool is a caller's bug, not a new key
+        await self._storage.call(
+            "SET", PoolKeys(pool.provider).cooling(key_name), 1, "PX", max(ms, 1)
+        )
+
+    async def mark_unhealthy(self, pool: Pool, key_name: str) -> None:
+        """Skip the key until :meth:`mark_healthy` (an upstream 401; a probe brings it back)."""
+        pool.key(key_name)
+        await self._storage.call("SADD", PoolKeys(pool.provider).unhealthy, key_name)
+
+    async def mark_healthy(self, pool: Pool, key_name: str) -> None:
+        pool.key(key_name)
+        await self._storage.call("SREM", PoolKeys(pool.provider).unhealthy, key_name)
+
+    async def states(self, pool: Pool) -> list[KeyState]:
+        """Every key's state and headroom now, in the pool's order; writes nothing."""
+        reply = await self._run("peek", pool, pool.keys, 0, 0)
+        return [
+            KeyState(
+                name=str(reply[i]),
+                state=reply[i + 1],  # type: ignore[arg-type]  # the script's contract
+                cooling_until_ms=int(reply[i + 2]),
+                rpm_headroom=_fraction(reply[i + 3]),
+                tpm_headroom=_fraction(reply[i + 4]),
+            )
+            for i in range(0, len(reply), 5)
+        ]
