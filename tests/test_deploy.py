@@ -39,7 +39,14 @@ DASHBOARD = GRAFANA / "dashboards/ratelimit-gw.json"
 # Provided by the operator, not by these manifests (documented in docs/operations.md).
 OPERATOR_SECRETS = {"ratelimit-gw-secrets"}
 OPERATOR_SERVICES = {"redis"}
-DASHBOARD_ROWS = ["Traffic", "Rejections", "Latency", "Tokens and spend", "Storage", "Configuration"]
+DASHBOARD_ROWS = [
+    "Traffic",
+    "Rejections",
+    "Latency",
+    "Tokens and spend",
+    "Storage",
+    "Configuration",
+]
 
 
 def load_yaml(path: Path) -> Any:
