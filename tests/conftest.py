@@ -7,6 +7,7 @@ real Redis, so the same assertions run on both backends.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from collections.abc import AsyncIterator, Iterator
@@ -46,6 +47,29 @@ MODELS = (
     ("claude-sonnet-4-6", "anthropic", "3.00", "15.00"),
     ("gemini-2.5-flash", "gemini", "0.30", "2.50"),
 )
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze what collection loaded, as `serve` does for the gateway. The test process
+    imports every SDK, hypothesis and schemathesis: hundreds of thousands of long-lived
+    objects that each full collection would walk again, in pauses of 0.3-1 s late in a run,
+    long enough to break the timing bounds the failure tests assert (a request answered
+    within 1 s of a 0.3 s upstream timeout)."""
+    gc.collect()
+    gc.freeze()
+
+
+_last_frozen_module: list[str] = []
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """And again as each test file starts: what the files before it left alive (schemathesis'
+    cases, SDK clients, caches) joins the frozen heap instead of growing every pause."""
+    module = item.nodeid.split("::", 1)[0]
+    if _last_frozen_module[-1:] != [module]:
+        _last_frozen_module[:] = [module]
+        gc.collect()
+        gc.freeze()
 
 
 @pytest.fixture(scope="session")
