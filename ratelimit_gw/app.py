@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 from collections.abc import AsyncIterator
 from functools import partial
 
@@ -35,6 +35,10 @@ from .storage import Storage, open_storage
 from .storage.eviction_guard import EvictionGuard
 from .upstream_client import UpstreamClient
 from .upstream_quota import UpstreamQuota
+
+log = logging.getLogger("ratelimit_gw")
+# How long shutdown waits for the background tasks (eviction guard, key-change feed) to stop.
+WATCHER_STOP_S = 5.0
 
 
 def create_app(
@@ -99,8 +103,10 @@ def create_app(
         yield
         for watcher in watchers:
             watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+        # Bounded: a watcher that ignored its cancellation must not hold the shutdown hostage.
+        _, stuck = await asyncio.wait(watchers, timeout=WATCHER_STOP_S)
+        for watcher in stuck:
+            log.error("background task %s did not stop when cancelled", watcher.get_coro())
         await settler.drain()
         await upstream.close()
         if own_storage:

@@ -79,14 +79,21 @@ class KeyCache:
 
     async def follow_changes(self, feed: KeyChangeFeed) -> None:
         """Forget the keys the feed names, every :data:`POLL_S`, for the life of the app.
-        Storage failing only delays it: the changes wait in the feed."""
+        Storage failing only delays it: the changes wait in the feed. Cancelled, it stops."""
+        me = asyncio.current_task()
         while True:
             try:
                 changes = await feed.read()
-            except StorageError:
-                pass
-            except Exception:  # never stop following: a stale cache would outlive the bug
-                log.exception("reading the key-change feed failed")
+            except Exception as exc:
+                # A storage call cut short by this task's own cancellation may surface as a
+                # time-out, not CancelledError (asyncio.timeout in Python 3.11, when its own
+                # deadline and the cancellation land together): swallowing it would keep this
+                # loop, and the app's shutdown that waits for it, running for ever.
+                if me is not None and me.cancelling():
+                    raise asyncio.CancelledError from exc
+                if not isinstance(exc, StorageError):
+                    # Never stop following over a bug: a stale cache would outlive it.
+                    log.exception("reading the key-change feed failed")
             else:
                 if not changes.complete:
                     self._forget(None)

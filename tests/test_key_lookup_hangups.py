@@ -16,10 +16,11 @@ import redis.asyncio as aioredis
 
 from ratelimit_gw.accounts import AccountStore
 from ratelimit_gw.auth import KeyCache
+from ratelimit_gw.key_changes import KeyChangeFeed
 from ratelimit_gw.keys import KeyRecord
 from ratelimit_gw.services import SERVICES, Services
 from ratelimit_gw.settings import StorageSettings
-from ratelimit_gw.storage import open_storage
+from ratelimit_gw.storage import Storage, StorageError, open_storage
 
 from .conftest import Upstream, start_gateway
 from .redis_process import RedisProcess
@@ -144,3 +145,27 @@ async def test_over_http_the_others_are_answered_when_the_first_caller_hangs_up(
         await storage.close()
         await direct.close()
         await proxy.close()
+
+
+class CancellationSurfacingAsATimeout:
+    """A key-change feed whose read, when cancelled, fails as storage does when its own
+    deadline and the cancellation land together (asyncio.timeout, Python 3.11)."""
+
+    async def read(self) -> object:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise StorageError("storage call xrange failed at memory://: timed out") from None
+        raise AssertionError("the read was not cancelled")
+
+
+async def test_following_key_changes_stops_when_cancelled_even_if_the_read_says_timed_out(
+    storage: Storage,
+) -> None:
+    keys = KeyCache(AccountStore(storage), ttl_s=1.0)
+    feed = cast(KeyChangeFeed, CancellationSurfacingAsATimeout())
+    following = asyncio.create_task(keys.follow_changes(feed))
+    await asyncio.sleep(0.01)  # inside the read
+    following.cancel()
+    done, _ = await asyncio.wait({following}, timeout=2)
+    assert following in done and following.cancelled()  # not polling on for ever
