@@ -101,6 +101,7 @@ def create_app(
             asyncio.create_task(keys.follow_changes(KeyChangeFeed(store))),
         ]
         yield
+        keys.stop_following()
         for watcher in watchers:
             watcher.cancel()
         # Bounded: a watcher that ignored its cancellation must not hold the shutdown hostage.

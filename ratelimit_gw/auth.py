@@ -51,6 +51,7 @@ class KeyCache:
         self._lookups: dict[str, asyncio.Task[KeyRecord | None]] = {}
         # Bumped whenever entries are forgotten: a lookup that ran across it keeps nothing.
         self._epoch = 0
+        self._following = False
 
     async def authenticate(self, secret: str | None) -> KeyRecord:
         if not secret:
@@ -78,28 +79,28 @@ class KeyCache:
         return record
 
     async def follow_changes(self, feed: KeyChangeFeed) -> None:
-        """Forget the keys the feed names, every :data:`POLL_S`, for the life of the app.
-        Storage failing only delays it: the changes wait in the feed. Cancelled, it stops."""
-        me = asyncio.current_task()
-        while True:
+        """Forget the keys the feed names, every :data:`POLL_S`, until :meth:`stop_following`.
+        Storage failing only delays it: the changes wait in the feed."""
+        self._following = True
+        while self._following:
             try:
                 changes = await feed.read()
-            except Exception as exc:
-                # A storage call cut short by this task's own cancellation may surface as a
-                # time-out, not CancelledError (asyncio.timeout in Python 3.11, when its own
-                # deadline and the cancellation land together): swallowing it would keep this
-                # loop, and the app's shutdown that waits for it, running for ever.
-                if me is not None and me.cancelling():
-                    raise asyncio.CancelledError from exc
-                if not isinstance(exc, StorageError):
-                    # Never stop following over a bug: a stale cache would outlive it.
-                    log.exception("reading the key-change feed failed")
+            except StorageError:
+                pass
+            except Exception:  # never stop following over a bug: a stale cache would outlive it
+                log.exception("reading the key-change feed failed")
             else:
                 if not changes.complete:
                     self._forget(None)
                 elif changes.key_ids:
                     self._forget(changes.key_ids)
             await asyncio.sleep(POLL_S)
+
+    def stop_following(self) -> None:
+        """End :meth:`follow_changes` at its next turn. Shutdown calls this before cancelling
+        it: a storage client may swallow a cancellation (redis-py's sentinel client did, in a
+        failover), and then only this flag ends the loop that shutdown waits for."""
+        self._following = False
 
     def _forget(self, key_ids: set[str] | None) -> None:
         """Drop the entries of these keys (None: every entry)."""
