@@ -45,7 +45,7 @@ class _MessagesRequest(msgspec.Struct):
     max_tokens: MaxTokens | None = None
 
 
-class _Usage(msgspec.Struct):
+class WireUsage(msgspec.Struct):
     input_tokens: int | None = None
     output_tokens: int | None = None
     cache_creation_input_tokens: int | None = None
@@ -53,7 +53,7 @@ class _Usage(msgspec.Struct):
 
 
 class _Message(msgspec.Struct):
-    usage: _Usage | None = None
+    usage: WireUsage | None = None
 
 
 class _Delta(msgspec.Struct):
@@ -68,7 +68,7 @@ class _Event(msgspec.Struct):
     type: str = ""
     message: _Message | None = None
     delta: _Delta | None = None
-    usage: _Usage | None = None
+    usage: WireUsage | None = None
 
 
 _MESSAGES_REQUEST = msgspec.json.Decoder(_MessagesRequest)
@@ -80,7 +80,7 @@ _EVENT = msgspec.json.Decoder(_Event)
 _READ_EVENTS = frozenset({"message_start", "message_delta", "content_block_delta"})
 
 
-def _usage(usage: _Usage) -> Usage:
+def usage_of(usage: WireUsage) -> Usage:
     # input_tokens excludes cached input; cache writes and reads are input too.
     cache_write = usage.cache_creation_input_tokens or 0
     cache_read = usage.cache_read_input_tokens or 0
@@ -92,7 +92,7 @@ def _usage(usage: _Usage) -> Usage:
     )
 
 
-def _running_usage(counts: _Usage, report: _Usage) -> Usage:
+def running_usage(counts: WireUsage, report: WireUsage) -> Usage:
     """A stream's usage after one more report: each figure a report gives is a cumulative
     total that replaces the one in ``counts``; a figure it leaves out stands."""
     if report.input_tokens is not None:
@@ -103,7 +103,7 @@ def _running_usage(counts: _Usage, report: _Usage) -> Usage:
         counts.cache_creation_input_tokens = report.cache_creation_input_tokens
     if report.cache_read_input_tokens is not None:
         counts.cache_read_input_tokens = report.cache_read_input_tokens
-    return _usage(counts)
+    return usage_of(counts)
 
 
 # Content blocks whose cost is not their bytes: images are priced by their pixels, PDFs by
@@ -188,7 +188,7 @@ class MessagesStreamTap(SseStreamTap):
         super().__init__()
         # Kept per field: a message_delta may repeat some input fields and omit others,
         # and each repeated value is a cumulative total that replaces the earlier one.
-        self._counts = _Usage()
+        self._counts = WireUsage()
 
     def read_event(self, name: str | None, data: bytes) -> bool:
         if name is not None and name not in _READ_EVENTS:
@@ -208,9 +208,9 @@ class MessagesStreamTap(SseStreamTap):
             self._update(parsed.usage)
         return True
 
-    def _update(self, usage: _Usage | None) -> None:
+    def _update(self, usage: WireUsage | None) -> None:
         if usage is not None:
-            self.usage = _running_usage(self._counts, usage)
+            self.usage = running_usage(self._counts, usage)
 
 
 # The Anthropic forms of the rate-limit headers, per bucket kind: (limit, remaining, reset).
@@ -298,7 +298,7 @@ class AnthropicAdapter(ProtocolAdapter):
             usage = _MESSAGE.decode(body).usage
         except msgspec.DecodeError:
             return None
-        return _usage(usage) if usage is not None else None
+        return usage_of(usage) if usage is not None else None
 
     def new_stream_tap(
         self, route: Route, strip_usage_chunk: bool, *, sse: bool = True

@@ -62,14 +62,14 @@ class _InputDetails(msgspec.Struct):
     cached_tokens: int | None = None
 
 
-class _ChatUsage(msgspec.Struct):
+class ChatUsage(msgspec.Struct):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     prompt_tokens_details: _InputDetails | None = None
 
 
 class _ChatBody(msgspec.Struct):
-    usage: _ChatUsage | None = None
+    usage: ChatUsage | None = None
 
 
 class _ResponsesUsage(msgspec.Struct):
@@ -101,7 +101,7 @@ class _Choice(msgspec.Struct):
 
 class _ChatChunk(msgspec.Struct):
     choices: list[_Choice] | None = None
-    usage: _ChatUsage | None = None
+    usage: ChatUsage | None = None
 
 
 class _ResponsesEvent(msgspec.Struct):
@@ -130,7 +130,7 @@ def _cached(details: _InputDetails | None) -> int:
     return (details.cached_tokens or 0) if details is not None else 0
 
 
-def _chat_usage(usage: _ChatUsage) -> Usage:
+def chat_usage(usage: ChatUsage) -> Usage:
     # prompt_tokens counts the cached tokens too; OpenAI reports no cache writes.
     return Usage(
         usage.prompt_tokens or 0,
@@ -263,7 +263,7 @@ class ChatStreamTap(SseStreamTap):
         usage = chunk.usage
         if usage is None or (usage.prompt_tokens is None and usage.completion_tokens is None):
             return True  # no usage, or a usage object with no count in it: nothing reported
-        self.usage = _chat_usage(usage)
+        self.usage = chat_usage(usage)
         # Only the chunk the gateway itself asked for (docs/relay.md) is hidden from the client.
         return not (self._strip_usage_chunk and chunk.choices == [])
 
@@ -378,7 +378,7 @@ class OpenAIAdapter(ProtocolAdapter):
         try:
             if route is Route.CHAT:
                 chat = _CHAT_BODY.decode(body).usage
-                return _chat_usage(chat) if chat is not None else None
+                return chat_usage(chat) if chat is not None else None
             responses = _RESPONSES_BODY.decode(body).usage
             return _responses_usage(responses) if responses is not None else None
         except msgspec.DecodeError:

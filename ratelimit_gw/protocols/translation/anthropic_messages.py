@@ -37,7 +37,7 @@ from ratelimit_gw.errors import GatewayError
 # The adapter's view of Anthropic's usage, its conversion to the IR's meaning (cache reads
 # and writes added to input) and how a stream's reports add up: one definition for the
 # native tap and this codec.
-from ratelimit_gw.protocols.anthropic import _running_usage, _Usage, _usage
+from ratelimit_gw.protocols.anthropic import WireUsage, running_usage, usage_of
 from ratelimit_gw.protocols.base import Route, Usage, decode_any_json, encode_json, require_model
 from ratelimit_gw.protocols.translation.ir import (
     ChatAnswer,
@@ -877,7 +877,7 @@ class _Message(msgspec.Struct):
     content: list[_Block] = []
     stop_reason: str | None = None
     stop_sequence: str | None = None
-    usage: _Usage | None = None
+    usage: WireUsage | None = None
 
 
 class _Delta(msgspec.Struct):
@@ -903,7 +903,7 @@ class _Event(msgspec.Struct):
     index: int = 0
     content_block: _Block | None = None
     delta: _Delta | None = None
-    usage: _Usage | None = None
+    usage: WireUsage | None = None
     error: _Error | None = None
 
 
@@ -933,7 +933,7 @@ def _read_answer(body: bytes) -> ChatAnswer:
         model=message.model,
         parts=[part for block in message.content if (part := _answer_part(block)) is not None],
         stop=_ir_stop(message.stop_reason),
-        usage=_usage(message.usage) if message.usage is not None else None,
+        usage=usage_of(message.usage) if message.usage is not None else None,
         stop_sequence=message.stop_sequence,
     )
 
@@ -956,7 +956,7 @@ class _MessagesStreamReader(StreamReader):
     """Reads Anthropic's event stream; usage figures are cumulative, field by field."""
 
     def __init__(self) -> None:
-        self._counts = _Usage()
+        self._counts = WireUsage()
         self._tool_calls: dict[int, int] = {}  # block index → IR tool-call index
 
     def feed(self, name: str | None, data: bytes) -> list[StreamEvent]:
@@ -1013,8 +1013,8 @@ class _MessagesStreamReader(StreamReader):
             events.append(UsageReport(self._count(event.usage)))
         return events
 
-    def _count(self, usage: _Usage) -> Usage:
-        return _running_usage(self._counts, usage)
+    def _count(self, usage: WireUsage) -> Usage:
+        return running_usage(self._counts, usage)
 
 
 def _error_message(body: bytes) -> str:

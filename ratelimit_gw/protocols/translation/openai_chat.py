@@ -32,7 +32,7 @@ from ratelimit_gw.protocols.base import (
 
 # The adapter's view of chat usage and its conversion (cached input inside prompt_tokens):
 # one definition for the native tap, settlement and this codec.
-from ratelimit_gw.protocols.openai import _chat_usage, _ChatUsage
+from ratelimit_gw.protocols.openai import ChatUsage, chat_usage
 from ratelimit_gw.protocols.translation.ir import (
     EFFORT_BUDGETS,
     ChatAnswer,
@@ -665,7 +665,7 @@ class _Answer(msgspec.Struct):
     id: str = ""
     model: str = ""
     choices: list[_AnswerChoice] = []
-    usage: _ChatUsage | None = None
+    usage: ChatUsage | None = None
     error: Any = None  # a mid-stream error chunk
 
 
@@ -689,10 +689,10 @@ def _stop_reason(finish_reason: str | None, called_tools: bool, refused: bool) -
     return "tool_calls" if stop == "stop" and called_tools else stop
 
 
-def _usage(usage: _ChatUsage | None) -> Usage | None:
+def _usage(usage: ChatUsage | None) -> Usage | None:
     if usage is None or (usage.prompt_tokens is None and usage.completion_tokens is None):
         return None  # no usage, or one with no count in it
-    return _chat_usage(usage)
+    return chat_usage(usage)
 
 
 def _new_call_id() -> str:
