@@ -34,6 +34,7 @@ from .settler import Settler
 from .storage import Storage, open_storage
 from .storage.eviction_guard import EvictionGuard
 from .upstream_client import UpstreamClient
+from .upstream_pool import PoolStore
 from .upstream_quota import UpstreamQuota
 
 log = logging.getLogger("ratelimit_gw")
@@ -90,6 +91,7 @@ def create_app(
             metrics=metrics,
             registry=registry,
             quota=quota,
+            pools=PoolStore(store),
             bodies=BodyReader(settings.server, metrics.buffered_body_bytes),
             client_addresses=ClientAddresses(settings.server.trusted_proxies),
             passthrough=passthrough,

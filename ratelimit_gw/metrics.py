@@ -113,6 +113,7 @@ class Metrics:
     buffered_body_bytes: Gauge
     config_reloads: Counter
     config_info: Gauge
+    upstream_attempts: Counter
 
     def account(self, account_id: str | None) -> tuple[str, ...]:
         """The extra label values for per-account series (none unless opted in)."""
@@ -256,6 +257,16 @@ def create_metrics(registry: CollectorRegistry | None, account_label: bool = Fal
             "runs on, 0 for one it ran on before; per process, so every worker shows its own",
             ["digest"],
             multiprocess_mode="all",
+            registry=registry,
+        ),
+        upstream_attempts=Counter(
+            "rlgw_upstream_attempts",
+            "Upstream attempts by provider (or custom endpoint), pool key name and outcome: "
+            "answered (relayed to the caller, errors included), rate_limited (429: the key "
+            "cools down), unauthorized (401: the key is unhealthy until a probe), server_error "
+            "(5xx), timeout, unreachable; all but answered moved on to another key or fallback "
+            "when one was left",
+            ["provider", "key", "outcome"],
             registry=registry,
         ),
     )

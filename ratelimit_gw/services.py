@@ -18,6 +18,7 @@ from .metrics import Metrics
 from .relay import Relay
 from .settler import Settler
 from .storage import Storage
+from .upstream_pool import PoolStore
 from .upstream_quota import UpstreamQuota
 
 
@@ -35,6 +36,7 @@ class Services:
     metrics: Metrics
     registry: CollectorRegistry
     quota: UpstreamQuota  # upstream quotas (docs/custom-endpoints.md)
+    pools: PoolStore  # upstream key pools: pick, cool down, mark (upstream_pool.py)
     bodies: BodyReader  # reads request bodies within the [server] limits
     client_addresses: ClientAddresses  # who sent a request (server.trusted_proxies)
     # Benchmark baseline: relay without keys, limits or balance (``serve --passthrough-…``).
