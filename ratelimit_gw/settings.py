@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -170,6 +170,17 @@ class ModelSettings(_Section):
     created: int = 0
 
 
+class EndpointKeySettings(_Section):
+    """``[[custom_endpoints.keys]]``: one upstream key of an endpoint's pool."""
+
+    name: str  # in storage, metrics and logs; never the secret
+    # What this key adds to each upstream request (its credential): every value an env
+    # reference, e.g. { Authorization = "Bearer ${PIPESHIFT_KEY_A}" }.
+    headers: dict[str, str]
+    rpm: PositiveInt | None = None  # this key's own ceiling at the upstream
+    tpm: PositiveInt | None = None
+
+
 class CustomEndpointSettings(_Section):
     """``[[custom_endpoints]]``: ``/proxy-api/{provider_account}/{name}/…`` → ``base_url``
     (docs/custom-endpoints.md)."""
@@ -178,6 +189,17 @@ class CustomEndpointSettings(_Section):
     name: str
     base_url: str
     headers: dict[str, str] = {}  # sent upstream, ${ENV} expanded; credentials only by reference
+    # A pool of upstream keys, each with its own credential headers (SPEC §14); none: one key
+    # named after the endpoint, its credential in `headers`.
+    keys: list[EndpointKeySettings] = []
+    # Upstream attempts per request, over the pool's keys.
+    max_attempts: PositiveInt = 2
+    # A key's cool-down after an upstream 429 that carries no retry hint.
+    cooldown_default_s: PositiveFloat = 60.0
+    # A key an upstream 401 marked unhealthy: unlike a provider's (probed with a free model
+    # list request), an endpoint's has no free request to probe it with, so it cools down for
+    # this long and is then tried again.
+    probe_interval_s: PositiveFloat = 30.0
     accounts: list[str] = msgspec.field(default_factory=lambda: ["*"])  # account ids or globs
     rpm: PositiveInt | None = None  # shared upstream-key quotas, across all accounts and instances
     tpm: PositiveInt | None = None
@@ -229,12 +251,14 @@ class FileSettings(_Section):
 
 
 class UpstreamKey(msgspec.Struct, frozen=True, kw_only=True):
-    """One upstream key of a provider's pool, its secret resolved."""
+    """One upstream key of a provider's or custom endpoint's pool, its secret resolved."""
 
     name: str
-    # (header, value) as the protocol sends it; None: the provider's own headers carry the
-    # credential (a provider configured without api_key_env, e.g. an `api-key` header).
-    credential: tuple[str, str] | None
+    # What this key adds to each upstream request: a provider key's credential in its
+    # protocol's header ({"Authorization": "Bearer sk-…"}), an endpoint key's configured
+    # headers. Empty when the provider's or endpoint's own headers carry the credential
+    # (or there is none).
+    headers: dict[str, str]
     rpm: int | None = None
     tpm: int | None = None
 
@@ -245,9 +269,12 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     protocol: str
     base_url: str
-    # Until failover lands, the pool's first key's credential is among these.
+    # Sent on every attempt, whichever key it uses; never a pool key's credential (each
+    # attempt adds its key's own headers).
     upstream_headers: dict[str, str]
-    client_headers: ClientHeaderPolicy  # which of a caller's headers reach the upstream
+    # Which of a caller's headers reach the upstream: never one that these or any key's
+    # headers set.
+    client_headers: ClientHeaderPolicy
     rpm: int | None
     tpm: int | None
     timeout_s: float
@@ -292,15 +319,24 @@ class CustomEndpoint(msgspec.Struct, frozen=True, kw_only=True):
     provider_account: str
     name: str
     base_url: str
+    # Sent on every attempt, whichever key it uses; never a pool key's headers.
     upstream_headers: dict[str, str]
-    client_headers: ClientHeaderPolicy  # all but credentials and hop-by-hop (transparent)
+    # All but credentials, hop-by-hop, and whatever these or any key's headers set
+    # (transparent).
+    client_headers: ClientHeaderPolicy
     accounts: tuple[str, ...]
-    rpm: int | None
+    rpm: int | None  # the whole pool's ceiling, as a provider's
     tpm: int | None
     price_per_request_nano: int  # charged when the body names no priced model
     timeout_s: float
     connect_timeout_s: float
     chat_cap_field: str
+    # The pool (SPEC §14): an endpoint without [[custom_endpoints.keys]] is one key named
+    # after the endpoint that adds no headers (its credential is in upstream_headers).
+    keys: tuple[UpstreamKey, ...] = ()
+    max_attempts: int = 2
+    cooldown_default_s: float = 60.0
+    probe_interval_s: float = 30.0  # a key a 401 marked unhealthy cools down this long
 
     @property
     def id(self) -> str:
@@ -387,13 +423,19 @@ def _check_header_value(value: str, path: str) -> None:
 
 
 def _resolve_headers(
-    raw: Mapping[str, str], path: str, environ: Mapping[str, str]
+    raw: Mapping[str, str],
+    path: str,
+    environ: Mapping[str, str],
+    *,
+    all_credentials: bool = False,
 ) -> dict[str, str]:
-    """Upstream headers with ``${ENV}`` expanded; a credential header must be a reference."""
+    """Upstream headers with ``${ENV}`` expanded; a credential header (with
+    ``all_credentials``, every header) must be a reference."""
     headers: dict[str, str] = {}
     for name, value in raw.items():
         hpath = f"{path}.headers.{name}"
-        if name.lower() in CREDENTIAL_HEADERS and not _ENV_REF.search(value):
+        credential = all_credentials or name.lower() in CREDENTIAL_HEADERS
+        if credential and not _ENV_REF.search(value):
             raise ConfigError(f"{hpath}: credentials must be an env reference like ${{NAME}}")
         if not _HEADER_NAME.fullmatch(name):
             raise ConfigError(f"{hpath}: {name!r} is not a valid HTTP header name")
@@ -413,14 +455,12 @@ def _resolve_provider(p: ProviderSettings, i: int, environ: Mapping[str, str]) -
         )
     headers = _resolve_headers(p.headers, path, environ)
     keys = _resolve_keys(p, path, environ, headers)
-    if keys[0].credential is not None:  # the relay sends the first key until failover lands
-        headers[keys[0].credential[0]] = keys[0].credential[1]
     return Provider(
         name=p.name,
         protocol=p.protocol,
         base_url=p.base_url.rstrip("/"),
         upstream_headers=headers,
-        client_headers=_client_header_policy(p, path, headers),
+        client_headers=_client_header_policy(p, path, _own_header_names(headers, keys)),
         rpm=p.rpm,
         tpm=p.tpm,
         timeout_s=p.timeout_s,
@@ -447,18 +487,17 @@ def _resolve_keys(
     """The provider's pool: its ``[[providers.keys]]``, or one key named after the provider
     (``api_key_env``, or a credential written in ``headers``)."""
     adapter = ADAPTERS[p.protocol]
-    written = {name.lower(): name for name in headers}
     if not p.keys:
         if p.api_key_env is None:
-            return (UpstreamKey(name=p.name, credential=None),)
-        credential = adapter.upstream_credential(
+            return (UpstreamKey(name=p.name, headers={}),)
+        header, value = adapter.upstream_credential(
             _api_key(p.api_key_env, f"{path}.api_key_env", environ)
         )
         # Each protocol's upstream expects its credential in its own header; one written in
         # `headers` wins, whatever its letter case (two would both be sent).
-        if credential[0].lower() in written:
-            return (UpstreamKey(name=p.name, credential=None),)
-        return (UpstreamKey(name=p.name, credential=credential),)
+        if header.lower() in {name.lower() for name in headers}:
+            return (UpstreamKey(name=p.name, headers={}),)
+        return (UpstreamKey(name=p.name, headers={header: value}),)
     if p.api_key_env is not None:
         raise ConfigError(
             f"{path}.api_key_env: a provider has one key (api_key_env) or a pool "
@@ -485,12 +524,20 @@ def _resolve_keys(
                 f"{secrets[secret]!r}; list each upstream key once"
             )
         secrets[secret] = k.name
-        keys.append(
-            UpstreamKey(
-                name=k.name, credential=adapter.upstream_credential(secret), rpm=k.rpm, tpm=k.tpm
-            )
-        )
+        header, value = adapter.upstream_credential(secret)
+        keys.append(UpstreamKey(name=k.name, headers={header: value}, rpm=k.rpm, tpm=k.tpm))
     return tuple(keys)
+
+
+def _own_header_names(
+    upstream_headers: Mapping[str, str], keys: Iterable[UpstreamKey]
+) -> frozenset[str]:
+    """Every header the gateway itself may send this upstream, lower-case: its own headers and
+    every pool key's, whichever key an attempt picks (none may come from the caller)."""
+    names = {name.lower() for name in upstream_headers}
+    for key in keys:
+        names.update(name.lower() for name in key.headers)
+    return frozenset(names)
 
 
 def _resolve_fallbacks(
@@ -527,14 +574,14 @@ def _resolve_fallbacks(
 
 
 def _client_header_policy(
-    p: ProviderSettings, path: str, upstream_headers: Mapping[str, str]
+    p: ProviderSettings, path: str, own: frozenset[str]
 ) -> ClientHeaderPolicy:
+    """``own``: the lower-case names of every header the gateway sends this provider."""
     if p.forward_headers is not None and p.drop_headers is not None:
         raise ConfigError(
             f"{path}: forward_headers (an allow list) and drop_headers (a deny list) exclude "
             "each other; keep one"
         )
-    own = {name.lower() for name in upstream_headers}
     for field, names in (("forward_headers", p.forward_headers), ("drop_headers", p.drop_headers)):
         for j, name in enumerate(names or ()):
             npath = f"{path}.{field}[{j}]"
@@ -546,8 +593,8 @@ def _client_header_policy(
                     "header, or one this provider's configuration sets); remove it"
                 )
     if p.drop_headers is not None:
-        return client_header_policy(upstream_headers, drop=p.drop_headers)
-    return client_header_policy(upstream_headers, forward=p.forward_headers)
+        return client_header_policy(own, drop=p.drop_headers)
+    return client_header_policy(own, forward=p.forward_headers)
 
 
 def _max_output_tokens(m: ModelSettings, path: str) -> int:
@@ -610,12 +657,13 @@ def _resolve_custom_endpoint(
             )
     price = e.price_per_request_usd
     upstream_headers = _resolve_headers(e.headers, path, environ)
+    keys = _resolve_endpoint_keys(e, path, environ, upstream_headers)
     return CustomEndpoint(
         provider_account=e.provider_account,
         name=e.name,
         base_url=e.base_url.rstrip("/"),
         upstream_headers=upstream_headers,
-        client_headers=client_header_policy(upstream_headers, drop=()),
+        client_headers=client_header_policy(_own_header_names(upstream_headers, keys), drop=()),
         accounts=tuple(e.accounts),
         rpm=e.rpm,
         tpm=e.tpm,
@@ -625,7 +673,51 @@ def _resolve_custom_endpoint(
         timeout_s=e.timeout_s,
         connect_timeout_s=e.connect_timeout_s,
         chat_cap_field=e.chat_cap_field,
+        keys=keys,
+        max_attempts=e.max_attempts,
+        cooldown_default_s=e.cooldown_default_s,
+        probe_interval_s=e.probe_interval_s,
     )
+
+
+def _resolve_endpoint_keys(
+    e: CustomEndpointSettings, path: str, environ: Mapping[str, str], headers: Mapping[str, str]
+) -> tuple[UpstreamKey, ...]:
+    """The endpoint's pool: its ``[[custom_endpoints.keys]]``, or one key named after the
+    endpoint that adds nothing (the credential stays in the endpoint's ``headers``)."""
+    if not e.keys:
+        return (UpstreamKey(name=e.name, headers={}),)
+    endpoint_headers = {name.lower(): name for name in headers}
+    keys: list[UpstreamKey] = []
+    for j, k in enumerate(e.keys):
+        kpath = f"{path}.keys[{j}]"
+        _check_id(k.name, f"{kpath}.name")  # in storage key names and metric labels
+        if any(key.name == k.name for key in keys):
+            raise ConfigError(f"{kpath}.name: duplicate key {k.name!r} in this endpoint's pool")
+        if not k.headers:
+            raise ConfigError(
+                f"{kpath}.headers: empty; a key sends its credential here, e.g. "
+                '{ Authorization = "Bearer ${KEY_A}" }'
+            )
+        for name in k.headers:
+            if (shared := endpoint_headers.get(name.lower())) is not None:
+                raise ConfigError(
+                    f"{kpath}.headers.{name}: {path}.headers sets {shared} too, and every "
+                    "request would carry both; set it in the keys only"
+                )
+        key_headers = _resolve_headers(k.headers, kpath, environ, all_credentials=True)
+        sent = _by_lower_name(key_headers)
+        if same := next((key.name for key in keys if _by_lower_name(key.headers) == sent), None):
+            # One upstream key under two names would be spent twice over its real ceiling.
+            raise ConfigError(
+                f"{kpath}.headers: the same headers as key {same!r}; list each upstream key once"
+            )
+        keys.append(UpstreamKey(name=k.name, headers=key_headers, rpm=k.rpm, tpm=k.tpm))
+    return tuple(keys)
+
+
+def _by_lower_name(headers: Mapping[str, str]) -> dict[str, str]:
+    return {name.lower(): value for name, value in headers.items()}
 
 
 def _resolve_admin_tokens(
