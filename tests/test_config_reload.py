@@ -1,6 +1,7 @@
 """Reloading the configuration of a running gateway (SIGHUP, the admin API), on real
 `ratelimit-gw serve` processes and in-process gateways: under a steady load no request fails,
-requests after the reload are charged at the new price and may use the new model and provider,
+requests after the reload are charged at the new price, may use the new model and provider and
+go to a key added to the pool,
 a stream started before it settles at the old price, an invalid file changes nothing, and one
 SIGHUP to a `--workers` pool reloads every worker."""
 
@@ -25,7 +26,14 @@ from ratelimit_gw.services import SERVICES
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import Storage, open_storage
 
-from .conftest import ADMIN_TOKEN, Upstream, gateway_config, start_gateway, toml_document
+from .conftest import (
+    ADMIN_TOKEN,
+    UPSTREAM_KEY,
+    Upstream,
+    gateway_config,
+    start_gateway,
+    toml_document,
+)
 from .processes import serve_env, start_serve, stop, until_each_worker_answers, wait_ready
 from .redis_process import RedisProcess
 
@@ -39,8 +47,16 @@ CHAT = {"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "
 
 
 def config_toml(
-    upstream_url: str, storage_url: str, prices: tuple[Decimal, Decimal], *, extra: str = ""
+    upstream_url: str,
+    storage_url: str,
+    prices: tuple[Decimal, Decimal],
+    *,
+    extra: str = "",
+    added_key: bool = False,
 ) -> str:
+    """gpt-4o-mini at ``prices`` on the mock; ``added_key``: its provider is a pool of two
+    upstream keys (the first file's, and the second key) instead of one."""
+    credential = POOL_OF_TWO if added_key else 'api_key_env = "RLGW_TEST_UPSTREAM_KEY"'
     return f"""
 [storage]
 url = "{storage_url}"
@@ -49,7 +65,7 @@ url = "{storage_url}"
 name = "mock"
 protocol = "openai"
 base_url = "{upstream_url}"
-api_key_env = "RLGW_TEST_UPSTREAM_KEY"
+{credential}
 
 [[models]]
 id = "gpt-4o-mini"
@@ -60,6 +76,14 @@ output_per_mtok = "{prices[1]}"
 
 
 # A provider with a key the first file did not use, and a model on it.
+POOL_OF_TWO = """
+[[providers.keys]]
+name = "first"
+api_key_env = "RLGW_TEST_UPSTREAM_KEY"
+[[providers.keys]]
+name = "added"
+api_key_env = "RLGW_TEST_SECOND_KEY"
+"""
 SECOND_PROVIDER = """
 [[providers]]
 name = "mock-second"
@@ -205,12 +229,23 @@ async def test_a_reload_under_load_changes_prices_and_models_and_fails_no_reques
                         redis_server.url,
                         NEW_PRICES,
                         extra=SECOND_PROVIDER.format(upstream_url=upstream.url),
+                        added_key=True,
                     )
                 )
                 signalled = time.monotonic()
                 process.send_signal(signal.SIGHUP)
                 applied = await until_reloads(http, base, "ok", 1)
                 await asyncio.sleep(0.5)
+
+                # The key added to the pool takes its turn (ties rotate between the two).
+                upstream.state.clear()
+                await asyncio.sleep(0.3)
+                credentials = {
+                    r.headers["authorization"]
+                    for r in upstream.state.requests
+                    if r.json()["model"] == "gpt-4o-mini"
+                }
+                assert credentials == {f"Bearer {UPSTREAM_KEY}", f"Bearer {SECOND_KEY}"}
 
                 # The new model on the new provider, with the key the first file did not use.
                 upstream.state.clear()
