@@ -10,7 +10,9 @@ from typing import Any
 from .processes import CPU_FIGURES
 from .runs import (
     CONVERTER_ADDED_P50_MS,
+    CONVERTER_ROWS,
     CONVERTER_THROUGHPUT_FLOOR,
+    POOLS_ROWS,
     TARGET_ADDED_P50_MS,
     TARGET_ADDED_P99_MS,
     THROUGHPUT_FLOOR_C_OVER_B,
@@ -194,6 +196,83 @@ def summarise(
     }
 
 
+# The upstream of every two-row section (benchmarks/pair.py).
+FULL_MOCK = "full mock (ratelimit-gw mock-upstream)"
+
+
+def summarise_pair(
+    rounds: list[Run],
+    fixed: list[Run],
+    rates: dict[str, float],
+    memory_mib: float,
+    opts: BenchOptions,
+    *,
+    rows: tuple[str, str],
+    head: dict[str, Any],
+    throughput_floor: float,
+    added_p50_ms: float | None = None,
+) -> dict[str, Any]:
+    """A two-row section's rows and summary (benchmarks/pair.py), ``rows`` = (base, other):
+    per kind, other/base throughput (the median of the ratios within a round) and other - base
+    latency at the fixed rate, each beside its target if it has one (targets, not gates: a miss
+    never fails the run). ``head``: what the section says of its rows, first in the summary."""
+    base, other = rows
+    ratio_name = f"throughput_{other}_over_{base}"
+    groups: dict[tuple[str, str, str, float], list[Run]] = {}
+    for r in rounds + fixed:
+        # A saturation row is known by its tool, a fixed-rate one by its rate too.
+        rate = r.rps if r.tool == "fixed-rate" else 0.0
+        groups.setdefault((r.scenario, r.kind, r.tool, rate), []).append(r)
+    runs = [combine(group) for group in groups.values()]
+    keys = rounds[0].keys
+    targets: dict[str, Any] = {"gates": False, ratio_name: throughput_floor}
+    if added_p50_ms is not None:
+        targets["added_p50_ms"] = added_p50_ms
+    targets["fixed_rate_rps"] = opts.target_rate_rps
+    summary: dict[str, Any] = head | {
+        "gateway_workers": opts.workers,
+        "gateway_rss_mib": round(memory_mib, 1),
+        "targets": targets,
+    }
+    for kind in ("plain", "stream"):
+        saturated = {row: _find(runs, row, kind, "wrk") for row in rows}
+        ratio = round_ratio(rounds, (other, kind, keys), (base, kind, keys))
+        rate = rates[kind]
+        latency = added_latency(fixed, kind, rate, other, base=base)
+        for row in rows:
+            at_rate = _find(runs, row, kind, "fixed-rate", rps=rate)
+            latency[f"{row}_p50_ms"] = at_rate.p50_ms
+            latency[f"{row}_p99_ms"] = at_rate.p99_ms
+            if "server_cpu_us" in at_rate.extra:
+                latency[f"{row}_cores_busy"] = round(
+                    at_rate.rps * at_rate.extra["server_cpu_us"] / 1e6, 2
+                )
+        cpu: dict[str, float | None] = {}
+        for name, figure in (("", "server_cpu_us"), ("_redis", "redis_cpu_us")):
+            for row in rows:
+                cpu[f"{row}{name}"] = saturated[row].extra.get(figure)
+        for row in rows:
+            cpu[f"{row}_upstream"] = saturated[row].extra.get("upstream_cpu_us")
+        base_cpu, other_cpu = cpu[base], cpu[other]
+        if base_cpu is not None and other_cpu is not None:
+            cpu[f"{other}_minus_{base}"] = round(other_cpu - base_cpu, 1)
+        summary[kind] = {
+            f"{base}_rps": saturated[base].rps,
+            f"{other}_rps": saturated[other].rps,
+            ratio_name: ratio,
+            "throughput_target_met": ratio >= throughput_floor,
+            "fixed_rate": latency | {"at_target_rate": rate == opts.target_rate_rps},
+        }
+        if added_p50_ms is not None:
+            summary[kind]["added_p50_target_met"] = latency["added_p50_ms"] <= added_p50_ms
+        summary[kind]["cpu_us_per_request"] = cpu
+    return {
+        "runs": [asdict(r) for r in runs],
+        "rounds": [asdict(r) for r in rounds + fixed],
+        "summary": summary,
+    }
+
+
 def summarise_converter(
     rounds: list[Run],
     fixed: list[Run],
@@ -204,65 +283,24 @@ def summarise_converter(
     route: str,
     models: dict[str, tuple[str, str]],
 ) -> dict[str, Any]:
-    """The converter section's rows and summary: per kind, converted/native throughput (the
-    median of the ratios within a round) and converted - native latency at the fixed rate,
-    each beside its target (targets, not gates: a miss never fails the run)."""
-    groups: dict[tuple[str, str, str, float], list[Run]] = {}
-    for r in rounds + fixed:
-        # A saturation row is known by its tool, a fixed-rate one by its rate too.
-        rate = r.rps if r.tool == "fixed-rate" else 0.0
-        groups.setdefault((r.scenario, r.kind, r.tool, rate), []).append(r)
-    runs = [combine(group) for group in groups.values()]
-    keys = rounds[0].keys
-    summary: dict[str, Any] = {
+    """The converter section's rows and summary: converted/native throughput and the p50
+    converted adds, beside their targets."""
+    head = {
         "route": route,
         "models": {s: {"model": m, "protocol": p} for s, (m, p) in models.items()},
-        "upstream": "full mock (ratelimit-gw mock-upstream)",
-        "gateway_workers": opts.workers,
-        "gateway_rss_mib": round(memory_mib, 1),
-        "targets": {
-            "gates": False,
-            "throughput_converted_over_native": CONVERTER_THROUGHPUT_FLOOR,
-            "added_p50_ms": CONVERTER_ADDED_P50_MS,
-            "fixed_rate_rps": opts.target_rate_rps,
-        },
+        "upstream": FULL_MOCK,
     }
-    for kind in ("plain", "stream"):
-        native = _find(runs, "native", kind, "wrk")
-        converted = _find(runs, "converted", kind, "wrk")
-        ratio = round_ratio(rounds, ("converted", kind, keys), ("native", kind, keys))
-        rate = rates[kind]
-        latency = added_latency(fixed, kind, rate, "converted", base="native")
-        at_rate = {s: _find(runs, s, kind, "fixed-rate", rps=rate) for s in ("native", "converted")}
-        for scenario, row in at_rate.items():
-            latency[f"{scenario}_p50_ms"] = row.p50_ms
-            latency[f"{scenario}_p99_ms"] = row.p99_ms
-            if "server_cpu_us" in row.extra:
-                latency[f"{scenario}_cores_busy"] = round(
-                    row.rps * row.extra["server_cpu_us"] / 1e6, 2
-                )
-        cpu: dict[str, float | None] = {}
-        for name, key in (("", "server_cpu_us"), ("_redis", "redis_cpu_us")):
-            for scenario, row in (("native", native), ("converted", converted)):
-                cpu[f"{scenario}{name}"] = row.extra.get(key)
-        for scenario, row in (("native", native), ("converted", converted)):
-            cpu[f"{scenario}_upstream"] = row.extra.get("upstream_cpu_us")
-        if cpu["native"] is not None and cpu["converted"] is not None:
-            cpu["converted_minus_native"] = round(cpu["converted"] - cpu["native"], 1)
-        summary[kind] = {
-            "native_rps": native.rps,
-            "converted_rps": converted.rps,
-            "throughput_converted_over_native": ratio,
-            "throughput_target_met": ratio >= CONVERTER_THROUGHPUT_FLOOR,
-            "fixed_rate": latency | {"at_target_rate": rate == opts.target_rate_rps},
-            "added_p50_target_met": latency["added_p50_ms"] <= CONVERTER_ADDED_P50_MS,
-            "cpu_us_per_request": cpu,
-        }
-    return {
-        "runs": [asdict(r) for r in runs],
-        "rounds": [asdict(r) for r in rounds + fixed],
-        "summary": summary,
-    }
+    return summarise_pair(
+        rounds,
+        fixed,
+        rates,
+        memory_mib,
+        opts,
+        rows=CONVERTER_ROWS,
+        head=head,
+        throughput_floor=CONVERTER_THROUGHPUT_FLOOR,
+        added_p50_ms=CONVERTER_ADDED_P50_MS,
+    )
 
 
 def _added(figures: dict[str, float]) -> str:
@@ -284,6 +322,8 @@ def render(result: dict[str, Any]) -> str:
         parts.append(_render_core(result))
     if "converter" in result:
         parts.append(_render_converter(result["converter"]))
+    if "pools" in result:
+        parts.append(_render_pools(result["pools"]))
     return "\n\n".join(parts)
 
 
@@ -348,43 +388,77 @@ def _met(met: bool) -> str:
 
 def _render_converter(section: dict[str, Any]) -> str:
     s = section["summary"]
-    t = s["targets"]
     native, converted = s["models"]["native"], s["models"]["converted"]
-    lines = [
+    headline = (
         f"converter: an OpenAI caller on POST {s['route']}, the same body to native = "
         f"{native['model']} ({native['protocol']} protocol, relayed as is) and converted = "
         f"{converted['model']} ({converted['protocol']} protocol, translated both ways); "
-        f"full checks on Redis, upstream the {s['upstream']}",
+        f"full checks on Redis, upstream the {s['upstream']}"
+    )
+    return _render_pair(section, "converter", CONVERTER_ROWS, headline)
+
+
+def _render_pools(section: dict[str, Any]) -> str:
+    s = section["summary"]
+    rows = [
+        f"{row} = {m['model']} (provider {m['provider']}: {m['keys']} upstream "
+        f"key{'' if m['keys'] == 1 else 's'})"
+        for row, m in s["models"].items()
+    ]
+    ceilings = s["key_ceilings"]
+    headline = (
+        f"pools: an OpenAI caller on POST {s['route']}, the same body to {' and '.join(rows)}, "
+        f"every key with its own ceilings rpm {ceilings['rpm']:,}, tpm {ceilings['tpm']:,} "
+        f"(never reached: the pick runs, never refuses); full checks on Redis, upstream the "
+        f"{s['upstream']}"
+    )
+    return _render_pair(section, "pools", POOLS_ROWS, headline)
+
+
+def _render_pair(section: dict[str, Any], name: str, rows: tuple[str, str], headline: str) -> str:
+    """A two-row section (benchmarks/pair.py): its table, targets, and per kind the other
+    row against the base one."""
+    base, other = rows
+    ratio_name = f"throughput_{other}_over_{base}"
+    s = section["summary"]
+    t = s["targets"]
+    if "added_p50_ms" in t:
+        added = f"{other} adds p50 <= {t['added_p50_ms']:g} ms over {base}"
+    else:
+        added = f"the p50 {other} adds over {base} reported (no target)"
+    lines = [
+        headline,
         *_table(section["runs"]),
-        f"converter targets (not gates): converted/native throughput >= "
-        f"{t['throughput_converted_over_native']:.2f} in the same run; converted adds p50 <= "
-        f"{t['added_p50_ms']:g} ms over native at the fixed rate ({t['fixed_rate_rps']:g} req/s, "
-        f"or half of the slower row's saturation if lower)",
+        f"{name} targets (not gates): {other}/{base} throughput >= {t[ratio_name]:.2f} in the "
+        f"same run; {added} at the fixed rate ({t['fixed_rate_rps']:g} req/s, or half of the "
+        f"slower row's saturation if lower)",
     ]
     for kind in ("plain", "stream"):
         k = s[kind]
         f = k["fixed_rate"]
         what = "latency" if kind == "plain" else "time to first byte"
         rate = f"{f['rps']:g} req/s" + ("" if f["at_target_rate"] else " (half saturation)")
+        p50_target = ""
+        if "added_p50_target_met" in k:
+            p50_target = f" (target <= {t['added_p50_ms']:g} ms: {_met(k['added_p50_target_met'])})"
         lines.append(
-            f"{kind}: converted/native throughput {k['throughput_converted_over_native']:.2f} "
-            f"({k['converted_rps']:.0f} vs {k['native_rps']:.0f} req/s; target >= "
-            f"{t['throughput_converted_over_native']:.2f}: {_met(k['throughput_target_met'])}); "
-            f"at {rate} converted adds {what} p50 {f['added_p50_ms']:+.3f} ms (target <= "
-            f"{t['added_p50_ms']:g} ms: {_met(k['added_p50_target_met'])}), p99 "
+            f"{kind}: {other}/{base} throughput {k[ratio_name]:.2f} "
+            f"({k[f'{other}_rps']:.0f} vs {k[f'{base}_rps']:.0f} req/s; target >= "
+            f"{t[ratio_name]:.2f}: {_met(k['throughput_target_met'])}); "
+            f"at {rate} {other} adds {what} p50 {f['added_p50_ms']:+.3f} ms{p50_target}, p99 "
             f"{f['added_p99_ms']:+.3f} ms ({f['added_p99_min_ms']:+.3f} to "
-            f"{f['added_p99_max_ms']:+.3f}); gateway cores busy native "
-            f"{f.get('native_cores_busy', math.nan):.2f}, converted "
-            f"{f.get('converted_cores_busy', math.nan):.2f}"
+            f"{f['added_p99_max_ms']:+.3f}); gateway cores busy {base} "
+            f"{f.get(f'{base}_cores_busy', math.nan):.2f}, {other} "
+            f"{f.get(f'{other}_cores_busy', math.nan):.2f}"
         )
         cpu = k["cpu_us_per_request"]
         lines.append(
-            f"{kind}: on-CPU us per request under wrk, native / converted: gateway "
-            f"{cpu['native']} / {cpu['converted']} "
-            f"({cpu.get('converted_minus_native', math.nan):+.1f}), Redis {cpu['native_redis']} / "
-            f"{cpu['converted_redis']}, mock {cpu['native_upstream']} / {cpu['converted_upstream']}"
+            f"{kind}: on-CPU us per request under wrk, {base} / {other}: gateway "
+            f"{cpu[base]} / {cpu[other]} "
+            f"({cpu.get(f'{other}_minus_{base}', math.nan):+.1f}), Redis {cpu[f'{base}_redis']} / "
+            f"{cpu[f'{other}_redis']}, mock {cpu[f'{base}_upstream']} / {cpu[f'{other}_upstream']}"
         )
     workers = s["gateway_workers"]
     per = "" if workers == 1 else f" (the largest of {workers} workers)"
-    lines.append(f"converter gateway worker RSS after the run: {s['gateway_rss_mib']} MiB{per}")
+    lines.append(f"{name} gateway worker RSS after the run: {s['gateway_rss_mib']} MiB{per}")
     return "\n".join(lines)
