@@ -36,16 +36,20 @@ CLIENT_HEADERS = {
     "X-Internal-Trace": "t-1",
     "User-Agent": "headers-test/1.0",
 }
+POOL_KEY_B = "sk-pool-b-secret"
 StartGateway = Callable[..., Awaitable[Gateway]]
 _accounts = itertools.count()
 
 
 @pytest.fixture
 async def gateway_with(upstream: Upstream, redis_storage: Any) -> AsyncIterator[StartGateway]:
-    """Gateways on the session's Redis whose every provider carries ``provider_options``."""
+    """Gateways on the session's Redis whose every provider carries ``provider_options``, and
+    whose custom endpoint ``acme-ai/llm`` carries ``endpoint_options``."""
     runners: list[web.AppRunner] = []
 
-    async def start(**provider_options: Any) -> Gateway:
+    async def start(
+        *, endpoint_options: dict[str, Any] | None = None, **provider_options: Any
+    ) -> Gateway:
         providers = [
             {
                 "name": f"mock-{protocol}",
@@ -59,9 +63,9 @@ async def gateway_with(upstream: Upstream, redis_storage: Any) -> AsyncIterator[
         runner, gw = await start_gateway(
             upstream,
             redis_storage,
-            {"ENDPOINT_KEY": "endpoint-secret"},
+            {"ENDPOINT_KEY": "endpoint-secret", "POOL_KEY_B": POOL_KEY_B},
             providers=providers,
-            custom_endpoints=[custom_endpoint(upstream.url)],
+            custom_endpoints=[custom_endpoint(upstream.url, **(endpoint_options or {}))],
         )
         runners.append(runner)
         return gw
@@ -162,6 +166,52 @@ async def test_a_client_cannot_override_the_gateway_credential_whatever_the_poli
         )
         assert seen["x-api-key"] == UPSTREAM_KEY, options
         assert "authorization" not in seen and "x-goog-api-key" not in seen, options
+
+
+async def test_a_pool_providers_upstream_sees_a_keys_credential_never_the_callers(
+    gateway_with: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    pool = [
+        {"name": "a", "api_key_env": "RLGW_TEST_UPSTREAM_KEY"},
+        {"name": "b", "api_key_env": "POOL_KEY_B"},
+    ]
+    gw = await gateway_with(api_key_env=None, keys=pool)
+    # An OpenAI caller's own Authorization (its gateway key) is replaced by a pool key's.
+    seen = await _sent_upstream(http, gw)
+    assert seen["authorization"] in (f"Bearer {UPSTREAM_KEY}", f"Bearer {POOL_KEY_B}")
+    # An Anthropic caller's forged Authorization does not reach the upstream beside the key.
+    seen = await _sent_upstream(
+        http, gw, "/v1/messages", MESSAGES, "anthropic", extra={"Authorization": "Bearer forged"}
+    )
+    assert seen["x-api-key"] in (UPSTREAM_KEY, POOL_KEY_B)
+    assert "authorization" not in seen
+
+
+async def test_a_pool_endpoints_upstream_sees_a_keys_headers_never_the_callers(
+    gateway_with: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    gw = await gateway_with(
+        endpoint_options={
+            "headers": {},
+            "keys": [
+                {"name": "a", "headers": {"X-Upstream-Token": "${ENDPOINT_KEY}"}},
+                {"name": "b", "headers": {"X-Upstream-Token": "${POOL_KEY_B}"}},
+            ],
+        }
+    )
+    key = await gw.new_key()
+    reply = await call(
+        http,
+        gw,
+        "/proxy-api/acme-ai/llm/v1/chat/completions",
+        CHAT,
+        {**CLIENT_HEADERS, "Authorization": f"Bearer {key}", "x-upstream-TOKEN": "forged"},
+    )
+    assert reply.status == 200, reply.body
+    seen = gw.upstream.state.requests[-1].headers
+    assert seen["x-upstream-token"] in ("endpoint-secret", POOL_KEY_B)
+    assert "authorization" not in seen
+    assert seen["openai-organization"] == "org-client"  # otherwise still transparent
 
 
 async def test_custom_endpoints_stay_transparent(

@@ -422,18 +422,25 @@ def test_full_config_resolves_server_storage_and_admin(full: Settings) -> None:
     assert full.admin_token == "ops-token"
 
 
-def test_each_protocol_gets_its_credential_header(full: Settings) -> None:
+def test_each_protocols_key_carries_its_credential_header(full: Settings) -> None:
     providers = full.providers
     assert list(providers) == ["openai-main", "anthropic-main", "gemini-main"]
-    assert providers["openai-main"].upstream_headers == {
-        "OpenAI-Organization": "org-42",
-        "Authorization": "Bearer sk-openai-secret",
-    }
-    assert providers["anthropic-main"].upstream_headers == {
-        "anthropic-beta": "prompt-caching-2024-07-31",
-        "x-api-key": "sk-ant-secret",
-    }
-    assert providers["gemini-main"].upstream_headers == {"x-goog-api-key": "AIza-gemini-secret"}
+    assert [p.keys[0].headers for p in providers.values()] == [
+        {"Authorization": "Bearer sk-openai-secret"},
+        {"x-api-key": "sk-ant-secret"},
+        # Gemini callers may send their gateway key as ?key=; the upstream's goes in a header.
+        {"x-goog-api-key": "AIza-gemini-secret"},
+    ]
+
+
+def test_a_providers_own_headers_never_hold_a_keys_credential(full: Settings) -> None:
+    # Each attempt adds the headers of the key it picked: one in the provider's own would be
+    # sent with every key.
+    assert [p.upstream_headers for p in full.providers.values()] == [
+        {"OpenAI-Organization": "org-42"},
+        {"anthropic-beta": "prompt-caching-2024-07-31"},
+        {},
+    ]
 
 
 def test_full_config_resolves_provider_fields(full: Settings) -> None:
@@ -498,7 +505,8 @@ def test_an_empty_file_gives_the_documented_defaults() -> None:
 def test_provider_and_model_defaults() -> None:
     settings = parse_settings(OPENAI + MODEL, ENV)
     provider = settings.providers["openai-main"]
-    assert provider.upstream_headers == {"Authorization": "Bearer sk-openai-secret"}
+    assert provider.upstream_headers == {}
+    assert provider.keys[0].headers == {"Authorization": "Bearer sk-openai-secret"}
     assert (provider.rpm, provider.tpm, provider.timeout_s, provider.connect_timeout_s) == (
         None,
         None,
@@ -515,17 +523,17 @@ def test_a_provider_without_api_key_env_sends_only_its_configured_headers() -> N
     text = OPENAI.replace('api_key_env = "OPENAI_API_KEY"\n', "") + (
         'headers = { api-key = "${AZURE_KEY}" }\n'
     )
-    settings = parse_settings(text, {"AZURE_KEY": "azure-secret"})
-    assert settings.providers["openai-main"].upstream_headers == {"api-key": "azure-secret"}
+    provider = parse_settings(text, {"AZURE_KEY": "azure-secret"}).providers["openai-main"]
+    assert provider.upstream_headers == {"api-key": "azure-secret"}
+    assert provider.keys == (UpstreamKey(name="openai-main", headers={}),)
 
 
 def test_a_credential_header_written_in_the_file_wins_over_api_key_env_in_any_case() -> None:
     text = OPENAI + 'headers = { authorization = "Bearer ${PROJECT_KEY}" }\n'
-    settings = parse_settings(text, {**ENV, "PROJECT_KEY": "sk-project"})
+    provider = parse_settings(text, {**ENV, "PROJECT_KEY": "sk-project"}).providers["openai-main"]
     # One credential header, not two that differ in letter case.
-    assert settings.providers["openai-main"].upstream_headers == {
-        "authorization": "Bearer sk-project"
-    }
+    assert provider.upstream_headers == {"authorization": "Bearer sk-project"}
+    assert provider.keys == (UpstreamKey(name="openai-main", headers={}),)
 
 
 def test_admin_token_is_read_from_the_environment_and_empty_means_disabled() -> None:
@@ -675,21 +683,19 @@ POOL_ENV = {
 }
 
 
-def test_a_pool_resolves_each_keys_credential_and_ceilings() -> None:
+def test_a_pool_resolves_each_keys_credential_headers_and_ceilings() -> None:
     provider = parse_settings(POOL, POOL_ENV).providers["openai-main"]
     assert provider.keys == (
-        UpstreamKey(
-            name="team-a", credential=("Authorization", "Bearer sk-a"), rpm=500, tpm=200000
-        ),
-        UpstreamKey(name="team-b", credential=("Authorization", "Bearer sk-b")),
+        UpstreamKey(name="team-a", headers={"Authorization": "Bearer sk-a"}, rpm=500, tpm=200000),
+        UpstreamKey(name="team-b", headers={"Authorization": "Bearer sk-b"}),
     )
     assert (provider.max_attempts, provider.cooldown_default_s, provider.probe_interval_s) == (
         3,
         20.0,
         15.0,
     )
-    # Until failover lands, the relay sends the first key.
-    assert provider.upstream_headers == {"Authorization": "Bearer sk-a"}
+    # Each attempt sends the key it picked: no key's credential goes with every attempt.
+    assert provider.upstream_headers == {}
     assert pool_of(provider) == Pool(
         "openai-main", (PoolKey("team-a", 500, 200000), PoolKey("team-b")), rpm=900
     )
@@ -698,8 +704,9 @@ def test_a_pool_resolves_each_keys_credential_and_ceilings() -> None:
 def test_api_key_env_alone_is_a_pool_of_one_key_named_after_the_provider() -> None:
     provider = parse_settings(OPENAI, ENV).providers["openai-main"]
     assert provider.keys == (
-        UpstreamKey(name="openai-main", credential=("Authorization", "Bearer sk-openai-secret")),
+        UpstreamKey(name="openai-main", headers={"Authorization": "Bearer sk-openai-secret"}),
     )
+    assert provider.upstream_headers == {}
     assert (provider.max_attempts, provider.cooldown_default_s, provider.probe_interval_s) == (
         2,
         60.0,
@@ -710,8 +717,33 @@ def test_api_key_env_alone_is_a_pool_of_one_key_named_after_the_provider() -> No
 def test_a_credential_written_in_headers_is_a_pool_of_one_key_the_headers_carry() -> None:
     text = OPENAI.replace('api_key_env = "OPENAI_API_KEY"\n', 'headers = { api-key = "${AZ}" }\n')
     provider = parse_settings(text, {"AZ": "azure-secret"}).providers["openai-main"]
-    assert provider.keys == (UpstreamKey(name="openai-main", credential=None),)
+    assert provider.keys == (UpstreamKey(name="openai-main", headers={}),)
     assert provider.upstream_headers == {"api-key": "azure-secret"}
+
+
+@pytest.mark.parametrize(
+    ("protocol", "header", "value"),
+    [
+        ("openai", "Authorization", "Bearer sk-a"),
+        ("anthropic", "x-api-key", "sk-a"),
+        ("gemini", "x-goog-api-key", "sk-a"),
+    ],
+)
+def test_a_pool_keys_headers_are_its_protocols_credential_header(
+    protocol: str, header: str, value: str
+) -> None:
+    provider = parse_settings(POOL.replace('"openai"', f'"{protocol}"'), POOL_ENV).providers[
+        "openai-main"
+    ]
+    assert provider.keys[0].headers == {header: value}
+    assert provider.upstream_headers == {}
+
+
+def test_a_pool_providers_callers_never_send_a_credential_header_a_key_sets() -> None:
+    policy = parse_settings(POOL, POOL_ENV).providers["openai-main"].client_headers
+    caller = {"Authorization": "Bearer rlgw-caller", "AUTHORIZATION": "x", "X-Trace": "t"}
+    assert "authorization" in policy.withheld
+    assert policy.forwarded(caller) == {"X-Trace": "t"}
 
 
 @pytest.mark.parametrize(

@@ -64,7 +64,11 @@ async def handle_converter(
         path=path,
         query=_GEMINI_SSE if upstream_route is Route.STREAM_GENERATE else {},
         headers=translated_request_headers(
-            request.headers, adapter, model.provider.upstream_headers, model.provider.client_headers
+            request.headers,
+            adapter,
+            # bridge: the first key until the relay picks per attempt
+            {**model.provider.upstream_headers, **model.provider.keys[0].headers},
+            model.provider.client_headers,
         ),
         translation=AnswerTranslation(
             caller=caller,

@@ -205,7 +205,10 @@ async def handle_custom_endpoint(request: web.Request) -> web.StreamResponse:
             method=request.method,
             url=_upstream_url(endpoint, request),
             headers=upstream_request_headers(
-                request.headers, endpoint.upstream_headers, endpoint.client_headers
+                request.headers,
+                # bridge: the first key until the relay picks per attempt
+                {**endpoint.upstream_headers, **endpoint.keys[0].headers},
+                endpoint.client_headers,
             ),
             body=_upstream_body(endpoint, route, body, request_info, output_cap),
             connect_timeout_s=endpoint.connect_timeout_s,

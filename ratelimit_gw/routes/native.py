@@ -119,7 +119,10 @@ def _as_sent(
         path=request.path,
         query=request.query,
         headers=upstream_request_headers(
-            request.headers, model.provider.upstream_headers, model.provider.client_headers
+            request.headers,
+            # bridge: the first key until the relay picks per attempt
+            {**model.provider.upstream_headers, **model.provider.keys[0].headers},
+            model.provider.client_headers,
         ),
     )
 
