@@ -55,12 +55,10 @@ def test_one_key_and_a_pool_of_four_every_key_with_ceilings_at_the_same_prices()
 
 def test_every_key_has_its_own_secret_set_only_in_the_gateways_environment() -> None:
     settings = parse_settings(pools_config("http://127.0.0.1:9", "memory://", 8000), KEY_ENV)
-    credentials = [
-        key.credential for provider in settings.providers.values() for key in provider.keys
-    ]
-    assert len(credentials) == 5 == len(KEY_ENV) == len(set(KEY_ENV.values()))
-    assert sorted(c for c in credentials if c) == sorted(
-        ("Authorization", f"Bearer {secret}") for secret in KEY_ENV.values()
+    sent = [key.headers for provider in settings.providers.values() for key in provider.keys]
+    assert len(sent) == 5 == len(KEY_ENV) == len(set(KEY_ENV.values()))
+    assert sorted(h["Authorization"] for h in sent) == sorted(
+        f"Bearer {secret}" for secret in KEY_ENV.values()
     )
     assert POOLS.env == KEY_ENV
     # Without them the gateway would not start: the config names each variable.
