@@ -65,7 +65,8 @@ from .load import fixed_rate_run, run_wrk
 from .local_redis import RedisProcess, free_port, start_redis
 from .pools import run_pools
 from .processes import CpuMeter, gateway_workers, python_module, rss_mib, server_process
-from .report import is_row, render, summarise
+from .report import render, summarise
+from .rows import is_row
 from .runs import IDLE_RATE_RPS, BenchOptions, Run, chat_body
 
 MODEL = "gpt-4o-mini"

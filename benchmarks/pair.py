@@ -16,7 +16,7 @@ such section, on the bench's Redis and the *full* mock (``ratelimit-gw mock-upst
 * every measurement carries the on-CPU microseconds per request of the gateway, Redis and the
   mock (which shares the cores, and may do different work for the two rows).
 
-What the rows mean, and what is judged, is the section's (``report.summarise_pair``).
+What the rows mean, and what is judged, is the section's (``pair_report.summarise_pair``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 from .load import fixed_rate_run, run_wrk
 from .local_redis import RedisProcess, free_port
 from .processes import CpuMeter, gateway_workers, python_module, rss_mib, server_process
-from .report import is_row
+from .rows import is_row
 from .runs import BenchOptions, Run
 
 KINDS = ("plain", "stream")

@@ -25,7 +25,7 @@ from typing import Any
 
 from .local_redis import RedisProcess
 from .pair import KINDS, Pair, PairRuns, gateway_header, measure_pair
-from .report import FULL_MOCK, summarise_pair
+from .pair_report import FULL_MOCK, summarise_pair
 from .runs import POOLS_ROWS, POOLS_THROUGHPUT_FLOOR, BenchOptions, chat_body
 
 ROUTE = "/openai/v1/chat/completions"
