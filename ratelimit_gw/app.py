@@ -35,7 +35,6 @@ from .storage import Storage, open_storage
 from .storage.eviction_guard import EvictionGuard
 from .upstream_client import UpstreamClient
 from .upstream_pool import PoolStore
-from .upstream_quota import UpstreamQuota
 
 log = logging.getLogger("ratelimit_gw")
 # How long shutdown waits for the background tasks (eviction guard, key-change feed) to stop.
@@ -73,8 +72,8 @@ def create_app(
         upstream = UpstreamClient()
         accounts = AccountStore(store)
         limiter = Limiter(store)
-        quota = UpstreamQuota(store)
-        settler = Settler(limiter, metrics, quota)
+        pools = PoolStore(store)
+        settler = Settler(limiter, metrics, pools)
         keys = KeyCache(
             accounts,
             settings.storage.key_cache_ttl_s,
@@ -90,8 +89,7 @@ def create_app(
             relay=Relay(upstream, metrics),
             metrics=metrics,
             registry=registry,
-            quota=quota,
-            pools=PoolStore(store),
+            pools=pools,
             bodies=BodyReader(settings.server, metrics.buffered_body_bytes),
             client_addresses=ClientAddresses(settings.server.trusted_proxies),
             passthrough=passthrough,

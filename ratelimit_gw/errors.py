@@ -69,6 +69,7 @@ REJECTION_REASONS: tuple[str, ...] = (
     "upstream_timeout",
     "upstream_unreachable",
     "upstream_unreadable",
+    "upstream_unavailable",  # every key of the upstream's pool unhealthy (upstream 401s)
     # an upstream's own error, rewritten into the caller's envelope (converter routes)
     "upstream_error",
     "internal_error",

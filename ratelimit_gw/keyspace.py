@@ -109,16 +109,6 @@ class AccountKeys:
         return self.admit_keys(key_id)
 
 
-def quota_keys(quota_id: str) -> list[str]:
-    """KEYS of upstream_quota.lua: the rpm and tpm buckets of one shared upstream quota.
-
-    Shared by every account, so outside any account's hash tag: each quota has its own
-    ``{q:<quota id>}`` (``provider:<name>`` or ``endpoint:<account>/<name>``).
-    """
-    base = f"{PREFIX}:{{q:{quota_id}}}"
-    return [f"{base}:rpm", f"{base}:tpm"]
-
-
 class PoolKeys:
     """Key names of one provider's upstream key pool (``pool_pick.lua`` and the plain commands
     that mark keys cooling or unhealthy), all under ``{p:<provider>}``."""

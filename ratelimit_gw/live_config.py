@@ -4,7 +4,8 @@ What it promises: a request reads ``Services.config`` once, at its start, and us
 to its end, so it (a stream included) finishes on the providers, models, prices, custom
 endpoints and upstream credentials it started with, whatever reload happens meanwhile. A
 reload replaces the reference in one assignment: no request ever sees half of one file and
-half of another. Upstream key pools, when they come, are more of the same object.
+half of another. The upstream key pools and where each model's requests may go (its
+itinerary) are part of the same object.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import msgspec
 
 from .catalog import Catalog
+from .itinerary import Itineraries
 from .settings import Settings, parse_settings, read_config_text
 
 # Sections a running process cannot take over (its listening socket, its storage client, the
@@ -29,13 +31,19 @@ RESTART_ONLY = ("server", "storage", "metrics")
 class LiveConfig:
     settings: Settings
     catalog: Catalog  # built from settings.models
+    itineraries: Itineraries  # built from settings.models and settings.custom_endpoints
     # The first 12 hex digits of the file's SHA-256 (`sha256sum FILE`): equal digests, same
     # file. "" for a gateway built from settings in code (tests, demo).
     digest: str = ""
 
     @classmethod
     def of(cls, settings: Settings, digest: str = "") -> LiveConfig:
-        return cls(settings=settings, catalog=Catalog(settings.models), digest=digest)
+        return cls(
+            settings=settings,
+            catalog=Catalog(settings.models),
+            itineraries=Itineraries(settings.models.values(), settings.custom_endpoints.values()),
+            digest=digest,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,10 @@
 """One request's admit → relay → settle, around one :class:`MeteredRequest`.
 
-Every metered route (the native routes, the custom endpoints) parses and prices its request
-into a ``MeteredRequest``, then calls :meth:`~MeteredRequest.admit` and
-:meth:`~MeteredRequest.relay`; this module owns what happens between: the upstream quota,
-the account's limits and balance, the upstream call, and the settlement of what it used.
+Every metered route (the native routes, the converters, the custom endpoints) parses and
+prices its request into a ``MeteredRequest``, then calls :meth:`~MeteredRequest.admit` and
+:meth:`~MeteredRequest.relay`; this module owns what happens between: the upstream key and
+its ceilings (``failover.py``), the account's limits and balance, the upstream attempts, and
+the settlement of what the answering attempt used.
 
 What it promises: a request refused anywhere consumes nothing anywhere; an admitted request
 is settled exactly once (whatever the relay's outcome: answered, refused upstream, cut, or
@@ -25,16 +26,17 @@ from aiohttp import web
 
 from .context import RequestContext, own_headers
 from .errors import GatewayError
+from .failover import Failover, failure_of
+from .itinerary import Destination, Itinerary
 from .keys import KeyRecord
 from .limiter import AdmissionRequest, Decision, Settlement
 from .metrics import labelled
 from .protocols import Usage
-from .rejections import per_request_rejection_error, rejection_error, upstream_quota_error
-from .relay import RelayResult, UpstreamCall
+from .rejections import per_request_rejection_error, rejection_error
+from .relay import RelayResult, UpstreamCall, failed_before_answer
 from .services import Services
 from .settings import Model
 from .storage import StorageError
-from .upstream_quota import Quota, QuotaDecision
 from .worst_case import Hold, protects_money, usage_cost_nano
 
 log = logging.getLogger("ratelimit_gw.storage")
@@ -57,9 +59,8 @@ class MeteredRequest:
     hold: Hold  # the worst case held, its token-bucket estimate and its output cap
     model: Model | None
     charged_as: str  # the model the ledger names: the model's id, or the endpoint's
-    quota: Quota | None  # the upstream quota to reserve from first
-    upstream_timeout_s: float
-    reservation: QuotaDecision | None = None  # what was reserved from ``quota``
+    itinerary: Itinerary  # where its upstream attempts may go
+    failover: Failover | None = None  # set by admit: the key each attempt uses
 
     @property
     def decision(self) -> Decision | None:
@@ -72,14 +73,15 @@ class MeteredRequest:
         return self.hold.output_cap if protects_money(self.ctx.decision) else None
 
     async def admit(self, svc: Services) -> None:
-        """The upstream quota (docs/custom-endpoints.md), then the account's limits and balance
-        (docs/limits-and-balance.md).
+        """The first attempt's upstream key and its ceilings (docs/upstream-pools.md), then
+        the account's limits and balance (docs/limits-and-balance.md).
 
-        An upstream quota is one more storage round trip, before admit.lua; if the account
-        then refuses, the reservation is given back, so a rejected request consumes nothing
-        anywhere. Raises the 429/402/401 to answer. An admission whose caller gives up on it
-        (cancelled, or a storage failure after the call was sent) is released through the
-        settler, whether or not it ran.
+        Picking a key is one more storage round trip, before admit.lua, unless there is
+        nothing to pick (one key, no ceilings, no fallback); if the account then refuses, the
+        key's reservation is given back, so a rejected request consumes nothing anywhere.
+        Raises the 429/402/401 (or 503: every upstream key unhealthy) to answer. An
+        admission whose caller gives up on it (cancelled, or a storage failure after the call
+        was sent) is released through the settler, whether or not it ran.
 
         Storage failing raises StorageError (503), unless ``storage.on_error = "allow"``
         (docs/failure-modes.md): then the request goes on without limits or balance,
@@ -92,9 +94,10 @@ class MeteredRequest:
             request_id=self.ctx.settlement_id,
             estimated_tokens=self.hold.tokens,
             hold_nano=self.hold.nano,
-            # Holds and leases outlive the longest upstream call: only a dead gateway's expire.
-            ttl_ms=int(self.upstream_timeout_s * 1000) + HOLD_MARGIN_MS,
+            # Holds and leases outlive every upstream attempt: only a dead gateway's expire.
+            ttl_ms=int(self.itinerary.hold_ttl_s * 1000) + HOLD_MARGIN_MS,
         )
+        self.failover = Failover(self.itinerary, self.hold.tokens, svc.pools, svc.metrics)
         try:
             await self._admit(svc, admission)
             return
@@ -114,11 +117,9 @@ class MeteredRequest:
 
     async def _admit(self, svc: Services, admission: AdmissionRequest) -> None:
         ctx = self.ctx
-        if self.quota is not None:
-            reservation = await svc.quota.reserve(self.quota, admission.estimated_tokens)
-            if not reservation.allowed:
-                raise upstream_quota_error(reservation)
-            self.reservation = reservation
+        failover = self.failover
+        assert failover is not None  # set by admit
+        await failover.pick_first()
         try:
             try:
                 decision = await svc.limiter.admit(admission)
@@ -139,10 +140,8 @@ class MeteredRequest:
             if not decision.allowed:
                 raise self._refusal(decision)
         except BaseException:
-            if self.reservation is not None:
-                with contextlib.suppress(StorageError):  # the error being raised says more
-                    await svc.quota.refund(self.reservation)
-                self.reservation = None
+            with contextlib.suppress(StorageError):  # the error being raised says more
+                await failover.give_back()
             raise
         if admission.hold_nano:  # admit.lua records a hold on every account, prepaid or not
             labelled(svc.metrics.holds, "placed").inc()
@@ -156,13 +155,20 @@ class MeteredRequest:
         )
 
     async def relay(
-        self, svc: Services, request: web.Request, upstream_call: Callable[[], UpstreamCall]
+        self,
+        svc: Services,
+        request: web.Request,
+        upstream_call: Callable[[Destination, str], UpstreamCall],
     ) -> web.StreamResponse:
-        """Make the upstream call and relay it, then settle what the request used, however
-        it ended (building the call included: a body that cannot be sent is settled too)."""
+        """Make the upstream attempts (``upstream_call`` builds one for a destination and a
+        key name) and relay the answer, then settle what the request used, however it ended
+        (building a call included: a body that cannot be sent is settled too)."""
         result = RelayResult()
+        failover = self.failover
+        if failover is None:  # admit was not called: nothing held, one attempt as configured
+            failover = self.failover = Failover(self.itinerary, 0, svc.pools, svc.metrics)
         try:
-            return await svc.relay.forward(request, upstream_call(), result, own_headers(self.ctx))
+            return await self._attempts(svc, request, upstream_call, failover, result)
         except asyncio.CancelledError:
             result.outcome = "client_disconnect"  # the handler is cancelled when the client leaves
             raise
@@ -170,6 +176,38 @@ class MeteredRequest:
             if result.outcome == "pending":
                 result.outcome = "upstream_error"
             self._settle(svc, result)
+
+    async def _attempts(
+        self,
+        svc: Services,
+        request: web.Request,
+        upstream_call: Callable[[Destination, str], UpstreamCall],
+        failover: Failover,
+        result: RelayResult,
+    ) -> web.StreamResponse:
+        """Attempts until one answers, or none is left (failover.py): decided by each
+        answer's status line, before any of it reaches the caller."""
+        relay, own = svc.relay, own_headers(self.ctx)
+        while True:
+            call = upstream_call(failover.destination, failover.key)
+            try:
+                upstream = await relay.open(call, result)
+            except GatewayError as exc:
+                if not failed_before_answer(exc):
+                    raise
+                await failover.failed("timeout" if exc.status == 504 else "unreachable")
+                if await failover.move_on():
+                    continue
+                raise
+            outcome = failure_of(upstream.status)
+            if outcome is None:
+                failover.answered()
+                return await relay.deliver(request, call, upstream, result, own)
+            refused = await relay.refuse(call, upstream)
+            await failover.failed(outcome, refused)
+            if await failover.move_on():
+                continue
+            return relay.deliver_refused(call, refused, result, own)
 
     def _settle(self, svc: Services, result: RelayResult) -> None:
         """Note what the request used (for the access log) and hand it to settlement."""
@@ -195,7 +233,7 @@ class MeteredRequest:
                 cache_read_tokens=usage.cache_read_tokens,
                 cache_write_tokens=usage.cache_write_tokens,
             ),
-            self.reservation,
+            None if self.failover is None else self.failover.reservation(),
         )
 
     def _charge(self, result: RelayResult) -> tuple[Usage, int]:

@@ -10,9 +10,10 @@ from .money import affordable_output_tokens, format_usd
 from .protocols import UnboundedInput
 from .rate_limit_headers import go_duration
 from .settings import Model
-from .upstream_quota import QuotaDecision
 
-if TYPE_CHECKING:  # worst_case.py raises this module's errors
+if TYPE_CHECKING:  # worst_case.py and failover.py raise this module's errors
+    from .itinerary import Destination
+    from .upstream_pool import Exhausted
     from .worst_case import Hold
 
 _KEY_REFUSALS = {
@@ -143,39 +144,66 @@ def _limit_error(
     )
 
 
-def upstream_quota_error(decision: QuotaDecision) -> GatewayError:
-    """The shared upstream key's quota refused the request (docs/custom-endpoints.md): 429
-    upstream_quota."""
-    quota = decision.quota
-    limits = RateLimitInfo(rpm=quota.rpm, tpm=quota.tpm)
-    limit = decision.hit_limit or 0
-    shared = f"Shared upstream limit reached: {quota.label} allows"
-    if decision.reason == "request_exceeds_limit":
+def pools_exhausted_error(
+    exhausted: list[tuple[Destination, Exhausted]], tokens: int
+) -> GatewayError:
+    """No key of any destination could take the request (docs/upstream-pools.md): 429
+    upstream_quota with the soonest real wait, for good when the request is larger than
+    every ceiling; 503 upstream_unavailable when every key is unhealthy."""
+    waits = [e.retry_after_ms for _, e in exhausted if e.retry_after_ms > 0]
+    pools = [d.pool for d, _ in exhausted]
+    first, first_why = exhausted[0][0].pool, exhausted[0][1]
+    names = ", then ".join(pool.label for pool in pools)
+    limits = RateLimitInfo(rpm=first.rpm, tpm=first.tpm) if len(pools) == 1 else None
+    if waits:
+        wait = f" Please try again in {go_duration(min(waits))}."
+        if len(pools) == 1 and first_why.reason == "provider_full":
+            message = f"Shared upstream limit reached: {first.label} allows " + _pool_ceiling(
+                first.rpm, first.tpm, tokens
+            )
+        elif len(pools) == 1 and first_why.reason == "all_cooling":
+            message = (
+                f"Every upstream key of {first.label} is cooling down after the provider's "
+                "own rate limit (429)."
+            )
+        else:
+            message = (
+                f"Every upstream key of {names} is cooling down after the provider's own "
+                "rate limit (429) or at its ceiling for all callers together."
+            )
+        return GatewayError(
+            429, "upstream_quota", message + wait, retry_after_ms=min(waits), rate_limit=limits
+        )
+    if any(e.reason == "request_exceeds_limit" for _, e in exhausted):
         return GatewayError(
             429,
             "upstream_quota",
-            f"This request needs an estimated {count(decision.tokens, 'token')}, more than the "
-            f"shared upstream limit of {quota.label} ({count(limit, 'token')} per minute for "
-            "all callers) "
-            "can ever allow. Lower max_tokens or shorten the input.",
+            f"This request needs an estimated {count(tokens, 'token')}, more than the "
+            f"shared upstream limits of {names} (per minute, for all callers) can ever "
+            "allow. Lower max_tokens or shorten the input.",
             should_retry=False,
             rate_limit=limits,
         )
-    wait = f" Please try again in {go_duration(decision.retry_after_ms)}."
-    if decision.reason == "rpm_exceeded":
-        message = (
-            f"{shared} {count(limit, 'request')} per minute for all callers together "
-            f"(approximately {_per_second(limit)}).{wait}"
-        )
-    else:
-        message = (
-            f"{shared} {count(limit, 'token')} per minute for all callers together; this "
-            f"request needs an estimated {count(decision.tokens, 'token')}.{wait}"
-        )
+    recheck_ms = min(d.recheck_ms for d, _ in exhausted)
     return GatewayError(
-        429,
-        "upstream_quota",
-        message,
-        retry_after_ms=max(decision.retry_after_ms, 1),
-        rate_limit=limits,
+        503,
+        "upstream_unavailable",
+        f"Every upstream key of {names} was refused by the provider as unauthorized; the "
+        f"gateway checks them again every {go_duration(recheck_ms)}. The operator needs to "
+        "check the keys.",
+        retry_after_ms=recheck_ms,
+    )
+
+
+def _pool_ceiling(rpm: int | None, tpm: int | None, tokens: int) -> str:
+    """A pool's own ceiling in words, for all callers together."""
+    needs = f"; this request needs an estimated {count(tokens, 'token')}."
+    if tpm is None:
+        per_second = f" (approximately {_per_second(rpm)})" if rpm is not None else ""
+        return f"{count(rpm or 0, 'request')} per minute for all callers together{per_second}."
+    if rpm is None:
+        return f"{count(tpm, 'token')} per minute for all callers together{needs}"
+    return (
+        f"{count(rpm, 'request')} and {count(tpm, 'token')} per minute for all callers "
+        f"together{needs}"
     )

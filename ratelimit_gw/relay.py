@@ -80,6 +80,21 @@ class UpstreamCall:
     translation: AnswerTranslation | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class RefusedAnswer:
+    """An upstream's error answer read whole and held back from the caller (failover)."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+def failed_before_answer(error: GatewayError) -> bool:
+    """Did :meth:`Relay.open` raise ``error`` because the upstream timed out or could not be
+    reached (not a refusal of the gateway's own)?"""
+    return error.reason in ("upstream_timeout", "upstream_unreachable")
+
+
 @dataclass(slots=True)
 class RelayResult:
     """What the upstream produced; filled in as the relay goes, read by settlement."""
@@ -186,7 +201,20 @@ class Relay:
         result: RelayResult,
         own_headers: Mapping[str, str],
     ) -> web.StreamResponse:
-        """Call the upstream; stream when the call has a tap and the answer is a 2xx stream."""
+        """Call the upstream and relay its answer, whatever it is (one attempt, no failover)."""
+        upstream = await self.open(call, result)
+        return await self.deliver(request, call, upstream, result, own_headers)
+
+    async def open(self, call: UpstreamCall, result: RelayResult) -> UpstreamResponse:
+        """Send the call and wait for the upstream's status line and headers; nothing reaches
+        the caller yet, so the answer may still be refused in favour of another attempt.
+
+        Raises the 504/502 to answer for a time-out or a connection that failed
+        (``result.outcome`` is then ``upstream_error``); :func:`failed_before_answer` tells
+        them from the gateway's other errors.
+        """
+        result.outcome = "pending"
+        result.status = 0
         started = time.perf_counter()
         # One deadline for the whole call, the streamed body included (timeout_s, docs/relay.md).
         deadline = asyncio.get_running_loop().time() + call.total_timeout_s
@@ -199,15 +227,32 @@ class Relay:
                 connect_timeout_s=call.connect_timeout_s,
                 deadline=deadline,
             )
+        except TimeoutError:
+            raise self._timed_out(call, result) from None
+        except UpstreamError as exc:
+            raise self._unreachable(call, result, exc) from None
+        result.ttfb_s = time.perf_counter() - started
+        result.status = upstream.status
+        labelled(self._metrics.upstream_ttfb, call.provider, call.model).observe(result.ttfb_s)
+        return upstream
+
+    async def deliver(
+        self,
+        request: web.Request,
+        call: UpstreamCall,
+        upstream: UpstreamResponse,
+        result: RelayResult,
+        own_headers: Mapping[str, str],
+    ) -> web.StreamResponse:
+        """Relay an opened answer to the caller: streamed when the call has a tap and the
+        answer is a 2xx stream, else read whole. Releases ``upstream``."""
+        try:
             try:
-                result.ttfb_s = time.perf_counter() - started
-                result.status = upstream.status
-                ttfb = labelled(self._metrics.upstream_ttfb, call.provider, call.model)
-                ttfb.observe(result.ttfb_s)
                 headers = client_response_headers(upstream.headers, own_headers)
                 if upstream.status >= 400 or call.new_tap is None:
-                    response: web.StreamResponse = await self._buffered(
-                        upstream, headers, result, call.parse_usage, call.translation
+                    body = await upstream.read()
+                    response: web.StreamResponse = self._buffered(
+                        upstream.status, body, headers, result, call
                     )
                 else:
                     if call.translation is not None:
@@ -218,55 +263,88 @@ class Relay:
             finally:
                 upstream.release()
         except TimeoutError:
-            result.outcome = "upstream_error"
-            self._count(call, "timeout")
-            log.warning(
-                "upstream %s at %s timed out (connect_timeout_s %g, timeout_s %g)",
-                call.provider,
-                shown_url(call.url),
-                call.connect_timeout_s,
-                call.total_timeout_s,
-            )
-            raise GatewayError(
-                504, "upstream_timeout", "The upstream did not answer in time.", retry_after_ms=1000
-            ) from None
+            raise self._timed_out(call, result) from None
         except UpstreamError as exc:
-            result.outcome = "upstream_error"
-            self._count(call, "unreachable")
-            if isinstance(exc, UpstreamUnreachable):
-                message = "The upstream could not be reached."
-            elif isinstance(exc, UpstreamRequestInvalid):
-                message = f"The upstream request could not be made: {exc}."
-            else:
-                message = f"The upstream connection failed: {exc}."
-            log.warning(
-                "upstream %s at %s %s: %s",
-                call.provider,
-                shown_url(call.url),
-                "unreachable" if isinstance(exc, UpstreamUnreachable) else "failed",
-                exc,
-            )
-            raise GatewayError(502, "upstream_unreachable", message) from None
+            raise self._unreachable(call, result, exc) from None
         self._count(
             call, "cut" if result.outcome == "upstream_cut" else f"{result.status // 100}xx"
         )
         return response
 
+    async def refuse(self, call: UpstreamCall, upstream: UpstreamResponse) -> RefusedAnswer:
+        """Read and release an opened error answer that the caller does not get now (another
+        attempt follows); :meth:`deliver_refused` relays it should it be the last."""
+        try:
+            body = (await upstream.read())[:MAX_ERROR_BODY_BYTES]
+        except (TimeoutError, UpstreamError):
+            body = b""  # the status line says what the failover needs
+        finally:
+            upstream.release()
+        self._count(call, f"{upstream.status // 100}xx")
+        return RefusedAnswer(upstream.status, tuple(upstream.headers), body)
+
+    def deliver_refused(
+        self,
+        call: UpstreamCall,
+        refused: RefusedAnswer,
+        result: RelayResult,
+        own_headers: Mapping[str, str],
+    ) -> web.Response:
+        """Relay an error answer read by :meth:`refuse`: the last attempt's, when no key or
+        fallback is left to try."""
+        result.status = refused.status
+        headers = client_response_headers(refused.headers, own_headers)
+        return self._buffered(refused.status, refused.body, headers, result, call)
+
+    def _timed_out(self, call: UpstreamCall, result: RelayResult) -> GatewayError:
+        result.outcome = "upstream_error"
+        self._count(call, "timeout")
+        log.warning(
+            "upstream %s at %s timed out (connect_timeout_s %g, timeout_s %g)",
+            call.provider,
+            shown_url(call.url),
+            call.connect_timeout_s,
+            call.total_timeout_s,
+        )
+        return GatewayError(
+            504, "upstream_timeout", "The upstream did not answer in time.", retry_after_ms=1000
+        )
+
+    def _unreachable(
+        self, call: UpstreamCall, result: RelayResult, exc: UpstreamError
+    ) -> GatewayError:
+        result.outcome = "upstream_error"
+        self._count(call, "unreachable")
+        if isinstance(exc, UpstreamUnreachable):
+            message = "The upstream could not be reached."
+        elif isinstance(exc, UpstreamRequestInvalid):
+            message = f"The upstream request could not be made: {exc}."
+        else:
+            message = f"The upstream connection failed: {exc}."
+        log.warning(
+            "upstream %s at %s %s: %s",
+            call.provider,
+            shown_url(call.url),
+            "unreachable" if isinstance(exc, UpstreamUnreachable) else "failed",
+            exc,
+        )
+        return GatewayError(502, "upstream_unreachable", message)
+
     def _count(self, call: UpstreamCall, outcome: str) -> None:
         labelled(self._metrics.upstream_responses, call.provider, outcome).inc()
 
-    async def _buffered(
+    def _buffered(
         self,
-        upstream: UpstreamResponse,
+        status: int,
+        body: bytes,
         headers: CIMultiDict[str],
         result: RelayResult,
-        parse_usage: Callable[[bytes], Usage | None],
-        translation: AnswerTranslation | None,
+        call: UpstreamCall,
     ) -> web.Response:
-        body = await upstream.read()
-        if upstream.status < 400:
+        translation = call.translation
+        if status < 400:
             result.outcome = "ok"
-            result.usage = parse_usage(body)  # the upstream's own figures, before translation
+            result.usage = call.parse_usage(body)  # the upstream's own figures, before translation
             if translation is not None:
                 body = translation.answer(body)
                 headers["Content-Type"] = translation.content_type
@@ -276,9 +354,9 @@ class Relay:
             result.outcome = "upstream_error"
             body = body[:MAX_ERROR_BODY_BYTES]
             if translation is not None:
-                body = translation.error(upstream.status, body)
+                body = translation.error(status, body)
                 headers["Content-Type"] = translation.caller.error_content_type
-        return web.Response(status=upstream.status, body=body, headers=headers)
+        return web.Response(status=status, body=body, headers=headers)
 
     async def _streamed(
         self,

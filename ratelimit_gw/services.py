@@ -19,7 +19,6 @@ from .relay import Relay
 from .settler import Settler
 from .storage import Storage
 from .upstream_pool import PoolStore
-from .upstream_quota import UpstreamQuota
 
 
 @dataclass
@@ -35,7 +34,6 @@ class Services:
     relay: Relay
     metrics: Metrics
     registry: CollectorRegistry
-    quota: UpstreamQuota  # upstream quotas (docs/custom-endpoints.md)
     pools: PoolStore  # upstream key pools: pick, cool down, mark (upstream_pool.py)
     bodies: BodyReader  # reads request bodies within the [server] limits
     client_addresses: ClientAddresses  # who sent a request (server.trusted_proxies)

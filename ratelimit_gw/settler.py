@@ -1,7 +1,7 @@
 """Settlement off the client's path, never lost: tracked, retried, drained at shutdown.
 
-A request that passed an upstream quota (docs/custom-endpoints.md) also has that quota's tpm bucket
-corrected to its real usage here, after the account's settlement.
+A request whose upstream key reserved a tpm ceiling (docs/upstream-pools.md) also has that
+reservation corrected to its real usage here, after the account's settlement.
 
 An admission its caller gave up on is released here too (:meth:`Settler.abandon`), with the
 same retries, so what it placed does not wait for its TTL. A settlement that finds its
@@ -15,14 +15,17 @@ import asyncio
 import functools
 import logging
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .keyspace import ORPHAN_SETTLEMENTS
 from .limiter import ABANDONED, Limiter, Settlement, SettleResult, settle_result
 from .metrics import Metrics, labelled
 from .money import NANO_PER_USD
 from .storage import StorageError
-from .upstream_quota import QuotaDecision, UpstreamQuota
+from .upstream_pool import PoolStore
+
+if TYPE_CHECKING:  # failover.py settles through this module
+    from .failover import PoolReservation
 
 log = logging.getLogger("ratelimit_gw.settle")
 # ~32 s in all, then every 5 s: long enough to outlast a Redis restart or a sentinel failover,
@@ -32,22 +35,23 @@ RETRY_DELAYS_S = (0.05, 0.2, 0.5, 1.0, 2.0, 3.0, 5.0, 5.0, 5.0, 5.0, 5.0)
 
 
 class Settler:
-    def __init__(self, limiter: Limiter, metrics: Metrics, quota: UpstreamQuota) -> None:
+    def __init__(self, limiter: Limiter, metrics: Metrics, pools: PoolStore) -> None:
         self._limiter = limiter
         self._metrics = metrics
-        self._quota = quota
+        self._pools = pools
         # First attempts (storage futures) and retry tasks not finished yet.
         self._pending: set[asyncio.Future[Any]] = set()
 
-    def submit(self, settlement: Settlement, quota: QuotaDecision | None = None) -> None:
+    def submit(self, settlement: Settlement, reservation: PoolReservation | None = None) -> None:
         """Start settling now; it goes on even if the request's handler is cancelled.
 
-        ``quota`` is the request's reservation on an upstream quota, if it had one.
-        Without one (the common case) the first attempt is a bare storage future — no task
-        per request; a task is made only to retry after a failure, or to correct an upstream quota.
+        ``reservation`` is what the answering upstream key reserved from a tpm ceiling, if
+        anything. Without one (the common case) the first attempt is a bare storage future —
+        no task per request; a task is made only to retry after a failure, or to correct a
+        key's reservation.
         """
-        if quota is not None:
-            self._track(self._finish(settlement, quota))
+        if reservation is not None:
+            self._track(self._finish(settlement, reservation))
             return
         attempt = self._limiter.start_settle(settlement)
         self._pending.add(attempt)
@@ -85,20 +89,24 @@ class Settler:
         task.add_done_callback(self._pending.discard)
 
     async def _finish(
-        self, settlement: Settlement, quota: QuotaDecision | None
+        self, settlement: Settlement, reservation: PoolReservation
     ) -> SettleResult | None:
         result = await self._settle(settlement, (0.0, *RETRY_DELAYS_S))
-        if quota is not None:
-            actual = settlement.input_tokens + settlement.output_tokens
-            try:
-                await self._quota.correct(quota, actual)
-            except StorageError as exc:
-                # Not retried: a correction is not idempotent, and the bucket refills anyway.
-                log.warning(
-                    "correcting the upstream quota for %s failed: %s",
-                    settlement.request_id,
-                    exc,
-                )
+        actual = settlement.input_tokens + settlement.output_tokens
+        try:
+            # The estimate back, the real usage taken (negative: an extra debit).
+            await self._pools.refund(
+                reservation.pool, reservation.key, 0, reservation.tokens - actual
+            )
+        except StorageError as exc:
+            # Not retried: a correction is not idempotent, and the bucket refills anyway.
+            log.warning(
+                "correcting the tpm reservation of upstream %s key %s for %s failed: %s",
+                reservation.pool.provider,
+                reservation.key,
+                settlement.request_id,
+                exc,
+            )
         return result
 
     async def _settle(

@@ -28,7 +28,12 @@ from .storage import Storage
 
 KeyStateName = Literal["ok", "cooling", "unhealthy"]
 ExhaustedReason = Literal[
-    "all_unhealthy", "all_cooling", "all_full", "provider_full", "request_exceeds_limit"
+    "all_unhealthy",
+    "all_cooling",
+    "all_full",
+    "provider_full",
+    "request_exceeds_limit",
+    "all_tried",  # every key was tried by this request already (not the script's)
 ]
 
 
@@ -46,10 +51,21 @@ class PoolKey:
 class Pool:
     """A provider's upstream keys, and the provider's own ceiling shared by all of them."""
 
-    provider: str
+    provider: str  # the provider's name, or a custom endpoint's id: names it in storage
     keys: tuple[PoolKey, ...]
     rpm: int | None = None
     tpm: int | None = None
+    label: str = ""  # how messages name it, e.g. "provider `openai-main`"
+
+    @property
+    def needs_storage(self) -> bool:
+        """Whether picking needs storage: more than one key to choose from, or a ceiling."""
+        return (
+            len(self.keys) > 1
+            or self.rpm is not None
+            or self.tpm is not None
+            or any(key.rpm is not None or key.tpm is not None for key in self.keys)
+        )
 
     def key(self, name: str) -> PoolKey:
         for key in self.keys:
@@ -61,7 +77,7 @@ class Pool:
 def pool_of(provider: Provider) -> Pool:
     """A provider's pool: its keys with their ceilings; its own rpm/tpm for the whole pool."""
     keys = tuple(PoolKey(key.name, key.rpm, key.tpm) for key in provider.keys)
-    return Pool(provider.name, keys, provider.rpm, provider.tpm)
+    return Pool(provider.name, keys, provider.rpm, provider.tpm, f"provider `{provider.name}`")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +133,15 @@ class PoolStore:
         reply: list[str] = await self._storage.run("pool_pick", script_keys, args)
         return reply
 
-    async def pick(self, pool: Pool, tokens: int) -> Picked | Exhausted:
-        """Pick a key for one request of ``tokens`` (estimated) and reserve its ceilings."""
-        reply = await self._run("pick", pool, pool.keys, 1, tokens)
+    async def pick(
+        self, pool: Pool, tokens: int, skip: frozenset[str] = frozenset()
+    ) -> Picked | Exhausted:
+        """Pick a key for one request of ``tokens`` (estimated) and reserve its ceilings;
+        ``skip``: keys this request already tried (a failover does not go back to them)."""
+        keys = tuple(key for key in pool.keys if key.name not in skip) if skip else pool.keys
+        if not keys:
+            return Exhausted(retry_after_ms=0, reason="all_tried")
+        reply = await self._run("pick", pool, keys, 1, tokens)
         if int(reply[0]) == 1:
             return Picked(key_name=str(reply[1]), headroom=float(reply[4]))
         reason: ExhaustedReason = reply[2]  # type: ignore[assignment]  # the script's contract

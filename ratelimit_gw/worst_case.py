@@ -30,7 +30,7 @@ from .protocols import (
 )
 from .rejections import unbounded_input_error
 from .services import Services
-from .settings import Model
+from .settings import Model, Provider
 from .storage import StorageError
 
 
@@ -112,13 +112,16 @@ def protects_money(decision: Decision | None) -> bool:
     return decision is not None and decision.available_nano is not None
 
 
-def upstream_edits(model: Model, output_cap: int | None) -> UpstreamEdits:
-    """The body changes a native call to ``model`` needs: its upstream id, and the cap to
-    send when the caller's body gives the upstream none (None: keep the caller's bytes)."""
+def upstream_edits(
+    model: Model, output_cap: int | None, provider: Provider, upstream_id: str
+) -> UpstreamEdits:
+    """The body changes a native call to ``model`` at ``provider`` needs: the model's id
+    there (``upstream_id``; a fallback may give its own), and the cap to send when the
+    caller's body gives the upstream none (None: keep the caller's bytes)."""
     return UpstreamEdits(
-        model=model.upstream_id if model.upstream_id != model.id else None,
+        model=upstream_id if upstream_id != model.id else None,
         output_cap=output_cap,
-        chat_cap_field=model.provider.chat_cap_field,
+        chat_cap_field=provider.chat_cap_field,
     )
 
 

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 
 from ratelimit_gw.accounts import AccountStore
 from ratelimit_gw.context import RequestContext
+from ratelimit_gw.itinerary import Destination, Itinerary
 from ratelimit_gw.keys import KeyRecord
 from ratelimit_gw.keyspace import AccountKeys
 from ratelimit_gw.limiter import AdmissionRequest, Decision, Limiter, Settlement
@@ -33,6 +34,7 @@ from ratelimit_gw.money import parse_usd
 from ratelimit_gw.services import SERVICES, Services
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import Storage, StorageError, open_storage
+from ratelimit_gw.upstream_pool import Pool, PoolKey
 from ratelimit_gw.worst_case import Hold
 
 from .conftest import ADMIN_TOKEN, Gateway, Upstream, start_gateway
@@ -88,16 +90,34 @@ def admissions_entered(svc: Services, count: int) -> asyncio.Event:
     return entered
 
 
+# One upstream key, no ceiling, no fallback: no storage step before the account's admission.
+ONE_KEY = Itinerary(
+    destinations=(
+        Destination(
+            pool=Pool("test", (PoolKey("test"),)),
+            provider=None,
+            upstream_id="",
+            key_headers={"test": {}},
+            timeout_s=30.0,
+            cooldown_default_ms=60_000,
+            recheck_ms=30_000,
+            probed=False,
+        ),
+    ),
+    max_attempts=1,
+    tracked=False,
+)
+
+
 def metered(ctx: RequestContext, key: KeyRecord, hold_nano: int) -> MeteredRequest:
-    """A request estimated at 300 tokens, holding ``hold_nano``, behind no upstream quota."""
+    """A request estimated at 300 tokens, holding ``hold_nano``, behind no upstream ceiling."""
     return MeteredRequest(
         ctx=ctx,
         key=key,
         hold=Hold(300, 300, 0, 1, hold_nano),
         model=None,
         charged_as="test",
-        quota=None,
-        upstream_timeout_s=30.0,
+        itinerary=ONE_KEY,
     )
 
 

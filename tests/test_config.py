@@ -697,7 +697,10 @@ def test_a_pool_resolves_each_keys_credential_headers_and_ceilings() -> None:
     # Each attempt sends the key it picked: no key's credential goes with every attempt.
     assert provider.upstream_headers == {}
     assert pool_of(provider) == Pool(
-        "openai-main", (PoolKey("team-a", 500, 200000), PoolKey("team-b")), rpm=900
+        "openai-main",
+        (PoolKey("team-a", 500, 200000), PoolKey("team-b")),
+        rpm=900,
+        label="provider `openai-main`",
     )
 
 

@@ -25,9 +25,6 @@ and after every step these invariants must hold:
 - a settlement or top-up for a missing account writes nothing, and a conflicting top-up
   credits nothing.
 
-A second, smaller machine does the same for upstream_quota.lua, whose token buckets are a
-copy of admit.lua's refill (see QuotaMachine).
-
 Runs on ``memory://`` and on a real redis-server (the ``storage_url`` fixture).
 """
 
@@ -55,14 +52,13 @@ from hypothesis.stateful import (
 )
 
 from ratelimit_gw.accounts import AccountStore
-from ratelimit_gw.keyspace import AccountKeys, quota_keys
+from ratelimit_gw.keyspace import AccountKeys
 from ratelimit_gw.limiter import ABANDONED, AdmissionRequest, Decision, Limiter, Settlement
 from ratelimit_gw.limits import Limits
 from ratelimit_gw.management import AccountError
 from ratelimit_gw.money import parse_usd
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import Storage, open_storage
-from ratelimit_gw.upstream_quota import Quota, QuotaDecision, UpstreamQuota
 
 pytestmark = pytest.mark.slow  # long Hypothesis state-machine runs on both backends
 
@@ -702,125 +698,3 @@ def test_model_helper_matches_the_script_refill_formula(anything: None) -> None:
     assert bucket_level_at([None, None], 10, 5) == 10
     assert bucket_level_at(["2", "1000"], 60, 2000) == pytest.approx(3.0)
     assert bucket_level_at(["-5", "0"], 6, 600_000) == 6
-
-
-# ---------------------------------------------------------------- upstream_quota.lua
-
-
-class QuotaMachine(RuleBasedStateMachine):
-    """upstream_quota.lua's buckets (a copy of admit.lua's refill) against the same model:
-    a reservation passes exactly when every bucket holds enough (wherever the clock bracket
-    makes that certain), takes exactly its amount, and a refused one writes nothing; refunds
-    never fill a bucket past its capacity; an extra debit may take one below zero."""
-
-    url = "memory://"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.loop = asyncio.new_event_loop()
-        self.storage: Storage = open_storage(StorageSettings(url=self.url))
-        self.loop.run_until_complete(self.storage.call("FLUSHALL"))
-        self.quota = UpstreamQuota(self.storage)
-        self.quota_limits = Quota("provider:prop", "provider `prop`", None, None)
-        self.reservations: list[QuotaDecision] = []
-
-    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return self.loop.run_until_complete(coroutine)
-
-    def teardown(self) -> None:
-        self.run(self.storage.close())
-        self.loop.close()
-
-    def buckets(self) -> list[tuple[str, int]]:
-        """(storage key, capacity) of each configured bucket, rpm then tpm."""
-        rpm_key, tpm_key = quota_keys(self.quota_limits.id)
-        pairs = ((rpm_key, self.quota_limits.rpm), (tpm_key, self.quota_limits.tpm))
-        return [(key, capacity) for key, capacity in pairs if capacity is not None]
-
-    def states(self) -> dict[str, list[str | None]]:
-        return {
-            key: self.run(self.storage.call("HMGET", key, "level", "ts"))
-            for key, _ in self.buckets()
-        }
-
-    async def redis_ms(self) -> int:
-        seconds, micros = await self.storage.call("TIME")
-        return int(seconds) * 1000 + int(micros) // 1000
-
-    @initialize(rpm=limits_rpm, tpm=limits_tpm)
-    def configure(self, rpm: int | None, tpm: int | None) -> None:
-        self.quota_limits = Quota("provider:prop", "provider `prop`", rpm, tpm)
-
-    @rule(tokens=st.integers(0, 450))
-    def reserve(self, tokens: int) -> None:
-        before = self.states()
-        t0 = self.run(self.redis_ms())
-        decision = self.run(self.quota.reserve(self.quota_limits, tokens))
-        t1 = self.run(self.redis_ms())
-        rpm_key, _ = quota_keys(self.quota_limits.id)
-        amounts = {key: (1 if key == rpm_key else tokens) for key, _ in self.buckets()}
-        too_big = any(amounts[key] > capacity for key, capacity in self.buckets())
-        bracket = {
-            key: (
-                bucket_level_at(before[key], capacity, t0),
-                bucket_level_at(before[key], capacity, t1),
-            )
-            for key, capacity in self.buckets()
-        }
-        if too_big:
-            assert (decision.allowed, decision.reason) == (False, "request_exceeds_limit")
-        elif all(low >= amounts[key] for key, (low, _) in bracket.items()):
-            assert decision.allowed, decision
-        elif any(high < amounts[key] for key, (_, high) in bracket.items()):
-            assert not decision.allowed and decision.reason in ("rpm_exceeded", "tpm_exceeded")
-        if decision.allowed:
-            self.reservations.append(decision)
-            after = self.states()
-            for key, _ in self.buckets():
-                if amounts[key] == 0:  # nothing taken: nothing written
-                    assert after[key] == before[key]
-                    continue
-                low, high = bracket[key]
-                level = float(self.run(self.storage.call("HGET", key, "level")))
-                assert low - amounts[key] - EPS <= level <= high - amounts[key] + EPS
-        else:
-            assert decision.retry_after_ms >= 0
-            assert self.states() == before, "a refused reservation wrote"
-
-    @precondition(lambda self: self.reservations)
-    @rule(data=st.data())
-    def refund(self, data: st.DataObject) -> None:
-        reservation = self.reservations.pop(data.draw(st.integers(0, len(self.reservations) - 1)))
-        self.run(self.quota.refund(reservation))
-
-    @precondition(lambda self: self.reservations)
-    @rule(actual=st.integers(0, 600))
-    def correct(self, actual: int) -> None:
-        self.run(self.quota.correct(self.reservations.pop(), actual))
-
-    @rule(ms=st.sampled_from([500, 3_000, 10_000, 60_000]))
-    def time_passes(self, ms: int) -> None:
-        for key, _ in self.buckets():
-            ts = self.run(self.storage.call("HGET", key, "ts"))
-            if ts is not None:
-                self.run(self.storage.call("HSET", key, "ts", int(ts) - ms))
-
-    @invariant()
-    def buckets_never_exceed_capacity(self) -> None:
-        for key, capacity in self.buckets():
-            level = self.run(self.storage.call("HGET", key, "level"))
-            if level is not None:
-                assert float(level) <= capacity + EPS
-
-
-def test_upstream_quota_keeps_its_bucket_rules_against_the_model(storage_url: str) -> None:
-    machine = type("Machine", (QuotaMachine,), {"url": storage_url})
-    run_state_machine_as_test(
-        machine,
-        settings=settings(
-            max_examples=40 if storage_url == "memory://" else 25,
-            stateful_step_count=30,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
-    )

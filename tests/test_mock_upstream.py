@@ -28,6 +28,7 @@ from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from ratelimit_gw.testing.mock_keys import KeyBehaviour, credential_of
 from ratelimit_gw.testing.mock_upstream import (
     MOCK_STATE,
     MockSettings,
@@ -974,7 +975,8 @@ async def test_request_log_http_and_python_api(mock: Mock, oai: openai.AsyncOpen
         async with session.get(f"{mock.url}/mock/requests") as resp:
             assert await resp.json() == []
         async with session.get(f"{mock.url}/mock/stats") as resp:
-            assert await resp.json() == {"requests": 1}  # introspection is not counted
+            # introspection is not counted
+            assert await resp.json() == {"requests": 1, "by_key": {"x": 1}}
     assert mock.state.requests == []
 
 
@@ -1000,3 +1002,250 @@ def test_create_mock_app_is_an_aiohttp_app() -> None:
     assert app[MOCK_STATE].settings.chunks == 2
     with pytest.raises(ValueError):
         MockSettings(tokens_per_chunk=0)
+
+
+# --- Per-credential behaviour (upstream key pools) --------------------------------------------
+
+# One request of each protocol, by the credential it sends (each route's own auth header).
+KEYED_CALLS: dict[str, tuple[str, Any, Any]] = {
+    "openai": (
+        "/v1/chat/completions",
+        {"model": "m", "messages": CHAT_MESSAGES},
+        lambda key: {"Authorization": f"Bearer {key}"},
+    ),
+    "anthropic": (
+        "/v1/messages",
+        {"model": "c", "messages": CLAUDE_MESSAGES, "max_tokens": 5},
+        lambda key: {"x-api-key": key, "anthropic-version": "2023-06-01"},
+    ),
+    "gemini": (
+        "/v1beta/models/g:generateContent",
+        {"contents": [{"parts": [{"text": USER}]}]},
+        lambda key: {"x-goog-api-key": key},
+    ),
+}
+ERROR_KIND = {  # what each protocol's error body calls the statuses the pools react to
+    401: {"openai": "invalid_request_error", "anthropic": "authentication_error"},
+    429: {"openai": "requests", "anthropic": "rate_limit_error"},
+    503: {"openai": "server_error", "anthropic": "api_error"},
+}
+RPC_STATUS = {401: "UNAUTHENTICATED", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}
+
+
+async def keyed_call(
+    http: aiohttp.ClientSession, url: str, protocol: str, key: str
+) -> tuple[int, Any, Any]:
+    path, body, auth = KEYED_CALLS[protocol]
+    async with http.post(url + path, json=body, headers=auth(key)) as resp:
+        return resp.status, resp.headers.copy(), await resp.json()
+
+
+async def put_key(http: aiohttp.ClientSession, url: str, key: str, body: Any) -> Any:
+    async with http.put(f"{url}/mock/keys/{key}", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+@pytest.mark.parametrize("status", [401, 429, 503])
+@pytest.mark.parametrize("protocol", ["openai", "anthropic", "gemini"])
+async def test_a_key_answers_its_status_in_each_protocol_shape_while_others_answer_normally(
+    mock: Mock, protocol: str, status: int
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        stored = await put_key(http, mock.url, "k-bad", {"status": status})
+        assert stored == {
+            "status": status,
+            "retry_after_s": None,
+            "retry_after_ms": None,
+            "latency_ms": 0.0,
+            "retry_headers": True,
+        }
+        code, headers, body = await keyed_call(http, mock.url, protocol, "k-bad")
+        assert code == status
+        assert "retry-after" not in headers and "retry-after-ms" not in headers
+        if protocol == "gemini":
+            assert (body["error"]["code"], body["error"]["status"]) == (status, RPC_STATUS[status])
+            assert "details" not in body["error"]  # no hint, no RetryInfo
+        else:
+            assert body["error"]["type"] == ERROR_KIND[status][protocol]
+        assert "k-bad" not in json.dumps(body)  # an upstream key never echoed
+
+        code, _, body = await keyed_call(http, mock.url, protocol, "k-ok")
+        assert code == 200 and ("usage" in body or "usageMetadata" in body)
+
+
+@pytest.mark.parametrize("protocol", ["openai", "anthropic"])
+async def test_a_429_key_sends_its_retry_hint_headers(mock: Mock, protocol: str) -> None:
+    mock.state.set_key_behaviour(
+        "k-429", KeyBehaviour(status=429, retry_after_s=2, retry_after_ms=1500)
+    )
+    async with aiohttp.ClientSession() as http:
+        code, headers, _ = await keyed_call(http, mock.url, protocol, "k-429")
+    assert code == 429
+    assert (headers["retry-after"], headers["retry-after-ms"]) == ("2", "1500")
+
+
+async def test_a_gemini_429_key_sends_retry_info_like_the_real_api(mock: Mock) -> None:
+    async with aiohttp.ClientSession() as http:
+        await put_key(http, mock.url, "k-429", {"status": 429, "retry_after_s": 2})
+        code, headers, body = await keyed_call(http, mock.url, "gemini", "k-429")
+        assert code == 429 and headers["retry-after"] == "2"
+        error = body["error"]
+        assert (error["code"], error["status"]) == (429, "RESOURCE_EXHAUSTED")
+        # As in the real answer (protocol notes §3.1): the quota that failed, then RetryInfo.
+        quota, retry = error["details"]
+        assert quota["@type"] == "type.googleapis.com/google.rpc.QuotaFailure"
+        assert quota["violations"][0]["quotaId"]
+        assert retry == {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "2s"}
+
+        # Milliseconds win for the delay; without headers the body is the only hint, as from
+        # the real Gemini API. The key may also come as ?key=.
+        await put_key(
+            http,
+            mock.url,
+            "k-429",
+            {"status": 429, "retry_after_s": 2, "retry_after_ms": 1250, "retry_headers": False},
+        )
+        path, payload, _ = KEYED_CALLS["gemini"]
+        async with http.post(f"{mock.url}{path}?key=k-429", json=payload) as resp:
+            assert resp.status == 429
+            assert "retry-after" not in resp.headers and "retry-after-ms" not in resp.headers
+            body = await resp.json()
+    assert body["error"]["details"][-1]["retryDelay"] == "1.250s"
+
+
+async def test_the_sdks_see_a_keyed_429_as_a_rate_limit(mock: Mock) -> None:
+    mock.state.set_key_behaviour("k-429", KeyBehaviour(status=429, retry_after_s=1))
+    async with openai.AsyncOpenAI(base_url=f"{mock.url}/v1", api_key="k-429", max_retries=0) as oai:
+        with pytest.raises(openai.RateLimitError) as err:
+            await oai.chat.completions.create(model="m", messages=CHAT_MESSAGES)
+    assert err.value.response.headers["retry-after"] == "1"
+    async with aiohttp.ClientSession() as session:
+        options = genai_types.HttpOptions(base_url=mock.url, aiohttp_client=session)
+        client = genai.Client(api_key="k-429", http_options=options)
+        try:
+            with pytest.raises(genai_errors.ClientError) as gem_err:
+                await client.aio.models.generate_content(model="g", contents=USER)
+        finally:
+            await client.aio.aclose()
+            client.close()
+    assert gem_err.value.code == 429
+    assert gem_err.value.details["error"]["details"][-1]["retryDelay"] == "1s"
+
+
+async def test_a_401_key_fails_the_model_lists_until_healed_over_http(mock: Mock) -> None:
+    lists = [  # each SDK's model-list call, with the key where that SDK sends it
+        ("/v1/models", {"Authorization": "Bearer k-401"}, "invalid_request_error"),
+        ("/v1/models", {"x-api-key": "k-401", "anthropic-version": "x"}, "authentication_error"),
+        ("/v1beta/models", {"x-goog-api-key": "k-401"}, "UNAUTHENTICATED"),
+        ("/v1beta/models?key=k-401", {}, "UNAUTHENTICATED"),
+    ]
+    async with aiohttp.ClientSession() as http:
+        await put_key(http, mock.url, "k-401", {"status": 401})
+        async with http.get(f"{mock.url}/mock/keys") as resp:
+            listed = await resp.json()
+        assert list(listed) == ["k-401"] and listed["k-401"]["status"] == 401
+        for path, headers, kind in lists:
+            async with http.get(mock.url + path, headers=headers) as resp:
+                assert resp.status == 401, path
+                error = (await resp.json())["error"]
+                assert kind in (error.get("type"), error.get("status")), path
+
+        async with http.delete(f"{mock.url}/mock/keys/k-401") as resp:
+            assert resp.status == 204
+        async with http.delete(f"{mock.url}/mock/keys/k-401") as resp:
+            assert resp.status == 204  # healing a healthy key is a no-op
+        async with http.get(f"{mock.url}/mock/keys") as resp:
+            assert await resp.json() == {}
+        for path, headers, _ in lists:
+            async with http.get(mock.url + path, headers=headers) as resp:
+                assert resp.status == 200, path
+    assert mock.state.requests_by_key == {"k-401": 8}
+
+
+async def test_a_slow_key_waits_before_its_headers(mock: Mock) -> None:
+    mock.state.set_key_behaviour("k-slow", KeyBehaviour(latency_ms=200))
+    async with aiohttp.ClientSession() as http:
+        start_s = time.perf_counter()
+        code, _, _ = await keyed_call(http, mock.url, "anthropic", "k-slow")
+        assert code == 200 and time.perf_counter() - start_s >= 0.2
+
+        mock.state.clear_key_behaviour("k-slow")
+        start_s = time.perf_counter()
+        code, _, _ = await keyed_call(http, mock.url, "anthropic", "k-slow")
+        assert code == 200 and time.perf_counter() - start_s < 0.2
+
+
+async def test_a_key_behaviour_comes_before_the_header_controls(mock: Mock) -> None:
+    mock.state.set_key_behaviour("k-401", KeyBehaviour(status=401))
+    async with aiohttp.ClientSession() as http:
+        path, body, auth = KEYED_CALLS["openai"]
+        headers = {**auth("k-401"), "x-mock-error": "503", "x-mock-retry-after": "9"}
+        async with http.post(mock.url + path, json=body, headers=headers) as resp:
+            assert resp.status == 401 and "retry-after" not in resp.headers
+        headers = {**auth("k-ok"), "x-mock-error": "503", "x-mock-retry-after": "9"}
+        async with http.post(mock.url + path, json=body, headers=headers) as resp:
+            assert resp.status == 503 and resp.headers["retry-after"] == "9"
+
+
+async def test_requests_are_counted_per_key(mock: Mock) -> None:
+    async with aiohttp.ClientSession() as http:
+        for protocol, key in [("openai", "k-a"), ("anthropic", "k-a"), ("gemini", "k-b")]:
+            await keyed_call(http, mock.url, protocol, key)
+        mock.state.set_key_behaviour("k-b", KeyBehaviour(status=429))
+        await keyed_call(http, mock.url, "gemini", "k-b")  # refused requests count too
+        async with http.get(f"{mock.url}/v1/models", headers={"Authorization": "Bearer k-c"}):
+            pass
+        async with http.post(f"{mock.url}/v1/responses", json={"input": "x"}):
+            pass  # no credential: in the total only
+        async with http.get(f"{mock.url}/mock/stats") as resp:
+            stats = await resp.json()
+    assert stats == {"requests": 6, "by_key": {"k-a": 2, "k-b": 2, "k-c": 1}}
+    assert mock.state.requests_by_key == stats["by_key"]
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (b"not json", "malformed"),
+        (b"[429]", "Expected `object`"),
+        (b'{"status": 200}', "$.status"),
+        (b'{"status": "429"}', "$.status"),
+        (b'{"status": 429, "retry_after_s": -1}', "$.retry_after_s"),
+        (b'{"retry_after_ms": 1.5}', "$.retry_after_ms"),
+        (b'{"latency_ms": -5}', "$.latency_ms"),
+        (b'{"status": 429, "retry_after": 2}', "retry_after"),
+    ],
+)
+async def test_a_bad_key_behaviour_is_refused_with_400(
+    mock: Mock, body: bytes, problem: str
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.put(f"{mock.url}/mock/keys/k", data=body) as resp:
+            assert resp.status == 400
+            assert problem in (await resp.json())["error"]
+        async with http.get(f"{mock.url}/mock/keys") as resp:
+            assert await resp.json() == {}
+
+
+def test_a_bad_key_behaviour_is_refused_in_process() -> None:
+    for bad in ({"status": 302}, {"retry_after_ms": -1}, {"latency_ms": float("nan")}):
+        with pytest.raises(ValueError):
+            KeyBehaviour(**bad)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "headers", "query", "credential"),
+    [
+        ("openai", {"Authorization": "Bearer sk-1"}, {}, "sk-1"),
+        ("openai", {"Authorization": "Basic sk-1"}, {}, ""),
+        ("anthropic", {"x-api-key": "sk-ant"}, {}, "sk-ant"),
+        ("gemini", {"x-goog-api-key": "AIza"}, {"key": "other"}, "AIza"),
+        ("gemini", {}, {"key": "AIza"}, "AIza"),
+        ("gemini", {}, {}, ""),
+    ],
+)
+def test_the_credential_is_read_where_each_protocol_sends_it(
+    protocol: Any, headers: dict[str, str], query: dict[str, str], credential: str
+) -> None:
+    assert credential_of(protocol, headers, query) == credential

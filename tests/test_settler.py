@@ -14,7 +14,7 @@ from ratelimit_gw.limiter import Limiter, Settlement, SettleResult
 from ratelimit_gw.metrics import create_metrics
 from ratelimit_gw.settler import Settler
 from ratelimit_gw.storage import StorageError
-from ratelimit_gw.upstream_quota import UpstreamQuota
+from ratelimit_gw.upstream_pool import PoolStore
 
 SETTLEMENT = Settlement(
     account_id="acct",
@@ -53,8 +53,8 @@ class ScriptedLimiter:
 def make_settler(limiter: ScriptedLimiter) -> tuple[Settler, CollectorRegistry]:
     registry = CollectorRegistry()
     metrics = create_metrics(registry)
-    quota = cast(UpstreamQuota, object())  # not reached: no settlement here has a ceiling
-    return Settler(cast(Limiter, limiter), metrics, quota), registry
+    pools = cast(PoolStore, object())  # not reached: no settlement here has a tpm ceiling
+    return Settler(cast(Limiter, limiter), metrics, pools), registry
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:

@@ -1,4 +1,6 @@
-"""Shared upstream-key ceilings (§10): ``rpm``/``tpm`` on a provider or custom endpoint.
+"""Shared upstream-key ceilings (§10): ``rpm``/``tpm`` on a provider or custom endpoint, one
+ceiling for its whole pool of upstream keys (``upstream_pool.py``; tests/test_upstream_pool.py
+checks the script itself).
 
 One upstream key is shared by every account on every gateway instance; the gateway spends
 its quota itself and answers 429 ``upstream_quota`` with the real wait before the upstream
@@ -22,10 +24,9 @@ import aiohttp
 import openai
 import pytest
 
-from ratelimit_gw.keyspace import quota_keys
+from ratelimit_gw.keyspace import PoolKeys
 from ratelimit_gw.services import SERVICES
 from ratelimit_gw.storage import Storage
-from ratelimit_gw.upstream_quota import Quota, UpstreamQuota
 
 from .conftest import Gateway, Upstream, gateway_config, start_gateway
 
@@ -222,7 +223,9 @@ async def test_account_rejection_after_the_ceiling_passed_gives_the_ceiling_back
         status, _, body = await call(http, gw, other)
         assert (status, body["error"]["reason"]) == (429, "upstream_quota")
     assert upstream_count(upstream) == 2
-    level = float(await storage.call("HGET", quota_keys("endpoint:pipeshift/model")[0], "level"))
+    level = float(
+        await storage.call("HGET", PoolKeys("pipeshift/model").script_keys([])[0], "level")
+    )
     assert 0 <= level < 0.1  # two spent, and a few ms of refill
 
 
@@ -241,7 +244,7 @@ async def test_tpm_ceiling_reserves_the_estimate_and_settles_to_real_usage(
             assert (await call(http, gw, key, body))[0] == 200
             await settled(gw)
         level = float(
-            await storage.call("HGET", quota_keys("endpoint:pipeshift/model")[1], "level")
+            await storage.call("HGET", PoolKeys("pipeshift/model").script_keys([])[1], "level")
         )
         assert 2500 - 4 * 30 < level <= 2500
         # A burst is held to the estimate: two fit in 2500, the third does not.
@@ -313,27 +316,3 @@ async def test_provider_tpm_ceiling_is_refunded_when_the_account_refuses(
         rich = await gw.new_key("rich")
         assert (await call(http, gw, rich, chat, "/v1/chat/completions"))[0] == 200
     assert upstream_count(upstream) == 1
-
-
-# --- the script itself -------------------------------------------------------------------------
-
-
-async def test_quota_script_reserves_refunds_and_corrects(storage: Storage) -> None:
-    quota = UpstreamQuota(storage)
-    ceiling = Quota("endpoint:unit/test", "custom endpoint `unit/test`", 2, 1000)
-    first = await quota.reserve(ceiling, 400)
-    assert (first.allowed, first.reason) == (True, "ok")
-    assert first.levels.rpm == pytest.approx(1, abs=0.01)
-    assert first.levels.tpm == pytest.approx(600, abs=1)
-    second = await quota.reserve(ceiling, 700)  # tokens short: nothing taken
-    assert (second.allowed, second.reason, second.hit_limit) == (False, "tpm_exceeded", 1000)
-    assert 5_900 < second.retry_after_ms <= 6_000  # 100 tokens at 1000/min
-    assert second.levels.rpm == pytest.approx(1, abs=0.01)
-    refunded = await quota.refund(first)
-    assert refunded.rpm == pytest.approx(2, abs=0.01)
-    assert refunded.tpm == pytest.approx(1000, abs=0.01)
-    again = await quota.reserve(ceiling, 400)
-    corrected = await quota.correct(again, 1500)  # used more than reserved: extra debit
-    assert corrected is not None and corrected.tpm == pytest.approx(-500, abs=1)
-    assert await quota.correct(again, 400) is None  # no difference: no round trip
-    assert (await quota.reserve(ceiling, 1001)).reason == "request_exceeds_limit"

@@ -25,6 +25,7 @@ import msgspec
 
 from ratelimit_gw.errors import GatewayError
 from ratelimit_gw.protocols.model_lists import ModelListing
+from ratelimit_gw.protocols.retry_hints import header_hint_ms
 
 if TYPE_CHECKING:  # the limiter imports storage, which imports settings, which imports this
     from ratelimit_gw.limiter import Decision
@@ -472,6 +473,16 @@ class ProtocolAdapter(ABC):
     @abstractmethod
     def upstream_credential(self, api_key: str) -> tuple[str, str]:
         """The header (name, value) this protocol's upstream takes its API key in."""
+
+    def retry_hint_ms(self, headers: Mapping[str, str], body: bytes) -> int | None:
+        """How long the upstream asked us to wait before using this key again (an upstream
+        429), in ms; None when it gave no usable hint.
+
+        ``retry-after-ms``, else ``retry-after`` (seconds or an HTTP-date), looked up
+        case-insensitively; capped at an hour (:mod:`ratelimit_gw.protocols.retry_hints`).
+        Never raises.
+        """
+        return header_hint_ms(headers)
 
 
 def rate_limit_body(err: GatewayError) -> dict[str, int | float | None]:

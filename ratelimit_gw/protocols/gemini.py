@@ -33,6 +33,7 @@ from ratelimit_gw.protocols.base import (
     require_model,
 )
 from ratelimit_gw.protocols.model_lists import ModelListing, gemini_list, gemini_model
+from ratelimit_gw.protocols.retry_hints import duration_ms
 
 
 class _GenerationConfig(msgspec.Struct):
@@ -246,6 +247,42 @@ def retry_delay(retry_after_ms: int) -> str:
     return f"{seconds}.{millis:03d}s" if millis else f"{seconds}s"
 
 
+class _RpcDetail(msgspec.Struct):
+    # Any JSON at all: one odd detail must not hide the RetryInfo beside it.
+    type: object = msgspec.field(default=None, name="@type")
+    retry_delay: object = msgspec.field(default=None, name="retryDelay")
+
+
+class _RpcError(msgspec.Struct):
+    details: list[_RpcDetail] | None = None
+
+
+class _RpcStatus(msgspec.Struct):
+    error: _RpcError | None = None
+
+
+# The google.rpc Status an error answers with; `:streamGenerateContent` without `?alt=sse`
+# wraps it in a JSON array.
+_RPC_STATUS = msgspec.json.Decoder(_RpcStatus | list[_RpcStatus])
+# A real 429 body is about 1 kB: a larger one is not worth decoding for a hint.
+_MAX_ERROR_BODY = 64 * 1024
+
+
+def _retry_info_ms(body: bytes) -> int | None:
+    """The ``retryDelay`` of the body's ``google.rpc.RetryInfo`` detail, in ms (never raises)."""
+    if len(body) > _MAX_ERROR_BODY:
+        return None
+    try:
+        decoded = _RPC_STATUS.decode(body)
+    except (msgspec.DecodeError, RecursionError):  # deep nesting is a RecursionError
+        return None
+    for status in decoded if isinstance(decoded, list) else (decoded,):
+        for detail in (status.error and status.error.details) or ():
+            if detail.type == _RETRY_INFO:
+                return duration_ms(detail.retry_delay)
+    return None
+
+
 class GeminiSseTap(SseStreamTap):
     """`?alt=sse`: every event is a GenerateContentResponse."""
 
@@ -396,6 +433,12 @@ class GeminiAdapter(ProtocolAdapter):
 
     def upstream_credential(self, api_key: str) -> tuple[str, str]:
         return "x-goog-api-key", api_key
+
+    def retry_hint_ms(self, headers: Mapping[str, str], body: bytes) -> int | None:
+        # Gemini itself sends no retry headers (protocol notes §3.1), but a proxy or a
+        # compatible server in front of it may: they come first, then the body's RetryInfo.
+        hint = super().retry_hint_ms(headers, body)
+        return hint if hint is not None else _retry_info_ms(body)
 
     def error_body(self, err: GatewayError, request_id: str) -> bytes:
         details: list[dict[str, str]] = [

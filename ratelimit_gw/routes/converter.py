@@ -18,7 +18,6 @@ from ..errors import GatewayError
 from ..protocols import ADAPTERS, Route
 from ..protocols.translation import CODECS
 from ..protocols.translation.relaying import AnswerTranslation
-from ..relay import translated_request_headers
 from ..services import SERVICES
 from .native import (
     UpstreamRequest,
@@ -63,13 +62,7 @@ async def handle_converter(
         info=adapter.parse_request(upstream_route, upstream_body, model.id),
         path=path,
         query=_GEMINI_SSE if upstream_route is Route.STREAM_GENERATE else {},
-        headers=translated_request_headers(
-            request.headers,
-            adapter,
-            # bridge: the first key until the relay picks per attempt
-            {**model.provider.upstream_headers, **model.provider.keys[0].headers},
-            model.provider.client_headers,
-        ),
+        caller_headers=request.headers,
         translation=AnswerTranslation(
             caller=caller,
             caller_codec=caller_codec,

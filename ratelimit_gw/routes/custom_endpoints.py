@@ -4,7 +4,8 @@
 The request goes to the endpoint's base URL untranslated — method, path suffix, query,
 headers and body — with the endpoint's configured headers (its upstream credential) in place
 of the caller's gateway key. Authentication, limits, balance and the endpoint's upstream
-quota apply as on the native routes, through the same metering (``metering.py``).
+pool (its upstream keys, their ceilings and failover: docs/upstream-pools.md) apply as on
+the native routes, through the same metering (``metering.py``).
 
 Metering: when the JSON body names a model with a configured price, the request is held and
 charged like a native OpenAI call, from the OpenAI-shaped answer's usage (a streamed chat
@@ -24,6 +25,7 @@ from aiohttp import web
 
 from ..context import context
 from ..errors import GatewayError
+from ..itinerary import Destination
 from ..keys import KeyRecord
 from ..metering import MeteredRequest
 from ..protocols import (
@@ -37,7 +39,6 @@ from ..protocols import (
 from ..relay import UpstreamCall, carries_gateway_key, upstream_request_headers
 from ..services import SERVICES
 from ..settings import CustomEndpoint, Model
-from ..upstream_quota import endpoint_quota
 from ..worst_case import Hold, plan_hold, refuse_unbounded_input
 
 _OPENAI = ADAPTERS["openai"]
@@ -192,24 +193,22 @@ async def handle_custom_endpoint(request: web.Request) -> web.StreamResponse:
         hold=hold,
         model=model,
         charged_as=model.id if model is not None else endpoint.id,
-        quota=endpoint_quota(endpoint),
-        upstream_timeout_s=endpoint.timeout_s,
+        itinerary=config.itineraries.of_endpoint(endpoint),
     )
     await metered.admit(svc)
     output_cap = metered.upstream_output_cap()
 
-    def upstream_call() -> UpstreamCall:
+    def upstream_call(destination: Destination, key_name: str) -> UpstreamCall:
+        headers = upstream_request_headers(
+            request.headers, endpoint.upstream_headers, endpoint.client_headers
+        )
+        headers.update(destination.key_headers[key_name])
         return UpstreamCall(
             provider=endpoint.id,
             model=ctx.model,
             method=request.method,
             url=_upstream_url(endpoint, request),
-            headers=upstream_request_headers(
-                request.headers,
-                # bridge: the first key until the relay picks per attempt
-                {**endpoint.upstream_headers, **endpoint.keys[0].headers},
-                endpoint.client_headers,
-            ),
+            headers=headers,
             body=_upstream_body(endpoint, route, body, request_info, output_cap),
             connect_timeout_s=endpoint.connect_timeout_s,
             total_timeout_s=endpoint.timeout_s,

@@ -16,14 +16,20 @@ from aiohttp import web
 
 from ..context import RequestContext, context, own_headers
 from ..errors import GatewayError
+from ..itinerary import Destination
 from ..keys import KeyRecord
 from ..metering import MeteredRequest
 from ..protocols import ADAPTERS, ProtocolAdapter, RequestInfo, Route
 from ..protocols.translation.relaying import AnswerTranslation
-from ..relay import RelayResult, UpstreamCall, gateway_key_free, upstream_request_headers
+from ..relay import (
+    RelayResult,
+    UpstreamCall,
+    gateway_key_free,
+    translated_request_headers,
+    upstream_request_headers,
+)
 from ..services import SERVICES, Services
 from ..settings import Model
-from ..upstream_quota import provider_quota
 from ..worst_case import plan_hold, refuse_unbounded_input, upstream_edits
 
 
@@ -88,8 +94,28 @@ class UpstreamRequest:
     info: RequestInfo
     path: str  # the path its URL is built from (Gemini reads its API version there)
     query: Mapping[str, str]  # the caller's (a gateway key in it is never sent on)
-    headers: dict[str, str]
+    caller_headers: Mapping[str, str]  # each attempt's headers are built from them
     translation: AnswerTranslation | None = None
+
+    def headers_for(self, destination: Destination, key: str) -> dict[str, str]:
+        """An attempt's headers at ``destination`` with its pool's ``key``: the caller's that
+        the provider forwards (a converter's less every protocol's own), then the
+        provider's, then the key's credential."""
+        provider = destination.provider
+        assert provider is not None  # a model's destinations are providers
+        if self.translation is None:
+            headers = upstream_request_headers(
+                self.caller_headers, provider.upstream_headers, provider.client_headers
+            )
+        else:
+            headers = translated_request_headers(
+                self.caller_headers,
+                self.adapter,
+                provider.upstream_headers,
+                provider.client_headers,
+            )
+        headers.update(destination.key_headers[key])
+        return headers
 
 
 async def relay_native(
@@ -118,12 +144,7 @@ def _as_sent(
         info=info,
         path=request.path,
         query=request.query,
-        headers=upstream_request_headers(
-            request.headers,
-            # bridge: the first key until the relay picks per attempt
-            {**model.provider.upstream_headers, **model.provider.keys[0].headers},
-            model.provider.client_headers,
-        ),
+        caller_headers=request.headers,
     )
 
 
@@ -140,28 +161,36 @@ async def relay_priced(
     hold, refused = plan_hold(upstream.adapter, upstream.route, upstream.body, upstream.info, model)
     if refused:
         await refuse_unbounded_input(svc, key, model, refused)
-    provider = model.provider
     metered = MeteredRequest(
         ctx=ctx,
         key=key,
         hold=hold,
         model=model,
         charged_as=model.id,
-        quota=provider_quota(provider),
-        upstream_timeout_s=provider.timeout_s,
+        itinerary=svc.config.itineraries.of_model(model),
     )
     await metered.admit(svc)
     output_cap = metered.upstream_output_cap()
     return await metered.relay(
-        svc, request, lambda: _upstream_call(request, upstream, model, output_cap)
+        svc,
+        request,
+        lambda destination, key_name: _upstream_call(
+            upstream, model, output_cap, destination, key_name
+        ),
     )
 
 
 def _upstream_call(
-    request: web.Request, upstream: UpstreamRequest, model: Model, output_cap: int | None
+    upstream: UpstreamRequest,
+    model: Model,
+    output_cap: int | None,
+    destination: Destination,
+    key_name: str,
 ) -> UpstreamCall:
-    """The call to ``model``'s upstream (``output_cap``: see ``upstream_edits``)."""
-    provider = model.provider
+    """One attempt's call to ``destination`` with its pool's key ``key_name`` (``output_cap``:
+    see ``upstream_edits``)."""
+    provider = destination.provider
+    assert provider is not None  # a model's destinations are providers
     adapter, route, info = upstream.adapter, upstream.route, upstream.info
     translation = upstream.translation
     new_tap = adapter.answer_tap(route, info, upstream.query)
@@ -175,13 +204,16 @@ def _upstream_call(
         url=adapter.upstream_url(
             provider.base_url,
             route,
-            model.upstream_id,
+            destination.upstream_id,
             upstream.path,
             gateway_key_free(upstream.query.items()),
         ),
-        headers=upstream.headers,
+        headers=upstream.headers_for(destination, key_name),
         body=adapter.prepare_upstream_body(
-            route, upstream.body, info, upstream_edits(model, output_cap)
+            route,
+            upstream.body,
+            info,
+            upstream_edits(model, output_cap, provider, destination.upstream_id),
         ),
         connect_timeout_s=provider.connect_timeout_s,
         total_timeout_s=provider.timeout_s,
@@ -203,5 +235,7 @@ async def _passthrough(
     body = await svc.bodies.read(request, ctx)
     info = caller.parse_request(route, body, path_model)
     model = svc.config.catalog.resolve(info.model or "", ctx.protocol)
-    call = _upstream_call(request, _as_sent(request, model, route, body, info), model, None)
+    destination = svc.config.itineraries.of_model(model).destinations[0]
+    upstream = _as_sent(request, model, route, body, info)
+    call = _upstream_call(upstream, model, None, destination, destination.pool.keys[0].name)
     return await svc.relay.forward(request, call, RelayResult(), own_headers(ctx))

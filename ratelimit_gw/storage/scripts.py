@@ -16,7 +16,6 @@ SCRIPT_NAMES = (
     "account_status",
     "delete_account",
     "rotate_key",
-    "upstream_quota",
     "pool_pick",
 )
 

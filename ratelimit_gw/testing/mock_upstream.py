@@ -14,6 +14,21 @@ which, and each call costs ``ceil(len(arguments JSON) / 4)`` output tokens.
 Per-request behaviour can be changed with ``x-mock-*`` headers (see :class:`_Controls`), and
 every request received is kept in a bounded log readable over HTTP (``/mock/requests``,
 ``/mock/stats``) or in-process through ``app[MOCK_STATE]``.
+
+Per-credential behaviour (:mod:`ratelimit_gw.testing.mock_keys`) answers every request of one
+upstream API key alike, on every route including the model lists: a status instead of the
+reply (429 with a retry hint, 401, 503, ...) and latency before the headers. The credential is
+the request's ``Authorization: Bearer`` (OpenAI), ``x-api-key`` (Anthropic), or
+``x-goog-api-key`` / ``?key=`` (Gemini). Set and clear it in-process
+(``MockState.set_key_behaviour`` / ``clear_key_behaviour``) or over HTTP::
+
+    PUT    /mock/keys/{credential}   {"status": 429, "retry_after_s": 2}   -> the behaviour
+    DELETE /mock/keys/{credential}                                        -> 204 (healed)
+    GET    /mock/keys                {"k-429": {"status": 429, ...}, ...}
+
+A key's behaviour applies before the ``x-mock-*`` headers are read (its latency adds to
+theirs). ``/mock/stats`` answers ``{"requests": N, "by_key": {credential: N, ...}}``, also
+``MockState.requests_by_key``.
 """
 
 from __future__ import annotations
@@ -32,6 +47,7 @@ from aiohttp import web
 
 from . import mock_tools
 from . import mock_wire as wire
+from .mock_keys import KeyBehaviour, KeyBook, credential_of, key_routes
 from .mock_tools import ToolRequest
 from .mock_wire import Protocol, Reply, StreamFrames, ToolCall
 
@@ -99,13 +115,21 @@ class _Controls:
 
 
 class _MockError(Exception):
-    """An error answered in the route's own protocol error shape."""
+    """An error answered in the route's own protocol error shape, with the retry hint's
+    headers and (a Gemini 429's RetryInfo) delay."""
 
-    def __init__(self, status: int, message: str, retry_after_s: int | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        retry_delay_ms: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
-        self.retry_after_s = retry_after_s
+        self.headers = headers
+        self.retry_delay_ms = retry_delay_ms
 
 
 def _int_header(headers: Mapping[str, str], name: str, minimum: int) -> int | None:
@@ -139,11 +163,13 @@ def _ms_header(headers: Mapping[str, str], name: str, default_s: float) -> float
 
 
 class MockState:
-    """Per-app state: settings, the request log and pre-encoded static bodies."""
+    """Per-app state: settings, the request log, per-credential behaviour and pre-encoded
+    static bodies."""
 
     def __init__(self, settings: MockSettings) -> None:
         self.settings = settings
         self.total_requests = 0
+        self.keys = KeyBook()
         self._log: deque[RecordedRequest] = deque(maxlen=settings.request_log_size)
         self._seq = itertools.count(1)
         self.openai_models = wire.openai_models(settings.models)
@@ -156,8 +182,22 @@ class MockState:
         return list(self._log)
 
     def clear(self) -> None:
-        """Empty the log; ``total_requests`` keeps counting since start-up."""
+        """Empty the log; ``total_requests`` and ``requests_by_key`` keep counting since
+        start-up."""
         self._log.clear()
+
+    def set_key_behaviour(self, credential: str, behaviour: KeyBehaviour) -> None:
+        """Answer every request of ``credential`` as ``behaviour`` says, from now on."""
+        self.keys.set(credential, behaviour)
+
+    def clear_key_behaviour(self, credential: str) -> None:
+        """Answer ``credential`` normally again (heal it)."""
+        self.keys.clear(credential)
+
+    @property
+    def requests_by_key(self) -> dict[str, int]:
+        """Requests per upstream credential since start-up, model lists included."""
+        return self.keys.requests
 
     def record(self, request: web.Request, body: bytes) -> None:
         self.total_requests += 1
@@ -254,15 +294,22 @@ def _endpoint(protocol: Protocol | None) -> Callable[[_Route], _Handler]:
             state = request.app[MOCK_STATE]
             raw = await request.read()
             state.record(request, raw)
+            route_protocol = protocol or _detect_protocol(request)
+            key = state.keys.on_request(
+                credential_of(route_protocol, request.headers, request.query)
+            )
             try:
+                if key is not None:
+                    await _apply_key_behaviour(key)
                 ctl = state.controls(request.headers)
                 if ctl.latency_s > 0:
                     await asyncio.sleep(ctl.latency_s)
                 if ctl.error_status is not None:
+                    hint = ctl.retry_after_s
                     raise _MockError(
                         ctl.error_status,
                         f"mock upstream: injected {ctl.error_status} error",
-                        ctl.retry_after_s,
+                        None if hint is None else {"retry-after": str(hint)},
                     )
                 call = _Call(request, state, ctl)
                 if raw:
@@ -275,21 +322,32 @@ def _endpoint(protocol: Protocol | None) -> Callable[[_Route], _Handler]:
                     call.body = body
                 return await route(call)
             except _MockError as err:
-                headers = (
-                    {} if err.retry_after_s is None else {"retry-after": str(err.retry_after_s)}
-                )
                 return web.Response(
                     status=err.status,
                     body=wire.error_body(
-                        protocol or _detect_protocol(request), err.status, err.message
+                        route_protocol, err.status, err.message, err.retry_delay_ms
                     ),
                     content_type=_JSON,
-                    headers=headers,
+                    headers=err.headers,
                 )
 
         return handler
 
     return wrap
+
+
+async def _apply_key_behaviour(key: KeyBehaviour) -> None:
+    if key.latency_ms > 0:
+        await asyncio.sleep(key.latency_ms / 1000)
+    if key.status is not None:
+        # The message names no key: a gateway may relay it, and a test may check that no
+        # upstream credential reaches a caller.
+        raise _MockError(
+            key.status,
+            f"mock upstream: this key answers {key.status}",
+            key.hint_headers(),
+            key.retry_delay_ms,
+        )
 
 
 def _json(body: bytes) -> web.Response:
@@ -415,12 +473,15 @@ async def _delete_requests(request: web.Request) -> web.Response:
 
 
 async def _get_stats(request: web.Request) -> web.Response:
-    return _json(msgspec.json.encode({"requests": request.app[MOCK_STATE].total_requests}))
+    state = request.app[MOCK_STATE]
+    return _json(
+        msgspec.json.encode({"requests": state.total_requests, "by_key": state.requests_by_key})
+    )
 
 
 def create_mock_app(settings: MockSettings | None = None) -> web.Application:
     app = web.Application()
-    app[MOCK_STATE] = MockState(settings or MockSettings())
+    state = app[MOCK_STATE] = MockState(settings or MockSettings())
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/responses", _responses)
     app.router.add_post("/v1/messages", _messages)
@@ -431,6 +492,7 @@ def create_mock_app(settings: MockSettings | None = None) -> web.Application:
     app.router.add_get("/mock/requests", _get_requests)
     app.router.add_delete("/mock/requests", _delete_requests)
     app.router.add_get("/mock/stats", _get_stats)
+    app.router.add_routes(key_routes(state.keys))
     return app
 
 

@@ -638,8 +638,41 @@ _GEMINI_ERRORS = {
 }
 
 
+_RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
+_QUOTA_FAILURE = "type.googleapis.com/google.rpc.QuotaFailure"
+
+
+def _protobuf_duration(ms: int) -> str:
+    """A protobuf Duration's JSON form: "2s", "1.500s".
+
+    Written here rather than shared with the gateway's Gemini adapter: the mock stands for
+    the real API, so the gateway's reader is tested against an independent writer.
+    """
+    seconds, millis = divmod(ms, 1000)
+    return f"{seconds}.{millis:03d}s" if millis else f"{seconds}s"
+
+
+def _gemini_details(status: int, retry_delay_ms: int | None) -> list[dict[str, Any]]:
+    """A real Gemini 429's details (§3.1): the quota that failed, then when to retry."""
+    if status != 429 or retry_delay_ms is None:
+        return []
+    violation = {
+        "quotaMetric": "generativelanguage.googleapis.com/generate_content_requests",
+        "quotaId": "GenerateRequestsPerMinutePerProjectPerModel",
+        "quotaValue": "5",
+    }
+    return [
+        {"@type": _QUOTA_FAILURE, "violations": [violation]},
+        {"@type": _RETRY_INFO, "retryDelay": _protobuf_duration(retry_delay_ms)},
+    ]
+
+
 @lru_cache(maxsize=256)
-def error_body(protocol: Protocol, status: int, message: str) -> bytes:
+def error_body(
+    protocol: Protocol, status: int, message: str, retry_delay_ms: int | None = None
+) -> bytes:
+    """An error in ``protocol``'s shape; ``retry_delay_ms`` adds the RetryInfo detail to a
+    Gemini 429 (the other protocols give their hint in headers only)."""
     server = status >= 500
     if protocol == "openai":
         default = ("server_error", None) if server else ("invalid_request_error", None)
@@ -655,4 +688,8 @@ def error_body(protocol: Protocol, status: int, message: str) -> bytes:
             }
         )
     rpc_status = _GEMINI_ERRORS.get(status, "INTERNAL" if server else "FAILED_PRECONDITION")
-    return _encode({"error": {"code": status, "message": message, "status": rpc_status}})
+    error: dict[str, Any] = {"code": status, "message": message, "status": rpc_status}
+    details = _gemini_details(status, retry_delay_ms)
+    if details:
+        error["details"] = details
+    return _encode({"error": error})
