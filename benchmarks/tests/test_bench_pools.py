@@ -30,7 +30,7 @@ from benchmarks.processes import python_module, server_process
 from benchmarks.report import render
 from benchmarks.runs import SECTIONS, BenchOptions, Run
 from ratelimit_gw.settings import ConfigError, parse_settings
-from ratelimit_gw.upstream_pool import Pool, PoolKey, pool_of
+from ratelimit_gw.upstream_pool import PoolKey, pool_of
 
 
 def test_one_key_and_a_pool_of_four_every_key_with_ceilings_at_the_same_prices() -> None:
@@ -43,8 +43,12 @@ def test_one_key_and_a_pool_of_four_every_key_with_ceilings_at_the_same_prices()
         assert (provider.name, provider.protocol) == (provider_name, "openai")
         assert provider.base_url == "http://127.0.0.1:9"
         # The pool's own ceilings are the keys'; the provider sets none of its own.
+        pool = pool_of(provider)
         names = tuple(f"key-{i}" for i in range(1, count + 1))
-        assert pool_of(provider) == Pool(provider_name, tuple(PoolKey(n, *ceilings) for n in names))
+        assert pool.keys == tuple(PoolKey(n, *ceilings) for n in names)
+        assert (pool.provider, pool.rpm, pool.tpm) == (provider_name, None, None)
+        # Even the one key's pool is picked from on storage: it has a ceiling.
+        assert pool.needs_storage
     # Ceilings the bench never reaches: the pick runs and never refuses.
     assert KEY_RPM >= 10**9 and KEY_TPM >= 10**12
     prices = {
@@ -118,8 +122,9 @@ def test_a_gateway_with_the_sections_config_and_environment_answers_both_rows(
             server_process(mock, upstream_port),
             server_process(gateway, gateway_port, env=KEY_ENV),
         ):
+            # Each body twice: four requests a row, enough for the pool to use several keys.
             for row in POOLS.rows:
-                for kind in ("plain", "stream"):
+                for kind in ("plain", "stream", "plain", "stream"):
                     answer = _post(
                         f"http://127.0.0.1:{gateway_port}{ROUTE}", key, BODIES[row][kind]
                     )
@@ -132,10 +137,12 @@ def test_a_gateway_with_the_sections_config_and_environment_answers_both_rows(
     for request in logged:
         model = json.loads(request["body"])["model"]
         sent.setdefault(model, set()).add(request["headers"]["authorization"])
-    # Each row's requests reached the mock with its own provider's keys.
+    # Each row's requests reached the mock with its own provider's keys; the pool's with
+    # more than one of them (the one with the most headroom each time, ties in turn).
     for model, provider, count in MODELS.values():
         secrets = {f"Bearer sk-bench-{provider}-{i}" for i in range(1, count + 1)}
-        assert sent[model] and sent[model] <= secrets
+        assert sent[model] <= secrets
+        assert len(sent[model]) == 1 if count == 1 else len(sent[model]) > 1
 
 
 def _run(row: str, kind: str, tool: str, rps: float, p50: float, p99: float, i: int) -> Run:
