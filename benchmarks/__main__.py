@@ -24,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds",
         type=int,
         default=3,
-        help="times (a), (b) and (c), and native and converted, are measured back to back",
+        help=(
+            "times (a), (b) and (c), native and converted, and one_key and pool_of_4 are "
+            "measured back to back"
+        ),
     )
     parser.add_argument(
         "--connections", type=int, default=128, help="wrk connections in the saturation runs"
@@ -35,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="lean",
         help=(
             "the mock upstream of (a), (b) and (c): lean (the benchmark's, costing least CPU) "
-            "or the full aiohttp one (the converter section always uses the full one)"
+            "or the full aiohttp one (the converter and pools sections always use the full one)"
         ),
     )
     parser.add_argument(
@@ -56,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         choices=SECTIONS,
         help=(
-            "run one section: core ((a), (b), (c), many keys, fixed rates) or converter "
-            "(an OpenAI caller, native vs an Anthropic-protocol model); default: both"
+            "run one section: core ((a), (b), (c), many keys, fixed rates), converter "
+            "(an OpenAI caller, native vs an Anthropic-protocol model) or pools (a provider "
+            "with one upstream key vs one with a pool of four); default: all three"
         ),
     )
     parser.add_argument("--output", default="bench-results/bench.json")

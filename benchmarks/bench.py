@@ -36,7 +36,12 @@ Then the converter section (``converter.py``): on the full mock, which speaks Op
 Anthropic, an OpenAI caller on ``/openai/v1/chat/completions`` reaching an OpenAI model
 (native) and an Anthropic-protocol model (converted, translated both ways), the same body,
 back to back: converted/native throughput and the p50 converted adds at a fixed rate, beside
-their targets (≥ 0.75, ≤ +1 ms). ``--only core`` or ``--only converter`` runs one section.
+their targets (≥ 0.75, ≤ +1 ms).
+
+Then the pools section (``pools.py``): the same way, a model whose provider holds one upstream
+key with its own ceilings against one whose provider holds four: pool_of_4/one_key throughput
+beside its target (≥ 0.90) and the p50 the pool adds. ``--only core``, ``--only converter``
+or ``--only pools`` runs one section.
 
 One table per section on stdout and a JSON file.
 """
@@ -58,8 +63,10 @@ from typing import Any
 from .converter import run_converter
 from .load import fixed_rate_run, run_wrk
 from .local_redis import RedisProcess, free_port, start_redis
+from .pools import run_pools
 from .processes import CpuMeter, gateway_workers, python_module, rss_mib, server_process
-from .report import is_row, render, summarise
+from .report import render, summarise
+from .rows import is_row
 from .runs import IDLE_RATE_RPS, BenchOptions, Run, chat_body
 
 MODEL = "gpt-4o-mini"
@@ -131,6 +138,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             result |= run_core(opts, redis, keys, work)
         if "converter" in opts.sections:
             result["converter"] = run_converter(opts, redis, keys[:10], work)
+        if "pools" in opts.sections:
+            result["pools"] = run_pools(opts, redis, keys[:10], work)
     finally:
         redis.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -1,115 +1,25 @@
-"""The benchmark's rounds → its rows, summary (targets included) and printed table."""
+"""The core section's summary (its targets included), what the converter and pools sections say
+of their rows, and the printed report of every section."""
 
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import asdict
 from typing import Any
 
-from .processes import CPU_FIGURES
+from .pair_report import FULL_MOCK, render_pair, summarise_pair
+from .rows import added_latency, combine, find_row, round_ratio, table
 from .runs import (
     CONVERTER_ADDED_P50_MS,
+    CONVERTER_ROWS,
     CONVERTER_THROUGHPUT_FLOOR,
+    POOLS_ROWS,
     TARGET_ADDED_P50_MS,
     TARGET_ADDED_P99_MS,
     THROUGHPUT_FLOOR_C_OVER_B,
     BenchOptions,
     Run,
 )
-
-
-def is_row(run: Run, scenario: str, kind: str, keys: int) -> bool:
-    return (run.scenario, run.kind, run.keys) == (scenario, kind, keys)
-
-
-def combine(runs: list[Run]) -> Run:
-    """One row for a scenario's rounds: the median of each figure. Its ``extra`` holds the
-    range of what varies: req/s for a saturation row; p99 for a fixed-rate row (whose rate
-    is set), with the worst of the generator's own figures (they show it kept up)."""
-    first = runs[0]
-    extra: dict[str, float] = {"rounds": len(runs)}
-    if first.tool == "wrk":
-        extra.update(rps_min=min(r.rps for r in runs), rps_max=max(r.rps for r in runs))
-    else:
-        extra.update(
-            p99_min_ms=min(r.p99_ms for r in runs),
-            p99_max_ms=max(r.p99_ms for r in runs),
-        )
-        generator = [k for k in first.extra if k != "round" and k not in CPU_FIGURES]
-        extra.update({k: max(r.extra[k] for r in runs) for k in generator})
-    for k in CPU_FIGURES:
-        if all(k in r.extra for r in runs):
-            extra[k] = round(statistics.median([r.extra[k] for r in runs]), 1)
-    return Run(
-        scenario=first.scenario,
-        kind=first.kind,
-        tool=first.tool,
-        requests=sum(r.requests for r in runs),
-        rps=round(statistics.median([r.rps for r in runs]), 1),
-        p50_ms=round(statistics.median([r.p50_ms for r in runs]), 3),
-        p90_ms=round(statistics.median([r.p90_ms for r in runs]), 3),
-        p99_ms=round(statistics.median([r.p99_ms for r in runs]), 3),
-        errors=sum(r.errors for r in runs),
-        keys=first.keys,
-        extra=extra,
-    )
-
-
-def added_latency(
-    fixed: list[Run],
-    kind: str,
-    rate: float,
-    scenario: str = "c_full_checks",
-    base: str = "a_mock",
-) -> dict[str, float]:
-    """``scenario`` - ``base`` (by default (c) - (a)) at one rate, p50 and p99: the median
-    over rounds of each round's difference (measured seconds apart), and the p99
-    difference's range."""
-    at_rate = [r for r in fixed if r.kind == kind and r.rps == rate]
-    p50, p99 = [], []
-    for index in sorted({r.extra["round"] for r in at_rate}):
-        same = {r.scenario: r for r in at_rate if r.extra["round"] == index}
-        a, other = same[base], same[scenario]
-        p50.append(other.p50_ms - a.p50_ms)
-        p99.append(other.p99_ms - a.p99_ms)
-    return {
-        "rps": at_rate[0].rps,
-        "added_p50_ms": round(statistics.median(p50), 3),
-        "added_p99_ms": round(statistics.median(p99), 3),
-        "added_p99_min_ms": round(min(p99), 3),
-        "added_p99_max_ms": round(max(p99), 3),
-    }
-
-
-def round_ratio(
-    rounds: list[Run], top: tuple[str, str, int], bottom: tuple[str, str, int]
-) -> float:
-    """The median over rounds of one scenario's req/s over another's, from the same round."""
-    ratios = []
-    for index in sorted({r.extra["round"] for r in rounds}):
-        same = [r for r in rounds if r.extra["round"] == index]
-        upper = next(r for r in same if is_row(r, *top))
-        lower = next(r for r in same if is_row(r, *bottom))
-        ratios.append(upper.rps / lower.rps)
-    return round(statistics.median(ratios), 3)
-
-
-def _find(
-    runs: list[Run],
-    scenario: str,
-    kind: str,
-    tool: str,
-    keys: int | None = None,
-    rps: float | None = None,
-) -> Run:
-    return next(
-        r
-        for r in runs
-        if (r.scenario, r.kind, r.tool) == (scenario, kind, tool)
-        and (keys is None or r.keys == keys)
-        and (rps is None or r.rps == rps)
-    )
 
 
 def summarise(
@@ -150,7 +60,7 @@ def summarise(
         # On-CPU microseconds per request at saturation: each server's own, and Redis's
         # for (c).
         saturated = {
-            name: _find(runs, name, kind, "wrk", 10).extra
+            name: find_row(runs, name, kind, "wrk", 10).extra
             for name in ("a_mock", "b_passthrough", "c_full_checks")
         }
         summary[kind]["cpu_us_per_request"] = {
@@ -168,7 +78,9 @@ def summarise(
             # come one by one than in wrk's back-to-back stream, so half of wrk's saturation
             # is more than half of a core, and queueing (the p99) grows with this, not with
             # the rate.
-            row = _find(runs, "c_full_checks", kind, "fixed-rate", rps=summary[kind][label]["rps"])
+            row = find_row(
+                runs, "c_full_checks", kind, "fixed-rate", rps=summary[kind][label]["rps"]
+            )
             if "server_cpu_us" in row.extra:
                 summary[kind][label]["c_cores_busy"] = round(
                     row.rps * row.extra["server_cpu_us"] / 1e6, 2
@@ -178,8 +90,8 @@ def summarise(
             target["added_p50_ms"] <= TARGET_ADDED_P50_MS
             and target["added_p99_ms"] <= TARGET_ADDED_P99_MS
         )
-    few = _find(runs, "c_full_checks", "plain", "wrk", 10)
-    many = _find(runs, "c_full_checks", "plain", "wrk", opts.many_keys)
+    few = find_row(runs, "c_full_checks", "plain", "wrk", 10)
+    many = find_row(runs, "c_full_checks", "plain", "wrk", opts.many_keys)
     summary["keys_scaling"] = {
         "keys_10_rps": few.rps,
         f"keys_{opts.many_keys}_rps": many.rps,
@@ -204,65 +116,24 @@ def summarise_converter(
     route: str,
     models: dict[str, tuple[str, str]],
 ) -> dict[str, Any]:
-    """The converter section's rows and summary: per kind, converted/native throughput (the
-    median of the ratios within a round) and converted - native latency at the fixed rate,
-    each beside its target (targets, not gates: a miss never fails the run)."""
-    groups: dict[tuple[str, str, str, float], list[Run]] = {}
-    for r in rounds + fixed:
-        # A saturation row is known by its tool, a fixed-rate one by its rate too.
-        rate = r.rps if r.tool == "fixed-rate" else 0.0
-        groups.setdefault((r.scenario, r.kind, r.tool, rate), []).append(r)
-    runs = [combine(group) for group in groups.values()]
-    keys = rounds[0].keys
-    summary: dict[str, Any] = {
+    """The converter section's rows and summary: converted/native throughput and the p50
+    converted adds, beside their targets."""
+    head = {
         "route": route,
         "models": {s: {"model": m, "protocol": p} for s, (m, p) in models.items()},
-        "upstream": "full mock (ratelimit-gw mock-upstream)",
-        "gateway_workers": opts.workers,
-        "gateway_rss_mib": round(memory_mib, 1),
-        "targets": {
-            "gates": False,
-            "throughput_converted_over_native": CONVERTER_THROUGHPUT_FLOOR,
-            "added_p50_ms": CONVERTER_ADDED_P50_MS,
-            "fixed_rate_rps": opts.target_rate_rps,
-        },
+        "upstream": FULL_MOCK,
     }
-    for kind in ("plain", "stream"):
-        native = _find(runs, "native", kind, "wrk")
-        converted = _find(runs, "converted", kind, "wrk")
-        ratio = round_ratio(rounds, ("converted", kind, keys), ("native", kind, keys))
-        rate = rates[kind]
-        latency = added_latency(fixed, kind, rate, "converted", base="native")
-        at_rate = {s: _find(runs, s, kind, "fixed-rate", rps=rate) for s in ("native", "converted")}
-        for scenario, row in at_rate.items():
-            latency[f"{scenario}_p50_ms"] = row.p50_ms
-            latency[f"{scenario}_p99_ms"] = row.p99_ms
-            if "server_cpu_us" in row.extra:
-                latency[f"{scenario}_cores_busy"] = round(
-                    row.rps * row.extra["server_cpu_us"] / 1e6, 2
-                )
-        cpu: dict[str, float | None] = {}
-        for name, key in (("", "server_cpu_us"), ("_redis", "redis_cpu_us")):
-            for scenario, row in (("native", native), ("converted", converted)):
-                cpu[f"{scenario}{name}"] = row.extra.get(key)
-        for scenario, row in (("native", native), ("converted", converted)):
-            cpu[f"{scenario}_upstream"] = row.extra.get("upstream_cpu_us")
-        if cpu["native"] is not None and cpu["converted"] is not None:
-            cpu["converted_minus_native"] = round(cpu["converted"] - cpu["native"], 1)
-        summary[kind] = {
-            "native_rps": native.rps,
-            "converted_rps": converted.rps,
-            "throughput_converted_over_native": ratio,
-            "throughput_target_met": ratio >= CONVERTER_THROUGHPUT_FLOOR,
-            "fixed_rate": latency | {"at_target_rate": rate == opts.target_rate_rps},
-            "added_p50_target_met": latency["added_p50_ms"] <= CONVERTER_ADDED_P50_MS,
-            "cpu_us_per_request": cpu,
-        }
-    return {
-        "runs": [asdict(r) for r in runs],
-        "rounds": [asdict(r) for r in rounds + fixed],
-        "summary": summary,
-    }
+    return summarise_pair(
+        rounds,
+        fixed,
+        rates,
+        memory_mib,
+        opts,
+        rows=CONVERTER_ROWS,
+        head=head,
+        throughput_floor=CONVERTER_THROUGHPUT_FLOOR,
+        added_p50_ms=CONVERTER_ADDED_P50_MS,
+    )
 
 
 def _added(figures: dict[str, float]) -> str:
@@ -284,29 +155,13 @@ def render(result: dict[str, Any]) -> str:
         parts.append(_render_core(result))
     if "converter" in result:
         parts.append(_render_converter(result["converter"]))
+    if "pools" in result:
+        parts.append(_render_pools(result["pools"]))
     return "\n\n".join(parts)
 
 
-def _table(runs: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        f"{'scenario':<15} {'kind':<7} {'tool':<11} {'keys':>7} {'req/s':>9} "
-        f"{'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>6}  range over rounds",
-    ]
-    for r in runs:
-        spread = ""
-        if "rps_min" in r["extra"]:
-            spread = f"  {r['extra']['rps_min']:.0f}-{r['extra']['rps_max']:.0f}"
-        elif "p99_min_ms" in r["extra"]:
-            spread = f"  p99 {r['extra']['p99_min_ms']:.3f}-{r['extra']['p99_max_ms']:.3f}"
-        lines.append(
-            f"{r['scenario']:<15} {r['kind']:<7} {r['tool']:<11} {r['keys']:>7} {r['rps']:>9.1f} "
-            f"{r['p50_ms']:>8.3f} {r['p90_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['errors']:>6}{spread}"
-        )
-    return lines
-
-
 def _render_core(result: dict[str, Any]) -> str:
-    lines = _table(result["runs"])
+    lines = table(result["runs"])
     s = result["summary"]
     t = s["targets"]
     lines.append(
@@ -342,49 +197,30 @@ def _render_core(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _met(met: bool) -> str:
-    return "met" if met else "NOT MET"
-
-
 def _render_converter(section: dict[str, Any]) -> str:
     s = section["summary"]
-    t = s["targets"]
     native, converted = s["models"]["native"], s["models"]["converted"]
-    lines = [
+    headline = (
         f"converter: an OpenAI caller on POST {s['route']}, the same body to native = "
         f"{native['model']} ({native['protocol']} protocol, relayed as is) and converted = "
         f"{converted['model']} ({converted['protocol']} protocol, translated both ways); "
-        f"full checks on Redis, upstream the {s['upstream']}",
-        *_table(section["runs"]),
-        f"converter targets (not gates): converted/native throughput >= "
-        f"{t['throughput_converted_over_native']:.2f} in the same run; converted adds p50 <= "
-        f"{t['added_p50_ms']:g} ms over native at the fixed rate ({t['fixed_rate_rps']:g} req/s, "
-        f"or half of the slower row's saturation if lower)",
+        f"full checks on Redis, upstream the {s['upstream']}"
+    )
+    return render_pair(section, "converter", CONVERTER_ROWS, headline)
+
+
+def _render_pools(section: dict[str, Any]) -> str:
+    s = section["summary"]
+    rows = [
+        f"{row} = {m['model']} (provider {m['provider']}: {m['keys']} upstream "
+        f"key{'' if m['keys'] == 1 else 's'})"
+        for row, m in s["models"].items()
     ]
-    for kind in ("plain", "stream"):
-        k = s[kind]
-        f = k["fixed_rate"]
-        what = "latency" if kind == "plain" else "time to first byte"
-        rate = f"{f['rps']:g} req/s" + ("" if f["at_target_rate"] else " (half saturation)")
-        lines.append(
-            f"{kind}: converted/native throughput {k['throughput_converted_over_native']:.2f} "
-            f"({k['converted_rps']:.0f} vs {k['native_rps']:.0f} req/s; target >= "
-            f"{t['throughput_converted_over_native']:.2f}: {_met(k['throughput_target_met'])}); "
-            f"at {rate} converted adds {what} p50 {f['added_p50_ms']:+.3f} ms (target <= "
-            f"{t['added_p50_ms']:g} ms: {_met(k['added_p50_target_met'])}), p99 "
-            f"{f['added_p99_ms']:+.3f} ms ({f['added_p99_min_ms']:+.3f} to "
-            f"{f['added_p99_max_ms']:+.3f}); gateway cores busy native "
-            f"{f.get('native_cores_busy', math.nan):.2f}, converted "
-            f"{f.get('converted_cores_busy', math.nan):.2f}"
-        )
-        cpu = k["cpu_us_per_request"]
-        lines.append(
-            f"{kind}: on-CPU us per request under wrk, native / converted: gateway "
-            f"{cpu['native']} / {cpu['converted']} "
-            f"({cpu.get('converted_minus_native', math.nan):+.1f}), Redis {cpu['native_redis']} / "
-            f"{cpu['converted_redis']}, mock {cpu['native_upstream']} / {cpu['converted_upstream']}"
-        )
-    workers = s["gateway_workers"]
-    per = "" if workers == 1 else f" (the largest of {workers} workers)"
-    lines.append(f"converter gateway worker RSS after the run: {s['gateway_rss_mib']} MiB{per}")
-    return "\n".join(lines)
+    ceilings = s["key_ceilings"]
+    headline = (
+        f"pools: an OpenAI caller on POST {s['route']}, the same body to {' and '.join(rows)}, "
+        f"every key with its own ceilings rpm {ceilings['rpm']:,}, tpm {ceilings['tpm']:,} "
+        f"(set never to be reached: every pick finds room); full checks on Redis, upstream the "
+        f"{s['upstream']}"
+    )
+    return render_pair(section, "pools", POOLS_ROWS, headline)

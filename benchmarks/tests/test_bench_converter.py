@@ -142,7 +142,7 @@ def test_the_fixed_rate_is_the_targets_unless_half_the_slower_saturation_is_lowe
 def test_only_picks_a_section() -> None:
     assert build_parser().parse_args([]).only is None
     assert build_parser().parse_args(["--only", "converter"]).only == "converter"
-    assert SECTIONS == ("core", "converter")
+    assert SECTIONS == ("core", "converter", "pools")
 
 
 def test_only_refuses_an_unknown_section(capsys: pytest.CaptureFixture[str]) -> None:
