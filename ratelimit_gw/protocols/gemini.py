@@ -397,6 +397,9 @@ class GeminiAdapter(ProtocolAdapter):
     def upstream_credential(self, api_key: str) -> tuple[str, str]:
         return "x-goog-api-key", api_key
 
+    def models_url(self, base_url: str) -> str:
+        return base_url + "/v1beta/models"
+
     def error_body(self, err: GatewayError, request_id: str) -> bytes:
         details: list[dict[str, str]] = [
             {"@type": _ERROR_INFO, "reason": err.reason, "domain": "ratelimit-gw"}
