@@ -98,13 +98,12 @@ class UpstreamProbe:
         self._pools = pools
         self._client = client
         self._gauges = gauges
-        self._running = False
+        self._running = True  # until stop(), even one called before run() starts
         self._probing: dict[tuple[str, str], asyncio.Task[None]] = {}  # (provider, key)
         self._next_refresh = 0.0  # monotonic
         self._quiet_until = 0.0  # no failure logged before this (monotonic)
 
     async def run(self) -> None:
-        self._running = True
         try:
             while self._running:
                 providers = list(self._providers())
