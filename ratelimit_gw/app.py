@@ -34,10 +34,13 @@ from .settler import Settler
 from .storage import Storage, open_storage
 from .storage.eviction_guard import EvictionGuard
 from .upstream_client import UpstreamClient
+from .upstream_key_gauges import KeyStateGauges
 from .upstream_pool import PoolStore
+from .upstream_probe import UpstreamProbe
 
 log = logging.getLogger("ratelimit_gw")
-# How long shutdown waits for the background tasks (eviction guard, key-change feed) to stop.
+# How long shutdown waits for the background tasks (eviction guard, key-change feed, upstream
+# key probe) to stop.
 WATCHER_STOP_S = 5.0
 
 
@@ -96,12 +99,21 @@ def create_app(
             config_file=config_file,
         )
         show_config(metrics, digest)
+        services = app[SERVICES]
+        probe = UpstreamProbe(
+            lambda: services.config.settings.providers.values(),  # the config as reloaded
+            services.pools,
+            upstream,
+            KeyStateGauges(metrics, services.pools),
+        )
         watchers = [
             asyncio.create_task(eviction.watch()),
             asyncio.create_task(keys.follow_changes(KeyChangeFeed(store))),
+            asyncio.create_task(probe.run()),
         ]
         yield
         keys.stop_following()
+        probe.stop()
         for watcher in watchers:
             watcher.cancel()
         # Bounded: a watcher that ignored its cancellation must not hold the shutdown hostage.

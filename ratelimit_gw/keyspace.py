@@ -7,9 +7,9 @@ read before the account is known; the orphan-settlements stream, written after a
 found no account; and the key-change feed, which every gateway reads whatever the account.
 Shared upstream quotas (docs/custom-endpoints.md) belong to no account: each has its own tag
 ``{q:<quota>}`` and its own script run. So do upstream key pools (SPEC §14): every key of one
-provider's pool — each upstream key's buckets and cool-down, the pool's own buckets, its tie
-counter and unhealthy set — shares the tag ``{p:<provider>}``, so a pick weighs the whole
-pool in one slot.
+provider's pool — each upstream key's buckets, cool-down and probe claim, the pool's own
+buckets, its tie counter and unhealthy set — shares the tag ``{p:<provider>}``, so a pick
+weighs the whole pool in one slot.
 
 Deleting an account keeps its hash (status ``deleted``: the tombstone that keeps its id from
 being created again), its ledger and its revoked keys; it leaves the account list.
@@ -126,6 +126,11 @@ class PoolKeys:
     def cooling(self, key_name: str) -> str:
         """A marker whose TTL is the key's cool-down after an upstream 429."""
         return f"{self.base}:key:{key_name}:cooling"
+
+    def probe(self, key_name: str) -> str:
+        """A claim whose TTL is the probe interval of an unhealthy key: the instance that
+        sets it probes the key; every other instance leaves it alone until it expires."""
+        return f"{self.base}:key:{key_name}:probe"
 
     def script_keys(self, key_names: Sequence[str]) -> list[str]:
         """KEYS of pool_pick.lua, in the order its header states, for the keys named."""

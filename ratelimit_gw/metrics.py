@@ -86,6 +86,17 @@ STORAGE_OPERATIONS = (
 )
 
 RELOAD_OUTCOMES = ("ok", "failed")
+# rlgw_upstream_attempts_total{outcome}: what one upstream attempt with a pool key came to.
+UPSTREAM_ATTEMPT_OUTCOMES = (
+    "answered",
+    "rate_limited",
+    "unauthorized",
+    "server_error",
+    "timeout",
+    "unreachable",
+)
+UPSTREAM_KEY_STATES = ("ok", "cooling", "unhealthy")
+UPSTREAM_KEY_CEILINGS = ("rpm", "tpm")
 
 
 @dataclass(frozen=True)
@@ -114,6 +125,8 @@ class Metrics:
     config_reloads: Counter
     config_info: Gauge
     upstream_attempts: Counter
+    upstream_key_state: Gauge
+    upstream_key_headroom: Gauge
 
     def account(self, account_id: str | None) -> tuple[str, ...]:
         """The extra label values for per-account series (none unless opted in)."""
@@ -267,6 +280,24 @@ def create_metrics(registry: CollectorRegistry | None, account_label: bool = Fal
             "(5xx), timeout, unreachable; all but answered moved on to another key or fallback "
             "when one was left",
             ["provider", "key", "outcome"],
+            registry=registry,
+        ),
+        upstream_key_state=Gauge(
+            "rlgw_upstream_key_state",
+            "Upstream pool keys by state: 1 for the state the key is in (ok, cooling after an "
+            "upstream 429, unhealthy after a 401 until a probe), 0 for the other two; read "
+            "from storage every few seconds",
+            ["provider", "key", "state"],
+            # Every worker reads the same storage: the latest reading of a live worker.
+            multiprocess_mode="livemostrecent",
+            registry=registry,
+        ),
+        upstream_key_headroom=Gauge(
+            "rlgw_upstream_key_headroom",
+            "Fraction (0-1) of an upstream key's own rpm or tpm ceiling left now, for keys "
+            "with that ceiling; read from storage every few seconds",
+            ["provider", "key", "ceiling"],
+            multiprocess_mode="livemostrecent",
             registry=registry,
         ),
     )

@@ -12,7 +12,8 @@ Promises, on every gateway instance alike (the state is in storage, never in a p
 - A failed attempt gives its reservation back (:meth:`PoolStore.refund`); settlement corrects
   the token reservation to the real usage the same way.
 - An upstream 429 cools a key down for the upstream's hint (:meth:`PoolStore.cool_down`; the
-  marker expires by itself); a 401 marks it unhealthy until a probe marks it healthy.
+  marker expires by itself); a 401 marks it unhealthy until a probe marks it healthy
+  (upstream_probe.py), which one instance per interval claims (:meth:`PoolStore.claim_probe`).
 
 Knows no HTTP: a :class:`Pool` (:func:`pool_of` a provider) is what it needs of one.
 """
@@ -171,6 +172,21 @@ class PoolStore:
     async def mark_healthy(self, pool: Pool, key_name: str) -> None:
         pool.key(key_name)
         await self._storage.call("SREM", PoolKeys(pool.provider).unhealthy, key_name)
+
+    async def unhealthy(self, pool: Pool) -> set[str]:
+        """The names an upstream 401 marked unhealthy, as stored: a name the pool no longer
+        has (removed by a reload) is the caller's to ignore."""
+        names = await self._storage.call("SMEMBERS", PoolKeys(pool.provider).unhealthy)
+        return {str(name) for name in names}
+
+    async def claim_probe(self, pool: Pool, key_name: str, ms: int) -> bool:
+        """Whether this instance probes the key now: True for one caller per ``ms`` across
+        every instance, until the claim expires by itself."""
+        pool.key(key_name)
+        claimed = await self._storage.call(
+            "SET", PoolKeys(pool.provider).probe(key_name), 1, "NX", "PX", max(ms, 1)
+        )
+        return bool(claimed)  # redis-py: True when set, None when someone holds the claim
 
     async def states(self, pool: Pool) -> list[KeyState]:
         """Every key's state and headroom now, in the pool's order; writes nothing."""

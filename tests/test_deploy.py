@@ -46,6 +46,7 @@ DASHBOARD_ROWS = [
     "Tokens and spend",
     "Storage",
     "Configuration",
+    "Upstream keys",
 ]
 
 

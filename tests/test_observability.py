@@ -306,7 +306,13 @@ async def test_no_series_has_an_account_label_by_default(
     await exercise(http, gateway)
     m = await scrape(http, gateway.url)
     assert not [name for name, rows in m.items() for labels, _ in rows if "account" in labels]
-    assert not [name for name, rows in m.items() for labels, _ in rows if "key" in labels]
+    # No gateway key either; ``key`` on the upstream series names a provider's own pool key.
+    assert not [
+        name
+        for name, rows in m.items()
+        for labels, _ in rows
+        if "key" in labels and not name.startswith("rlgw_upstream_")
+    ]
 
 
 async def test_account_label_opt_in_labels_requests_rejections_tokens_and_cost(
@@ -708,7 +714,23 @@ async def outage(upstream: Upstream, http: aiohttp.ClientSession) -> AsyncIterat
             breaker_cooldown_s=60,
         )
     )
-    runner, gw = await start_gateway(upstream, store)
+    # Beside the usual providers, a pool with ceilings that no model uses: its keys' state
+    # and headroom gauges have series too.
+    pool = {
+        "name": "mock-pool",
+        "protocol": "openai",
+        "base_url": upstream.url,
+        "keys": [
+            {"name": "team-a", "api_key_env": "POOL_KEY_A", "rpm": 100, "tpm": 100000},
+            {"name": "team-b", "api_key_env": "POOL_KEY_B"},
+        ],
+    }
+    runner, gw = await start_gateway(
+        upstream,
+        store,
+        {"POOL_KEY_A": "sk-pool-key-a", "POOL_KEY_B": "sk-pool-key-b"},
+        providers=[*gateway_config(upstream.url, server.url)["providers"], pool],
+    )
     try:
         await exercise(http, gw)
         key = await gw.new_key("after")  # never used: its lookup needs Redis

@@ -146,6 +146,29 @@ async def test_the_pooled_batcher_defers_the_same_way(
         await client.aclose()
 
 
+async def test_the_pooled_batcher_sends_batches_made_while_its_scripts_load(
+    redis_server: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A gateway's first script calls can come from several tasks at once (a request, the
+    # upstream key gauges): a batch sent while another loads the scripts must find them all.
+    client = aioredis.Redis(port=redis_server.port)
+    load = client.script_load
+
+    async def slow_load(source: str) -> Any:
+        await asyncio.sleep(0.05)  # room for another batch between two scripts' loads
+        return await load(source)
+
+    monkeypatch.setattr(client, "script_load", slow_load)
+    batcher = ScriptBatcher(client, SOURCES, timeout_s=2.0)
+    try:
+        first = batcher.call("set", ["a"], ["v"])
+        await asyncio.sleep(0.07)  # the first script loaded, the second not yet
+        second = batcher.call("set", ["b"], ["v"])
+        assert await asyncio.gather(first, second) == [b"OK", b"OK"]
+    finally:
+        await client.aclose()
+
+
 async def test_closing_fails_deferred_calls_nothing_will_send(channel: ScriptChannel) -> None:
     await channel.call("incr", ["warm"], [])
     orphan = channel.call("incr", ["n"], [], deferrable=True)

@@ -328,3 +328,6 @@ class AnthropicAdapter(ProtocolAdapter):
 
     def upstream_credential(self, api_key: str) -> tuple[str, str]:
         return "x-api-key", api_key
+
+    def models_url(self, base_url: str) -> str:
+        return base_url + "/v1/models"

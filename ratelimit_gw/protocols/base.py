@@ -484,6 +484,12 @@ class ProtocolAdapter(ABC):
         """
         return header_hint_ms(headers)
 
+    @abstractmethod
+    def models_url(self, base_url: str) -> str:
+        """The upstream's model list: a GET that costs nothing and answers 401 to a bad key,
+        which is how an unhealthy upstream key is probed (upstream_probe.py). ``base_url``
+        as :meth:`upstream_url` takes it."""
+
 
 def rate_limit_body(err: GatewayError) -> dict[str, int | float | None]:
     """The ``rate_limit`` object every 429 body carries (docs/limits-and-balance.md)."""

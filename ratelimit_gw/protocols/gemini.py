@@ -440,6 +440,9 @@ class GeminiAdapter(ProtocolAdapter):
         hint = super().retry_hint_ms(headers, body)
         return hint if hint is not None else _retry_info_ms(body)
 
+    def models_url(self, base_url: str) -> str:
+        return base_url + "/v1beta/models"
+
     def error_body(self, err: GatewayError, request_id: str) -> bytes:
         details: list[dict[str, str]] = [
             {"@type": _ERROR_INFO, "reason": err.reason, "domain": "ratelimit-gw"}

@@ -413,6 +413,9 @@ class OpenAIAdapter(ProtocolAdapter):
     def upstream_credential(self, api_key: str) -> tuple[str, str]:
         return "Authorization", f"Bearer {api_key}"
 
+    def models_url(self, base_url: str) -> str:
+        return base_url + "/v1/models"
+
     def error_body(self, err: GatewayError, request_id: str) -> bytes:
         error: dict[str, object] = {
             "type": err.type,

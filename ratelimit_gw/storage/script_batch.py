@@ -89,5 +89,9 @@ class ScriptBatcher:
         return results
 
     async def _load(self) -> None:
+        # Published whole: a batch sent while this one loads must not find some of the names
+        # (it loads them too; SCRIPT LOAD is idempotent).
+        shas = {}
         for name, source in self._sources.items():
-            self._shas[name] = await self._client.script_load(source)
+            shas[name] = await self._client.script_load(source)
+        self._shas = shas
