@@ -41,6 +41,11 @@ class RequestContext:
     body_bytes_reserved: int = 0
     # A converter route's caller fields not sent on (docs/converters.md).
     dropped_params: tuple[str, ...] = ()
+    # The upstream (provider or custom endpoint) and pool key of the last upstream attempt,
+    # and how many attempts were made (docs/upstream-pools.md); the key's name, never it.
+    upstream: str | None = None
+    upstream_key: str | None = None
+    attempts: int = 0
 
 
 CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("context", RequestContext)

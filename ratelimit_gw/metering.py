@@ -216,6 +216,10 @@ class MeteredRequest:
         ctx.input_tokens, ctx.output_tokens = usage.input_tokens, usage.output_tokens
         ctx.cost_nano = cost
         ctx.upstream_ttfb_s = result.ttfb_s
+        failover = self.failover
+        if failover is not None:
+            ctx.upstream, ctx.upstream_key = failover.pool.provider, failover.key
+            ctx.attempts = failover.attempts
         if ctx.storage_bypassed:  # on_error = "allow": nothing was held
             return
         svc.settler.submit(

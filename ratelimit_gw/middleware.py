@@ -232,6 +232,9 @@ def record_request(svc: Services, request: web.Request, ctx: RequestContext, sta
                     "client": svc.client_addresses.of(request),
                     "user_agent": request.headers.get("User-Agent", "")[:MAX_USER_AGENT_CHARS]
                     or None,
+                    "upstream": ctx.upstream,
+                    "upstream_key": ctx.upstream_key,
+                    "attempts": ctx.attempts,
                 }
             ).decode()
         )

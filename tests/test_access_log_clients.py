@@ -132,7 +132,7 @@ async def test_the_user_agent_is_logged_escaped_and_bounded_after_the_earlier_fi
     forged = 'agent/1.0\t" ,"status":200,"x":"\\ caf\u00e9'
     line = await _logged(gw, http, access_log, [("User-Agent", forged)])
     assert list(line)[: len(EARLIER_FIELDS)] == EARLIER_FIELDS
-    assert list(line)[len(EARLIER_FIELDS) :] == ["client", "user_agent"]
+    assert list(line)[len(EARLIER_FIELDS) : len(EARLIER_FIELDS) + 2] == ["client", "user_agent"]
     assert line["user_agent"] == forged
     assert line["status"] == 401  # the forged field did not take the place of the real one
 

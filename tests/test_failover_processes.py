@@ -159,3 +159,51 @@ async def test_per_key_ceilings_hold_under_concurrency_across_two_processes(
             outcomes = await asyncio.gather(*(ask(pair[i % 2]) for i in range(20)))
     assert Counter(outcomes) == {"ok": 7, "upstream_quota": 13}
     assert sent_to(upstream) == {"k-ok": 4, "k-429": 3}
+
+
+def probes_of(upstream: Upstream, name: str) -> int:
+    """Model-list requests (the gateway's probes) the upstream received from key ``name``."""
+    secret = f"Bearer {SECRETS[name]}"
+    return sum(
+        1
+        for r in upstream.state.requests
+        if r.method == "GET" and r.path == "/v1/models" and r.headers["authorization"] == secret
+    )
+
+
+async def test_a_401_key_is_probed_once_per_interval_and_comes_back_when_healed(
+    upstream: Upstream, redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    upstream.state.set_key_behaviour(SECRETS["k-401"], KeyBehaviour(status=401))
+    keys = key_toml("k-401") + key_toml("k-ok")
+    config = tmp_path / "gateway.toml"
+    config.write_text(pool_toml(upstream, redis_server.url, keys, "probe_interval_s = 1"))
+    key = await new_key(redis_server.url)
+    with two_gateways(config, tmp_path / "serve.log") as urls:
+        await wait_ready(urls, log=tmp_path / "serve.log")
+        async with clients(urls, key) as pair:
+
+            async def ask_all(count: int) -> None:
+                for i in range(count):
+                    answer = await pair[i % 2].chat.completions.create(
+                        model="gpt-4o-mini", messages=MESSAGES, max_tokens=5
+                    )
+                    assert answer.choices[0].message.content
+
+            await ask_all(6)  # the caller never sees the 401
+            assert sent_to(upstream)["k-401"] == 1
+            marked = time.monotonic()
+            await asyncio.sleep(4)
+            probes = probes_of(upstream, "k-401")
+            window_s = time.monotonic() - marked
+            # Once per interval between both processes (each on its own would make twice as
+            # many); no customer request was spent on the revoked key meanwhile.
+            assert 2 <= probes <= window_s + 1.5, probes
+            assert probes_of(upstream, "k-ok") == 0  # a healthy key is never probed
+            await ask_all(4)
+            assert sent_to(upstream)["k-401"] == 1
+
+            upstream.state.clear_key_behaviour(SECRETS["k-401"])  # the operator fixed it
+            await asyncio.sleep(2.5)
+            await ask_all(6)  # healthy again: its turn comes in the rotation
+    assert sent_to(upstream)["k-401"] >= 2

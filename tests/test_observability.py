@@ -532,6 +532,9 @@ ACCESS_FIELDS = {
     "upstream_ttfb_ms",
     "client",
     "user_agent",
+    "upstream",
+    "upstream_key",
+    "attempts",
 }
 
 
