@@ -123,9 +123,13 @@ def test_every_script_touches_one_cluster_slot() -> None:
         [keys.account, keys.topups, keys.ledger],
     ):
         assert len({key_slot(k.encode()) for k in script_keys}) == 1
-    assert len({key_slot(k.encode()) for k in keyspace.quota_keys("provider:mock")}) == 1
-    pool_keys = keyspace.PoolKeys("openai-main").script_keys(["team-a", "team-b", "team-c"])
+    pool = keyspace.PoolKeys("openai-main")
+    pool_keys = pool.script_keys(["team-a", "team-b", "team-c"])
+    # The pick, and the plain commands beside it: every key of one pool in one slot.
+    pool_keys += [pool.unhealthy, pool.cooling("team-a"), pool.probe("team-a")]
     assert len({key_slot(k.encode()) for k in pool_keys}) == 1
+    endpoint_keys = keyspace.PoolKeys("pipeshift/model").script_keys(["model"])
+    assert len({key_slot(k.encode()) for k in endpoint_keys}) == 1
 
 
 async def test_upstream_pool_picks_and_marks_keys_on_a_cluster_without_cross_slot_errors(
