@@ -1,6 +1,6 @@
 """The self-view, ``GET /v1/key`` (and under each converter prefix): a caller's own key, its
-account's limits and money, what is left now and the models it may use (docs/admin.md,
-"What a key sees of itself").
+account's limits and money, what is left now and the models it may use
+(docs/limits-and-balance.md, "What a key sees of itself").
 
 What it promises: it consumes nothing (no admission, no bucket token, no concurrency slot,
 no hold: the limiter's peek writes nothing), so it answers 200 while the key is over its
@@ -25,7 +25,7 @@ from ..rejections import key_error
 from ..services import SERVICES
 
 # The self-view every SDK's caller may reach without a prefix: its protocol is the one whose
-# credential it sent (docs/admin.md).
+# credential it sent (docs/limits-and-balance.md).
 SHARED_PATH = "/v1/key"
 # Where it is served: the shared path, then each protocol's own prefix (README.md, Routes).
 PATHS = (
