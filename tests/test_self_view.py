@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from ratelimit_gw.keyspace import AccountKeys
 from ratelimit_gw.limiter import AdmissionRequest, Limiter
 
 from .conftest import ADMIN_TOKEN, Gateway
@@ -156,12 +157,15 @@ async def test_it_consumes_nothing_and_an_rpm_1_key_still_makes_its_one_call(
     record = await gateway.accounts.find_key(key)
     assert record is not None
     limiter = Limiter(gateway.storage)
-    before = await limiter.peek("acme", record.id)
+    stored = AccountKeys("acme")
+    hashes = [("HGETALL", stored.account), ("HGETALL", stored.key(record.id))]
+    before = await limiter.peek("acme", record.id), await gateway.storage.call_many(hashes)
     for path, form, _ in CREDENTIAL_FORMS:
         reply = await show(http, gateway, key, path, form)
         assert reply.status == 200, reply.body
         assert reply.json()["remaining"]["requests"]["remaining"] == 1
-    after = await limiter.peek("acme", record.id)
+    # Not a bucket level or time stamp written, let alone a token taken.
+    after = await limiter.peek("acme", record.id), await gateway.storage.call_many(hashes)
     assert after == before
     account = await gateway.accounts.get_account("acme")
     assert (account.holds_live, account.held_usd, account.spent_usd) == (0, "0.00", "0.00")
