@@ -84,6 +84,7 @@ STORAGE_OPERATIONS = (
     "ping",
     "config",
     "info",
+    "zcard",  # the webhook outbox's depth, every 5 s (webhook_delivery.py)
 )
 
 RELOAD_OUTCOMES = ("ok", "failed")

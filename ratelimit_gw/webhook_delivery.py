@@ -38,11 +38,12 @@ from .money import parse_usd
 from .settings import Provider, Settings, Webhook
 from .settings.webhooks import secret_key
 from .storage import StorageError
-from .webhook_events import UPSTREAM_SCAN_S, WebhookEvents
+from .webhook_events import WebhookEvents
 from .webhook_outbox import AccountWebhook, AccountWebhooks, Claimed
 
 log = logging.getLogger("ratelimit_gw.webhooks")
 
+UPSTREAM_SCAN_S = 5.0  # how soon an unhealthy upstream key's event is raised
 ENDPOINTS_REFRESH_S = 5.0  # how soon an account's webhook set over the admin API is used
 DEPTH_REFRESH_S = 5.0
 LEASE_MARGIN_S = 5.0  # a lease outlasts the POST's timeout by this much

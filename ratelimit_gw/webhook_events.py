@@ -11,7 +11,7 @@ What :class:`WebhookEvents` promises:
 - ``key.expiring``: a scan, run by one instance per ``key_scan_interval_s`` (a claim in
   storage), raises ``key.expiring:<account>:<key id>:<expiry ms>`` for every live key that
   expires within a webhook's ``key_expiring_within_s``.
-- ``upstream_key.unhealthy``: a scan every :data:`UPSTREAM_SCAN_S` raises
+- ``upstream_key.unhealthy``: a scan every ``UPSTREAM_SCAN_S`` (webhook_delivery.py) raises
   ``upstream_key.unhealthy:<provider>:<key>:<marked ms>`` for each pool key an upstream 401
   marked unhealthy (the mark's time names the episode: healthy and refused again is a new
   event).
@@ -43,7 +43,6 @@ from .webhook_outbox import Outbox
 
 log = logging.getLogger("ratelimit_gw.webhooks")
 
-UPSTREAM_SCAN_S = 5.0  # how soon an unhealthy upstream key's event is raised
 MAX_RAISING = 1000  # balance.low raises in flight per process; beyond: logged, not raised
 
 

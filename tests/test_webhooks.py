@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from ratelimit_gw import webhook_events
+from ratelimit_gw import webhook_delivery
 from ratelimit_gw.management import iso
 from ratelimit_gw.services import SERVICES
 from ratelimit_gw.settings import ConfigError, StorageSettings, parse_settings
@@ -33,7 +33,8 @@ from ratelimit_gw.storage import Storage, open_storage
 from ratelimit_gw.upstream_pool import PoolStore, pool_of
 from ratelimit_gw.webhook_delivery import signature
 
-from .conftest import Gateway, Upstream, start_gateway
+from .cli_helpers import cli, cli_json
+from .conftest import ADMIN_TOKEN, Gateway, Upstream, start_gateway
 
 SECRET = "whsec_" + base64.b64encode(b"a-test-secret-of-32-bytes-length").decode()
 ENV = {"WEBHOOK_SECRET": SECRET}
@@ -50,7 +51,8 @@ FAST_DELIVERY = {
 
 @pytest.fixture(autouse=True)
 def fast_scans(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(webhook_events, "UPSTREAM_SCAN_S", 0.05)
+    monkeypatch.setattr(webhook_delivery, "UPSTREAM_SCAN_S", 0.05)
+    monkeypatch.setattr(webhook_delivery, "ENDPOINTS_REFRESH_S", 0.05)
 
 
 @dataclass
@@ -477,3 +479,122 @@ def test_two_webhooks_with_one_url_are_refused() -> None:
     text = _config(events=["upstream_key.unhealthy"]) * 2
     with pytest.raises(ConfigError, match=r"webhooks\[1\].url: another webhook has the same URL"):
         parse_settings(text, ENV)
+
+
+# --- an account's own webhook (admin API and CLI) ----------------------------------------------
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+async def admin_call(
+    http: aiohttp.ClientSession, gw: Gateway, method: str, path: str, body: Any = None
+) -> tuple[int, Any]:
+    async with http.request(method, gw.url + path, json=body, headers=ADMIN) as response:
+        return response.status, await response.json()
+
+
+async def test_an_account_webhook_gets_its_own_accounts_events_signed_with_its_own_secret(
+    upstream: Upstream, storage: Storage, receiver: Receiver, http: aiohttp.ClientSession
+) -> None:
+    env = {**ENV, "RLGW_ADMIN_TOKEN": ADMIN_TOKEN}
+    delivery = {"webhook_delivery": FAST_DELIVERY}
+    runner, gw = await start_gateway(upstream, storage, env, **delivery)  # no global webhook
+    try:
+        acme_key = await gw.new_key("acme", balance_usd="1.00")
+        other_key = await gw.new_key("other", balance_usd="1.00")
+        hook = {
+            "url": receiver.url,
+            "events": ["balance.low"],
+            "balance_below_usd": "0.99999",
+        }
+        status, made = await admin_call(http, gw, "PUT", "/admin/accounts/acme/webhook", hook)
+        assert status == 200, made
+        secret = made["webhook"]["secret"]
+        assert secret.startswith("whsec_") and len(base64.b64decode(secret[6:])) == 32
+        status, shown = await admin_call(http, gw, "GET", "/admin/accounts/acme/webhook")
+        assert status == 200 and shown["webhook"]["secret"] is None
+        assert shown["webhook"]["balance_below_usd"] == "0.99999"
+        # A change keeps the secret (and does not show it); only new_secret makes another.
+        status, changed = await admin_call(
+            http,
+            gw,
+            "PUT",
+            "/admin/accounts/acme/webhook",
+            {**hook, "balance_below_usd": "0.99999"},
+        )
+        assert status == 200 and changed["webhook"]["secret"] is None
+        await asyncio.sleep(0.5)  # every instance reads accounts' webhooks (here every 0.05 s)
+        for key in (acme_key, other_key):
+            assert (await chat(http, gw, key))[0] == 200
+        (call,) = await receiver.wait_for(1)
+        assert call.payload["account"] == "acme"
+        assert verify(call, secret) and not verify(call)
+        await asyncio.sleep(0.3)
+        assert len(receiver.calls) == 1  # "other" has no webhook; the global list is empty
+        status, gone = await admin_call(http, gw, "DELETE", "/admin/accounts/acme/webhook")
+        assert (status, gone) == (200, {"account": "acme", "webhook": None})
+        status, error = await admin_call(http, gw, "DELETE", "/admin/accounts/acme/webhook")
+        assert (status, error["error"]["reason"]) == (404, "webhook_not_found")
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"url": "ftp://x", "events": ["balance.low"], "balance_below_usd": "1"}, "url: must be"),
+        ({"url": "https://x/h", "events": []}, "events: name at least one event"),
+        (
+            {"url": "https://x/h", "events": ["upstream_key.unhealthy"]},
+            "events[0]: 'upstream_key.unhealthy' is about no account: global webhooks only",
+        ),
+        (
+            {"url": "https://x/h", "events": ["balance.low"]},
+            "balance_below_usd: required by the event 'balance.low'",
+        ),
+        (
+            {"url": "https://x/h", "events": ["key.expiring"], "key_expiring_within_s": -1},
+            "key_expiring_within_s: must be above 0",
+        ),
+    ],
+)
+async def test_a_bad_account_webhook_is_a_400_naming_the_field(
+    gateway: Gateway, http: aiohttp.ClientSession, body: dict[str, Any], message: str
+) -> None:
+    await gateway.accounts.create_account("acme")
+    status, answer = await admin_call(http, gateway, "PUT", "/admin/accounts/acme/webhook", body)
+    assert status == 400, answer
+    assert answer["error"]["message"].startswith(message), answer
+
+
+async def test_an_unknown_account_has_no_webhook(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    hook = {"url": "https://x/h", "events": ["key.expiring"], "key_expiring_within_s": 60}
+    status, answer = await admin_call(http, gateway, "PUT", "/admin/accounts/nobody/webhook", hook)
+    assert (status, answer["error"]["reason"]) == (404, "account_not_found")
+
+
+@pytest.mark.slow  # the CLI as a subprocess
+def test_the_cli_sets_shows_and_deletes_an_account_webhook(redis_url: str) -> None:
+    storage = ("--storage", redis_url)
+    cli_json("accounts", "create", "acme", *storage)
+    made = cli_json(
+        "webhooks", "set", "acme", "--url", "https://hooks.example/acme",
+        "--events", "balance.low,key.expiring", "--balance-below-usd", "5",
+        "--key-expiring-within-s", "86400", *storage,
+    )  # fmt: skip
+    assert made["webhook"]["secret"].startswith("whsec_")
+    assert made["webhook"]["events"] == ["balance.low", "key.expiring"]
+    text = cli("webhooks", "show", "acme", *storage)
+    assert text.returncode == 0 and "https://hooks.example/acme" in text.stdout
+    assert "whsec_" not in text.stdout
+    again = cli("webhooks", "set", "acme", "--url", "https://h.example/x", "--events",
+                "key.expiring", "--key-expiring-within-s", "60", "--new-secret",
+                *storage)  # fmt: skip
+    assert again.returncode == 0 and "shown once" in again.stdout
+    assert cli_json("webhooks", "delete", "acme", *storage) == {"account": "acme", "webhook": None}
+    refused = cli("webhooks", "set", "acme", "--url", "https://x/h", "--events", "balance.low",
+                  *storage)  # fmt: skip
+    assert refused.returncode == 1
+    assert "balance_below_usd: required by the event 'balance.low'" in refused.stderr
