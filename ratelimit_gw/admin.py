@@ -484,7 +484,8 @@ ROUTES: tuple[AdminRoute, ...] = (
         "DELETE",
         "/admin/accounts/{id}/webhook",
         delete_account_webhook,
-        "Remove the account's own webhook (its undelivered events are dropped)",
+        "Remove the account's own webhook (its undelivered events are dropped when their "
+        "lifetime ends)",
         AccountWebhookShown,
         path_types={"id": AccountId},
     ),

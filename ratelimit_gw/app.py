@@ -85,7 +85,7 @@ def create_app(
 
         directory = WebhookDirectory(current, AccountWebhooks(store))
         events = WebhookEvents(
-            store, accounts, pools, metrics, directory.current, lambda: current().webhook_delivery
+            store, accounts, pools, metrics, directory, lambda: current().webhook_delivery
         )
         settler = Settler(limiter, metrics, pools, events)
         keys = KeyCache(

@@ -317,8 +317,8 @@ def create_metrics(registry: CollectorRegistry | None, account_label: bool = Fal
         webhook_deliveries=Counter(
             "rlgw_webhook_deliveries",
             "Webhook delivery attempts by event type and outcome: delivered (a 2xx), failed "
-            "(any other answer or none: retried), dropped (its lifetime ended, or its webhook "
-            "is no longer configured)",
+            "(any other answer or none: retried), dropped (its lifetime ended: its receiver kept "
+            "failing, or its webhook is gone)",
             ["type", "outcome"],
             registry=registry,
         ),

@@ -11,8 +11,9 @@ What :class:`WebhookDelivery` promises:
 - A 2xx is delivered: the event leaves the outbox. Anything else is retried after
   ``first_retry_s``, then after as long as the event has waited so far (so the waits
   double), at most ``max_retry_s``; an event whose next attempt would fall past
-  ``lifetime_s`` from its raising is dropped, as is one whose webhook is no longer
-  configured. Delivery is at least once: receivers dedupe by ``webhook-id``.
+  ``lifetime_s`` from its raising is dropped. So is, at the end of its lifetime, one whose
+  webhook this instance does not know (removed, or not read here yet: it is retried, never
+  dropped at once). Delivery is at least once: receivers dedupe by ``webhook-id``.
 - It keeps the accounts' own webhooks current (read every :data:`ENDPOINTS_REFRESH_S`) and
   claims nothing before it has read them once; it runs the event scans
   (webhook_events.py) and keeps the outbox-depth gauge current.
@@ -78,23 +79,33 @@ class WebhookDirectory:
     def __init__(self, settings: Callable[[], Settings], stored: AccountWebhooks) -> None:
         self._settings = settings
         self._stored = stored
-        self._accounts: tuple[Webhook, ...] = ()
+        self._by_account: dict[str, Webhook] = {}
         self.loaded = False  # the accounts' own read at least once
 
-    def current(self) -> Sequence[Webhook]:
-        return (*self._settings().webhooks, *self._accounts)
+    def for_account(self, account: str | None) -> Sequence[Webhook]:
+        own = None if account is None else self._by_account.get(account)
+        webhooks = self._settings().webhooks
+        return webhooks if own is None else (*webhooks, own)
+
+    def any_wants(self, event_type: str) -> bool:
+        return any(
+            event_type in w.events for w in (*self._settings().webhooks, *self._by_account.values())
+        )
 
     def named(self, name: str) -> Webhook | None:
-        return next((w for w in self.current() if w.name == name), None)
+        kind, _, account = name.partition(":")
+        if kind == "account":
+            return self._by_account.get(account)
+        return next((w for w in self._settings().webhooks if w.name == name), None)
 
     async def refresh(self) -> None:
-        found = []
+        found = {}
         for account, stored in (await self._stored.all()).items():
             try:
-                found.append(account_webhook(account, stored))
+                found[account] = account_webhook(account, stored)
             except ValueError:  # not one the admin API wrote
                 log.error("account %s has an unreadable webhook in storage: ignored", account)
-        self._accounts = tuple(found)
+        self._by_account = found
         self.loaded = True
 
 
@@ -199,19 +210,24 @@ class WebhookDelivery:
         record = event.record
         delivery = self._settings().webhook_delivery
         lifetime_ms = delivery.lifetime_s * 1000
-        webhook = self._directory.named(record.webhook)
         try:
-            if webhook is None or now_ms - record.created_ms > lifetime_ms:
-                why = "its webhook is no longer configured" if webhook is None else "expired"
-                await self._drop(event, why)
+            if now_ms - record.created_ms > lifetime_ms:
+                await self._drop(event, "its lifetime ended")
                 return
             started = time.monotonic()
-            problem = await self._post(session, webhook, record.event_id, record.body.encode())
-            if problem is None:
-                await self._outbox.delivered(event.delivery_id)
-                labelled(self._metrics.webhook_deliveries, record.type, "delivered").inc()
-                return
-            labelled(self._metrics.webhook_deliveries, record.type, "failed").inc()
+            webhook = self._directory.named(record.webhook)
+            problem: str | None
+            if webhook is None:
+                # Not (yet) known here: another instance may have read a newer account
+                # webhook or config. Kept until its lifetime ends, never posted blind.
+                problem = "its webhook is not configured on this instance"
+            else:
+                problem = await self._post(session, webhook, record.event_id, record.body.encode())
+                if problem is None:
+                    await self._outbox.delivered(event.delivery_id)
+                    labelled(self._metrics.webhook_deliveries, record.type, "delivered").inc()
+                    return
+                labelled(self._metrics.webhook_deliveries, record.type, "failed").inc()
             tried_ms = now_ms + int((time.monotonic() - started) * 1000)
             waited_s = (tried_ms - record.created_ms) / 1000
             wait_s = min(max(waited_s, delivery.first_retry_s), delivery.max_retry_s)
@@ -221,9 +237,9 @@ class WebhookDelivery:
                 return
             self._log_failure(
                 logging.WARNING,
-                "webhook %s to %s: %s; retrying in %.3g s",
+                "webhook event %s for %s: %s; retrying in %.3g s",
                 record.event_id,
-                webhook.url,
+                record.webhook if webhook is None else webhook.url,
                 problem,
                 wait_s,
             )

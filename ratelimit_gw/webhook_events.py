@@ -26,7 +26,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from .accounts import AccountStore
 from .keys import MAX_PAGE
@@ -46,6 +46,16 @@ log = logging.getLogger("ratelimit_gw.webhooks")
 MAX_RAISING = 1000  # balance.low raises in flight per process; beyond: logged, not raised
 
 
+class WebhookLookup(Protocol):
+    """Which webhooks there are now (webhook_delivery.WebhookDirectory)."""
+
+    def for_account(self, account: str | None) -> Sequence[Webhook]:
+        """The global webhooks, and ``account``'s own if it has one."""
+        ...
+
+    def any_wants(self, event_type: str) -> bool: ...
+
+
 class WebhookEvents:
     """Raises every event type for the webhooks that want it."""
 
@@ -55,7 +65,7 @@ class WebhookEvents:
         accounts: AccountStore,
         pools: PoolStore,
         metrics: Metrics,
-        webhooks: Callable[[], Sequence[Webhook]],
+        webhooks: WebhookLookup,
         delivery: Callable[[], WebhookDeliverySettings],
     ) -> None:
         self._storage = storage
@@ -73,7 +83,7 @@ class WebhookEvents:
         """Raise the event for every webhook that wants it; how many were new."""
         new = 0
         lifetime_s = self._delivery().lifetime_s
-        for webhook in self._webhooks():
+        for webhook in self._webhooks.for_account(account):
             if webhook.wants(event_type, account) and await self.outbox.raise_event(
                 webhook.name, event_id, event_type, account, data, lifetime_s
             ):
@@ -91,7 +101,7 @@ class WebhookEvents:
         before = after + s.cost_nano
         crossed = [
             w
-            for w in self._webhooks()
+            for w in self._webhooks.for_account(s.account_id)
             if w.balance_below_nano is not None
             and w.wants("balance.low", s.account_id)
             and before >= w.balance_below_nano > after
@@ -137,8 +147,7 @@ class WebhookEvents:
 
     async def scan_keys(self) -> None:
         """One instance per interval reads every key and raises key.expiring where due."""
-        webhooks = [w for w in self._webhooks() if w.key_expiring_within_s is not None]
-        if not webhooks:
+        if not self._webhooks.any_wants("key.expiring"):
             return
         interval_ms = int(self._delivery().key_scan_interval_s * 1000)
         if not await self._storage.call("SET", WEBHOOK_KEY_SCAN, 1, "NX", "PX", interval_ms):
@@ -153,18 +162,16 @@ class WebhookEvents:
                 expires_ms = parse_time_ms(key.expires_at)
                 if expires_ms <= now_ms:
                     continue
-                await self._key_expiring(webhooks, key.account, key.id, expires_ms, now_ms)
+                await self._key_expiring(key.account, key.id, expires_ms, now_ms)
             if page.next_cursor is None:
                 return
             cursor = page.next_cursor
 
-    async def _key_expiring(
-        self, webhooks: list[Webhook], account: str, key_id: str, expires_ms: int, now_ms: int
-    ) -> None:
+    async def _key_expiring(self, account: str, key_id: str, expires_ms: int, now_ms: int) -> None:
         lifetime_s = self._delivery().lifetime_s
         event_id = f"key.expiring:{account}:{key_id}:{expires_ms}"
         data = {"key_id": key_id, "expires_at": iso(expires_ms)}
-        for webhook in webhooks:
+        for webhook in self._webhooks.for_account(account):
             within_ms = (webhook.key_expiring_within_s or 0) * 1000
             if not webhook.wants("key.expiring", account) or expires_ms - now_ms > within_ms:
                 continue
@@ -176,7 +183,7 @@ class WebhookEvents:
     # --- upstream_key.unhealthy, a periodic scan -------------------------------------------
 
     async def scan_upstream(self, providers: Iterable[Provider]) -> None:
-        if not any("upstream_key.unhealthy" in w.events for w in self._webhooks()):
+        if not self._webhooks.any_wants("upstream_key.unhealthy"):
             return
         for provider in providers:
             if not provider.keys:

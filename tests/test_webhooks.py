@@ -475,6 +475,12 @@ def test_bad_webhook_config_names_the_field(hook: dict[str, Any], message: str) 
     assert str(raised.value).startswith(message), str(raised.value)
 
 
+def test_retries_cannot_start_above_their_cap() -> None:
+    text = "[webhook_delivery]\nfirst_retry_s = 60\nmax_retry_s = 30\n"
+    with pytest.raises(ConfigError, match=r"^webhook_delivery.first_retry_s: 60 is above max_r"):
+        parse_settings(text, ENV)
+
+
 def test_two_webhooks_with_one_url_are_refused() -> None:
     text = _config(events=["upstream_key.unhealthy"]) * 2
     with pytest.raises(ConfigError, match=r"webhooks\[1\].url: another webhook has the same URL"):
@@ -598,3 +604,31 @@ def test_the_cli_sets_shows_and_deletes_an_account_webhook(redis_url: str) -> No
                   *storage)  # fmt: skip
     assert refused.returncode == 1
     assert "balance_below_usd: required by the event 'balance.low'" in refused.stderr
+
+
+async def test_an_event_for_a_webhook_not_known_here_yet_waits_for_it(
+    upstream: Upstream, storage: Storage, receiver: Receiver
+) -> None:
+    """Another instance may read an account's new webhook first and raise an event for it:
+    this one retries it until it knows the webhook, never drops it at once."""
+    from ratelimit_gw.webhook_outbox import AccountWebhook, AccountWebhooks, Outbox
+
+    async with gateway_on(upstream, storage, receiver) as gw:
+        await gw.accounts.create_account("late")
+        await Outbox(storage).raise_event(
+            "account:late", "key.expiring:late:key_x:1", "key.expiring", "late", {}, 60
+        )
+        await asyncio.sleep(0.3)  # claimed and put back at least once: unknown here
+        assert receiver.calls == []
+        hook = AccountWebhook(
+            url=receiver.url,
+            events=("key.expiring",),
+            key_expiring_within_s=60,
+            secret=SECRET,
+        )
+        await AccountWebhooks(storage).put("late", hook)
+        (call,) = await receiver.wait_for(1)
+        assert call.id == "key.expiring:late:key_x:1" and verify(call)
+        assert (
+            sample(gw, "rlgw_webhook_deliveries_total", type="key.expiring", outcome="dropped") == 0
+        )

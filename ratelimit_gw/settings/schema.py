@@ -227,7 +227,8 @@ class WebhookSettings(_Section):
     balance_below_usd: Annotated[float, msgspec.Meta(ge=0)] | str | None = (
         None  # balance.low: a prepaid balance fell below this
     )
-    key_expiring_within_s: PositiveFloat | None = None  # key.expiring: expiry this close
+    # key.expiring: expiry this close (at most 30 days: how long a raised event's id is kept).
+    key_expiring_within_s: Annotated[float, msgspec.Meta(gt=0, le=2_592_000)] | None = None
 
 
 class WebhookDeliverySettings(_Section):

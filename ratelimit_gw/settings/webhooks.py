@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from ..money import MoneyError, parse_usd
 from .checks import ConfigError
 from .resolved import Webhook
-from .schema import WebhookSettings
+from .schema import WebhookDeliverySettings, WebhookSettings
 
 # Every event a webhook may subscribe to, and the threshold field it needs (None: none).
 # Adding an event type is one line here (and its raiser); the budget events (80 % / 100 % of
@@ -84,6 +84,14 @@ def check_thresholds(events: frozenset[str], given: Mapping[str, object], path: 
             raise ConfigError(f"{path}.{field}: required by the event {event!r}")
         if event not in events and given.get(field) is not None:
             raise ConfigError(f"{path}.{field}: set, but the event {event!r} is not in events")
+
+
+def check_delivery(delivery: WebhookDeliverySettings) -> None:
+    if delivery.first_retry_s > delivery.max_retry_s:
+        raise ConfigError(
+            f"webhook_delivery.first_retry_s: {delivery.first_retry_s:g} is above max_retry_s "
+            f"({delivery.max_retry_s:g})"
+        )
 
 
 def resolve_webhooks(
