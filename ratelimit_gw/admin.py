@@ -15,6 +15,13 @@ import msgspec
 from aiohttp import web
 from msgspec import UNSET, UnsetType
 
+from .account_webhooks import (
+    AccountWebhookShown,
+    SetWebhookBody,
+    delete_account_webhook,
+    set_account_webhook,
+    show_account_webhook,
+)
 from .accounts import Account, AccountStore, Deletion, LedgerEntry, RpmPolicy
 from .admin_openapi import openapi_json
 from .admin_routes import (
@@ -453,6 +460,34 @@ ROUTES: tuple[AdminRoute, ...] = (
         "endpoints and admin tokens; an invalid file changes nothing (400 naming the field)",
         ConfigReload,
         errors=(400, 409),
+    ),
+    AdminRoute(
+        "PUT",
+        "/admin/accounts/{id}/webhook",
+        set_account_webhook,
+        "Set the account's own webhook (docs/webhooks.md); its secret is shown only in the "
+        "answer that made it (the first, or new_secret=true)",
+        AccountWebhookShown,
+        body=SetWebhookBody,
+        path_types={"id": AccountId},
+        errors=(409,),  # the account is deleted
+    ),
+    AdminRoute(
+        "GET",
+        "/admin/accounts/{id}/webhook",
+        show_account_webhook,
+        "Show the account's own webhook, if it has one (never its secret)",
+        AccountWebhookShown,
+        path_types={"id": AccountId},
+    ),
+    AdminRoute(
+        "DELETE",
+        "/admin/accounts/{id}/webhook",
+        delete_account_webhook,
+        "Remove the account's own webhook (its undelivered events are dropped when their "
+        "lifetime ends)",
+        AccountWebhookShown,
+        path_types={"id": AccountId},
     ),
     AdminRoute(
         "GET", "/admin/openapi.json", openapi, "This document (OpenAPI 3.1)", dict[str, Any]

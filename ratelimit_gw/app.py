@@ -37,10 +37,13 @@ from .upstream_client import UpstreamClient
 from .upstream_key_gauges import KeyStateGauges
 from .upstream_pool import PoolStore
 from .upstream_probe import UpstreamProbe
+from .webhook_delivery import WebhookDelivery, WebhookDirectory
+from .webhook_events import WebhookEvents
+from .webhook_outbox import AccountWebhooks
 
 log = logging.getLogger("ratelimit_gw")
 # How long shutdown waits for the background tasks (eviction guard, key-change feed, upstream
-# key probe) to stop.
+# key probe, webhook delivery) to stop.
 WATCHER_STOP_S = 5.0
 
 
@@ -76,7 +79,15 @@ def create_app(
         accounts = AccountStore(store)
         limiter = Limiter(store)
         pools = PoolStore(store)
-        settler = Settler(limiter, metrics, pools)
+
+        def current() -> Settings:  # the config as reloaded; called once SERVICES is set
+            return app[SERVICES].config.settings
+
+        directory = WebhookDirectory(current, AccountWebhooks(store))
+        events = WebhookEvents(
+            store, accounts, pools, metrics, directory, lambda: current().webhook_delivery
+        )
+        settler = Settler(limiter, metrics, pools, events)
         keys = KeyCache(
             accounts,
             settings.storage.key_cache_ttl_s,
@@ -106,14 +117,17 @@ def create_app(
             upstream,
             KeyStateGauges(metrics, services.pools),
         )
+        webhooks = WebhookDelivery(current, directory, events, metrics)
         watchers = [
             asyncio.create_task(eviction.watch()),
             asyncio.create_task(keys.follow_changes(KeyChangeFeed(store))),
             asyncio.create_task(probe.run()),
+            asyncio.create_task(webhooks.run()),
         ]
         yield
         keys.stop_following()
         probe.stop()
+        webhooks.stop()
         for watcher in watchers:
             watcher.cancel()
         # Bounded: a watcher that ignored its cancellation must not hold the shutdown hostage.
@@ -121,6 +135,7 @@ def create_app(
         for watcher in stuck:
             log.error("background task %s did not stop when cancelled", watcher.get_coro())
         await settler.drain()
+        await events.drain()  # balance.low raises the last settlements started
         await upstream.close()
         if own_storage:
             await store.close()

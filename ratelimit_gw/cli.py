@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 from . import text_output
+from .account_webhooks import SetWebhookBody, WebhookChanges
 from .accounts import AccountStore
 from .audit import cli_actor
 from .audited_changes import AuditedChanges
@@ -32,6 +33,10 @@ Start with `ratelimit-gw demo` (no config needed). Run a gateway with
 each command."""
 # Printed after a record that carries a key's secret (a new or rotated key).
 SECRET_NOTICE = "This key is shown once, store it now: the gateway keeps only its hash."
+# Printed after a webhook whose signing secret was just made.
+WEBHOOK_SECRET_NOTICE = (
+    "This signing secret is shown once: give it to the receiver now (--new-secret makes another)."
+)
 
 
 def _storage_settings(args: argparse.Namespace) -> StorageSettings:
@@ -49,6 +54,8 @@ def _print(document: Any, as_json: bool) -> None:
     sys.stdout.write(text_output.render(data))
     if isinstance(data, dict) and "key" in data:
         sys.stdout.write(f"\n{SECRET_NOTICE}\n")
+    if isinstance(data, dict) and (data.get("webhook") or {}).get("secret"):
+        sys.stdout.write(f"\n{WEBHOOK_SECRET_NOTICE}\n")
 
 
 def _usd(text: str, *, signed: bool = False) -> int:
@@ -183,6 +190,17 @@ async def _keys_revoke(store: AccountStore, a: argparse.Namespace) -> Any:
     return await _by_cli(store).revoke_key(a.id)
 
 
+async def _webhooks_set(store: AccountStore, a: argparse.Namespace) -> Any:
+    body = SetWebhookBody(
+        url=a.url,
+        events=a.events or [],
+        balance_below_usd=a.balance_below_usd,
+        key_expiring_within_s=a.key_expiring_within_s,
+        new_secret=a.new_secret,
+    )
+    return await WebhookChanges(store, cli_actor()).set(a.account, body)
+
+
 OPERATIONS: dict[str, Operation] = {
     "accounts create": _accounts_create,
     "accounts show": lambda s, a: s.get_account(a.id),
@@ -199,6 +217,9 @@ OPERATIONS: dict[str, Operation] = {
     "keys update": _keys_update,
     "keys rotate": _keys_rotate,
     "keys revoke": _keys_revoke,
+    "webhooks set": _webhooks_set,
+    "webhooks show": lambda s, a: WebhookChanges(s, cli_actor()).show(a.account),
+    "webhooks delete": lambda s, a: WebhookChanges(s, cli_actor()).delete(a.account),
 }
 
 
@@ -259,10 +280,14 @@ VERB_HELP = {
     "keys update": "change a key's name, models, limits or expiry (in force within a second)",
     "keys rotate": "give a key a new secret; the old one works for a grace period",
     "keys revoke": "revoke a key by its id (key_…); effective on the next request",
+    "webhooks set": "set an account's own webhook: URL, events, thresholds (docs/webhooks.md)",
+    "webhooks show": "show an account's own webhook (never its secret)",
+    "webhooks delete": "remove an account's own webhook",
 }
 GROUP_HELP = {
     "accounts": "manage accounts directly in storage (Redis)",
     "keys": "manage API keys directly in storage (Redis)",
+    "webhooks": "manage accounts' own webhooks directly in storage (Redis)",
 }
 
 
@@ -344,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
             ),
         ),
         ("keys", ("create", "list", "update", "rotate", "revoke")),
+        ("webhooks", ("set", "show", "delete")),
     ):
         gp = sub.add_parser(group, help=GROUP_HELP[group], description=GROUP_HELP[group])
         gsub = gp.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -368,7 +394,9 @@ _RPM_POLICY_HELP = "how the account's rpm is set: fixed (--rpm), balance, or tie
 
 
 def _add_verb_args(group: str, verb: str, p: argparse.ArgumentParser) -> None:
-    if group == "accounts":
+    if group == "webhooks":
+        _webhook_args(verb, p)
+    elif group == "accounts":
         if verb != "list":
             p.add_argument("id", help="account id")
         if verb == "create":
@@ -466,6 +494,28 @@ def _add_verb_args(group: str, verb: str, p: argparse.ArgumentParser) -> None:
                 help=f"seconds the old secret keeps working (default {DEFAULT_GRACE_S}; 0: it "
                 "stops now)",
             )
+
+
+def _webhook_args(verb: str, p: argparse.ArgumentParser) -> None:
+    p.add_argument("account", help="account id")
+    if verb != "set":
+        return
+    p.add_argument("--url", required=True, help="where events are POSTed (http:// or https://)")
+    list_option(p, "--events", "balance.low, key.expiring", metavar="EVENT,…")
+    p.add_argument(
+        "--balance-below-usd", metavar="USD", help="balance.low: a balance below this, e.g. 5.00"
+    )
+    p.add_argument(
+        "--key-expiring-within-s",
+        type=float,
+        metavar="S",
+        help="key.expiring: a key that expires within this many seconds",
+    )
+    p.add_argument(
+        "--new-secret",
+        action="store_true",
+        help="make a new signing secret (shown once; the old one stops at once)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

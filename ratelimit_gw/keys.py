@@ -117,6 +117,10 @@ class KeyStore:
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
 
+    @property
+    def storage(self) -> Storage:
+        return self._storage
+
     async def _account_status(self, account_id: str) -> str:
         """The account's status (``active``, ``disabled``, ``deleted``); 404 if none."""
         check_id(account_id, "account id")

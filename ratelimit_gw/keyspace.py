@@ -11,6 +11,10 @@ provider's pool — each upstream key's buckets, cool-down and probe claim, the 
 buckets, its tie counter and unhealthy set — shares the tag ``{p:<provider>}``, so a pick
 weighs the whole pool in one slot.
 
+Webhook events (docs/webhooks.md) share one tag ``{wh}``: the outbox, its records, the
+dedupe markers, the accounts' own webhooks and the key-scan claim, so each webhook script
+runs in one slot (events are rare: one slot is no hot spot).
+
 Deleting an account keeps its hash (status ``deleted``: the tombstone that keeps its id from
 being created again), its ledger and its revoked keys; it leaves the account list.
 
@@ -36,6 +40,20 @@ ORPHAN_SETTLEMENTS = f"{PREFIX}:orphan-settlements"
 KEY_CHANGES = f"{PREFIX}:key-changes"
 # Account and key ids appear inside key names and hash tags: keep them plain.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+WEBHOOKS = f"{PREFIX}:{{wh}}"
+# Due time (ms) of every event not yet delivered, by delivery id (``<webhook>/<event id>``);
+# a claimed event's due time is its lease's end.
+WEBHOOK_OUTBOX = f"{WEBHOOKS}:outbox"
+WEBHOOK_RECORDS = f"{WEBHOOKS}:events"  # delivery id → the record (webhook, body, created_ms)
+WEBHOOK_ENDPOINTS = f"{WEBHOOKS}:endpoints"  # account id → that account's own webhook
+WEBHOOK_KEY_SCAN = f"{WEBHOOKS}:key-scan"  # the claim of the periodic key.expiring scan
+
+
+def webhook_seen(delivery_id: str) -> str:
+    """The marker that makes raising the same event twice a no-op (it outlives delivery)."""
+    return f"{WEBHOOKS}:seen:{delivery_id}"
 
 
 def key_by_hash(key_sha256_hex: str) -> str:
@@ -131,6 +149,11 @@ class PoolKeys:
         """A claim whose TTL is the probe interval of an unhealthy key: the instance that
         sets it probes the key; every other instance leaves it alone until it expires."""
         return f"{self.base}:key:{key_name}:probe"
+
+    def unhealthy_since(self, key_name: str) -> str:
+        """When the key was marked unhealthy (ms), set with the mark and cleared with it: the
+        episode its ``upstream_key.unhealthy`` event is named after."""
+        return f"{self.base}:key:{key_name}:unhealthy_since"
 
     def script_keys(self, key_names: Sequence[str]) -> list[str]:
         """KEYS of pool_pick.lua, in the order its header states, for the keys named."""

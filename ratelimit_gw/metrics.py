@@ -24,6 +24,7 @@ from prometheus_client import (
 )
 
 from .errors import REJECTION_REASONS
+from .settings.webhooks import EVENT_THRESHOLDS
 from .storage.scripts import SCRIPT_NAMES
 
 LATENCY_BUCKETS_S = (
@@ -83,6 +84,7 @@ STORAGE_OPERATIONS = (
     "ping",
     "config",
     "info",
+    "zcard",  # the webhook outbox's depth, every 5 s (webhook_delivery.py)
 )
 
 RELOAD_OUTCOMES = ("ok", "failed")
@@ -96,6 +98,8 @@ UPSTREAM_ATTEMPT_OUTCOMES = (
     "unreachable",
 )
 UPSTREAM_KEY_STATES = ("ok", "cooling", "unhealthy")
+# rlgw_webhook_deliveries_total{outcome}: what one delivery attempt of a webhook event came to.
+WEBHOOK_OUTCOMES = ("delivered", "failed", "dropped")
 UPSTREAM_KEY_CEILINGS = ("rpm", "tpm")
 
 
@@ -127,6 +131,9 @@ class Metrics:
     upstream_attempts: Counter
     upstream_key_state: Gauge
     upstream_key_headroom: Gauge
+    webhook_events_raised: Counter
+    webhook_deliveries: Counter
+    webhook_outbox_events: Gauge
 
     def account(self, account_id: str | None) -> tuple[str, ...]:
         """The extra label values for per-account series (none unless opted in)."""
@@ -300,6 +307,28 @@ def create_metrics(registry: CollectorRegistry | None, account_label: bool = Fal
             multiprocess_mode="livemostrecent",
             registry=registry,
         ),
+        webhook_events_raised=Counter(
+            "rlgw_webhook_events_raised",
+            "Webhook events put in the outbox by type, one per webhook that receives it "
+            "(raised once across instances: a repeat is not counted)",
+            ["type"],
+            registry=registry,
+        ),
+        webhook_deliveries=Counter(
+            "rlgw_webhook_deliveries",
+            "Webhook delivery attempts by event type and outcome: delivered (a 2xx), failed "
+            "(any other answer or none: retried), dropped (its lifetime ended: its receiver kept "
+            "failing, or its webhook is gone)",
+            ["type", "outcome"],
+            registry=registry,
+        ),
+        webhook_outbox_events=Gauge(
+            "rlgw_webhook_outbox_events",
+            "Webhook events waiting in the outbox (due, leased or backing off), read from "
+            "storage every few seconds",
+            multiprocess_mode="livemostrecent",
+            registry=registry,
+        ),
     )
     _start_at_zero(metrics)
     return metrics
@@ -322,6 +351,10 @@ def _start_at_zero(metrics: Metrics) -> None:
         labelled(metrics.holds, event)
     for outcome in RELOAD_OUTCOMES:
         labelled(metrics.config_reloads, outcome)
+    for event_type in EVENT_THRESHOLDS:
+        labelled(metrics.webhook_events_raised, event_type)
+        for outcome in WEBHOOK_OUTCOMES:
+            labelled(metrics.webhook_deliveries, event_type, outcome)
 
 
 @functools.lru_cache(maxsize=8192)

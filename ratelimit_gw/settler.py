@@ -26,6 +26,7 @@ from .upstream_pool import PoolStore
 
 if TYPE_CHECKING:  # failover.py settles through this module
     from .failover import PoolReservation
+    from .webhook_events import WebhookEvents
 
 log = logging.getLogger("ratelimit_gw.settle")
 # ~32 s in all, then every 5 s: long enough to outlast a Redis restart or a sentinel failover,
@@ -35,10 +36,17 @@ RETRY_DELAYS_S = (0.05, 0.2, 0.5, 1.0, 2.0, 3.0, 5.0, 5.0, 5.0, 5.0, 5.0)
 
 
 class Settler:
-    def __init__(self, limiter: Limiter, metrics: Metrics, pools: PoolStore) -> None:
+    def __init__(
+        self,
+        limiter: Limiter,
+        metrics: Metrics,
+        pools: PoolStore,
+        events: WebhookEvents | None = None,
+    ) -> None:
         self._limiter = limiter
         self._metrics = metrics
         self._pools = pools
+        self._events = events  # balance.low webhooks see each applied settlement
         # First attempts (storage futures) and retry tasks not finished yet.
         self._pending: set[asyncio.Future[Any]] = set()
 
@@ -161,6 +169,8 @@ class Settler:
             labelled(m.holds, "settled").inc()
         if result.overrun:
             m.balance_overruns.inc()
+        if self._events is not None:
+            self._events.settled(s, result)
 
     async def _keep_orphan(self, s: Settlement) -> None:
         try:

@@ -20,6 +20,7 @@ Knows no HTTP: a :class:`Pool` (:func:`pool_of` a provider) is what it needs of 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -167,11 +168,35 @@ class PoolStore:
     async def mark_unhealthy(self, pool: Pool, key_name: str) -> None:
         """Skip the key until :meth:`mark_healthy` (an upstream 401; a probe brings it back)."""
         pool.key(key_name)
-        await self._storage.call("SADD", PoolKeys(pool.provider).unhealthy, key_name)
+        keys = PoolKeys(pool.provider)
+        # With the time of the mark, set once per episode: its webhook event's name.
+        since_ms = int(time.time() * 1000)
+        await self._storage.call_many(
+            [
+                ("SADD", keys.unhealthy, key_name),
+                ("SET", keys.unhealthy_since(key_name), since_ms, "NX"),
+            ],
+            atomic=True,
+        )
 
     async def mark_healthy(self, pool: Pool, key_name: str) -> None:
         pool.key(key_name)
-        await self._storage.call("SREM", PoolKeys(pool.provider).unhealthy, key_name)
+        keys = PoolKeys(pool.provider)
+        await self._storage.call_many(
+            [("SREM", keys.unhealthy, key_name), ("DEL", keys.unhealthy_since(key_name))],
+            atomic=True,
+        )
+
+    async def unhealthy_since(self, pool: Pool, key_names: list[str]) -> dict[str, int]:
+        """When each of these keys was marked unhealthy (ms); 0 for one marked without the
+        time (by an older build)."""
+        if not key_names:
+            return {}
+        keys = PoolKeys(pool.provider)
+        found = await self._storage.call_many(
+            [("GET", keys.unhealthy_since(name)) for name in key_names]
+        )
+        return {name: int(ms or 0) for name, ms in zip(key_names, found, strict=True)}
 
     async def unhealthy(self, pool: Pool) -> set[str]:
         """The names an upstream 401 marked unhealthy, as stored: a name the pool no longer

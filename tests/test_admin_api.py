@@ -29,6 +29,7 @@ from ratelimit_gw.money import parse_usd
 from ratelimit_gw.serve import make_runner
 from ratelimit_gw.settings import AdminToken, ConfigError, build_settings, parse_settings
 from ratelimit_gw.storage import Storage
+from ratelimit_gw.webhook_outbox import AccountWebhook, AccountWebhooks
 
 from .conftest import (
     ADMIN_TOKEN,
@@ -67,10 +68,18 @@ CHANGES: dict[str, tuple[str, Any]] = {
     "update_key": ("/admin/keys/{key}", {"name": "batch", "models": ["gpt-*"], "rpm": None}),
     "rotate_key": ("/admin/keys/{key}/rotate", {"grace_s": 60}),
     "reload_configuration": ("/admin/config/reload", None),
+    "set_account_webhook": (
+        "/admin/accounts/acme/webhook",
+        {"url": "https://hooks.example/acme", "events": ["balance.low"], "balance_below_usd": "5"},
+    ),
+    "delete_account_webhook": ("/admin/accounts/acme/webhook", None),
 }
 # What must hold before a change's call can change something (enabling needs a disabled one).
 PREPARE: dict[str, Callable[[AccountStore], Awaitable[object]]] = {
     "enable_account": lambda accounts: accounts.set_disabled("acme", True),
+    "delete_account_webhook": lambda accounts: AccountWebhooks(accounts.storage).put(
+        "acme", AccountWebhook(url="https://hooks.example/acme", events=("balance.low",))
+    ),
 }
 CHANGING = [pytest.param(r, id=r.operation_id) for r in ROUTES if r.changes_state]
 READING = [pytest.param(r, id=r.operation_id) for r in ROUTES if not r.changes_state]

@@ -47,6 +47,7 @@ DASHBOARD_ROWS = [
     "Storage",
     "Configuration",
     "Upstream keys",
+    "Webhooks",
 ]
 
 

@@ -32,6 +32,7 @@ from ratelimit_gw.protocols import input_token_bound
 from ratelimit_gw.settings import ConfigError, StorageSettings
 from ratelimit_gw.storage import Storage, open_storage
 from ratelimit_gw.upstream_pool import Exhausted, Picked, Pool, PoolKey, PoolStore
+from ratelimit_gw.webhook_outbox import Outbox
 
 from .concurrent_admission import fire, gateway_processes_on, holds_released
 from .conftest import ADMIN_TOKEN, MODELS, Gateway, Upstream, start_gateway
@@ -129,6 +130,28 @@ def test_every_script_touches_one_cluster_slot() -> None:
     assert len({key_slot(k.encode()) for k in pool_keys}) == 1
     endpoint_keys = keyspace.PoolKeys("pipeshift/model").script_keys(["model"])
     assert len({key_slot(k.encode()) for k in endpoint_keys}) == 1
+
+
+async def test_the_webhook_outbox_raises_claims_and_settles_on_a_cluster(
+    cluster_storage: Storage,
+) -> None:
+    """Every webhook key shares the tag {wh}: each script runs in one slot."""
+    webhook_keys = [
+        keyspace.webhook_seen("global:x/balance.low:acme:1:req_1"),
+        keyspace.WEBHOOK_OUTBOX,
+        keyspace.WEBHOOK_RECORDS,
+        keyspace.WEBHOOK_ENDPOINTS,
+        keyspace.WEBHOOK_KEY_SCAN,
+    ]
+    assert len({key_slot(k.encode()) for k in webhook_keys}) == 1
+    outbox = Outbox(cluster_storage)
+    assert await outbox.raise_event("global:x", "e1", "balance.low", "acme", {}, 60)
+    assert not await outbox.raise_event("global:x", "e1", "balance.low", "acme", {}, 60)
+    _, claimed = await outbox.claim(10, 60_000)
+    assert [c.delivery_id for c in claimed] == ["global:x/e1"]
+    await outbox.retry_at("global:x/e1", 0)
+    await outbox.delivered("global:x/e1")
+    assert await outbox.depth() == 0
 
 
 async def test_upstream_pool_picks_and_marks_keys_on_a_cluster_without_cross_slot_errors(

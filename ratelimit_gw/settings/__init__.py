@@ -8,7 +8,8 @@ operator can fix the file without reading code.
 One module per concern: :mod:`.schema` (the file as written), :mod:`.resolved` (what the
 gateway reads), :mod:`.checks` (the error and the checks sections share), :mod:`.providers`
 (providers, their key pools, models), :mod:`.endpoints` (custom endpoints),
-:mod:`.admin_tokens`, and :mod:`.loading` (file → :class:`Settings`). Import from here.
+:mod:`.admin_tokens`, :mod:`.webhooks` (global webhooks, event types), and :mod:`.loading`
+(file → :class:`Settings`). Import from here.
 """
 
 from .checks import ConfigError, expand_env, usd_to_nano
@@ -31,6 +32,7 @@ from .resolved import (
     Provider,
     Settings,
     UpstreamKey,
+    Webhook,
 )
 from .schema import (
     DEFAULT_MAX_OUTPUT_TOKENS,
@@ -55,6 +57,8 @@ from .schema import (
     StorageSettings,
     TokenCount,
     UpstreamKeySettings,
+    WebhookDeliverySettings,
+    WebhookSettings,
 )
 
 __all__ = [
@@ -91,6 +95,9 @@ __all__ = [
     "TokenCount",
     "UpstreamKey",
     "UpstreamKeySettings",
+    "Webhook",
+    "WebhookDeliverySettings",
+    "WebhookSettings",
     "build_settings",
     "config_path",
     "expand_env",

@@ -18,6 +18,7 @@ from .endpoints import resolve_custom_endpoint
 from .providers import resolve_model, resolve_provider
 from .resolved import CustomEndpoint, Model, Provider, Settings
 from .schema import STORAGE_SCHEMES, FileSettings, StorageSettings
+from .webhooks import check_delivery, resolve_webhooks
 
 _UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(.+)`")
 _MISSING_FIELD = re.compile(r"Object missing required field `(.+)`")
@@ -69,6 +70,7 @@ def _decode_file(raw: dict[str, Any]) -> FileSettings:
         raise ConfigError(_msgspec_path(exc)) from None
     check_url(file.storage.url, "storage.url", STORAGE_SCHEMES)
     check_trusted_proxies(file.server.trusted_proxies)
+    check_delivery(file.webhook_delivery)
     return file
 
 
@@ -111,6 +113,8 @@ def build_settings(raw: dict[str, Any], environ: Mapping[str, str] | None = None
         metrics=file.metrics,
         log=file.log,
         custom_endpoints=custom_endpoints,
+        webhooks=resolve_webhooks(file.webhooks, env),
+        webhook_delivery=file.webhook_delivery,
     )
 
 

@@ -8,7 +8,14 @@ from fnmatch import fnmatchcase
 import msgspec
 
 from ..client_headers import ClientHeaderPolicy
-from .schema import AdminAccess, LogSettings, MetricsSettings, ServerSettings, StorageSettings
+from .schema import (
+    AdminAccess,
+    LogSettings,
+    MetricsSettings,
+    ServerSettings,
+    StorageSettings,
+    WebhookDeliverySettings,
+)
 
 
 class UpstreamKey(msgspec.Struct, frozen=True, kw_only=True):
@@ -115,6 +122,26 @@ class AdminToken(msgspec.Struct, frozen=True, kw_only=True):
     access: AdminAccess
 
 
+class Webhook(msgspec.Struct, frozen=True, kw_only=True):
+    """One receiver: global (from the file; ``account`` None) or an account's own (admin API).
+    ``name`` tells deliveries apart in storage: ``global:<hash of the URL>`` or
+    ``account:<id>``."""
+
+    name: str
+    url: str
+    secret: bytes  # the HMAC key
+    events: frozenset[str]
+    balance_below_nano: int | None = None
+    key_expiring_within_s: float | None = None
+    account: str | None = None
+
+    def wants(self, event_type: str, account: str | None) -> bool:
+        """Whether this webhook receives an event of ``event_type`` about ``account``."""
+        if event_type not in self.events:
+            return False
+        return self.account is None or self.account == account
+
+
 DEFAULT_ADMIN_TOKEN_NAME = "default"
 
 
@@ -128,6 +155,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     log: LogSettings = msgspec.field(default_factory=LogSettings)
     custom_endpoints: dict[tuple[str, str], CustomEndpoint] = msgspec.field(default_factory=dict)
+    webhooks: tuple[Webhook, ...] = ()  # the global ones (an account's own are in storage)
+    webhook_delivery: WebhookDeliverySettings = msgspec.field(
+        default_factory=WebhookDeliverySettings
+    )
 
     @property
     def admin_token(self) -> str | None:

@@ -217,6 +217,35 @@ class AdminSettings(_Section):
     tokens: list[AdminTokenSettings] = []
 
 
+class WebhookSettings(_Section):
+    """``[[webhooks]]``: a receiver of every account's events (docs/webhooks.md)."""
+
+    url: str
+    secret_env: str  # the variable holding the HMAC secret (``whsec_<base64>`` or any text)
+    events: list[str]
+    # Thresholds, each required by its event and only with it.
+    balance_below_usd: Annotated[float, msgspec.Meta(ge=0)] | str | None = (
+        None  # balance.low: a prepaid balance fell below this
+    )
+    # key.expiring: expiry this close (at most 30 days: how long a raised event's id is kept).
+    key_expiring_within_s: Annotated[float, msgspec.Meta(gt=0, le=2_592_000)] | None = None
+
+
+class WebhookDeliverySettings(_Section):
+    """``[webhook_delivery]``: how every instance delivers the outbox (docs/webhooks.md)."""
+
+    # An event not delivered this long after it was raised is dropped (and counted).
+    lifetime_s: PositiveFloat = 86400.0
+    timeout_s: PositiveFloat = 10.0  # one POST, connect to answer
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8  # POSTs at once per process
+    # Retries wait first_retry_s, doubling each time up to max_retry_s (with jitter).
+    first_retry_s: PositiveFloat = 5.0
+    max_retry_s: PositiveFloat = 900.0
+    poll_interval_s: PositiveFloat = 1.0  # how often an idle deliverer looks for due events
+    # How often one instance (whichever claims the scan) looks for keys about to expire.
+    key_scan_interval_s: PositiveFloat = 60.0
+
+
 class FileSettings(_Section):
     """The file as written; :func:`load_settings` turns it into :class:`Settings`."""
 
@@ -228,3 +257,7 @@ class FileSettings(_Section):
     custom_endpoints: list[CustomEndpointSettings] = []
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     log: LogSettings = msgspec.field(default_factory=LogSettings)
+    webhooks: list[WebhookSettings] = []
+    webhook_delivery: WebhookDeliverySettings = msgspec.field(
+        default_factory=WebhookDeliverySettings
+    )

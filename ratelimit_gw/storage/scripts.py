@@ -17,6 +17,8 @@ SCRIPT_NAMES = (
     "delete_account",
     "rotate_key",
     "pool_pick",
+    "webhook_raise",
+    "webhook_claim",
 )
 
 
