@@ -451,9 +451,14 @@ async def test_readyz_is_503_while_draining_and_healthz_stays_200(
 async def test_readyz_is_503_when_storage_is_unreachable(
     upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
+    # The background tasks (key-change feed, upstream probe, webhook deliverer) fail against
+    # it too: a breaker that never opens lets the ping below reach it and count.
     dead = open_storage(
         StorageSettings(
-            url=f"redis://127.0.0.1:{free_port()}/0", connect_timeout_s=0.2, command_timeout_s=0.2
+            url=f"redis://127.0.0.1:{free_port()}/0",
+            connect_timeout_s=0.2,
+            command_timeout_s=0.2,
+            breaker_failures=1000,
         )
     )
     runner, gw = await start_gateway(upstream, dead)
