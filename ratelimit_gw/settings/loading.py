@@ -9,6 +9,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
@@ -69,6 +70,14 @@ def _decode_file(raw: dict[str, Any]) -> FileSettings:
         raise ConfigError(_msgspec_path(exc)) from None
     check_url(file.storage.url, "storage.url", STORAGE_SCHEMES)
     check_trusted_proxies(file.server.trusted_proxies)
+    zone = file.accounts.default_timezone
+    try:
+        ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"accounts.default_timezone: {zone!r} is not a known IANA time zone name "
+            "(like 'UTC' or 'Europe/Paris')"
+        ) from None
     return file
 
 
@@ -111,6 +120,7 @@ def build_settings(raw: dict[str, Any], environ: Mapping[str, str] | None = None
         metrics=file.metrics,
         log=file.log,
         custom_endpoints=custom_endpoints,
+        accounts=file.accounts,
     )
 
 

@@ -8,7 +8,14 @@ from fnmatch import fnmatchcase
 import msgspec
 
 from ..client_headers import ClientHeaderPolicy
-from .schema import AdminAccess, LogSettings, MetricsSettings, ServerSettings, StorageSettings
+from .schema import (
+    AccountSettings,
+    AdminAccess,
+    LogSettings,
+    MetricsSettings,
+    ServerSettings,
+    StorageSettings,
+)
 
 
 class UpstreamKey(msgspec.Struct, frozen=True, kw_only=True):
@@ -128,6 +135,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     log: LogSettings = msgspec.field(default_factory=LogSettings)
     custom_endpoints: dict[tuple[str, str], CustomEndpoint] = msgspec.field(default_factory=dict)
+    accounts: AccountSettings = msgspec.field(default_factory=AccountSettings)
 
     @property
     def admin_token(self) -> str | None:

@@ -196,6 +196,12 @@ class MetricsSettings(_Section):
     account_label: bool = False
 
 
+class AccountSettings(_Section):
+    # The IANA time zone of an account that names none (its ``timezone``): where its budgets'
+    # days, weeks and months begin (docs/limits-and-balance.md).
+    default_timezone: str = "UTC"
+
+
 class LogSettings(_Section):
     access_log: bool = True  # one JSON line per request on the ratelimit_gw.access logger
 
@@ -228,3 +234,4 @@ class FileSettings(_Section):
     custom_endpoints: list[CustomEndpointSettings] = []
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     log: LogSettings = msgspec.field(default_factory=LogSettings)
+    accounts: AccountSettings = msgspec.field(default_factory=AccountSettings)
