@@ -1,0 +1,154 @@
+"""Budgets over HTTP: the 429 ``budget_exceeded`` an official SDK sees (a near reset to wait
+for, a far one not to retry into), and the admin API that sets, shows and clears budgets."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import aiohttp
+import openai
+import pytest
+
+from ratelimit_gw.storage import Storage
+
+from .conftest import ADMIN_TOKEN, Gateway
+from .test_sdk_e2e import CHAT_MESSAGES, openai_client, settled
+
+HOLD_IN_MESSAGE = re.compile(r"may cost up to \$([0-9.]+)")
+
+
+async def admin(
+    http: aiohttp.ClientSession, gw: Gateway, method: str, path: str, body: Any = None
+) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with http.request(method, gw.url + path, json=body, headers=headers) as response:
+        return response.status, await response.json()
+
+
+async def refused(client: openai.AsyncOpenAI, max_tokens: int) -> openai.RateLimitError:
+    with pytest.raises(openai.RateLimitError) as caught:
+        await client.chat.completions.create(
+            model="gpt-4o-mini", messages=CHAT_MESSAGES, max_tokens=max_tokens
+        )
+    return caught.value
+
+
+async def test_a_far_reset_says_do_not_retry_and_when(gateway: Gateway) -> None:
+    key = await gateway.new_key()
+    await gateway.accounts.update_account(
+        "acme", {"budget_usd": "0.000001", "budget_period": "day"}
+    )
+    async with openai_client(gateway, key, max_retries=0) as client:
+        err = await refused(client, 1000)
+    now = datetime.now(UTC)
+    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    assert err.status_code == 429
+    assert isinstance(err.body, dict) and err.body["reason"] == "budget_exceeded"
+    headers = err.response.headers
+    assert headers["x-should-retry"] == "false"
+    assert "retry-after" not in headers
+    reset = midnight.isoformat().replace("+00:00", "Z")
+    assert headers["x-ratelimit-reset-budget"] == reset
+    message = err.body["message"]
+    assert "the account's budget of $0.000001" in message and "$0.00 spent or held" in message
+    assert "more than the whole budget" in message  # this hold could never fit
+    # A hold that fits a budget already spent: the reset time, still not to retry.
+    hold = HOLD_IN_MESSAGE.search(message)
+    assert hold is not None
+    await gateway.accounts.update_account(
+        "acme", {"budget_usd": hold.group(1), "budget_period": "week"}
+    )
+    async with openai_client(gateway, key, max_retries=0) as client:
+        await client.chat.completions.create(
+            model="gpt-4o-mini", messages=CHAT_MESSAGES, max_tokens=1
+        )
+        await settled(gateway, "acme", 1)
+        err = await refused(client, 1000)
+    assert err.response.headers["x-should-retry"] == "false"
+    resets = err.response.headers["x-ratelimit-reset-budget"]
+    assert f"it resets at {resets}" in err.body["message"]  # type: ignore[index]
+    assert datetime.fromisoformat(err.response.headers["x-ratelimit-reset-budget"]).weekday() == 0
+
+
+async def test_a_near_reset_gives_the_real_wait(gateway: Gateway, storage: Storage) -> None:
+    key = await gateway.new_key()
+    await gateway.accounts.update_account(
+        "acme", {"budget_usd": "0.000001", "budget_period": "day"}
+    )
+    async with openai_client(gateway, key, max_retries=0) as client:
+        hold = HOLD_IN_MESSAGE.search((await refused(client, 1000)).body["message"])  # type: ignore[index]
+        assert hold is not None
+        period = {"budget_usd": hold.group(1), "budget_period": "custom", "budget_period_s": 30}
+        await gateway.accounts.update_account("acme", period)
+        seconds, _ = await storage.call("TIME")
+        if int(seconds) % 30 > 25:  # the period could end between the two requests
+            await asyncio.sleep(30 - int(seconds) % 30 + 0.1)
+        await client.chat.completions.create(
+            model="gpt-4o-mini", messages=CHAT_MESSAGES, max_tokens=1
+        )
+        await settled(gateway, "acme", 1)
+        started = time.time()
+        err = await refused(client, 1000)
+    headers = err.response.headers
+    assert err.body["reason"] == "budget_exceeded"  # type: ignore[index]
+    assert headers.get("x-should-retry") != "false"
+    wait_ms = int(headers["retry-after-ms"])
+    assert 0 < wait_ms <= 30_000
+    reset = datetime.fromisoformat(headers["x-ratelimit-reset-budget"]).timestamp()
+    assert reset % 30 == 0 and abs(reset - (started + wait_ms / 1000)) < 2
+
+
+async def test_admin_api_sets_shows_and_clears_budgets(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    await gateway.new_key()
+    [record] = await gateway.accounts.list_keys("acme")
+    status, account = await admin(
+        http,
+        gateway,
+        "PATCH",
+        "/admin/accounts/acme",
+        {"budget_usd": "25.00", "budget_period": "month", "timezone": "Europe/Paris"},
+    )
+    assert status == 200
+    budget = account["budget"]
+    assert (budget["usd"], budget["period"], budget["timezone"]) == (
+        "25.00",
+        "month",
+        "Europe/Paris",
+    )
+    assert budget["spent_usd"] == "0.00" and budget["remaining_usd"] == "25.00"
+    start = datetime.fromisoformat(budget["period_start"]).astimezone(ZoneInfo("Europe/Paris"))
+    assert (start.day, start.hour, start.minute) == (1, 0, 0)
+    assert account["timezone"] == "Europe/Paris"
+    status, key = await admin(
+        http,
+        gateway,
+        "PATCH",
+        f"/admin/keys/{record.id}",
+        {"budget_usd": "1.50", "budget_period": "custom", "budget_period_s": 3600},
+    )
+    assert status == 200 and key["budget"]["period_s"] == 3600
+    status, page = await admin(http, gateway, "GET", "/admin/keys?account=acme")
+    assert status == 200 and page["data"][0]["budget"]["usd"] == "1.50"
+    status, error = await admin(
+        http, gateway, "PATCH", "/admin/accounts/acme", {"timezone": "Mars/Olympus"}
+    )
+    assert status == 400 and "IANA" in error["error"]["message"]
+    status, error = await admin(
+        http, gateway, "PATCH", "/admin/accounts/acme", {"budget_usd": "5.00"}
+    )
+    assert status == 400 and "budget_period" in error["error"]["message"]
+    status, account = await admin(
+        http, gateway, "PATCH", "/admin/accounts/acme", {"budget_usd": None, "timezone": None}
+    )
+    assert status == 200 and account["budget"] is None and account["timezone"] == "UTC"
+    status, key = await admin(
+        http, gateway, "PATCH", f"/admin/keys/{record.id}", {"budget_usd": None}
+    )
+    assert status == 200 and key["budget"] is None
