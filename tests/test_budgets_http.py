@@ -16,6 +16,7 @@ import pytest
 
 from ratelimit_gw.storage import Storage
 
+from .cli_helpers import cli, cli_json
 from .conftest import ADMIN_TOKEN, Gateway
 from .test_sdk_e2e import CHAT_MESSAGES, openai_client, settled
 
@@ -152,3 +153,48 @@ async def test_admin_api_sets_shows_and_clears_budgets(
         http, gateway, "PATCH", f"/admin/keys/{record.id}", {"budget_usd": None}
     )
     assert status == 200 and key["budget"] is None
+
+
+@pytest.mark.slow  # runs the CLI as a subprocess
+def test_cli_sets_shows_and_clears_budgets(redis_url: str) -> None:
+    storage = ("--storage", redis_url)
+    cli_json("accounts", "create", "acme", *storage)
+    account = cli_json(
+        "accounts",
+        "update",
+        "acme",
+        "--budget-usd",
+        "5.00",
+        "--budget-period",
+        "week",
+        "--timezone",
+        "Asia/Tokyo",
+        *storage,
+    )
+    assert account["budget"]["usd"] == "5.00" and account["budget"]["timezone"] == "Asia/Tokyo"
+    shown = cli("accounts", "show", "acme", *storage)
+    assert shown.returncode == 0, shown.stderr
+    # The budget is indented under its name, with the current period's spend and reset.
+    assert "\nbudget\n  usd            5.00\n  period         week\n" in shown.stdout
+    assert "\n  spent_usd      0.00\n" in shown.stdout and "\n  resets_at      " in shown.stdout
+    key = cli_json("keys", "create", "acme", *storage)
+    updated = cli_json(
+        "keys",
+        "update",
+        key["id"],
+        "--budget-usd",
+        "0.50",
+        "--budget-period",
+        "custom",
+        "--budget-period-s",
+        "600",
+        *storage,
+    )
+    assert updated["budget"]["period_s"] == 600
+    listed = cli("keys", "list", "acme", *storage)
+    assert "\nbudget\n  usd            0.50\n" in listed.stdout
+    refused = cli("keys", "update", key["id"], "--budget-usd", "1.00", *storage)
+    assert refused.returncode != 0 and "budget_period" in refused.stderr
+    cleared = cli_json("accounts", "update", "acme", "--no-budget", "--timezone", "", *storage)
+    assert cleared["budget"] is None and cleared["timezone"] == "UTC"
+    assert cli_json("keys", "update", key["id"], "--no-budget", *storage)["budget"] is None

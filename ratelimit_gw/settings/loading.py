@@ -18,7 +18,7 @@ from .checks import ConfigError, check_trusted_proxies, check_url
 from .endpoints import resolve_custom_endpoint
 from .providers import resolve_model, resolve_provider
 from .resolved import CustomEndpoint, Model, Provider, Settings
-from .schema import STORAGE_SCHEMES, FileSettings, StorageSettings
+from .schema import STORAGE_SCHEMES, AccountSettings, FileSettings, StorageSettings
 
 _UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(.+)`")
 _MISSING_FIELD = re.compile(r"Object missing required field `(.+)`")
@@ -179,6 +179,12 @@ def load_settings(path: str | Path | None = None) -> Settings:
     """Load ``path``, else ``$RLGW_CONFIG``; with neither, a ConfigError saying where a config
     comes from."""
     return build_settings(_read_config(path, NO_CONFIG))
+
+
+def load_account_settings(path: str | Path | None = None) -> AccountSettings:
+    """Only the ``[accounts]`` of ``path`` (else ``$RLGW_CONFIG``), as
+    :func:`load_storage_settings` reads ``[storage]``."""
+    return _decode_file(_read_config(path, NO_STORAGE)).accounts
 
 
 def load_storage_settings(path: str | Path | None = None) -> StorageSettings:
