@@ -14,6 +14,8 @@ import aiohttp
 import openai
 import pytest
 
+from ratelimit_gw.keyspace import AccountKeys
+from ratelimit_gw.money import parse_usd
 from ratelimit_gw.storage import Storage
 
 from .cli_helpers import cli, cli_json
@@ -198,3 +200,54 @@ def test_cli_sets_shows_and_clears_budgets(redis_url: str) -> None:
     cleared = cli_json("accounts", "update", "acme", "--no-budget", "--timezone", "", *storage)
     assert cleared["budget"] is None and cleared["timezone"] == "UTC"
     assert cli_json("keys", "update", key["id"], "--no-budget", *storage)["budget"] is None
+
+
+async def test_a_stream_admitted_before_the_boundary_settles_into_its_own_period(
+    gateway: Gateway, storage: Storage
+) -> None:
+    key = await gateway.new_key()
+    await gateway.accounts.update_account(
+        "acme", {"budget_usd": "0.000001", "budget_period": "day"}
+    )
+    async with openai_client(gateway, key, max_retries=0) as client:
+
+        async def slow_stream() -> None:
+            stream = await client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=CHAT_MESSAGES,
+                max_tokens=1000,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_headers={"x-mock-chunks": "4", "x-mock-chunk-delay-ms": "1200"},
+            )
+            async for _ in stream:
+                pass
+
+        with pytest.raises(openai.RateLimitError) as caught:
+            await slow_stream()
+        hold = HOLD_IN_MESSAGE.search(caught.value.body["message"])  # type: ignore[index]
+        assert hold is not None
+        # Room for one such stream per 3-second period (a custom period, from the epoch).
+        period = {"budget_usd": hold.group(1), "budget_period": "custom", "budget_period_s": 3}
+        await gateway.accounts.update_account("acme", period)
+        seconds, micros = await storage.call("TIME")
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        await asyncio.sleep((3000 - now_ms % 3000 + 100) / 1000)  # just after a boundary
+        first_start = (now_ms // 3000 + 1) * 3000
+        streaming = asyncio.create_task(slow_stream())
+        await asyncio.sleep(0.5)
+        err = await refused(client, 1000)  # the stream's hold fills this period
+        wait_ms = int(err.response.headers["retry-after-ms"])
+        await asyncio.sleep(wait_ms / 1000 + 0.1)
+        assert not streaming.done()  # still running in the next period
+        await client.chat.completions.create(
+            model="gpt-4o-mini", messages=CHAT_MESSAGES, max_tokens=1
+        )
+        await streaming
+    entries = await settled(gateway, "acme", 2)
+    costs = {e.output_tokens: parse_usd(e.cost_usd or "0") for e in entries}
+    keys = AccountKeys("acme")
+    old = await storage.call("HGETALL", keys.account_spend(f"custom:3:{first_start}"))
+    new = await storage.call("HGETALL", keys.account_spend(f"custom:3:{first_start + 3000}"))
+    assert old == {"spent_nano": str(costs[20]), "held_nano": "0"}
+    assert new == {"spent_nano": str(costs[1]), "held_nano": "0"}
