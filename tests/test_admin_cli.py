@@ -113,6 +113,8 @@ ACME = {
     "holds_live": 0,
     "holds_expired": 0,
     "overruns": 0,
+    "timezone": "UTC",
+    "budget": None,
 }
 
 
