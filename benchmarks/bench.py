@@ -63,6 +63,7 @@ from typing import Any
 from .converter import run_converter
 from .load import fixed_rate_run, run_wrk
 from .local_redis import RedisProcess, free_port, start_redis
+from .pair import gateway_header
 from .pools import run_pools
 from .processes import CpuMeter, gateway_workers, python_module, rss_mib, server_process
 from .report import render, summarise
@@ -75,17 +76,9 @@ STREAM_BODY = chat_body(MODEL, stream=True)
 
 
 def _gateway_config(upstream: str, storage_url: str, port: int) -> str:
-    return f"""
-[server]
-host = "127.0.0.1"
-port = {port}
-
-[storage]
-url = "{storage_url}"
-
-[log]
-access_log = false
-
+    return (
+        gateway_header(storage_url, port)
+        + f"""
 [[providers]]
 name = "mock"
 protocol = "openai"
@@ -97,6 +90,7 @@ provider = "mock"
 input_per_mtok = 0.15
 output_per_mtok = 0.60
 """
+    )
 
 
 async def create_keys(storage_url: str, count: int) -> list[str]:

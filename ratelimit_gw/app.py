@@ -23,7 +23,7 @@ from .metrics import StorageMetrics, create_metrics
 from .middleware import error_middleware
 from .protocols import Route
 from .relay import Relay
-from .routes import models
+from .routes import models, self_view
 from .routes.converter import gemini_converter_action, handle_converter, responses_not_offered
 from .routes.custom_endpoints import handle_custom_endpoint
 from .routes.native import gemini_model_action, handle_llm
@@ -137,6 +137,8 @@ def create_app(
         # Any character, CR/LF included: a malformed model name is a typed 404, not a 405.
         app.router.add_post(f"/{version}/models/{{model_action:[\\s\\S]+}}", gemini_model_action)
     add_converter_routes(app)
+    for path in self_view.PATHS:  # the caller's own key, limits and balance
+        app.router.add_get(path, self_view.show_key)
     app.router.add_route(
         "*", "/proxy-api/{provider_account}/{endpoint}/{path:.*}", handle_custom_endpoint
     )

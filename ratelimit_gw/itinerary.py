@@ -54,7 +54,8 @@ class Itinerary:
         object.__setattr__(self, "first_key", self.destinations[0].pool.keys[0].name)
 
 
-def _headers_of(key: UpstreamKey) -> dict[str, str]:
+def key_headers(key: UpstreamKey) -> dict[str, str]:
+    """The headers ``key`` adds to a request (its credential): the relay's and the probe's."""
     return dict(key.headers)
 
 
@@ -63,7 +64,7 @@ def provider_destination(provider: Provider, upstream_id: str) -> Destination:
         pool=pool_of(provider),
         provider=provider,
         upstream_id=upstream_id,
-        key_headers={key.name: _headers_of(key) for key in provider.keys},
+        key_headers={key.name: key_headers(key) for key in provider.keys},
         timeout_s=provider.timeout_s,
         cooldown_default_ms=round(provider.cooldown_default_s * 1000),
         recheck_ms=round(provider.probe_interval_s * 1000),
@@ -95,7 +96,7 @@ def endpoint_itinerary(endpoint: CustomEndpoint) -> Itinerary:
         ),
         provider=None,
         upstream_id="",
-        key_headers={key.name: _headers_of(key) for key in endpoint.keys},
+        key_headers={key.name: key_headers(key) for key in endpoint.keys},
         timeout_s=endpoint.timeout_s,
         cooldown_default_ms=round(endpoint.cooldown_default_s * 1000),
         recheck_ms=round(endpoint.probe_interval_s * 1000),

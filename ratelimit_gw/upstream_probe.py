@@ -32,6 +32,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 
+from .itinerary import key_headers
 from .protocols import ADAPTERS
 from .relay import shown_url
 from .settings import Provider, UpstreamKey
@@ -48,11 +49,6 @@ PROBE_TIMEOUT_S = 10.0  # a model list answers in well under a second; no need t
 FAILURE_LOG_INTERVAL_S = 60.0
 
 
-def key_headers(provider: Provider, key: UpstreamKey) -> dict[str, str]:
-    """The headers ``key`` adds to a request to ``provider``: its credential."""
-    return dict(key.headers)
-
-
 def probe_request(provider: Provider, key: UpstreamKey) -> tuple[str, dict[str, str]]:
     """The URL and headers of the probe of ``key``: what the protocol's upstream requires,
     then the provider's own headers, then the key's credential (over any the provider's
@@ -62,7 +58,7 @@ def probe_request(provider: Provider, key: UpstreamKey) -> tuple[str, dict[str, 
     for layer in (
         adapter.upstream_required_headers,
         provider.upstream_headers,
-        key_headers(provider, key),
+        key_headers(key),
     ):
         for name, value in layer.items():
             for same in [n for n in headers if n.lower() == name.lower()]:

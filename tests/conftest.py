@@ -7,9 +7,11 @@ real Redis, so the same assertions run on both backends.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from ratelimit_gw.app import create_app
 from ratelimit_gw.limits import LIMIT_NAMES, Limits
 from ratelimit_gw.live_config import ConfigFile
 from ratelimit_gw.serve import make_runner
+from ratelimit_gw.services import SERVICES
 from ratelimit_gw.settings import Settings, StorageSettings, build_settings
 from ratelimit_gw.storage import Storage, open_storage
 from ratelimit_gw.testing.mock_upstream import (
@@ -168,6 +171,14 @@ class Gateway:
     accounts: AccountStore
     upstream: Upstream
     app: web.Application
+
+    async def settled(self, within_s: float = 10) -> None:
+        """Wait until every background settlement (and a key's tpm correction) is done."""
+        settler = self.app[SERVICES].settler
+        deadline = time.monotonic() + within_s
+        while settler.pending:
+            assert time.monotonic() < deadline, "settlements did not finish"
+            await asyncio.sleep(0.005)
 
     async def new_key(
         self,

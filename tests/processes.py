@@ -19,6 +19,9 @@ import pytest
 
 from benchmarks.local_redis import free_port
 from benchmarks.processes import gateway_workers
+from ratelimit_gw.accounts import AccountStore
+from ratelimit_gw.settings import StorageSettings
+from ratelimit_gw.storage import open_storage
 
 from .conftest import MODELS, UPSTREAM_KEY
 
@@ -48,6 +51,19 @@ provider = "mock"
 input_per_mtok = {IN_USD}
 output_per_mtok = {OUT_USD}
 {model_extra}"""
+
+
+async def fresh_account_key(redis_url: str) -> str:
+    """Empty the Redis at ``redis_url``, then one account, `acme` ($1,000), and a key on it:
+    what a test of `serve` processes calls with."""
+    storage = open_storage(StorageSettings(url=redis_url))
+    try:
+        await storage.call("FLUSHALL")
+        accounts = AccountStore(storage)
+        await accounts.create_account("acme", balance_nano=10**12)
+        return (await accounts.create_key("acme")).key
+    finally:
+        await storage.close()
 
 
 def serve_env(*, pool: bool = False, **extra: str) -> dict[str, str]:

@@ -21,10 +21,8 @@ import aiohttp
 import pytest
 
 from benchmarks.local_redis import free_port
-from ratelimit_gw.accounts import AccountStore
 from ratelimit_gw.services import SERVICES
-from ratelimit_gw.settings import StorageSettings
-from ratelimit_gw.storage import Storage, open_storage
+from ratelimit_gw.storage import Storage
 
 from .conftest import (
     ADMIN_TOKEN,
@@ -34,7 +32,14 @@ from .conftest import (
     start_gateway,
     toml_document,
 )
-from .processes import serve_env, start_serve, stop, until_each_worker_answers, wait_ready
+from .processes import (
+    fresh_account_key,
+    serve_env,
+    start_serve,
+    stop,
+    until_each_worker_answers,
+    wait_ready,
+)
 from .redis_process import RedisProcess
 
 # The tests that run `serve` subprocesses on a real Redis are marked slow one by one.
@@ -179,17 +184,6 @@ def charged_at(entry: dict[str, Any], prices: tuple[Decimal, Decimal]) -> bool:
     return abs(Decimal(entry["cost_usd"]) - expected) <= Decimal("0.000000001")
 
 
-async def acme_key(redis_url: str) -> str:
-    storage = open_storage(StorageSettings(url=redis_url))
-    try:
-        await storage.call("FLUSHALL")
-        accounts = AccountStore(storage)
-        await accounts.create_account("acme", balance_nano=10**12)
-        return (await accounts.create_key("acme")).key
-    finally:
-        await storage.close()
-
-
 def start(config: Path, log: Path, *args: str, port: int) -> subprocess.Popen[Any]:
     env = serve_env(pool=bool(args), RLGW_ADMIN_TOKEN=ADMIN_TOKEN, RLGW_TEST_SECOND_KEY=SECOND_KEY)
     with log.open("wb") as out:
@@ -200,7 +194,7 @@ def start(config: Path, log: Path, *args: str, port: int) -> subprocess.Popen[An
 async def test_a_reload_under_load_changes_prices_and_models_and_fails_no_request(
     upstream: Upstream, redis_server: RedisProcess, tmp_path: Path
 ) -> None:
-    key = await acme_key(redis_server.url)
+    key = await fresh_account_key(redis_server.url)
     config = tmp_path / "gateway.toml"
     config.write_text(config_toml(upstream.url, redis_server.url, OLD_PRICES))
     log, port = tmp_path / "serve.log", free_port()
@@ -302,7 +296,7 @@ async def test_a_reload_under_load_changes_prices_and_models_and_fails_no_reques
 async def test_the_admin_endpoint_reloads_and_says_what_changed(
     upstream: Upstream, redis_server: RedisProcess, tmp_path: Path
 ) -> None:
-    key = await acme_key(redis_server.url)
+    key = await fresh_account_key(redis_server.url)
     config = tmp_path / "gateway.toml"
     config.write_text(config_toml(upstream.url, redis_server.url, OLD_PRICES))
     log, port = tmp_path / "serve.log", free_port()
@@ -352,7 +346,7 @@ async def test_one_reload_of_a_worker_pool_reloads_every_worker(
     upstream: Upstream, redis_server: RedisProcess, tmp_path: Path, trigger: str
 ) -> None:
     """One SIGHUP to the parent, or one admin call that a single worker answers."""
-    key = await acme_key(redis_server.url)
+    key = await fresh_account_key(redis_server.url)
     port = free_port()
     config = tmp_path / "gateway.toml"
     server = f"\n[server]\nport = {port}\n"

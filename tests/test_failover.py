@@ -10,7 +10,6 @@ sent (the mock's request log), never the gateway's own account of it.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -95,14 +94,6 @@ def sent_to(upstream: Upstream, path: str = "/v1/chat/completions") -> Counter[s
     return found
 
 
-async def settled(gw: Gateway) -> None:
-    settler = gw.app[SERVICES].settler
-    deadline = time.monotonic() + 10
-    while settler.pending:
-        assert time.monotonic() < deadline, "settlement never finished"
-        await asyncio.sleep(0.005)
-
-
 @pytest.fixture
 async def closing() -> AsyncIterator[AsyncExitStack]:
     """Closes the SDK clients a test made, after it."""
@@ -144,7 +135,7 @@ async def test_requests_succeed_through_the_healthy_key_and_are_charged_once(
             await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
             for _ in range(8)
         ]
-        await settled(gw)
+        await gw.settled()
         ledger = await gw.accounts.ledger("acme")
         account = await gw.accounts.get_account("acme")
     assert all(answer.choices[0].message.content for answer in answers)
@@ -195,7 +186,7 @@ async def test_streams_fail_over_before_the_first_byte_and_never_after(
             assert resp.status == 200
             body = await resp.read()
         assert b"tok0" in body
-        await settled(gw)
+        await gw.settled()
     assert sum(sent_to(upstream).values()) == 1 + sent_to(upstream)["k-429"]
     assert sent_to(upstream)["k-ok"] == 1
 
@@ -231,7 +222,7 @@ async def test_all_keys_cooling_answers_upstream_quota_with_the_soonest_retry(
         # Both cooling: the gateway answers itself, with the soonest real wait.
         with pytest.raises(openai.RateLimitError) as second:
             await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
-        await settled(gw)
+        await gw.settled()
         ledger = await gw.accounts.ledger("acme")
     body = second.value.body
     assert isinstance(body, dict) and body["reason"] == "upstream_quota"
@@ -376,7 +367,7 @@ async def test_a_fallback_answers_with_its_own_model_id_at_the_models_price(
             await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
             for _ in range(3)
         ]
-        await settled(gw)
+        await gw.settled()
         ledger = await gw.accounts.ledger("acme")
     sent = sent_to(upstream)
     assert sent == {"k-429": 1, "k-ok": 3}  # the primary's key cools: straight to the fallback

@@ -18,13 +18,10 @@ import openai
 import pytest
 
 from benchmarks.local_redis import free_port
-from ratelimit_gw.accounts import AccountStore
-from ratelimit_gw.settings import StorageSettings
-from ratelimit_gw.storage import open_storage
 from ratelimit_gw.testing.mock_keys import KeyBehaviour
 
 from .conftest import Upstream
-from .processes import serve_env, start_serve, stop_all, wait_ready
+from .processes import fresh_account_key, serve_env, start_serve, stop_all, wait_ready
 from .redis_process import RedisProcess
 
 pytestmark = pytest.mark.slow
@@ -74,17 +71,6 @@ def two_gateways(config: Path, log: Path) -> Iterator[list[str]]:
             stop_all(processes)
 
 
-async def new_key(redis_url: str) -> str:
-    storage = open_storage(StorageSettings(url=redis_url))
-    try:
-        await storage.call("FLUSHALL")
-        accounts = AccountStore(storage)
-        await accounts.create_account("acme", balance_nano=10**12)
-        return (await accounts.create_key("acme")).key
-    finally:
-        await storage.close()
-
-
 @asynccontextmanager
 async def clients(urls: list[str], key: str) -> AsyncIterator[list[openai.AsyncOpenAI]]:
     made = [openai.AsyncOpenAI(api_key=key, base_url=f"{u}/v1", max_retries=0) for u in urls]
@@ -111,7 +97,7 @@ async def test_a_429_key_is_not_tried_again_by_any_process_until_its_hint_passes
     upstream.state.set_key_behaviour(SECRETS["k-429"], KeyBehaviour(status=429, retry_after_s=3))
     config = tmp_path / "gateway.toml"
     config.write_text(pool_toml(upstream, redis_server.url, key_toml("k-429") + key_toml("k-ok")))
-    key = await new_key(redis_server.url)
+    key = await fresh_account_key(redis_server.url)
     with two_gateways(config, tmp_path / "serve.log") as urls:
         await wait_ready(urls, log=tmp_path / "serve.log")
         async with clients(urls, key) as (first, second):
@@ -140,7 +126,7 @@ async def test_per_key_ceilings_hold_under_concurrency_across_two_processes(
     keys = key_toml("k-ok", "rpm = 4") + key_toml("k-429", "rpm = 3")
     config = tmp_path / "gateway.toml"
     config.write_text(pool_toml(upstream, redis_server.url, keys))
-    key = await new_key(redis_server.url)
+    key = await fresh_account_key(redis_server.url)
     with two_gateways(config, tmp_path / "serve.log") as urls:
         await wait_ready(urls, log=tmp_path / "serve.log")
         async with clients(urls, key) as pair:
@@ -178,7 +164,7 @@ async def test_a_401_key_is_probed_once_per_interval_and_comes_back_when_healed(
     keys = key_toml("k-401") + key_toml("k-ok")
     config = tmp_path / "gateway.toml"
     config.write_text(pool_toml(upstream, redis_server.url, keys, "probe_interval_s = 1"))
-    key = await new_key(redis_server.url)
+    key = await fresh_account_key(redis_server.url)
     with two_gateways(config, tmp_path / "serve.log") as urls:
         await wait_ready(urls, log=tmp_path / "serve.log")
         async with clients(urls, key) as pair:

@@ -13,8 +13,6 @@ Mock usage: input = max(1, ceil(prompt chars / 4)); output = 20 words cut at the
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,7 +25,6 @@ from yarl import URL
 
 from ratelimit_gw.accounts import LedgerEntry
 from ratelimit_gw.money import cost_nano, format_usd, parse_usd
-from ratelimit_gw.services import SERVICES
 from ratelimit_gw.settings import ConfigError, build_settings
 
 from .conftest import UPSTREAM_KEY, Gateway, Upstream, start_gateway
@@ -96,18 +93,9 @@ async def sdk(gw: Gateway, key: str, name: str = "model") -> AsyncIterator[opena
         yield client
 
 
-async def settled(gw: Gateway) -> None:
-    """Wait until every background settlement (and ceiling correction) has finished."""
-    settler = gw.app[SERVICES].settler
-    deadline = time.monotonic() + 10
-    while settler.pending:
-        assert time.monotonic() < deadline, "settlement never finished"
-        await asyncio.sleep(0.005)
-
-
 async def ledger(gw: Gateway, account: str = "acme") -> list[LedgerEntry]:
     """The account's settlement entries (not its top-ups), oldest first."""
-    await settled(gw)
+    await gw.settled()
     entries = await gw.accounts.ledger(account)
     return [e for e in reversed(entries) if e.type in ("charge", "release")]
 
@@ -387,7 +375,7 @@ async def test_per_request_price_is_held_and_charged_for_an_unpriced_model(
     for _ in range(2):
         status, _, _ = await post_chat(http, gw, key, chat())
         assert status == 200
-    await settled(gw)
+    await gw.settled()
     # 0.001 left: less than one request's price, so the next one is refused up front.
     status, headers, body = await post_chat(http, gw, key, chat())
     assert status == 402

@@ -221,15 +221,6 @@ def assert_storage_unavailable(outcome: Outcome) -> None:
     assert outcome.headers["x-request-id"] == outcome.request_id
 
 
-async def settled(gw: Gateway, within_s: float = 20) -> None:
-    """Wait until the gateway's background settlements are all done."""
-    deadline = time.monotonic() + within_s
-    settler = gw.app[SERVICES].settler
-    while settler.pending:
-        assert time.monotonic() < deadline, "settlements did not finish"
-        await asyncio.sleep(0.05)
-
-
 async def whole_ledger(gw: Gateway, account: str) -> list[LedgerEntry]:
     """Every ledger entry, read on a storage of the test's own with a roomy timeout.
 
@@ -300,7 +291,7 @@ async def test_killed_redis_under_load_gives_typed_503s_then_recovers_by_itself(
 
         # Nothing was lost across the outage: every request that got a 200 was charged
         # exactly once (settlements in flight at the kill were retried after the restart).
-        await settled(gw)
+        await gw.settled(20)
         served = sorted(o.request_id for o in outcomes if o.status == 200)
         charged = await charged_request_ids(gw)
         probe_ids = [rid for rid in charged if rid.startswith("req-probe-")]
@@ -342,7 +333,7 @@ async def test_frozen_redis_times_out_within_the_bound_and_recovers_when_it_resu
 
         _, recovery_s = await until_passes(gw, key, within_s=5)
         assert recovery_s < 5
-        await settled(gw)
+        await gw.settled(20)
 
 
 async def test_restarted_empty_redis_reloads_the_scripts(upstream: Upstream, redis: Redis) -> None:
@@ -354,7 +345,7 @@ async def test_restarted_empty_redis_reloads_the_scripts(upstream: Upstream, red
         redis.restart()
         assert await gw.storage.call("SCRIPT EXISTS", "0" * 40) == [0]
         outcome, _ = await until_passes(gw, key, within_s=5)
-        await settled(gw)
+        await gw.settled(20)
         assert outcome.request_id in await charged_request_ids(gw)
 
 
@@ -366,7 +357,7 @@ async def test_script_flush_on_a_live_gateway_is_invisible_to_callers(gateway: G
         second = await post(session, gateway, key, "req-after-flush")
     assert (first.status, second.status) == (200, 200)
     assert second.headers["x-ratelimit-remaining-requests"] == "98"
-    await settled(gateway)
+    await gateway.settled(20)
     assert sorted(await charged_request_ids(gateway)) == ["req-after-flush", "req-before-flush"]
 
 
@@ -384,7 +375,7 @@ async def test_allow_policy_serves_known_keys_without_limits_and_counts_each_byp
         async with aiohttp.ClientSession() as session:
             warm = await post(session, gw, key, "req-warm")  # the key is now known locally
             assert warm.status == 200
-            await settled(gw)
+            await gw.settled(20)
             balance_before = (await gw.accounts.get_account("acme")).balance_usd
             redis.kill()
             during = [await post(session, gw, key, f"req-bypass-{i}") for i in range(6)]
@@ -414,7 +405,7 @@ async def test_allow_policy_serves_known_keys_without_limits_and_counts_each_byp
         assert after.status == 200
         assert after.headers["x-ratelimit-limit-requests"] == "3"  # limits apply again
         assert await metric(gw, "rlgw_storage_bypass_total") == 6
-        await settled(gw)
+        await gw.settled(20)
         # Bypassed requests were never settled: no charge, no ledger entry, no hold.
         assert sorted(await charged_request_ids(gw)) == ["req-after", "req-warm"]
         account = await gw.accounts.get_account("acme")
@@ -432,7 +423,7 @@ async def test_reject_policy_never_serves_without_storage(upstream: Upstream, re
         key = await gw.new_key()
         async with aiohttp.ClientSession() as session:
             assert (await post(session, gw, key, "req-warm")).status == 200
-            await settled(gw)
+            await gw.settled(20)
             redis.kill()
             outcomes = [await post(session, gw, key, f"req-{i}") for i in range(4)]
         for outcome in outcomes:
@@ -593,7 +584,7 @@ async def test_retry_after_is_the_time_until_the_breakers_next_trial(
         key = await gw.new_key()
         async with aiohttp.ClientSession() as session:
             assert (await post(session, gw, key, "req-warm")).status == 200
-            await settled(gw)
+            await gw.settled(20)
             redis.kill()
             for i in range(5):  # breaker_failures consecutive failures open it
                 closed = await post(session, gw, key, f"req-closed-{i}")

@@ -30,7 +30,6 @@ from ratelimit_gw.limiter import AdmissionRequest, Limiter
 from ratelimit_gw.limits import Limits
 from ratelimit_gw.money import NANO_PER_USD, cost_nano, parse_usd
 from ratelimit_gw.protocols import input_token_bound
-from ratelimit_gw.services import SERVICES
 from ratelimit_gw.settings import ConfigError, StorageSettings
 from ratelimit_gw.storage import Storage, open_storage
 from ratelimit_gw.upstream_pool import Exhausted, Picked, Pool, PoolKey, PoolStore
@@ -126,9 +125,13 @@ def test_every_script_touches_one_cluster_slot() -> None:
         [keys.account, keys.account_spend("day:0"), keys.key_spend("key_1", "custom:5:0")],
     ):
         assert len({key_slot(k.encode()) for k in script_keys}) == 1
-    assert len({key_slot(k.encode()) for k in keyspace.quota_keys("provider:mock")}) == 1
-    pool_keys = keyspace.PoolKeys("openai-main").script_keys(["team-a", "team-b", "team-c"])
+    pool = keyspace.PoolKeys("openai-main")
+    pool_keys = pool.script_keys(["team-a", "team-b", "team-c"])
+    # The pick, and the plain commands beside it: every key of one pool in one slot.
+    pool_keys += [pool.unhealthy, pool.cooling("team-a"), pool.probe("team-a")]
     assert len({key_slot(k.encode()) for k in pool_keys}) == 1
+    endpoint_keys = keyspace.PoolKeys("pipeshift/model").script_keys(["model"])
+    assert len({key_slot(k.encode()) for k in endpoint_keys}) == 1
 
 
 async def test_upstream_pool_picks_and_marks_keys_on_a_cluster_without_cross_slot_errors(
@@ -216,7 +219,7 @@ async def test_cluster_runs_the_whole_gateway_on_every_node_without_cross_slot_e
                 assert b"data: [DONE]" in second[2]
                 assert fourth[1]["retry-after"]
 
-                await settled(gw)
+                await gw.settled(60)
                 status, ledger = await admin(
                     session, gw, "GET", f"/admin/accounts/{account}/ledger"
                 )
@@ -234,14 +237,6 @@ async def test_cluster_runs_the_whole_gateway_on_every_node_without_cross_slot_e
         assert await metric(gw, "rlgw_storage_errors_total") == 0
     finally:
         await runner.cleanup()
-
-
-async def settled(gw: Gateway, within_s: float = 60) -> None:
-    deadline = time.monotonic() + within_s
-    settler = gw.app[SERVICES].settler
-    while settler.pending:
-        assert time.monotonic() < deadline, "settlements did not finish"
-        await asyncio.sleep(0.05)
 
 
 async def test_budgets_on_a_cluster_admit_settle_and_sweep_without_cross_slot_errors(
@@ -317,7 +312,7 @@ async def test_key_and_account_lifecycle_on_a_cluster_without_cross_slot_errors(
             assert (await admin(session, gw, "POST", f"/admin/accounts/{second}/enable"))[0] == 200
             assert (await chat(session, gw.url, keys[second]["key"]))[0] == 200
 
-            await settled(gw)
+            await gw.settled(60)
             adjust = {"amount_usd": "-0.50", "reason": "test", "idempotency_key": "a-1"}
             status, adjusted = await admin(
                 session, gw, "POST", f"/admin/accounts/{third}/adjust", adjust
@@ -403,7 +398,7 @@ async def test_sentinel_storage_serves_the_gateway(
             topup = {"amount_usd": "2.00", "idempotency_key": "t-1"}
             status, body = await admin(session, gw, "POST", "/admin/accounts/acme/topup", topup)
             assert (status, body["credited"]) == (200, True)
-        await settled(gw)
+        await gw.settled(60)
         account = await gw.accounts.get_account("acme")
         charges = [e for e in await gw.accounts.ledger("acme") if e.type == "charge"]
         assert len(charges) == 2
@@ -447,7 +442,7 @@ async def test_sentinel_failover_under_load_loses_no_ledger_entry_and_charges_no
             await asyncio.gather(*(caller(n) for n in range(4)))
         new_master = await failover
         assert new_master != old_master
-        await settled(gw)
+        await gw.settled(60)
 
         statuses = Counter(o.status for o in outcomes)
         assert set(statuses) <= {200, 503}

@@ -56,6 +56,17 @@ def caller_protocol(path: str, headers: Mapping[str, str], query: Mapping[str, s
     return "openai"
 
 
+def credential_protocol(headers: Mapping[str, str], query: Mapping[str, str]) -> str:
+    """The protocol of a caller on a route every SDK shares (``GET /v1/key``), from the
+    credential form its SDK sends: ``x-goog-api-key`` or ``?key=`` → Gemini, ``x-api-key`` →
+    Anthropic, else OpenAI (Bearer). ``headers`` must be case-insensitive."""
+    if "x-goog-api-key" in headers or "key" in query:
+        return "gemini"
+    if "x-api-key" in headers:
+        return "anthropic"
+    return "openai"
+
+
 __all__ = [
     "ADAPTERS",
     "CREDENTIAL_HEADERS",
@@ -71,6 +82,7 @@ __all__ = [
     "UpstreamEdits",
     "Usage",
     "caller_protocol",
+    "credential_protocol",
     "estimate_input_tokens",
     "input_token_bound",
 ]
