@@ -57,7 +57,7 @@ class Decision(msgspec.Struct, frozen=True):
     budget_cap_nano: int = 0
     budget_used_nano: int = 0
     budget_reset_ms: int = 0
-    now_ms: int = 0  # the store's time of the decision
+    now_ms: int = 0  # the store's time of a budget_exceeded decision (0 otherwise)
 
 
 class StaleBudgetPeriod(Exception):
@@ -147,7 +147,7 @@ def _decision(reply: list[Any]) -> Decision:
         budget_cap_nano=int(reply[18] or 0),
         budget_used_nano=int(reply[19] or 0),
         budget_reset_ms=reply[20],
-        now_ms=reply[16],
+        now_ms=reply[16] if reply[1] == "budget_exceeded" else 0,
     )
 
 
