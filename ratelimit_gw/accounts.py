@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from . import keyspace
+from . import budgets, keyspace
+from .budgets import Budget, check_timezone
 from .keys import KeyStore
 from .keyspace import AccountKeys
 from .limits import LIMIT_NAMES, NO_LIMITS, Limits
@@ -37,6 +38,7 @@ AccountStatus = Literal["active", "disabled", "deleted"]
 # Ledger entries that move money by hand, not by a request: they have no cost.
 _BALANCE_ENTRIES = frozenset({"topup", "adjustment", "forfeit"})
 _KINDS = {"topup": "a top-up", "adjustment": "an adjustment"}
+_BUDGET = {"budget_usd", "budget_period", "budget_period_s"}
 
 
 class Account(msgspec.Struct, kw_only=True):
@@ -55,6 +57,9 @@ class Account(msgspec.Struct, kw_only=True):
     holds_expired: int
     overruns: int
     created_at: str
+    # Where its budgets' days, weeks and months begin: its own, or [accounts] default_timezone.
+    timezone: str
+    budget: Budget | None  # with the current period's spend (docs/limits-and-balance.md)
 
 
 class Deletion(msgspec.Struct, kw_only=True):
@@ -144,6 +149,15 @@ class AccountStore(KeyStore):
         if "created_ms" not in raw:  # none, or a stub left by an older build: not an account
             raise AccountError(404, "account_not_found", f"account {account_id!r} not found")
         balance, held = int(raw.get("balance_nano", 0)), int(raw.get("held_nano", 0))
+        zone = raw.get("timezone") or self.default_timezone
+        budget = None
+        now_ms = int(time.time() * 1000)
+        current = budgets.current_spec(raw, zone, now_ms)
+        if current is not None:
+            spend = await self._storage.call(
+                "HGETALL", keys.account_spend(budgets.spend_name(*current))
+            )
+            budget = budgets.shown(raw, zone, spend, now_ms)
         return Account(
             id=account_id,
             status=raw.get("status", "active"),
@@ -160,6 +174,8 @@ class AccountStore(KeyStore):
             holds_expired=int(raw.get("holds_expired", 0)),
             overruns=int(raw.get("overruns", 0)),
             created_at=iso(int(raw["created_ms"])),
+            timezone=zone,
+            budget=budget,
         )
 
     async def is_prepaid(self, account_id: str) -> bool:
@@ -171,12 +187,27 @@ class AccountStore(KeyStore):
         return prepaid == "1"
 
     async def update_account(self, account_id: str, changes: dict[str, Any]) -> Account:
-        """Set or clear (None) limits, the rpm policy/override and whether it is prepaid."""
+        """Set or clear (None) limits, the rpm policy/override, whether it is prepaid, its
+        budget (budgets.budget_changes) and its time zone."""
         await self._open_account(account_id)
-        unknown_fields(changes, {*LIMIT_NAMES, "rpm_override", "rpm_policy", "prepaid"})
+        unknown_fields(
+            changes, {*LIMIT_NAMES, "rpm_override", "rpm_policy", "prepaid", "timezone", *_BUDGET}
+        )
         fields = FieldChanges()
+        budget_set, budget_cleared = budgets.budget_changes(changes)
+        for field_name, field_value in zip(budget_set[::2], budget_set[1::2], strict=True):
+            fields.set(field_name, field_value)
+        for field_name in budget_cleared:
+            fields.clear(field_name)
         for name, value in changes.items():
-            if name == "rpm_policy":
+            if name in _BUDGET:
+                continue
+            if name == "timezone":
+                if value is None:
+                    fields.clear("timezone")
+                else:
+                    fields.set("timezone", check_timezone(value))
+            elif name == "rpm_policy":
                 if value not in ("fixed", "balance", "tier"):
                     raise AccountError(
                         400, "invalid_request", "rpm_policy must be fixed, balance or tier"

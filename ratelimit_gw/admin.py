@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from aiohttp import web
@@ -38,6 +38,7 @@ from .admin_routes import (
 )
 from .audit import admin_actor, record
 from .audited_changes import AuditedChanges
+from .budgets import MAX_CUSTOM_PERIOD_S
 from .config_reload import ConfigReload, NoConfigFile, reload_config
 from .errors import GatewayError
 from .keys import DEFAULT_GRACE_S, MAX_GRACE_S, MAX_PAGE, KeyPage, KeyRecord
@@ -47,6 +48,17 @@ from .services import SERVICES
 from .settings import ConfigError
 
 # --- bodies ----------------------------------------------------------------------------------
+
+BudgetPeriod = Literal["day", "week", "month", "custom"]
+BudgetPeriodSeconds = Annotated[
+    int, msgspec.Meta(extra_json_schema={"minimum": 1, "maximum": MAX_CUSTOM_PERIOD_S})
+]
+TimeZone = Annotated[
+    str,
+    msgspec.Meta(
+        description="An IANA time zone name", extra_json_schema={"examples": ["Europe/Paris"]}
+    ),
+]
 
 
 class CreateAccountBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -66,6 +78,11 @@ class UpdateAccountBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     rpm_override: PositiveCount | UnsetType | None = UNSET
     rpm_policy: RpmPolicy | UnsetType = UNSET
     prepaid: bool | UnsetType = UNSET
+    # A budget: its cap with its period (budget_period_s for custom); budget_usd null clears it.
+    budget_usd: UsdAmount | UnsetType | None = UNSET
+    budget_period: BudgetPeriod | UnsetType = UNSET
+    budget_period_s: BudgetPeriodSeconds | UnsetType = UNSET
+    timezone: TimeZone | UnsetType | None = UNSET  # null: [accounts] default_timezone
 
 
 class TopupBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -97,6 +114,10 @@ class UpdateKeyBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     rpm: PositiveCount | UnsetType | None = UNSET
     tpm: PositiveCount | UnsetType | None = UNSET
     concurrency: PositiveCount | UnsetType | None = UNSET
+    # A budget: its cap with its period (budget_period_s for custom); budget_usd null clears it.
+    budget_usd: UsdAmount | UnsetType | None = UNSET
+    budget_period: BudgetPeriod | UnsetType = UNSET
+    budget_period_s: BudgetPeriodSeconds | UnsetType = UNSET
 
 
 class RotateKeyBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -337,7 +358,7 @@ ROUTES: tuple[AdminRoute, ...] = (
         "PATCH",
         "/admin/accounts/{id}",
         update_account,
-        "Change an account's limits, rpm policy or prepaid flag",
+        "Change an account's limits, rpm policy, prepaid flag, budget or time zone",
         Account,
         body=UpdateAccountBody,
         path_types={"id": AccountId},
@@ -427,7 +448,7 @@ ROUTES: tuple[AdminRoute, ...] = (
         "PATCH",
         "/admin/keys/{id}",
         update_key,
-        "Change a key's name, models, limits or expiry (in force within a second)",
+        "Change a key's name, models, limits, budget or expiry (in force within a second)",
         KeyRecord,
         body=UpdateKeyBody,
         path_types={"id": KeyId},

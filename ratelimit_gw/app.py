@@ -76,8 +76,9 @@ def create_app(
                 await store.close()
             raise
         upstream = UpstreamClient()
-        accounts = AccountStore(store)
-        limiter = Limiter(store)
+        zone = settings.accounts.default_timezone
+        accounts = AccountStore(store, default_timezone=zone)
+        limiter = Limiter(store, default_timezone=zone)
         pools = PoolStore(store)
 
         def current() -> Settings:  # the config as reloaded; called once SERVICES is set

@@ -16,11 +16,18 @@ from .account_webhooks import SetWebhookBody, WebhookChanges
 from .accounts import AccountStore
 from .audit import cli_actor
 from .audited_changes import AuditedChanges
+from .budgets import PERIODS
 from .keys import DEFAULT_GRACE_S, MAX_PAGE, KeyRecord
 from .limits import DESCRIPTIONS, LIMIT_NAMES, Limits, flatten
 from .management import AccountError
 from .money import MoneyError, parse_usd
-from .settings import ConfigError, StorageSettings, config_path, load_storage_settings
+from .settings import (
+    ConfigError,
+    StorageSettings,
+    config_path,
+    load_account_settings,
+    load_storage_settings,
+)
 from .storage import Storage, StorageError, open_storage
 
 DESCRIPTION = """\
@@ -83,9 +90,11 @@ async def _with_store(args: argparse.Namespace, operation: Operation) -> Any:
             "error: memory:// storage lives inside one gateway process; pass --storage "
             "redis://… (or a --config using Redis), or use the admin API of the running gateway"
         )
+    # Where budgets' periods begin for an account that names no time zone: the config's.
+    zone = "UTC" if args.storage and not args.config else _default_timezone(args.config)
     storage: Storage = open_storage(settings)
     try:
-        return await operation(AccountStore(storage), args)
+        return await operation(AccountStore(storage, default_timezone=zone), args)
     finally:
         await storage.close()
 
@@ -105,8 +114,45 @@ async def _accounts_create(store: AccountStore, a: argparse.Namespace) -> Any:
     )
 
 
-async def _accounts_update(store: AccountStore, a: argparse.Namespace) -> Any:
+def _default_timezone(config: str | None) -> str:
+    return load_account_settings(config).default_timezone
+
+
+def _budget_changes(a: argparse.Namespace) -> dict[str, Any]:
+    """The budget options of an update (`--budget-usd` with `--budget-period`; `--no-budget`)."""
+    if a.no_budget:
+        return {"budget_usd": None}
     changes: dict[str, Any] = {}
+    if a.budget_usd is not None:
+        changes["budget_usd"] = a.budget_usd
+    if a.budget_period is not None:
+        changes["budget_period"] = a.budget_period
+    if a.budget_period_s is not None:
+        changes["budget_period_s"] = a.budget_period_s
+    return changes
+
+
+def _budget_args(p: argparse.ArgumentParser) -> None:
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--budget-usd",
+        metavar="USD",
+        help="a USD cap per period, e.g. 25.00 (with --budget-period)",
+    )
+    budget.add_argument("--no-budget", action="store_true", help="clear the budget")
+    p.add_argument(
+        "--budget-period",
+        choices=PERIODS,
+        help="day, week (from Monday) or month, in the account's time zone; custom: "
+        "--budget-period-s seconds from the Unix epoch (short test and demo windows)",
+    )
+    p.add_argument("--budget-period-s", type=int, metavar="S", help="the length of a custom period")
+
+
+async def _accounts_update(store: AccountStore, a: argparse.Namespace) -> Any:
+    changes: dict[str, Any] = _budget_changes(a)
+    if a.timezone is not None:
+        changes["timezone"] = a.timezone or None  # "": the config's default
     for name in (*LIMIT_NAMES, "rpm_override", "rpm_policy"):
         value = getattr(a, name)
         if value is not None:
@@ -167,7 +213,7 @@ async def _keys_list(store: AccountStore, a: argparse.Namespace) -> list[KeyReco
 
 
 async def _keys_update(store: AccountStore, a: argparse.Namespace) -> Any:
-    changes: dict[str, Any] = {}
+    changes: dict[str, Any] = _budget_changes(a)
     for name in LIMIT_NAMES:
         value = getattr(a, name)
         if value is not None:
@@ -267,7 +313,7 @@ def _version() -> str:
 VERB_HELP = {
     "accounts create": "create an account (prepaid when given a balance)",
     "accounts show": "show an account: balance, holds, limits",
-    "accounts update": "change an account's limits, rpm policy or prepaid flag",
+    "accounts update": "change an account's limits, rpm policy, prepaid flag, budget or time zone",
     "accounts topup": "credit a prepaid account, once per idempotency key",
     "accounts ledger": "list an account's ledger entries, newest first",
     "accounts list": "list account ids",
@@ -277,7 +323,8 @@ VERB_HELP = {
     "accounts adjust": "credit or debit an account by hand, with a reason (a ledger entry)",
     "keys create": "create an API key for an account (its secret is shown once)",
     "keys list": "list one account's keys, or every account's (never their secrets)",
-    "keys update": "change a key's name, models, limits or expiry (in force within a second)",
+    "keys update": "change a key's name, models, limits, budget or expiry (in force within a "
+    "second)",
     "keys rotate": "give a key a new secret; the old one works for a grace period",
     "keys revoke": "revoke a key by its id (key_…); effective on the next request",
     "webhooks set": "set an account's own webhook: URL, events, thresholds (docs/webhooks.md)",
@@ -433,6 +480,13 @@ def _add_verb_args(group: str, verb: str, p: argparse.ArgumentParser) -> None:
                 choices=("yes", "no"),
                 help="whether requests are held against the balance",
             )
+            _budget_args(p)
+            p.add_argument(
+                "--timezone",
+                metavar="ZONE",
+                help="IANA time zone where its budgets' periods begin, e.g. Europe/Paris "
+                "('' clears it: [accounts] default_timezone)",
+            )
         elif verb == "topup":
             p.add_argument("amount_usd", help="amount to credit in USD, e.g. 25.00")
             p.add_argument(
@@ -485,6 +539,7 @@ def _add_verb_args(group: str, verb: str, p: argparse.ArgumentParser) -> None:
             )
             expiry.add_argument("--no-expiry", action="store_true", help="never expires")
             _limit_args(p, clear_hint=True)
+            _budget_args(p)
         elif verb == "rotate":
             p.add_argument(
                 "--grace-s",

@@ -42,6 +42,7 @@ REJECTION_REASONS: tuple[str, ...] = (
     "concurrency_exceeded",
     "request_exceeds_limit",
     "balance_exceeded",
+    "budget_exceeded",
     "invalid_key",
     "key_revoked",
     "key_expired",

@@ -22,7 +22,8 @@ from typing import Any
 
 import msgspec
 
-from . import keyspace
+from . import budgets, keyspace
+from .budgets import Budget
 from .key_changes import published
 from .keyspace import AccountKeys
 from .limits import LIMIT_NAMES, NO_LIMITS, Limits, flatten
@@ -45,7 +46,8 @@ MAX_GRACE_S = 30 * 86_400
 MAX_PAGE = 1000
 # The grace of the secret of a key issued before keys named their secret (rotate_key.lua).
 _LEGACY_SECRET = "retired:legacy"
-_UPDATABLE = {"name", "models", "expires_at", *LIMIT_NAMES}
+_BUDGET_CHANGES = {"budget_usd", "budget_period", "budget_period_s"}
+_UPDATABLE = {"name", "models", "expires_at", *LIMIT_NAMES, *_BUDGET_CHANGES}
 
 
 class KeyRecord(msgspec.Struct, kw_only=True, frozen=True, gc=False):
@@ -60,6 +62,9 @@ class KeyRecord(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     expires_at: str | None = None
     revoked: bool = False
     created_at: str = ""
+    # Its budget and the current period's spend (docs/limits-and-balance.md); the admin API
+    # and CLI show it, a gateway's key cache never reads it.
+    budget: Budget | None = None
 
     def allows_model(self, model_id: str) -> bool:
         return not self.models or any(fnmatchcase(model_id, p) for p in self.models)
@@ -114,8 +119,36 @@ def hash_key(secret: str) -> str:
 class KeyStore:
     """The key operations of :class:`~ratelimit_gw.accounts.AccountStore`."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, default_timezone: str = "UTC") -> None:
         self._storage = storage
+        # The time zone of an account that names none ([accounts] default_timezone).
+        self.default_timezone = default_timezone
+
+    async def _with_budgets(
+        self, pairs: list[tuple[str, str]], raws: list[dict[str, str]]
+    ) -> list[Budget | None]:
+        """The budget of each key hash in ``raws`` (of the keys ``pairs`` names) with its
+        current period's spend: two more round trips, only when some key has a budget."""
+        wanted = [i for i, raw in enumerate(raws) if raw.get("budget_nano")]
+        shown: list[Budget | None] = [None] * len(raws)
+        if not wanted:
+            return shown
+        accounts = sorted({pairs[i][0] for i in wanted})
+        zones = await self._storage.call_many(
+            [("HGET", AccountKeys(a).account, "timezone") for a in accounts]
+        )
+        zone_of = {a: z or self.default_timezone for a, z in zip(accounts, zones, strict=True)}
+        now_ms = int(time.time() * 1000)
+        names = []
+        for i in wanted:
+            account, key_id = pairs[i]
+            spec = budgets.current_spec(raws[i], zone_of[account], now_ms)
+            assert spec is not None
+            names.append(AccountKeys(account).key_spend(key_id, budgets.spend_name(*spec)))
+        spends = await self._storage.call_many([("HGETALL", name) for name in names])
+        for i, spend in zip(wanted, spends, strict=True):
+            shown[i] = budgets.shown(raws[i], zone_of[pairs[i][0]], spend, now_ms)
+        return shown
 
     @property
     def storage(self) -> Storage:
@@ -172,6 +205,9 @@ class KeyStore:
         record = _record(account_id, key_id, raw)
         if record is None:  # none, or a partial record: not a key
             raise _key_not_found(key_id)
+        if raw.get("budget_nano"):
+            (budget,) = await self._with_budgets([(account_id, key_id)], [raw])
+            record = msgspec.structs.replace(record, budget=budget)
         return record
 
     async def key_by_id(self, key_id: str) -> KeyRecord:
@@ -228,8 +264,15 @@ class KeyStore:
         raws = await self._storage.call_many(
             [("HGETALL", AccountKeys(account).key(key_id)) for account, key_id in keys]
         )
-        records = (_record(a, k, raw) for (a, k), raw in zip(keys, raws, strict=True))
-        return [record for record in records if record is not None]
+        shown = await self._with_budgets(keys, raws)
+        records = []
+        for (a, k), raw, budget in zip(keys, raws, shown, strict=True):
+            record = _record(a, k, raw)
+            if record is not None:
+                records.append(
+                    record if budget is None else msgspec.structs.replace(record, budget=budget)
+                )
+        return records
 
     async def update_key(self, key_id: str, changes: dict[str, Any]) -> KeyRecord:
         """Set the name, models, limits or expiry (None clears one: no limit, every model,
@@ -240,7 +283,14 @@ class KeyStore:
         if (await self.get_key(account_id, key_id)).revoked:
             raise AccountError(409, "key_revoked", f"key {key_id!r} is revoked")
         fields = FieldChanges()
+        budget_set, budget_cleared = budgets.budget_changes(changes)
+        for field_name, field_value in zip(budget_set[::2], budget_set[1::2], strict=True):
+            fields.set(field_name, field_value)
+        for field_name in budget_cleared:
+            fields.clear(field_name)
         for name, value in changes.items():
+            if name in _BUDGET_CHANGES:
+                continue
             if name == "name":
                 if value is not None and not isinstance(value, str):
                     raise AccountError(400, "invalid_request", "name must be a string")

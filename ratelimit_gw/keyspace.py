@@ -107,6 +107,15 @@ class AccountKeys:
         """Concurrency leases of one key (the account's are its in-flight set)."""
         return f"{self.base}:leases:key:{key_id}"
 
+    def account_spend(self, period: str) -> str:
+        """The account budget's spend in one period (``budgets.spend_name``): a hash of
+        ``spent_nano`` and ``held_nano`` that expires after the period (and its holds) end."""
+        return f"{self.base}:spend:account:{period}"
+
+    def key_spend(self, key_id: str, period: str) -> str:
+        """One key's budget spend in one period, as :meth:`account_spend`."""
+        return f"{self.base}:spend:key:{key_id}:{period}"
+
     def admit_keys(self, key_id: str) -> list[str]:
         """KEYS of admit.lua, in the order its header states (the properties' names, spelled
         out: this runs twice per request)."""

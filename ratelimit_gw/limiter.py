@@ -9,10 +9,12 @@ in C (~0.15 µs) where a frozen dataclass of Decision's size takes ~1.9 µs.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import msgspec
 
+from .budgets import bounds, spend_name
 from .keyspace import ORPHAN_SETTLEMENTS, AccountKeys
 from .storage import Storage
 
@@ -23,6 +25,10 @@ ABANDONED = "abandoned"
 # The orphan-settlements stream keeps about this many (~200 bytes each): an audit trail of a
 # wiped account, not a second ledger.
 ORPHANS_KEPT = 100_000
+# The budget plans a limiter remembers (one per key with a budget, or whose account has one):
+# past this many it forgets them all and learns again, one extra script run per key.
+MAX_BUDGET_PLANS = 100_000
+STALE = "budget_period_stale"
 
 
 class BucketReport(msgspec.Struct, frozen=True):
@@ -45,6 +51,27 @@ class Decision(msgspec.Struct, frozen=True):
     available_nano: int | None  # balance − live holds; None when the account is not prepaid
     holds_expired: int  # stale holds this call released
     account_rpm: int | None  # the account's rpm after its policy (docs/limits-and-balance.md)
+    # Set for budget_exceeded: whose budget ("account" or "key"), its cap, what its period
+    # has spent and holds, and when the period ends (Redis time, ms).
+    budget_scope: str | None = None
+    budget_cap_nano: int = 0
+    budget_used_nano: int = 0
+    budget_reset_ms: int = 0
+    now_ms: int = 0  # the store's time of a budget_exceeded decision (0 otherwise)
+
+
+class StaleBudgetPeriod(Exception):
+    """admit.lua refused the period bounds twice in a row (a budget changed between): rare."""
+
+
+class _BudgetPlan(msgspec.Struct):
+    """What admit.lua needs for one key's budgets: the shape it will check, and each budget's
+    spend hash and bounds, valid until ``until_ms`` (store time)."""
+
+    shape: str
+    keys: list[str]
+    args: list[Any]
+    until_ms: int
 
 
 class AdmissionRequest(msgspec.Struct, frozen=True):
@@ -116,18 +143,50 @@ def _decision(reply: list[Any]) -> Decision:
         available_nano=int(reply[12]) if reply[12] != "" else None,
         holds_expired=reply[13],
         account_rpm=None if rpm < 0 else rpm,
+        budget_scope=reply[17] or None,
+        budget_cap_nano=int(reply[18] or 0),
+        budget_used_nano=int(reply[19] or 0),
+        budget_reset_ms=reply[20],
+        now_ms=reply[16] if reply[1] == "budget_exceeded" else 0,
     )
 
 
+def _plan(
+    account_id: str, key_id: str, shape: str, default_timezone: str, now_ms: int
+) -> _BudgetPlan:
+    """Spend hashes and bounds of the budgets ``shape`` names, for the store time ``now_ms``."""
+    timezone, account_period, key_period = shape.split("|")
+    timezone = timezone or default_timezone
+    names = AccountKeys(account_id)
+    keys: list[str] = []
+    args: list[Any] = [shape, 0, 0, 0, 0]
+    until = 2**62
+    for i, period in ((1, account_period), (3, key_period)):
+        if not period:
+            continue
+        start, end = bounds(period, timezone, now_ms)
+        name = spend_name(period, start)
+        keys.append(names.account_spend(name) if i == 1 else names.key_spend(key_id, name))
+        args[i], args[i + 1] = start, end
+        until = min(until, end)
+    return _BudgetPlan(shape=shape, keys=keys, args=args, until_ms=until)
+
+
 class Limiter:
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, default_timezone: str = "UTC") -> None:
         self._storage = storage
+        # Budgets (budgets.py): the time zone of an account that names none, and per
+        # (account, key) with a budget what admit.lua needs for it. A key without one has
+        # no plan: its admission passes nothing more.
+        self.default_timezone = default_timezone
+        self._plans: dict[tuple[str, str], _BudgetPlan] = {}
+        self._skew_ms = 0  # the store's clock less ours, as the last stale refusal showed
 
     async def admit(self, request: AdmissionRequest) -> Decision:
         # Key names are built per call (~1 µs). A per-key cache of them once held ~2 KB per
         # key (220 MB of a worker with 100k keys) and gave the GC 130k objects to walk.
         keys = AccountKeys(request.account_id).admit_keys(request.key_id)
-        args = [
+        args: list[Any] = [
             "admit",
             request.request_id,
             request.key_id,
@@ -135,7 +194,30 @@ class Limiter:
             request.hold_nano,
             request.ttl_ms,
         ]
-        return _decision(await self._storage.run("admit", keys, args))
+        scope = (request.account_id, request.key_id)
+        plan = self._plans.get(scope)
+        if plan is not None and int(time.time() * 1000) + self._skew_ms >= plan.until_ms:
+            now_ms = int(time.time() * 1000) + self._skew_ms
+            plan = self._learn(scope, plan.shape, now_ms)
+        reply = await self._storage.run(
+            "admit", keys if plan is None else keys + plan.keys, args + (plan.args if plan else [])
+        )
+        if reply[1] == STALE:  # the script's own TIME decides: recompute for it, once
+            self._skew_ms = reply[16] - int(time.time() * 1000)
+            plan = self._learn(scope, reply[15], reply[16])
+            reply = await self._storage.run("admit", keys + plan.keys, args + plan.args)
+            if reply[1] == STALE:  # a budget changed in between: rare enough to fail
+                raise StaleBudgetPeriod(f"admit.lua refused the budget periods of {scope}")
+        if plan is not None and not reply[15]:  # its budgets were cleared
+            self._plans.pop(scope, None)
+        return _decision(reply)
+
+    def _learn(self, scope: tuple[str, str], shape: str, now_ms: int) -> _BudgetPlan:
+        if len(self._plans) >= MAX_BUDGET_PLANS:
+            self._plans.clear()
+        plan = _plan(scope[0], scope[1], shape, self.default_timezone, now_ms)
+        self._plans[scope] = plan
+        return plan
 
     async def peek(self, account_id: str, key_id: str) -> Decision:
         """The current state of the caller's buckets, consuming and writing nothing."""

@@ -22,9 +22,9 @@ from .itinerary import Itineraries
 from .settings import Settings, parse_settings, read_config_text
 
 # Sections a running process cannot take over (its listening socket, its storage client, the
-# label set of its metrics): a reload keeps the running ones and names the change as
-# needing a restart.
-RESTART_ONLY = ("server", "storage", "metrics")
+# label set of its metrics, the default time zone its limiter and account store were built
+# with): a reload keeps the running ones and names the change as needing a restart.
+RESTART_ONLY = ("server", "storage", "metrics", "accounts")
 
 
 @dataclass(frozen=True, slots=True)

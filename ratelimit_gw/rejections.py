@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from .errors import GatewayError, RateLimitInfo
 from .limiter import Decision
+from .management import iso
 from .money import affordable_output_tokens, format_usd
 from .protocols import UnboundedInput
 from .rate_limit_headers import go_duration
@@ -22,6 +23,10 @@ _KEY_REFUSALS = {
     "key_expired": (401, "This API key has expired."),
     "account_disabled": (403, "The account of this API key is disabled."),
 }
+# A budget that resets within this long is waited for: the SDKs cap their waits at 60 s, so a
+# later reset is answered with x-should-retry: false (they would retry into the wall).
+BUDGET_WAIT_MS = 60_000
+BUDGET_RESET_HEADER = "x-ratelimit-reset-budget"
 
 
 def count(number: int | str, noun: str) -> str:
@@ -43,6 +48,8 @@ def key_error(reason: str) -> GatewayError | None:
 def rejection_error(decision: Decision, model: Model, hold: Hold) -> GatewayError:
     """Why admission refused a request held for ``hold`` on ``model``."""
     reason = decision.reason
+    if reason == "budget_exceeded":
+        return budget_error(decision, hold.nano)
     choices = hold.choices
     output = f"{choices} × {hold.output_cap}" if choices > 1 else str(hold.output_cap)
     if reason == "balance_exceeded":
@@ -86,6 +93,8 @@ def per_request_rejection_error(
     decision: Decision, endpoint_id: str, input_tokens: int, output_cap: int, price_nano: int
 ) -> GatewayError:
     """The refusal of a custom-endpoint request charged a fixed price (docs/custom-endpoints.md)."""
+    if decision.reason == "budget_exceeded":
+        return budget_error(decision, price_nano)
     if decision.reason == "balance_exceeded":
         available = decision.available_nano or 0
         return GatewayError(
@@ -97,6 +106,31 @@ def per_request_rejection_error(
             should_retry=False,
         )
     return _limit_error(decision, input_tokens, output_cap)
+
+
+def budget_error(decision: Decision, hold_nano: int) -> GatewayError:
+    """429 budget_exceeded (docs/limits-and-balance.md): the real wait when the period resets
+    within a minute; otherwise ``x-should-retry: false``. Either way the reset time is in the
+    message and in ``x-ratelimit-reset-budget`` (RFC 3339, UTC)."""
+    whose = "this API key's" if decision.budget_scope == "key" else "the account's"
+    cap, used = decision.budget_cap_nano, decision.budget_used_nano
+    resets = iso(decision.budget_reset_ms)
+    wait_ms = max(decision.budget_reset_ms - decision.now_ms, 1)
+    if hold_nano > cap:
+        cure = "more than the whole budget: lower max_tokens."
+    else:
+        cure = f"it resets at {resets} (in {go_duration(wait_ms)})."
+    message = (
+        f"Budget exceeded: {whose} budget of ${format_usd(cap)} per period has "
+        f"${format_usd(used)} spent or held this period, and this request may cost up to "
+        f"${format_usd(hold_nano)}; {cure}"
+    )
+    headers = {BUDGET_RESET_HEADER: resets}
+    if wait_ms <= BUDGET_WAIT_MS and hold_nano <= cap:
+        return GatewayError(
+            429, "budget_exceeded", message, retry_after_ms=wait_ms, headers=headers
+        )
+    return GatewayError(429, "budget_exceeded", message, should_retry=False, headers=headers)
 
 
 def _limit_error(

@@ -113,6 +113,8 @@ ACME = {
     "holds_live": 0,
     "holds_expired": 0,
     "overruns": 0,
+    "timezone": "UTC",
+    "budget": None,
 }
 
 
@@ -466,6 +468,7 @@ async def test_create_key_shows_the_secret_once(admin: Admin) -> None:
         "concurrency": 2,
         "expires_at": "2999-01-02T03:04:05Z",
         "revoked": False,
+        "budget": None,
     }
 
 
@@ -821,6 +824,7 @@ def test_cli_keys_create_list_revoke(redis_url: str) -> None:
         "concurrency": None,
         "expires_at": None,
         "revoked": False,
+        "budget": None,
     }
     text_created = cli_text("keys", "create", "acme", "--name", "batch", *storage)
     assert_fresh_key(text_created["key"])

@@ -18,6 +18,9 @@ and after every step these invariants must hold:
 - the balance never goes below zero unless an overrun was injected;
 - Σ top-ups − Σ ledger charges = balance, and every ledger entry's cost is in ``spent``;
 - ``held_nano`` = Σ live holds (the model's and the holds hash's);
+- with an account budget (a week, in UTC): its spend hash holds Σ live holds and spends
+  Σ costs settled against live holds + Σ holds swept, never more than the cap but through
+  an injected overrun;
 - concurrency leases = the model's live requests per scope (the account's: its in-flight set);
 - a rejected admission, a peek and a repeated settlement change nothing at all;
 - a release that finds no admission writes only its tombstone, and the admission it was
@@ -110,6 +113,8 @@ class Model:
     pending_sweep: set[str] = field(default_factory=set)  # holds whose TTL we made pass
     stale_leases: set[tuple[str, str]] = field(default_factory=set)  # (key scope, rid), ditto
     holds_expired: int = 0
+    budget: int | None = None  # the account's weekly budget, nano-USD
+    budget_spent: int = 0  # what its period's spend hash must say was spent
 
     @property
     def held(self) -> int:
@@ -237,6 +242,7 @@ class LuaMachine(RuleBasedStateMachine):
             {"rpm": limits_rpm, "tpm": limits_tpm, "concurrency": limits_conc}
         ),
         balance=st.integers(0, 3000),
+        budget=st.none() | st.integers(1, 3000),
     )
     def create(
         self,
@@ -244,6 +250,7 @@ class LuaMachine(RuleBasedStateMachine):
         k1: dict[str, int | None],
         k2: dict[str, int | None],
         balance: int,
+        budget: int | None,
     ) -> None:
         self.limits = {"account": account, "k1": k1, "k2": k2}
         self.run(
@@ -253,6 +260,10 @@ class LuaMachine(RuleBasedStateMachine):
             created = self.run(self.accounts.create_key(ACCOUNT, limits=Limits(**limits)))
             self.key_ids[name] = created.record.id
         self.model.balance = self.model.topped_up = balance
+        if budget is not None:
+            change = {"budget_usd": f"{budget / 1e9:.9f}", "budget_period": "week"}
+            self.run(self.accounts.update_account(ACCOUNT, change))
+            self.model.budget = budget
 
     # ------------------------------------------------------------ admission
 
@@ -284,6 +295,9 @@ class LuaMachine(RuleBasedStateMachine):
         available = self.model.balance - self.model.held
         if hold > available:
             return {"balance_exceeded"}, True
+        budget = self.model.budget
+        if budget is not None and self.model.budget_spent + self.model.held + hold > budget:
+            return {"budget_exceeded"}, True
         if sure_fail:
             return sure_fail | maybe_fail, True
         concurrency_full = any(
@@ -322,6 +336,8 @@ class LuaMachine(RuleBasedStateMachine):
         for swept in sweep:
             self.model.live[swept].expired = True
             self.model.holds_expired += 1
+            if self.model.budget is not None:  # its budget counts the hold as spent
+                self.model.budget_spent += self.model.live[swept].hold
         self.model.pending_sweep -= sweep
         # ...and prunes the expired leases of the scopes it checks (those with a limit).
         pruned = {
@@ -391,6 +407,8 @@ class LuaMachine(RuleBasedStateMachine):
         assert result.released_nano == (0 if live.expired else live.hold)
         del self.model.live[rid]
         self.model.settled.add(rid)
+        if self.model.budget is not None and not live.expired:
+            self.model.budget_spent += cost
         self.model.balance -= cost
         self.model.spent += cost
         self.model.charges += cost
@@ -639,6 +657,18 @@ class LuaMachine(RuleBasedStateMachine):
         assert held == in_records == expected
         live_ids = {rid for rid, r in self.model.live.items() if not r.expired}
         assert set(records) == live_ids
+
+    @invariant()
+    def budget_spend_matches_the_model(self) -> None:
+        if not self.key_ids or self.model.budget is None:
+            return
+        spends = self.run(self.storage.call("KEYS", f"{self.keys.base}:spend:account:*"))
+        assert len(spends) <= 1  # one week (an example never lasts into the next)
+        spend = self.run(self.storage.call("HGETALL", spends[0])) if spends else {}
+        held = sum(r.hold for r in self.model.live.values() if not r.expired)
+        assert int(spend.get("held_nano", 0)) == held
+        assert int(spend.get("spent_nano", 0)) == self.model.budget_spent
+        assert held + self.model.budget_spent <= self.model.budget or self.model.overrun_injected
 
     @invariant()
     def leases_match_live_requests(self) -> None:

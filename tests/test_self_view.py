@@ -114,6 +114,7 @@ async def test_the_answer_has_the_documented_shape(
         "concurrency": 2,
         "expires_at": "2099-01-01T00:00:00Z",
         "created_at": record.created_at,
+        "budget": None,
     }
     assert view["account"] == {
         "id": "acme",
@@ -125,6 +126,8 @@ async def test_the_answer_has_the_documented_shape(
         "tpm": 100_000,
         "concurrency": None,
         "rpm_policy": "fixed",
+        "timezone": "UTC",
+        "budget": None,
     }
     assert view["remaining"] == {
         "requests": {"limit": 60, "remaining": 60, "reset_ms": 0},
@@ -280,11 +283,17 @@ async def test_the_self_view_matches_the_admin_view(
     await Limiter(gateway.storage).admit(
         AdmissionRequest("acme", created["id"], "req-in-flight", 100, 123_456_789, 60_000)
     )
+    budgets = {"budget_usd": "2.00", "budget_period": "week"}
+    await admin(http, gateway, "PATCH", "/admin/accounts/acme", budgets)
+    budgets = {"budget_usd": "0.75", "budget_period": "custom", "budget_period_s": 3600}
+    await admin(http, gateway, "PATCH", f"/admin/keys/{created['id']}", budgets)
     view = (await show(http, gateway, key, "/anthropic/v1/key", "x-api-key")).json()
     account = await admin(http, gateway, "GET", "/admin/accounts/acme")
     [listed] = (await admin(http, gateway, "GET", "/admin/keys?account=acme"))["data"]
     assert account["held_usd"] != "0.00" and account["spent_usd"] != "0.00"
-    for field in ("balance_usd", "held_usd", "available_usd", "rpm", "tpm", "concurrency"):
+    assert view["account"]["budget"]["usd"] == "2.00" and view["key"]["budget"]["usd"] == "0.75"
+    fields = ("balance_usd", "held_usd", "available_usd", "rpm", "tpm", "concurrency")
+    for field in (*fields, "timezone", "budget"):
         assert view["account"][field] == account[field], field
     assert (view["account"]["prepaid"], view["account"]["rpm_policy"]) == (True, "fixed")
     for field in view["key"]:

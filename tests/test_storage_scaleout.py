@@ -26,6 +26,7 @@ from redis.crc import key_slot
 from ratelimit_gw import keyspace
 from ratelimit_gw.accounts import AccountStore
 from ratelimit_gw.keyspace import AccountKeys
+from ratelimit_gw.limiter import AdmissionRequest, Limiter
 from ratelimit_gw.limits import Limits
 from ratelimit_gw.money import NANO_PER_USD, cost_nano, parse_usd
 from ratelimit_gw.protocols import input_token_bound
@@ -121,6 +122,8 @@ def test_every_script_touches_one_cluster_slot() -> None:
         keys.admit_keys("key_1"),
         keys.settle_keys("key_1"),
         [keys.account, keys.topups, keys.ledger],
+        # Budget spend hashes: passed to admit.lua, and named by hold records to settle.lua.
+        [keys.account, keys.account_spend("day:0"), keys.key_spend("key_1", "custom:5:0")],
     ):
         assert len({key_slot(k.encode()) for k in script_keys}) == 1
     pool = keyspace.PoolKeys("openai-main")
@@ -257,6 +260,32 @@ async def test_cluster_runs_the_whole_gateway_on_every_node_without_cross_slot_e
         assert await metric(gw, "rlgw_storage_errors_total") == 0
     finally:
         await runner.cleanup()
+
+
+async def test_budgets_on_a_cluster_admit_settle_and_sweep_without_cross_slot_errors(
+    cluster_storage: Storage,
+) -> None:
+    """A key and an account budget on every node: admission passes the spend hashes, and
+    settlement and the expired-hold sweep reach them through the hold record (one slot)."""
+    accounts = AccountStore(cluster_storage)
+    limiter = Limiter(cluster_storage)
+    for account in accounts_on_every_node(await cluster_slots(cluster_storage)):
+        await accounts.create_account(account)
+        key_id = (await accounts.create_key(account)).record.id
+        await accounts.update_account(account, {"budget_usd": "1.00", "budget_period": "day"})
+        await accounts.update_key(key_id, {"budget_usd": "0.50", "budget_period": "week"})
+        hold = parse_usd("0.20")
+        admitted = [AdmissionRequest(account, key_id, f"r{i}", 10, hold, 60_000) for i in range(3)]
+        decisions = [await limiter.admit(r) for r in admitted]
+        assert [d.reason for d in decisions] == ["ok", "ok", "budget_exceeded"]
+        await limiter.settle(admitted[0].abandoned("m", ""))
+        lost = AdmissionRequest(account, key_id, "lost", 10, parse_usd("0.10"), 1)
+        assert (await limiter.admit(lost)).allowed
+        await asyncio.sleep(0.01)
+        assert (await limiter.admit(AdmissionRequest(account, key_id, "r9", 10, 0, 60_000))).allowed
+        key = await accounts.get_key(account, key_id)
+        assert key.budget is not None
+        assert (key.budget.spent_usd, key.budget.held_usd) == ("0.10", "0.20")
 
 
 async def test_key_and_account_lifecycle_on_a_cluster_without_cross_slot_errors(

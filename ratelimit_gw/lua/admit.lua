@@ -11,19 +11,36 @@
 -- caller gave up on it: settle.lua, outcome "abandoned"): refused, reason "abandoned",
 -- writing nothing at all.
 --
+-- Budgets (budgets.py, docs/limits-and-balance.md): a scope's hash may carry budget_nano and
+-- budget_period (the account's also timezone); their "shape" is "<timezone>|<account
+-- period>|<key period>" ("" when neither has a budget). The gateway passes the shape it
+-- believes and the bounds it computed for each period; a shape that differs, or bounds that
+-- do not hold this script's TIME, are refused as "budget_period_stale" (writing nothing; the
+-- reply carries the real shape and TIME, and the gateway recomputes). The worst-case hold
+-- counts against each budget's spend hash (spent_nano + held_nano) like the balance's; an
+-- admitted request adds it to held_nano, and its hold record names the spend hashes, so its
+-- settlement corrects the period it was admitted in. No budget: no key, no call.
+--
 -- KEYS (all under the account's hash tag, so one cluster slot):
 --   1 account hash   2 key hash   3 key leases (zset request_id -> expiry ms)
 --   4 in-flight zset (request_id -> hold and lease expiry ms; the account's leases)
 --   5 holds hash (request_id -> record)   6 ledger stream
 --   7 settled zset (request_id -> settle time ms; settle.lua's)
+--   8.. the spend hash of each budget of the shape ARGV 7 names: the account's, then the key's
 -- ARGV:
 --   1 mode ("admit" | "peek")   2 request_id   3 key_id
 --   4 estimated tokens (integer)   5 hold, nano-USD (integer)   6 lease/hold TTL, ms
+--   7 the budget shape the gateway believes ("" or absent: none)
+--   8, 9 the account budget's period [start, end) in ms   10, 11 the key budget's (0: none)
 -- Reply (fixed shape; integers, -1 = no such limit):
 --   {allowed, reason, retry_after_ms, hit_limit,
 --    rpm_limit, rpm_remaining, rpm_reset_ms, tpm_limit, tpm_remaining, tpm_reset_ms,
 --    concurrency_limit, concurrency_in_use, available_nano (string, "" if not prepaid),
---    holds_expired, account_rpm}
+--    holds_expired, account_rpm,
+--    budget shape (string), now_ms, budget scope ("account" | "key"; "" unless refused for a
+--    budget), its cap and its spend + holds, nano-USD (strings), its period's end ms}
+-- A holds-hash record is "key_id|hold|estimate|expiry ms", then, with a budget,
+-- "|account spend hash|key spend hash" (either may be empty).
 -- Buckets live in the hash of their scope (account or key), as fields <kind>_level (a float
 -- of units) and <kind>_ts (the Redis time in ms of the last update), kind = rpm or tpm: the
 -- hashes are read anyway, so a bucket costs no call of its own. A missing level is a full
@@ -36,12 +53,14 @@ local hold_nano = tonumber(ARGV[5])
 local ttl_ms = tonumber(ARGV[6])
 local writing = mode == 'admit'
 local MAX_SWEEP = 25
+-- A spend hash outlives its period by the hold's TTL and this (budgets.SPEND_MARGIN_MS).
+local SPEND_MARGIN_MS = 3600000
 
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local function reply_rejected(reason)
-  return {0, reason, 0, -1, -1, -1, -1, -1, -1, -1, -1, -1, '', 0, -1}
+  return {0, reason, 0, -1, -1, -1, -1, -1, -1, -1, -1, -1, '', 0, -1, '', now_ms, '', '', '', 0}
 end
 
 if writing and redis.call('ZSCORE', KEYS[7], request_id) then
@@ -49,18 +68,51 @@ if writing and redis.call('ZSCORE', KEYS[7], request_id) then
 end
 
 local key = redis.call('HMGET', key_key, 'created_ms', 'revoked', 'expires_ms', 'rpm', 'tpm',
-  'concurrency', 'rpm_level', 'rpm_ts', 'tpm_level', 'tpm_ts')
+  'concurrency', 'rpm_level', 'rpm_ts', 'tpm_level', 'tpm_ts', 'budget_nano', 'budget_period')
 if not key[1] then return reply_rejected('invalid_key') end
 if key[2] == '1' then return reply_rejected('key_revoked') end
 if key[3] and tonumber(key[3]) <= now_ms then return reply_rejected('key_expired') end
 
 local acct = redis.call('HMGET', account_key, 'created_ms', 'rpm', 'tpm', 'concurrency',
   'rpm_policy', 'rpm_override', 'balance_nano', 'held_nano', 'topped_up_nano', 'prepaid',
-  'rpm_level', 'rpm_ts', 'tpm_level', 'tpm_ts', 'status')
+  'rpm_level', 'rpm_ts', 'tpm_level', 'tpm_ts', 'status', 'budget_nano', 'budget_period',
+  'timezone')
 if not acct[1] then return reply_rejected('invalid_key') end
 -- status is absent on an active account (account_status.lua, delete_account.lua).
 if acct[15] then
   return reply_rejected(acct[15] == 'disabled' and 'account_disabled' or 'key_revoked')
+end
+
+-- The budgets in force, each {scope, cap, spend hash, period start, period end}.
+local account_period = acct[16] and acct[17]
+local key_period = key[11] and key[12]
+local budget_shape = ''
+local budgets = {}
+if account_period or key_period then
+  budget_shape = (acct[18] or '') .. '|' .. (account_period or '') .. '|' .. (key_period or '')
+end
+if writing and budget_shape ~= '' then
+  local stale = (ARGV[7] or '') ~= budget_shape
+  local next_key = 8
+  if account_period then
+    budgets[#budgets + 1] = {'account', tonumber(acct[16]), KEYS[next_key],
+      tonumber(ARGV[8]), tonumber(ARGV[9])}
+    next_key = next_key + 1
+  end
+  if key_period then
+    budgets[#budgets + 1] = {'key', tonumber(key[11]), KEYS[next_key],
+      tonumber(ARGV[10]), tonumber(ARGV[11])}
+  end
+  for _, b in ipairs(budgets) do
+    if stale or not b[3] or not b[4] or not b[5] or now_ms < b[4] or now_ms >= b[5] then
+      stale = true
+    end
+  end
+  if stale then
+    local r = reply_rejected('budget_period_stale')
+    r[16] = budget_shape
+    return r
+  end
 end
 
 -- Release holds whose request outlived its TTL: the gateway holding them is gone.
@@ -72,6 +124,15 @@ if writing then
     if record then
       local kid, held = string.match(record, '^([^|]*)|(%d+)|')
       if held ~= '0' then redis.call('HINCRBY', account_key, 'held_nano', '-' .. held) end
+      -- Its budgets keep the worst case as spent: what it really cost is never known here.
+      -- (Its spend hashes share the account's hash tag: the same slot as every key here.)
+      local spends = string.match(record, '^[^|]*|%d+|%d+|[^|]*|(.*)$')
+      if spends and held ~= '0' then
+        for spend in string.gmatch(spends, '[^|]+') do
+          redis.call('HINCRBY', spend, 'held_nano', '-' .. held)
+          redis.call('HINCRBY', spend, 'spent_nano', held)
+        end
+      end
       redis.call('HDEL', KEYS[5], rid)
       redis.call('XADD', KEYS[6], '*', 'type', 'hold_expired', 'request_id', rid,
         'key_id', kid, 'hold_nano', held, 'cost_nano', '0')
@@ -149,6 +210,19 @@ if writing and prepaid and hold_nano > available and reason ~= 'request_exceeds_
   reason, wait_ms, hit_limit = 'balance_exceeded', 0, -1
 end
 
+-- Each budget must take the whole hold; of two refusing, the later reset is the real wait.
+local budget_hit = nil
+for _, b in ipairs(budgets) do
+  local spend = redis.call('HMGET', b[3], 'spent_nano', 'held_nano')
+  b[6] = tonumber(spend[1] or '0') + tonumber(spend[2] or '0')
+  if b[6] + hold_nano > b[2] and (not budget_hit or b[5] > budget_hit[5]) then
+    budget_hit = b
+  end
+end
+if budget_hit and reason ~= 'request_exceeds_limit' and reason ~= 'balance_exceeded' then
+  reason, wait_ms, hit_limit = 'budget_exceeded', budget_hit[5] - now_ms, -1
+end
+
 -- Concurrency leases expire on their own, so a dead gateway cannot keep its slots. The
 -- account's leases are its in-flight set (the sweep above trims it); a key's have their own.
 local lease_sets = {{KEYS[4], tonumber(acct[4])}, {KEYS[3], tonumber(key[6])}}
@@ -189,8 +263,18 @@ if allowed then
     redis.call('PEXPIRE', KEYS[3], ttl_ms + 60000)
   end
   if conc_limit >= 0 then conc_in_use = conc_in_use + 1 end
-  redis.call('HSET', KEYS[5], request_id,
-    key_id .. '|' .. ARGV[5] .. '|' .. ARGV[4] .. '|' .. string.format('%d', now_ms + ttl_ms))
+  local record = key_id .. '|' .. ARGV[5] .. '|' .. ARGV[4] .. '|' ..
+    string.format('%d', now_ms + ttl_ms)
+  if #budgets > 0 then
+    local spends = {'', ''}
+    for _, b in ipairs(budgets) do
+      spends[b[1] == 'account' and 1 or 2] = b[3]
+      redis.call('HINCRBY', b[3], 'held_nano', ARGV[5])
+      redis.call('PEXPIREAT', b[3], string.format('%d', b[5] + ttl_ms + SPEND_MARGIN_MS))
+    end
+    record = record .. '|' .. spends[1] .. '|' .. spends[2]
+  end
+  redis.call('HSET', KEYS[5], request_id, record)
   redis.call('ZADD', KEYS[4], now_ms + ttl_ms, request_id)
   if hold_nano > 0 then
     redis.call('HINCRBY', account_key, 'held_nano', ARGV[5])
@@ -213,6 +297,13 @@ end
 local available_text = ''
 if prepaid then available_text = string.format('%.0f', available) end
 if allowed then reason = 'ok' end
+local budget_scope, budget_cap, budget_used, budget_end = '', '', '', 0
+if reason == 'budget_exceeded' then
+  budget_scope, budget_end = budget_hit[1], budget_hit[5]
+  budget_cap = string.format('%.0f', budget_hit[2])
+  budget_used = string.format('%.0f', budget_hit[6])
+end
 return {allowed and 1 or 0, reason or 'ok', wait_ms, hit_limit,
   report.rpm[1], report.rpm[2], report.rpm[3], report.tpm[1], report.tpm[2], report.tpm[3],
-  conc_limit, conc_in_use, available_text, swept, account_rpm or -1}
+  conc_limit, conc_in_use, available_text, swept, account_rpm or -1,
+  budget_shape, now_ms, budget_scope, budget_cap, budget_used, budget_end}

@@ -13,6 +13,10 @@
 -- was consumed: it writes the tombstone and nothing else. With one it releases what the
 -- admission placed, refunds the tpm estimate and writes a `release` entry.
 --
+-- A hold record that names budget spend hashes (admit.lua) corrects them: its hold is
+-- released from held_nano and its cost added to spent_nano of the period it was admitted in,
+-- even once that period is over. (The hashes share the account's hash tag: one slot.)
+--
 -- An account that does not exist (no created_ms: wiped, evicted, or a stub an older build
 -- made) is not re-created: nothing at all is written, and the reply says so.
 --
@@ -64,6 +68,13 @@ if record then
   estimated_tokens = tonumber(estimate)
   -- Integers go to HINCRBY as strings: Lua would print large numbers as 1e+15.
   if held ~= '0' then redis.call('HINCRBY', account_key, 'held_nano', '-' .. held) end
+  local spends = string.match(record, '^[^|]*|%d+|%d+|[^|]*|(.*)$')
+  if spends then
+    for spend in string.gmatch(spends, '[^|]+') do
+      if held ~= '0' then redis.call('HINCRBY', spend, 'held_nano', '-' .. held) end
+      if cost_nano ~= '0' then redis.call('HINCRBY', spend, 'spent_nano', cost_nano) end
+    end
+  end
   redis.call('HDEL', KEYS[5], request_id)
 elseif abandoned then
   -- Nothing of it is here to give back: the tombstone above is all a late admission needs.

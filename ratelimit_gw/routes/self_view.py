@@ -15,6 +15,7 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
+from ..budgets import Budget
 from ..context import context
 from ..errors import GatewayError
 from ..limiter import BucketReport, Decision
@@ -48,6 +49,7 @@ class KeyView(msgspec.Struct, kw_only=True):
     limits: Limits  # flat on the wire: rpm, tpm, concurrency (null: no such limit)
     expires_at: str | None  # for a rotated-out secret: when its grace ends
     created_at: str
+    budget: Budget | None  # its cap, this period's spend and reset (null: no budget)
 
 
 class AccountView(msgspec.Struct, kw_only=True):
@@ -61,6 +63,8 @@ class AccountView(msgspec.Struct, kw_only=True):
     available_usd: str | None
     limits: Limits  # flat; rpm is the rate in force (after rpm_policy and rpm_override)
     rpm_policy: str
+    timezone: str  # where its budgets' days, weeks and months begin
+    budget: Budget | None  # its cap, this period's spend and reset (null: no budget)
 
 
 class ConcurrencyLeft(msgspec.Struct, kw_only=True):
@@ -79,9 +83,9 @@ class Remaining(msgspec.Struct, kw_only=True):
 
 
 class SelfView(msgspec.Struct, kw_only=True):
-    """The answer. Budgets (SPEC §15, issue 22 item 1) join as a ``budgets`` field of
-    ``key`` and of ``account`` (each scope's caps, period spend and reset); until they exist
-    nothing stands in for them. Clients must ignore fields they do not know."""
+    """The answer. ``key.budget`` and ``account.budget`` are each scope's budget (SPEC §15:
+    cap, period, this period's spend and holds, remaining, reset), as the admin API shows
+    them. Clients must ignore fields they do not know."""
 
     object: str = "key"
     key: KeyView
@@ -110,6 +114,8 @@ async def show_key(request: web.Request) -> web.Response:
         raise _refused("key_revoked" if record else "invalid_key")
     try:
         account = await svc.accounts.get_account(key.account)
+        # The key's budget with its period's spend (a lookup does not read it).
+        key_budget = (await svc.accounts.get_key(key.account, record.id)).budget
     except AccountError:  # wiped since the peek
         raise _refused("invalid_key") from None
     prepaid = account.prepaid
@@ -122,6 +128,7 @@ async def show_key(request: web.Request) -> web.Response:
             limits=record.limits,
             expires_at=record.expires_at,
             created_at=record.created_at,
+            budget=key_budget,
         ),
         account=AccountView(
             id=account.id,
@@ -131,6 +138,8 @@ async def show_key(request: web.Request) -> web.Response:
             available_usd=account.available_usd if prepaid else None,
             limits=msgspec.structs.replace(account.limits, rpm=decision.account_rpm),
             rpm_policy=account.rpm_policy,
+            timezone=account.timezone,
+            budget=account.budget,
         ),
         remaining=_remaining(decision),
         allowed_models=[m.id for m in svc.config.catalog.listings(record)],

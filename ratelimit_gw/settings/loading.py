@@ -9,6 +9,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
@@ -17,7 +18,7 @@ from .checks import ConfigError, check_trusted_proxies, check_url
 from .endpoints import resolve_custom_endpoint
 from .providers import resolve_model, resolve_provider
 from .resolved import CustomEndpoint, Model, Provider, Settings
-from .schema import STORAGE_SCHEMES, FileSettings, StorageSettings
+from .schema import STORAGE_SCHEMES, AccountSettings, FileSettings, StorageSettings
 from .webhooks import check_delivery, resolve_webhooks
 
 _UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(.+)`")
@@ -71,6 +72,14 @@ def _decode_file(raw: dict[str, Any]) -> FileSettings:
     check_url(file.storage.url, "storage.url", STORAGE_SCHEMES)
     check_trusted_proxies(file.server.trusted_proxies)
     check_delivery(file.webhook_delivery)
+    zone = file.accounts.default_timezone
+    try:
+        ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"accounts.default_timezone: {zone!r} is not a known IANA time zone name "
+            "(like 'UTC' or 'Europe/Paris')"
+        ) from None
     return file
 
 
@@ -115,6 +124,7 @@ def build_settings(raw: dict[str, Any], environ: Mapping[str, str] | None = None
         custom_endpoints=custom_endpoints,
         webhooks=resolve_webhooks(file.webhooks, env),
         webhook_delivery=file.webhook_delivery,
+        accounts=file.accounts,
     )
 
 
@@ -173,6 +183,12 @@ def load_settings(path: str | Path | None = None) -> Settings:
     """Load ``path``, else ``$RLGW_CONFIG``; with neither, a ConfigError saying where a config
     comes from."""
     return build_settings(_read_config(path, NO_CONFIG))
+
+
+def load_account_settings(path: str | Path | None = None) -> AccountSettings:
+    """Only the ``[accounts]`` of ``path`` (else ``$RLGW_CONFIG``), as
+    :func:`load_storage_settings` reads ``[storage]``."""
+    return _decode_file(_read_config(path, NO_STORAGE)).accounts
 
 
 def load_storage_settings(path: str | Path | None = None) -> StorageSettings:

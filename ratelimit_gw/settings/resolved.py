@@ -9,6 +9,7 @@ import msgspec
 
 from ..client_headers import ClientHeaderPolicy
 from .schema import (
+    AccountSettings,
     AdminAccess,
     LogSettings,
     MetricsSettings,
@@ -159,6 +160,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     webhook_delivery: WebhookDeliverySettings = msgspec.field(
         default_factory=WebhookDeliverySettings
     )
+    accounts: AccountSettings = msgspec.field(default_factory=AccountSettings)
 
     @property
     def admin_token(self) -> str | None:

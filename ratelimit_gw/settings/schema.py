@@ -196,6 +196,12 @@ class MetricsSettings(_Section):
     account_label: bool = False
 
 
+class AccountSettings(_Section):
+    # The IANA time zone of an account that names none (its ``timezone``): where its budgets'
+    # days, weeks and months begin (docs/limits-and-balance.md).
+    default_timezone: str = "UTC"
+
+
 class LogSettings(_Section):
     access_log: bool = True  # one JSON line per request on the ratelimit_gw.access logger
 
@@ -261,3 +267,4 @@ class FileSettings(_Section):
     webhook_delivery: WebhookDeliverySettings = msgspec.field(
         default_factory=WebhookDeliverySettings
     )
+    accounts: AccountSettings = msgspec.field(default_factory=AccountSettings)
