@@ -13,6 +13,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,6 +274,20 @@ async def start_gateway(
     return runner, Gateway(
         f"http://127.0.0.1:{port}", settings, storage, AccountStore(storage), upstream, app
     )
+
+
+@asynccontextmanager
+async def another_client(storage: Storage) -> AsyncIterator[Storage]:
+    """What another gateway instance would use: a second client of ``storage``'s Redis
+    (memory:// lives in one process, so there it is the same storage)."""
+    if storage.url.startswith("memory://"):
+        yield storage
+        return
+    other = open_storage(StorageSettings(url=storage.url))
+    try:
+        yield other
+    finally:
+        await other.close()
 
 
 @pytest.fixture

@@ -27,15 +27,15 @@ from ratelimit_gw import upstream_probe
 from ratelimit_gw.app import WATCHER_STOP_S
 from ratelimit_gw.metrics import UPSTREAM_ATTEMPT_OUTCOMES, create_metrics
 from ratelimit_gw.services import SERVICES
-from ratelimit_gw.settings import Provider, Settings, StorageSettings, build_settings
-from ratelimit_gw.storage import Storage, StorageError, open_storage
+from ratelimit_gw.settings import Provider, Settings, build_settings
+from ratelimit_gw.storage import Storage, StorageError
 from ratelimit_gw.testing.mock_upstream import MockSettings, MockState
 from ratelimit_gw.upstream_client import UpstreamClient
 from ratelimit_gw.upstream_key_gauges import KeyStateGauges
 from ratelimit_gw.upstream_pool import Pool, PoolStore, pool_of
 from ratelimit_gw.upstream_probe import UpstreamProbe, probe_request
 
-from .conftest import UPSTREAM_KEY, Gateway, Upstream, start_gateway
+from .conftest import UPSTREAM_KEY, Gateway, Upstream, another_client, start_gateway
 
 KEYS = {"KEY_A": "sk-key-a-0123456789", "KEY_B": "sk-key-b-0123456789"}
 CREDENTIAL_HEADER = {
@@ -137,19 +137,6 @@ async def probing(
         await client.close()
 
 
-@asynccontextmanager
-async def second_instance(storage: Storage) -> AsyncIterator[Storage]:
-    """Another gateway's storage client of the same server."""
-    if storage.url.startswith("memory://"):
-        yield storage
-        return
-    other = open_storage(StorageSettings(url=storage.url))
-    try:
-        yield other
-    finally:
-        await other.close()
-
-
 async def until(what: str, ready: Callable[[], Any], timeout_s: float = 5) -> None:
     """Wait for ``ready()`` (a bool, or an awaitable of one) to be true."""
     deadline = time.monotonic() + timeout_s
@@ -244,7 +231,7 @@ async def test_two_instances_probe_a_key_once_per_interval(
     pool = pool_of(settings.providers["main"])
     await PoolStore(storage).mark_unhealthy(pool, "b")  # refused: stays unhealthy
     async with (
-        second_instance(storage) as other,
+        another_client(storage) as other,
         probing(storage, lambda: settings.providers.values()),
         probing(other, lambda: settings.providers.values()),
     ):

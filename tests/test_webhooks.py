@@ -28,13 +28,13 @@ from aiohttp import web
 from ratelimit_gw import webhook_delivery
 from ratelimit_gw.management import iso
 from ratelimit_gw.services import SERVICES
-from ratelimit_gw.settings import ConfigError, StorageSettings, parse_settings
-from ratelimit_gw.storage import Storage, open_storage
+from ratelimit_gw.settings import ConfigError, parse_settings
+from ratelimit_gw.storage import Storage
 from ratelimit_gw.upstream_pool import PoolStore, pool_of
 from ratelimit_gw.webhook_delivery import signature
 
 from .cli_helpers import cli, cli_json
-from .conftest import ADMIN_TOKEN, Gateway, Upstream, start_gateway
+from .conftest import ADMIN_TOKEN, Gateway, Upstream, another_client, start_gateway
 
 SECRET = "whsec_" + base64.b64encode(b"a-test-secret-of-32-bytes-length").decode()
 ENV = {"WEBHOOK_SECRET": SECRET}
@@ -134,19 +134,6 @@ async def gateway_on(
         yield gw
     finally:
         await runner.cleanup()
-
-
-@asynccontextmanager
-async def second_storage(storage: Storage) -> AsyncIterator[Storage]:
-    """Another instance's storage: a second client of the same Redis (memory://: the same)."""
-    if storage.url.startswith("memory://"):
-        yield storage
-        return
-    other = open_storage(StorageSettings(url=storage.url))
-    try:
-        yield other
-    finally:
-        await other.close()
 
 
 def verify(received: Received, secret: str = SECRET) -> bool:
@@ -300,7 +287,7 @@ async def test_two_instances_crossing_the_same_threshold_raise_one_event(
 ) -> None:
     async with (
         gateway_on(upstream, storage, receiver) as first,
-        second_storage(storage) as other,
+        another_client(storage) as other,
         gateway_on(upstream, other, receiver) as second,
     ):
         key = await first.new_key(balance_usd="1.00")
@@ -353,7 +340,7 @@ async def test_a_crash_before_delivery_loses_nothing(
     failed_id = receiver.calls[0].id
     assert await _depth(redis_storage, 1)  # the first instance is gone; the event is not
     receiver.status = 200
-    async with second_storage(redis_storage) as other, gateway_on(upstream, other, receiver):
+    async with another_client(redis_storage) as other, gateway_on(upstream, other, receiver):
         (call,) = await receiver.wait_for(1)
         assert call.id == failed_id and verify(call)
 
@@ -384,7 +371,7 @@ async def test_an_unhealthy_upstream_key_raises_one_event_per_episode(
 ) -> None:
     async with (
         gateway_on(upstream, storage, receiver) as first,
-        second_storage(storage) as other,
+        another_client(storage) as other,
         gateway_on(upstream, other, receiver),
     ):
         pool = pool_of(first.settings.providers["mock-openai"])
@@ -414,7 +401,7 @@ async def test_a_key_expiring_soon_raises_one_event(
 ) -> None:
     async with (
         gateway_on(upstream, storage, receiver) as first,
-        second_storage(storage) as other,
+        another_client(storage) as other,
         gateway_on(upstream, other, receiver),
     ):
         await first.accounts.create_account("acme")
