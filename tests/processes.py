@@ -179,7 +179,9 @@ def gateway_processes(config: Path, count: int, log: Path) -> Iterator[list[str]
 
 async def wait_ready(
     urls: list[str],
-    timeout_s: float = 20,
+    # Only how long before giving up: a gateway is ready in ~2 s, but on a 2-core machine
+    # busy with other test processes, two starting side by side took over 20 s once.
+    timeout_s: float = 60,
     *,
     path: str = "/readyz",
     process: subprocess.Popen[Any] | None = None,
