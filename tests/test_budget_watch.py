@@ -18,13 +18,14 @@ from typing import Any
 import aiohttp
 import pytest
 
+from ratelimit_gw import webhook_delivery
 from ratelimit_gw.money import parse_usd
 from ratelimit_gw.services import SERVICES
 from ratelimit_gw.storage import Storage
 
-from .conftest import Gateway, Upstream, another_client, start_gateway
+from .conftest import ADMIN_TOKEN, Gateway, Upstream, another_client, start_gateway
 from .test_observability import check_expression, promql_documents, scrape
-from .test_webhooks import ENV, FAST_DELIVERY, Receiver, eventually, receiver, verify
+from .test_webhooks import ENV, FAST_DELIVERY, Receiver, admin_call, eventually, receiver, verify
 
 __all__ = ["receiver"]  # the fixture, used by name
 
@@ -237,3 +238,32 @@ async def test_no_webhook_no_gauge_no_reading(
     assert await spend(http, gateway, key, chunks=1) == 200
     await asyncio.sleep(0.2)
     assert pipelines() == before
+
+
+async def test_an_account_webhook_gets_only_the_budget_events_it_subscribed_to(
+    upstream: Upstream,
+    storage: Storage,
+    receiver: Receiver,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(webhook_delivery, "ENDPOINTS_REFRESH_S", 0.05)
+    env = {**ENV, "RLGW_ADMIN_TOKEN": ADMIN_TOKEN}
+    runner, gw = await start_gateway(upstream, storage, env, webhook_delivery=FAST_DELIVERY)
+    try:
+        key = await gw.new_key()
+        await gw.accounts.update_account("acme", {"budget_usd": CAP, "budget_period": "day"})
+        hook = {"url": receiver.url, "events": ["budget.100"]}
+        status, made = await admin_call(http, gw, "PUT", "/admin/accounts/acme/webhook", hook)
+        assert status == 200, made
+        assert made["webhook"]["events"] == ["budget.100"]
+        await asyncio.sleep(0.3)  # every instance knows the webhook
+        assert await spend(http, gw, key, chunks=27) == 200  # 81 %: not subscribed
+        assert await spend(http, gw, key, chunks=7) == 200  # 102 %
+        (call,) = await receiver.wait_for(1)
+        assert call.payload["type"] == "budget.100" and call.payload["account"] == "acme"
+        assert verify(call, made["webhook"]["secret"])
+        await asyncio.sleep(0.3)
+        assert len(receiver.delivered) == 1
+    finally:
+        await runner.cleanup()
