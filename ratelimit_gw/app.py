@@ -14,6 +14,7 @@ from . import admin
 from .accounts import AccountStore
 from .auth import KeyCache
 from .body import BodyReader
+from .budget_watch import BudgetWatch
 from .client_address import ClientAddresses
 from .config_reload import show_config
 from .key_changes import KeyChangeFeed
@@ -88,7 +89,8 @@ def create_app(
         events = WebhookEvents(
             store, accounts, pools, metrics, directory, lambda: current().webhook_delivery
         )
-        settler = Settler(limiter, metrics, pools, events)
+        budgets = BudgetWatch(store, limiter, metrics, events)
+        settler = Settler(limiter, metrics, pools, events, budgets)
         keys = KeyCache(
             accounts,
             settings.storage.key_cache_ttl_s,
@@ -136,6 +138,7 @@ def create_app(
         for watcher in stuck:
             log.error("background task %s did not stop when cancelled", watcher.get_coro())
         await settler.drain()
+        await budgets.drain()  # budget readings (and their events) of the last settlements
         await events.drain()  # balance.low raises the last settlements started
         await upstream.close()
         if own_storage:

@@ -48,6 +48,24 @@ class Budget(msgspec.Struct, kw_only=True):
     remaining_usd: str  # the cap less both ("0.00" at or over it)
 
 
+class BudgetUse(msgspec.Struct, frozen=True):
+    """One budget's current period as a settlement left it (budget_watch.py)."""
+
+    account: str
+    scope: str  # "account" or "key"
+    key_id: str | None  # the key's, for a key's budget
+    spec: str  # its period (``day``, ``custom:60``, ...)
+    start_ms: int
+    end_ms: int
+    cap_nano: int
+    spent_nano: int
+    held_nano: int
+
+    @property
+    def ratio(self) -> float:
+        return (self.spent_nano + self.held_nano) / self.cap_nano
+
+
 def check_timezone(name: Any) -> str:
     """An IANA time zone name zoneinfo knows (``Europe/Paris``), or 400."""
     if not isinstance(name, str) or not name or len(name) > 64:

@@ -231,6 +231,21 @@ class Limiter:
         """settle.lua started now; the future holds its raw reply (:func:`settle_result`)."""
         return self._storage.run_soon("settle", *_settle_call(s))
 
+    def budget_spends(self, account_id: str, key_id: str) -> list[tuple[str, str, int, int]]:
+        """(scope, period spec, start ms, end ms) of each budget this process last admitted
+        ``key_id`` under (``scope``: "account" or "key"), from memory: none for a key
+        without a budget, so budget_watch.py reads nothing more for it."""
+        plan = self._plans.get((account_id, key_id))
+        if plan is None:
+            return []
+        _, account_period, key_period = plan.shape.split("|")
+        spends = []
+        if account_period:
+            spends.append(("account", account_period, int(plan.args[1]), int(plan.args[2])))
+        if key_period:
+            spends.append(("key", key_period, int(plan.args[3]), int(plan.args[4])))
+        return spends
+
     async def keep_orphan(self, s: Settlement) -> None:
         """Keep a settlement that found no account, every field, in the orphan stream."""
         fields = [part for item in msgspec.structs.asdict(s).items() for part in item]

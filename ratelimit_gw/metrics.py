@@ -1,7 +1,9 @@
 """Every Prometheus metric the gateway exports (docs/operations.md), declared together.
 
 Labels are low-cardinality by default: route, protocol, configured model, status, reason.
-``[metrics] account_label = true`` adds ``account`` to the per-request series. With several
+``[metrics] account_label = true`` adds ``account`` to the per-request series, and the budget
+utilisation gauge (one series per budget: its cardinality is the budgets', so only with that
+opt-in). With several
 worker processes, prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set by
 ``serve --workers``) makes ``/metrics`` of any worker report the sum over all of them.
 """
@@ -134,6 +136,8 @@ class Metrics:
     webhook_events_raised: Counter
     webhook_deliveries: Counter
     webhook_outbox_events: Gauge
+    # Only with account_label (it is per account): None otherwise, and not exported.
+    budget_spent_ratio: Gauge | None
 
     def account(self, account_id: str | None) -> tuple[str, ...]:
         """The extra label values for per-account series (none unless opted in)."""
@@ -327,6 +331,18 @@ def create_metrics(registry: CollectorRegistry | None, account_label: bool = Fal
             "Webhook events waiting in the outbox (due, leased or backing off), read from "
             "storage every few seconds",
             multiprocess_mode="livemostrecent",
+            registry=registry,
+        ),
+        budget_spent_ratio=None
+        if not account_label
+        else Gauge(
+            "rlgw_budget_spent_ratio",
+            "Spent plus held over the cap of a budget's current period (1 and more: refusing), "
+            "by scope (account|key), account and key id (- for the account's own budget), as "
+            "of its latest settlement; only with [metrics] account_label",
+            ["scope", "account", "key_id"],
+            # Every worker reads the same spend hash: the latest reading, whoever took it.
+            multiprocess_mode="mostrecent",
             registry=registry,
         ),
     )

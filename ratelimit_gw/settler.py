@@ -25,6 +25,7 @@ from .storage import StorageError
 from .upstream_pool import PoolStore
 
 if TYPE_CHECKING:  # failover.py settles through this module
+    from .budget_watch import BudgetWatch
     from .failover import PoolReservation
     from .webhook_events import WebhookEvents
 
@@ -42,11 +43,13 @@ class Settler:
         metrics: Metrics,
         pools: PoolStore,
         events: WebhookEvents | None = None,
+        budgets: BudgetWatch | None = None,
     ) -> None:
         self._limiter = limiter
         self._metrics = metrics
         self._pools = pools
         self._events = events  # balance.low webhooks see each applied settlement
+        self._budgets = budgets  # so do the budget gauge and events (budgeted keys only)
         # First attempts (storage futures) and retry tasks not finished yet.
         self._pending: set[asyncio.Future[Any]] = set()
 
@@ -171,6 +174,8 @@ class Settler:
             m.balance_overruns.inc()
         if self._events is not None:
             self._events.settled(s, result)
+        if self._budgets is not None:
+            self._budgets.settled(s)
 
     async def _keep_orphan(self, s: Settlement) -> None:
         try:

@@ -15,6 +15,12 @@ What :class:`WebhookEvents` promises:
   ``upstream_key.unhealthy:<provider>:<key>:<marked ms>`` for each pool key an upstream 401
   marked unhealthy (the mark's time names the episode: healthy and refused again is a new
   event).
+- ``budget.80`` / ``budget.100``: after a settlement of a budgeted key (budget_watch.py
+  reads its budgets), each budget whose period's spent plus held reached 80 % / 100 % of its
+  cap raises ``budget.<percent>:<account>:<account|key:<key id>>:<period spec>:<period start
+  ms>``: once per budget, period and threshold, whichever instance saw it first; the next
+  period is a new id. Each process also remembers the ids it raised, so a budget over 80 %
+  costs no raise per settlement.
 - Raising is idempotent by id (webhook_outbox.py): a scan raises the same event at every
   turn and only the first counts. Storage failing only delays a scan; a failed
   ``balance.low`` raise is logged (its crossing is not seen again).
@@ -29,6 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from .accounts import AccountStore
+from .budgets import BudgetUse
 from .keys import MAX_PAGE
 from .keyspace import WEBHOOK_KEY_SCAN, AccountKeys
 from .limiter import ABANDONED, Settlement, SettleResult
@@ -44,6 +51,8 @@ from .webhook_outbox import Outbox
 log = logging.getLogger("ratelimit_gw.webhooks")
 
 MAX_RAISING = 1000  # balance.low raises in flight per process; beyond: logged, not raised
+BUDGET_PERCENTS = (80, 100)  # the budget.<percent> event types
+MAX_BUDGET_RAISED = 100_000  # budget event ids a process remembers raising; then forgets all
 
 
 class WebhookLookup(Protocol):
@@ -76,6 +85,7 @@ class WebhookEvents:
         self._delivery = delivery
         self.outbox = Outbox(storage)
         self._raising: set[asyncio.Task[None]] = set()
+        self._budget_raised: set[str] = set()
 
     async def raise_for(
         self, event_type: str, account: str | None, event_id: str, data: dict[str, Any]
@@ -142,6 +152,43 @@ class WebhookEvents:
     async def drain(self, timeout_s: float = 5.0) -> None:
         if self._raising:
             await asyncio.wait(set(self._raising), timeout=timeout_s)
+
+    # --- budget.80 and budget.100, after settlement (budget_watch.py) ----------------------
+
+    def wants_budget(self) -> bool:
+        return any(self._webhooks.any_wants(f"budget.{p}") for p in BUDGET_PERCENTS)
+
+    async def budget_used(self, use: BudgetUse) -> None:
+        """Raise each budget event whose threshold ``use`` has reached, once per period."""
+        scope = "account" if use.key_id is None else f"key:{use.key_id}"
+        for percent in BUDGET_PERCENTS:
+            if (use.spent_nano + use.held_nano) * 100 < use.cap_nano * percent:
+                return
+            event_type = f"budget.{percent}"
+            event_id = f"{event_type}:{use.account}:{scope}:{use.spec}:{use.start_ms}"
+            if event_id in self._budget_raised or not self._webhooks.any_wants(event_type):
+                continue
+            period, _, seconds = use.spec.partition(":")
+            await self.raise_for(
+                event_type,
+                use.account,
+                event_id,
+                {
+                    "percent": percent,
+                    "scope": use.scope,
+                    "key_id": use.key_id,
+                    "budget_usd": format_usd(use.cap_nano),
+                    "spent_usd": format_usd(use.spent_nano),
+                    "held_usd": format_usd(use.held_nano),
+                    "period": period,
+                    "period_s": int(seconds) if seconds else None,
+                    "period_start": iso(use.start_ms),
+                    "resets_at": iso(use.end_ms),
+                },
+            )
+            if len(self._budget_raised) >= MAX_BUDGET_RAISED:
+                self._budget_raised.clear()
+            self._budget_raised.add(event_id)
 
     # --- key.expiring, a periodic scan -----------------------------------------------------
 

@@ -48,6 +48,7 @@ DASHBOARD_ROWS = [
     "Configuration",
     "Upstream keys",
     "Webhooks",
+    "Budgets",
 ]
 
 

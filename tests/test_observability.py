@@ -753,6 +753,10 @@ async def outage(upstream: Upstream, http: aiohttp.ClientSession) -> AsyncIterat
         server.stop()
 
 
+# Exported only with [metrics] account_label = true (one series per budget).
+OPT_IN_METRICS = ("rlgw_budget_spent_ratio",)
+
+
 def promql_documents() -> Iterator[tuple[str, str]]:
     """(where, expression) for every PromQL query in the dashboard and the alert rules."""
     dashboard = json.loads((DEPLOY / "grafana/dashboards/ratelimit-gw.json").read_text())
@@ -810,6 +814,9 @@ async def test_every_metric_and_label_the_dashboard_and_alerts_query_is_exported
     m = await scrape(http, outage.url)
     documents = list(promql_documents())
     assert len(documents) >= 30
+    # Opt-in metrics are not exported by this gateway: tests/test_budget_watch.py checks
+    # their queries against one that exports them.
+    documents = [(w, e) for w, e in documents if not any(name in e for name in OPT_IN_METRICS)]
     problems = [p for where, expr in documents for p in check_expression(where, expr, m)]
     assert problems == []
     # Every metric the gateway exports is on the dashboard (nothing exported goes unseen).
@@ -957,7 +964,12 @@ async def test_a_real_prometheus_scrapes_the_gateway_and_every_query_returns_dat
         ).groups()
         exprs.append(f"group by ({label}) ({metric})")
 
-    without_data = exprs
+    # An opt-in metric's queries must parse (query() fails at once otherwise); this gateway
+    # does not export it, so they have no data.
+    opt_in = [e for e in exprs if any(name in e for name in OPT_IN_METRICS)]
+    for expr in opt_in:
+        await query(http, prom, expr)
+    without_data = [e for e in exprs if e not in opt_in]
     while without_data:  # a query Prometheus rejects fails at once, in query()
         without_data = [e for e in without_data if not await query(http, prom, e)]
         if without_data:

@@ -15,12 +15,14 @@ from .resolved import Webhook
 from .schema import WebhookDeliverySettings, WebhookSettings
 
 # Every event a webhook may subscribe to, and the threshold field it needs (None: none).
-# Adding an event type is one line here (and its raiser); the budget events (80 % / 100 % of
-# a period budget) come with budgets.
+# Adding an event type is one line here (and its raiser). The budget events' thresholds are
+# fixed (80 % and 100 % of a period budget): a type each, no field.
 EVENT_THRESHOLDS: dict[str, str | None] = {
     "balance.low": "balance_below_usd",
     "key.expiring": "key_expiring_within_s",
     "upstream_key.unhealthy": None,
+    "budget.80": None,
+    "budget.100": None,
 }
 # Events about no account: only global webhooks receive them.
 GLOBAL_ONLY_EVENTS = frozenset({"upstream_key.unhealthy"})
