@@ -11,6 +11,8 @@ import fnmatch
 import uuid
 from typing import Any
 
+import aiohttp
+import openai
 import pytest
 
 from ratelimit_gw import model_limits
@@ -20,6 +22,10 @@ from ratelimit_gw.limiter import AdmissionRequest, Limiter, Settlement
 from ratelimit_gw.limits import Limits
 from ratelimit_gw.management import AccountError
 from ratelimit_gw.storage import Storage
+
+from .cli_helpers import cli, cli_json
+from .conftest import ADMIN_TOKEN, Gateway
+from .test_sdk_e2e import CHAT_MESSAGES, openai_client
 
 
 @pytest.fixture
@@ -280,3 +286,87 @@ async def test_admin_sets_reads_and_clears_model_limits(accounts: AccountStore) 
         await accounts.update_key(key_id, {"model_limits": {"x": {"rpm": 0}}})
     with pytest.raises(AccountError, match="pattern"):
         await accounts.update_account("acme", {"model_limits": {"": {"rpm": 1}}})
+
+
+# ---------------------------------------------------------------- over HTTP
+
+
+async def _admin(
+    http: aiohttp.ClientSession, gw: Gateway, method: str, path: str, body: Any = None
+) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with http.request(method, gw.url + path, json=body, headers=headers) as response:
+        return response.status, await response.json()
+
+
+async def test_the_429_names_the_pattern_and_the_headers_the_tightest(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    key = await gateway.new_key(rpm=100)
+    record = await gateway.accounts.find_key(key)
+    assert record is not None
+    status, body = await _admin(
+        http,
+        gateway,
+        "PATCH",
+        f"/admin/keys/{record.id}",
+        {"model_limits": {"gpt-4o*": {"rpm": 2}}},
+    )
+    assert status == 200 and body["model_limits"] == {"gpt-4o*": {"rpm": 2}}
+    async with openai_client(gateway, key, max_retries=0) as client:
+        first = await client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=CHAT_MESSAGES, max_tokens=5
+        )
+        assert first.headers["x-ratelimit-limit-requests"] == "2"
+        assert first.headers["x-ratelimit-remaining-requests"] == "1"
+        await client.chat.completions.create(model="gpt-4o", messages=CHAT_MESSAGES, max_tokens=5)
+        with pytest.raises(openai.RateLimitError) as caught:
+            await client.chat.completions.create(
+                model="gpt-4o-mini", messages=CHAT_MESSAGES, max_tokens=5
+            )
+    err = caught.value
+    assert isinstance(err.body, dict) and err.body["reason"] == "rpm_exceeded"
+    assert "key limit for models matching `gpt-4o*` is 2 requests per minute" in err.body["message"]
+    assert err.response.headers["x-ratelimit-limit-requests"] == "2"
+    # The account's own patterns, shown and cleared through the admin API.
+    status, body = await _admin(
+        http, gateway, "PATCH", "/admin/accounts/acme", {"model_limits": {"o3*": {"tpm": 500}}}
+    )
+    assert status == 200 and body["model_limits"] == {"o3*": {"tpm": 500}}
+    status, body = await _admin(http, gateway, "GET", "/admin/accounts/acme")
+    assert body["model_limits"] == {"o3*": {"tpm": 500}}
+    for bad in ({"": {"rpm": 1}}, {"x": {"rpm": 0}}, {"x": {}}, {"x": {"rph": 1}}):
+        status, body = await _admin(
+            http, gateway, "PATCH", "/admin/accounts/acme", {"model_limits": bad}
+        )
+        assert status == 400, (bad, body)
+    status, body = await _admin(
+        http, gateway, "PATCH", "/admin/accounts/acme", {"model_limits": None}
+    )
+    assert status == 200 and body["model_limits"] == {}
+
+
+@pytest.mark.slow  # runs the CLI as a subprocess
+def test_cli_sets_shows_and_clears_model_limits(redis_url: str) -> None:
+    storage = ("--storage", redis_url)
+    cli_json("accounts", "create", "acme", *storage)
+    account = cli_json(
+        "accounts", "update", "acme", "--model-limits", "gpt-4o*:rpm=60:tpm=100000", *storage
+    )
+    assert account["model_limits"] == {"gpt-4o*": {"rpm": 60, "tpm": 100000}}
+    shown = cli("accounts", "show", "acme", *storage)
+    assert shown.returncode == 0 and "gpt-4o*" in shown.stdout, shown
+    key = cli_json("keys", "create", "acme", *storage)
+    updated = cli_json(
+        "keys", "update", key["id"], "--model-limits", "a:b:rpm=1,o3*:tpm=5", *storage
+    )
+    assert updated["model_limits"] == {"a:b": {"rpm": 1}, "o3*": {"tpm": 5}}
+    listed = cli("keys", "list", "acme", *storage)
+    assert "o3*" in listed.stdout
+    refused = cli("keys", "update", key["id"], "--model-limits", "gpt-4o", *storage)
+    assert refused.returncode != 0 and "PATTERN:rpm=N" in refused.stderr
+    cleared = cli_json("keys", "update", key["id"], "--no-model-limits", *storage)
+    assert cleared["model_limits"] == {}
+    assert (
+        cli_json("accounts", "update", "acme", "--no-model-limits", *storage)["model_limits"] == {}
+    )
