@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 import aiohttp
+import msgspec
 import openai
 import pytest
 
@@ -221,6 +222,43 @@ async def test_settlement_corrects_each_patterns_tpm(
         assert capacity - 101 < level <= capacity  # 100 used (and a few ms of refill)
         assert 0 < await storage.call("PTTL", name) <= 61_000
     assert (await limiter.admit(admission(key_id, "gpt-4o", tokens=800))).allowed
+
+
+async def test_hold_records_with_budgets_and_model_buckets_settle_and_expire(
+    storage: Storage, accounts: AccountStore, limiter: Limiter
+) -> None:
+    # A hold record names its budgets' spend hashes and its model buckets: settle.lua and
+    # admit.lua's sweep of expired holds read both parts.
+    key_id = await new_key(accounts)
+    await accounts.update_account("acme", {"budget_usd": "1.00", "budget_period": "day"})
+    await accounts.update_key(key_id, {"budget_usd": "1.00", "budget_period": "day"})
+    await accounts.update_key(key_id, {"model_limits": {"gpt-4o*": {"tpm": 1000}}})
+    first = admission(key_id, "gpt-4o", tokens=500, hold_nano=20_000_000)
+    assert (await limiter.admit(first)).allowed
+    done = msgspec.structs.replace(settlement(first, 100), cost_nano=10_000_000)
+    assert (await limiter.settle(done)).settled
+    account = await accounts.get_account("acme")
+    assert account.budget is not None
+    assert (account.budget.spent_usd, account.budget.held_usd) == ("0.01", "0.00")
+    bucket = AccountKeys("acme").model_bucket("key", key_id, "gpt-4o*")
+    assert float(await storage.call("HGET", bucket, "tpm_level")) > 890  # 100 used
+    # A hold that outlives its TTL is swept by the next admission: its budgets count it spent.
+    short = AdmissionRequest(
+        account_id="acme",
+        key_id=key_id,
+        request_id=f"req-{uuid.uuid4().hex}",
+        estimated_tokens=10,
+        hold_nano=20_000_000,
+        ttl_ms=30,
+        model="gpt-4o",
+    )
+    assert (await limiter.admit(short)).allowed
+    await asyncio.sleep(0.1)
+    swept = await limiter.admit(admission(key_id, "gpt-4o"))
+    assert swept.allowed and swept.holds_expired == 1
+    key = await accounts.get_key("acme", key_id)
+    assert key.budget is not None
+    assert (key.budget.spent_usd, key.budget.held_usd) == ("0.03", "0.00")
 
 
 async def test_a_request_larger_than_a_pattern_can_ever_allow(
