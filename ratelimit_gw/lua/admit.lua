@@ -37,7 +37,7 @@
 --   5 holds hash (request_id -> record)   6 ledger stream
 --   7 settled zset (request_id -> settle time ms; settle.lua's)
 --   8.. the spend hash of each budget of the shape ARGV 7 names: the account's, then the key's
---   ARGV 13.. the bucket hash of each matching model pattern, in ARGV 14..'s order
+--   then, from index ARGV 13, the bucket hash of each matching model pattern (ARGV 14..)
 -- ARGV:
 --   1 mode ("admit" | "peek")   2 request_id   3 key_id
 --   4 estimated tokens (integer)   5 hold, nano-USD (integer)   6 lease/hold TTL, ms
