@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from . import budgets, keyspace
+from . import budgets, keyspace, model_limits
 from .budgets import Budget, check_timezone
 from .keys import KeyStore
 from .keyspace import AccountKeys
@@ -60,6 +60,8 @@ class Account(msgspec.Struct, kw_only=True):
     # Where its budgets' days, weeks and months begin: its own, or [accounts] default_timezone.
     timezone: str
     budget: Budget | None  # with the current period's spend (docs/limits-and-balance.md)
+    # Per-model rpm/tpm limits: pattern → limits (docs/limits-and-balance.md).
+    model_limits: dict[str, model_limits.ModelLimit] = {}
 
 
 class Deletion(msgspec.Struct, kw_only=True):
@@ -176,6 +178,7 @@ class AccountStore(KeyStore):
             created_at=iso(int(raw["created_ms"])),
             timezone=zone,
             budget=budget,
+            model_limits=model_limits.decode(raw.get(model_limits.FIELD)),
         )
 
     async def is_prepaid(self, account_id: str) -> bool:
@@ -191,7 +194,9 @@ class AccountStore(KeyStore):
         budget (budgets.budget_changes) and its time zone."""
         await self._open_account(account_id)
         unknown_fields(
-            changes, {*LIMIT_NAMES, "rpm_override", "rpm_policy", "prepaid", "timezone", *_BUDGET}
+            changes,
+            {*LIMIT_NAMES, "rpm_override", "rpm_policy", "prepaid", "timezone", "model_limits"}
+            | _BUDGET,
         )
         fields = FieldChanges()
         budget_set, budget_cleared = budgets.budget_changes(changes)
@@ -202,7 +207,9 @@ class AccountStore(KeyStore):
         for name, value in changes.items():
             if name in _BUDGET:
                 continue
-            if name == "timezone":
+            if name == "model_limits":
+                model_limits.change(fields, value)
+            elif name == "timezone":
                 if value is None:
                     fields.clear("timezone")
                 else:

@@ -43,6 +43,7 @@ from .config_reload import ConfigReload, NoConfigFile, reload_config
 from .errors import GatewayError
 from .keys import DEFAULT_GRACE_S, MAX_GRACE_S, MAX_PAGE, KeyPage, KeyRecord
 from .limits import NO_LIMITS, Limits, flatten
+from .model_limits import ModelLimitsBody
 from .money import MoneyError, parse_usd
 from .services import SERVICES
 from .settings import ConfigError
@@ -83,6 +84,8 @@ class UpdateAccountBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     budget_period: BudgetPeriod | UnsetType = UNSET
     budget_period_s: BudgetPeriodSeconds | UnsetType = UNSET
     timezone: TimeZone | UnsetType | None = UNSET  # null: [accounts] default_timezone
+    # Per-model rpm/tpm limits, every pattern at once; null or {} clears them.
+    model_limits: ModelLimitsBody | UnsetType | None = UNSET
 
 
 class TopupBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -118,6 +121,8 @@ class UpdateKeyBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     budget_usd: UsdAmount | UnsetType | None = UNSET
     budget_period: BudgetPeriod | UnsetType = UNSET
     budget_period_s: BudgetPeriodSeconds | UnsetType = UNSET
+    # Per-model rpm/tpm limits, every pattern at once; null or {} clears them.
+    model_limits: ModelLimitsBody | UnsetType | None = UNSET
 
 
 class RotateKeyBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -358,7 +363,7 @@ ROUTES: tuple[AdminRoute, ...] = (
         "PATCH",
         "/admin/accounts/{id}",
         update_account,
-        "Change an account's limits, rpm policy, prepaid flag, budget or time zone",
+        "Change an account's limits (per-model too), rpm policy, prepaid flag, budget or time zone",
         Account,
         body=UpdateAccountBody,
         path_types={"id": AccountId},
@@ -448,7 +453,8 @@ ROUTES: tuple[AdminRoute, ...] = (
         "PATCH",
         "/admin/keys/{id}",
         update_key,
-        "Change a key's name, models, limits, budget or expiry (in force within a second)",
+        "Change a key's name, models, limits (per-model too), budget or expiry (in force "
+        "within a second)",
         KeyRecord,
         body=UpdateKeyBody,
         path_types={"id": KeyId},

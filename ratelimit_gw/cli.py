@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import metadata
@@ -149,8 +150,41 @@ def _budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-period-s", type=int, metavar="S", help="the length of a custom period")
 
 
+_MODEL_LIMIT = re.compile(r"^(rpm|tpm)=(\d+)$")
+
+
+def _model_limits_changes(a: argparse.Namespace) -> dict[str, Any]:
+    """`--model-limits PATTERN:rpm=N:tpm=M,…` (every pattern at once) or `--no-model-limits`."""
+    if a.no_model_limits:
+        return {"model_limits": None}
+    if a.model_limits is None:
+        return {}
+    limits: dict[str, dict[str, int]] = {}
+    for item in a.model_limits:
+        parts = item.split(":")
+        counts: dict[str, int] = {}
+        while len(parts) > 1 and (m := _MODEL_LIMIT.match(parts[-1])):
+            counts[m[1]] = int(m[2])
+            parts.pop()
+        if not counts:
+            raise SystemExit(f"error: --model-limits {item!r}: expected PATTERN:rpm=N:tpm=M")
+        limits[":".join(parts)] = counts
+    return {"model_limits": limits}
+
+
+def _model_limits_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    list_option(
+        group,
+        "--model-limits",
+        "per-model limits, every pattern at once, e.g. 'gpt-4o*:rpm=60:tpm=100000'",
+        metavar="PATTERN:rpm=N:tpm=M",
+    )
+    group.add_argument("--no-model-limits", action="store_true", help="clear the per-model limits")
+
+
 async def _accounts_update(store: AccountStore, a: argparse.Namespace) -> Any:
-    changes: dict[str, Any] = _budget_changes(a)
+    changes: dict[str, Any] = {**_budget_changes(a), **_model_limits_changes(a)}
     if a.timezone is not None:
         changes["timezone"] = a.timezone or None  # "": the config's default
     for name in (*LIMIT_NAMES, "rpm_override", "rpm_policy"):
@@ -213,7 +247,7 @@ async def _keys_list(store: AccountStore, a: argparse.Namespace) -> list[KeyReco
 
 
 async def _keys_update(store: AccountStore, a: argparse.Namespace) -> Any:
-    changes: dict[str, Any] = _budget_changes(a)
+    changes: dict[str, Any] = {**_budget_changes(a), **_model_limits_changes(a)}
     for name in LIMIT_NAMES:
         value = getattr(a, name)
         if value is not None:
@@ -313,7 +347,8 @@ def _version() -> str:
 VERB_HELP = {
     "accounts create": "create an account (prepaid when given a balance)",
     "accounts show": "show an account: balance, holds, limits",
-    "accounts update": "change an account's limits, rpm policy, prepaid flag, budget or time zone",
+    "accounts update": "change an account's limits (per-model too), rpm policy, prepaid flag, "
+    "budget or time zone",
     "accounts topup": "credit a prepaid account, once per idempotency key",
     "accounts ledger": "list an account's ledger entries, newest first",
     "accounts list": "list account ids",
@@ -323,8 +358,8 @@ VERB_HELP = {
     "accounts adjust": "credit or debit an account by hand, with a reason (a ledger entry)",
     "keys create": "create an API key for an account (its secret is shown once)",
     "keys list": "list one account's keys, or every account's (never their secrets)",
-    "keys update": "change a key's name, models, limits, budget or expiry (in force within a "
-    "second)",
+    "keys update": "change a key's name, models, limits (per-model too), budget or expiry (in "
+    "force within a second)",
     "keys rotate": "give a key a new secret; the old one works for a grace period",
     "keys revoke": "revoke a key by its id (key_…); effective on the next request",
     "webhooks set": "set an account's own webhook: URL, events, thresholds (docs/webhooks.md)",
@@ -481,6 +516,7 @@ def _add_verb_args(group: str, verb: str, p: argparse.ArgumentParser) -> None:
                 help="whether requests are held against the balance",
             )
             _budget_args(p)
+            _model_limits_args(p)
             p.add_argument(
                 "--timezone",
                 metavar="ZONE",
@@ -540,6 +576,7 @@ def _add_verb_args(group: str, verb: str, p: argparse.ArgumentParser) -> None:
             expiry.add_argument("--no-expiry", action="store_true", help="never expires")
             _limit_args(p, clear_hint=True)
             _budget_args(p)
+            _model_limits_args(p)
         elif verb == "rotate":
             p.add_argument(
                 "--grace-s",

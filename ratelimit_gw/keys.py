@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from . import budgets, keyspace
+from . import budgets, keyspace, model_limits
 from .budgets import Budget
 from .key_changes import published
 from .keyspace import AccountKeys
@@ -47,7 +47,7 @@ MAX_PAGE = 1000
 # The grace of the secret of a key issued before keys named their secret (rotate_key.lua).
 _LEGACY_SECRET = "retired:legacy"
 _BUDGET_CHANGES = {"budget_usd", "budget_period", "budget_period_s"}
-_UPDATABLE = {"name", "models", "expires_at", *LIMIT_NAMES, *_BUDGET_CHANGES}
+_UPDATABLE = {"name", "models", "expires_at", "model_limits", *LIMIT_NAMES, *_BUDGET_CHANGES}
 
 
 class KeyRecord(msgspec.Struct, kw_only=True, frozen=True, gc=False):
@@ -65,6 +65,9 @@ class KeyRecord(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     # Its budget and the current period's spend (docs/limits-and-balance.md); the admin API
     # and CLI show it, a gateway's key cache never reads it.
     budget: Budget | None = None
+    # Per-model rpm/tpm limits: pattern → limits (docs/limits-and-balance.md). admit.lua reads
+    # them from the key's hash itself: the cache's copy is only shown.
+    model_limits: dict[str, model_limits.ModelLimit] = {}
 
     def allows_model(self, model_id: str) -> bool:
         return not self.models or any(fnmatchcase(model_id, p) for p in self.models)
@@ -295,6 +298,8 @@ class KeyStore:
                 if value is not None and not isinstance(value, str):
                     raise AccountError(400, "invalid_request", "name must be a string")
                 fields.set("name", value or "")
+            elif name == "model_limits":
+                model_limits.change(fields, value)
             elif name == "models":
                 models = _checked_models(value) or []
                 fields.set("models", msgspec.json.encode(models).decode())
@@ -411,6 +416,7 @@ def _record(account_id: str, key_id: str, raw: dict[str, str]) -> KeyRecord | No
         expires_at=iso(int(expires)) if expires else None,
         revoked=raw.get("revoked") == "1",
         created_at=iso(int(raw["created_ms"])),
+        model_limits=model_limits.decode(raw.get(model_limits.FIELD)),
     )
 
 

@@ -116,6 +116,14 @@ class AccountKeys:
         """One key's budget spend in one period, as :meth:`account_spend`."""
         return f"{self.base}:spend:key:{key_id}:{period}"
 
+    def model_bucket(self, scope: str, key_id: str, pattern: str) -> str:
+        """The rpm/tpm buckets of one per-model limit (model_limits.py) of the account
+        (``scope`` "account") or of the key: a hash like a scope's bucket fields, which
+        expires once both would be full again."""
+        if scope == "account":
+            return f"{self.base}:model-limit:account:{pattern}"
+        return f"{self.base}:model-limit:key:{key_id}:{pattern}"
+
     def admit_keys(self, key_id: str) -> list[str]:
         """KEYS of admit.lua, in the order its header states (the properties' names, spelled
         out: this runs twice per request)."""

@@ -16,6 +16,8 @@ import msgspec
 
 from .budgets import bounds, spend_name
 from .keyspace import ORPHAN_SETTLEMENTS, AccountKeys
+from .model_limits import STALE as MODEL_STALE
+from .model_limits import matching
 from .storage import Storage
 
 # The outcome of a release for an admission whose caller will never settle it (it hung up
@@ -58,6 +60,10 @@ class Decision(msgspec.Struct, frozen=True):
     budget_used_nano: int = 0
     budget_reset_ms: int = 0
     now_ms: int = 0  # the store's time of a budget_exceeded decision (0 otherwise)
+    # Set when a per-model limit refused it (rpm/tpm_exceeded, request_exceeds_limit): whose
+    # ("account" or "key") and its pattern.
+    model_scope: str | None = None
+    model_pattern: str | None = None
 
 
 class StaleBudgetPeriod(Exception):
@@ -81,6 +87,7 @@ class AdmissionRequest(msgspec.Struct, frozen=True):
     estimated_tokens: int
     hold_nano: int
     ttl_ms: int
+    model: str = ""  # the model asked for: what per-model limits match
 
     def abandoned(self, model: str, client_request_id: str) -> Settlement:
         """The release of this admission, for when its caller gives up on it."""
@@ -148,6 +155,8 @@ def _decision(reply: list[Any]) -> Decision:
         budget_used_nano=int(reply[19] or 0),
         budget_reset_ms=reply[20],
         now_ms=reply[16] if reply[1] == "budget_exceeded" else 0,
+        model_scope=reply[22] or None,
+        model_pattern=reply[23] or None,
     )
 
 
@@ -181,6 +190,9 @@ class Limiter:
         self.default_timezone = default_timezone
         self._plans: dict[tuple[str, str], _BudgetPlan] = {}
         self._skew_ms = 0  # the store's clock less ours, as the last stale refusal showed
+        # Per-model limits (model_limits.py): per (account, key) that has any, the shape
+        # admit.lua checks. Without one, its admission passes nothing more.
+        self._model_shapes: dict[tuple[str, str], str] = {}
 
     async def admit(self, request: AdmissionRequest) -> Decision:
         # Key names are built per call (~1 µs). A per-key cache of them once held ~2 KB per
@@ -199,18 +211,33 @@ class Limiter:
         if plan is not None and int(time.time() * 1000) + self._skew_ms >= plan.until_ms:
             now_ms = int(time.time() * 1000) + self._skew_ms
             plan = self._learn(scope, plan.shape, now_ms)
-        reply = await self._storage.run(
-            "admit", keys if plan is None else keys + plan.keys, args + (plan.args if plan else [])
-        )
-        if reply[1] == STALE:  # the script's own TIME decides: recompute for it, once
-            self._skew_ms = reply[16] - int(time.time() * 1000)
-            plan = self._learn(scope, reply[15], reply[16])
-            reply = await self._storage.run("admit", keys + plan.keys, args + plan.args)
-            if reply[1] == STALE:  # a budget changed in between: rare enough to fail
-                raise StaleBudgetPeriod(f"admit.lua refused the budget periods of {scope}")
+        model_shape = self._model_shapes.get(scope)
+        reply = await self._storage.run("admit", *_call(request, keys, args, plan, model_shape))
+        if reply[1] == STALE or reply[1] == MODEL_STALE:  # learn both from the reply, once
+            if reply[15]:  # the script's own TIME decides: recompute for it
+                self._skew_ms = reply[16] - int(time.time() * 1000)
+                plan = self._learn(scope, reply[15], reply[16])
+            else:
+                plan = None
+                self._plans.pop(scope, None)
+            model_shape = self._learn_models(scope, reply[21])
+            reply = await self._storage.run("admit", *_call(request, keys, args, plan, model_shape))
+            if reply[1] == STALE or reply[1] == MODEL_STALE:  # changed in between: rare
+                raise StaleBudgetPeriod(
+                    f"admit.lua refused the budget periods or model limits of {scope}"
+                )
         if plan is not None and not reply[15]:  # its budgets were cleared
             self._plans.pop(scope, None)
         return _decision(reply)
+
+    def _learn_models(self, scope: tuple[str, str], model_shape: str) -> str | None:
+        if not model_shape:
+            self._model_shapes.pop(scope, None)
+            return None
+        if len(self._model_shapes) >= MAX_BUDGET_PLANS:
+            self._model_shapes.clear()
+        self._model_shapes[scope] = model_shape
+        return model_shape
 
     def _learn(self, scope: tuple[str, str], shape: str, now_ms: int) -> _BudgetPlan:
         if len(self._plans) >= MAX_BUDGET_PLANS:
@@ -252,6 +279,30 @@ class Limiter:
         await self._storage.call(
             "XADD", ORPHAN_SETTLEMENTS, "MAXLEN", "~", ORPHANS_KEPT, "*", *fields
         )
+
+
+def _call(
+    request: AdmissionRequest,
+    keys: list[str],
+    args: list[Any],
+    plan: _BudgetPlan | None,
+    model_shape: str | None,
+) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of admit.lua: the plain ones, then a budget plan's, then the per-model
+    buckets of every pattern of ``model_shape`` that matches the request's model."""
+    if plan is not None:
+        keys, args = keys + plan.keys, args + plan.args
+    if model_shape is None:
+        return keys, args
+    if plan is None:
+        args = [*args, "", 0, 0, 0, 0]
+    args = [*args, model_shape, len(keys) + 1]
+    keys = list(keys)
+    names = AccountKeys(request.account_id)
+    for scope, pattern, rpm, tpm in matching(model_shape, request.model):
+        keys.append(names.model_bucket(scope, request.key_id, pattern))
+        args += [scope, pattern, "" if rpm is None else rpm, "" if tpm is None else tpm]
+    return keys, args
 
 
 def _settle_call(s: Settlement) -> tuple[list[str], list[Any]]:

@@ -96,6 +96,7 @@ class MeteredRequest:
             hold_nano=self.hold.nano,
             # Holds and leases outlive every upstream attempt: only a dead gateway's expire.
             ttl_ms=int(self.itinerary.hold_ttl_s * 1000) + HOLD_MARGIN_MS,
+            model=self.charged_as,
         )
         self.failover = Failover(self.itinerary, self.hold.tokens, svc.pools, svc.metrics)
         try:

@@ -146,26 +146,35 @@ def _limit_error(
         tpm=decision.tokens.limit if decision.tokens else None,
     )
     limit = decision.hit_limit or 0
+    # A per-model limit (docs/limits-and-balance.md) names itself.
+    whose = "your limit"
+    if decision.model_pattern is not None:
+        whose = f"the {decision.model_scope} limit for models matching `{decision.model_pattern}`"
     if reason == "request_exceeds_limit":
         return GatewayError(
             429,
             reason,
             f"This request needs an estimated {count(estimate, 'token')} ({input_tokens} input "
-            f"+ {output or output_tokens} max output), more than your limit of "
+            f"+ {output or output_tokens} max output), more than {whose} of "
             f"{count(limit, 'token')} per minute can ever allow. Lower max_tokens or shorten "
             "the input.",
             should_retry=False,
             rate_limit=limits,
         )
     wait = f" Please try again in {go_duration(decision.retry_after_ms)}."
+    current = "Your current limit is"
+    if decision.model_pattern is not None:
+        current = (
+            f"The {decision.model_scope} limit for models matching `{decision.model_pattern}` is"
+        )
     if reason == "rpm_exceeded":
         message = (
-            f"Rate limit exceeded. Your current limit is {count(limit, 'request')} per minute "
+            f"Rate limit exceeded. {current} {count(limit, 'request')} per minute "
             f"(approximately {_per_second(limit)}).{wait}"
         )
     elif reason == "tpm_exceeded":
         message = (
-            f"Rate limit exceeded. Your current limit is {count(limit, 'token')} per minute; "
+            f"Rate limit exceeded. {current} {count(limit, 'token')} per minute; "
             f"this request needs an estimated {count(estimate, 'token')}.{wait}"
         )
     else:

@@ -115,6 +115,7 @@ ACME = {
     "overruns": 0,
     "timezone": "UTC",
     "budget": None,
+    "model_limits": {},
 }
 
 
@@ -469,6 +470,7 @@ async def test_create_key_shows_the_secret_once(admin: Admin) -> None:
         "expires_at": "2999-01-02T03:04:05Z",
         "revoked": False,
         "budget": None,
+        "model_limits": {},
     }
 
 
@@ -825,6 +827,7 @@ def test_cli_keys_create_list_revoke(redis_url: str) -> None:
         "expires_at": None,
         "revoked": False,
         "budget": None,
+        "model_limits": {},
     }
     text_created = cli_text("keys", "create", "acme", "--name", "batch", *storage)
     assert_fresh_key(text_created["key"])

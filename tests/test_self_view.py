@@ -115,6 +115,7 @@ async def test_the_answer_has_the_documented_shape(
         "expires_at": "2099-01-01T00:00:00Z",
         "created_at": record.created_at,
         "budget": None,
+        "model_limits": {},
     }
     assert view["account"] == {
         "id": "acme",
@@ -128,6 +129,7 @@ async def test_the_answer_has_the_documented_shape(
         "rpm_policy": "fixed",
         "timezone": "UTC",
         "budget": None,
+        "model_limits": {},
     }
     assert view["remaining"] == {
         "requests": {"limit": 60, "remaining": 60, "reset_ms": 0},

@@ -13,6 +13,9 @@
 -- was consumed: it writes the tombstone and nothing else. With one it releases what the
 -- admission placed, refunds the tpm estimate and writes a `release` entry.
 --
+-- A hold record that names per-model tpm buckets ("#<hash>=<tpm limit>", admit.lua) has
+-- them corrected like the scopes' tpm buckets.
+--
 -- A hold record that names budget spend hashes (admit.lua) corrects them: its hold is
 -- released from held_nano and its cost added to spent_nano of the period it was admitted in,
 -- even once that period is over. (The hashes share the account's hash tag: one slot.)
@@ -61,6 +64,7 @@ end
 redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now_ms - SETTLED_RETENTION_MS)
 
 local released = '0'
+local model_buckets = {}  -- {hash, tpm limit} of each per-model bucket its admission charged
 local record = redis.call('HGET', KEYS[5], request_id)
 if record then
   local held, estimate = string.match(record, '^[^|]*|(%d+)|(%d+)|')
@@ -68,7 +72,10 @@ if record then
   estimated_tokens = tonumber(estimate)
   -- Integers go to HINCRBY as strings: Lua would print large numbers as 1e+15.
   if held ~= '0' then redis.call('HINCRBY', account_key, 'held_nano', '-' .. held) end
-  local spends = string.match(record, '^[^|]*|%d+|%d+|[^|]*|(.*)$')
+  local spends = string.match(record, '^[^|]*|%d+|%d+|[^|]*|([^#]*)')
+  for bucket, capacity in string.gmatch(record, '#([^#=]+)=(%d+)') do
+    model_buckets[#model_buckets + 1] = {bucket, capacity}
+  end
   if spends then
     for spend in string.gmatch(spends, '[^|]+') do
       if held ~= '0' then redis.call('HINCRBY', spend, 'held_nano', '-' .. held) end
@@ -88,6 +95,10 @@ local delta = estimated_tokens - actual_tokens
 if delta ~= 0 then
   local key = redis.call('HMGET', KEYS[2], 'tpm', 'tpm_level', 'tpm_ts')
   local scopes = {{account_key, acct[4], acct[5], acct[6]}, {KEYS[2], key[1], key[2], key[3]}}
+  for _, m in ipairs(model_buckets) do
+    local s = redis.call('HMGET', m[1], 'tpm_level', 'tpm_ts')
+    scopes[#scopes + 1] = {m[1], m[2], s[1], s[2], true}
+  end
   for _, b in ipairs(scopes) do
     local capacity = tonumber(b[2])
     if capacity then
@@ -98,6 +109,12 @@ if delta ~= 0 then
       end
       level = math.min(capacity, level + delta)
       redis.call('HSET', b[1], 'tpm_level', tostring(level), 'tpm_ts', now_ms)
+      if b[5] then
+        -- A per-model bucket's hash lives until it would be full again (its rpm bucket too).
+        local pttl = redis.call('PTTL', b[1])
+        local full_ms = math.ceil((capacity - level) * 60000 / capacity) + 1000
+        if pttl < full_ms then redis.call('PEXPIRE', b[1], full_ms) end
+      end
     end
   end
 end

@@ -21,6 +21,7 @@ from ..errors import GatewayError
 from ..limiter import BucketReport, Decision
 from ..limits import Limits, flatten
 from ..management import AccountError
+from ..model_limits import ModelLimit
 from ..protocols import ADAPTERS, credential_protocol
 from ..rejections import key_error
 from ..services import SERVICES
@@ -50,6 +51,7 @@ class KeyView(msgspec.Struct, kw_only=True):
     expires_at: str | None  # for a rotated-out secret: when its grace ends
     created_at: str
     budget: Budget | None  # its cap, this period's spend and reset (null: no budget)
+    model_limits: dict[str, ModelLimit]  # pattern → its rpm/tpm ({}: none)
 
 
 class AccountView(msgspec.Struct, kw_only=True):
@@ -65,6 +67,7 @@ class AccountView(msgspec.Struct, kw_only=True):
     rpm_policy: str
     timezone: str  # where its budgets' days, weeks and months begin
     budget: Budget | None  # its cap, this period's spend and reset (null: no budget)
+    model_limits: dict[str, ModelLimit]  # pattern → its rpm/tpm ({}: none)
 
 
 class ConcurrencyLeft(msgspec.Struct, kw_only=True):
@@ -75,7 +78,9 @@ class ConcurrencyLeft(msgspec.Struct, kw_only=True):
 
 class Remaining(msgspec.Struct, kw_only=True):
     """What the next request may use: of each kind, the tightest of the key's and the
-    account's buckets (what the rate-limit headers report); null where no limit applies."""
+    account's buckets (what the rate-limit headers report); null where no limit applies.
+    Per-model limits are not in it (they depend on the model): a request's headers show
+    them."""
 
     requests: BucketReport | None  # reset_ms: until the bucket is full again
     tokens: BucketReport | None
@@ -129,6 +134,7 @@ async def show_key(request: web.Request) -> web.Response:
             expires_at=record.expires_at,
             created_at=record.created_at,
             budget=key_budget,
+            model_limits=record.model_limits,
         ),
         account=AccountView(
             id=account.id,
@@ -140,6 +146,7 @@ async def show_key(request: web.Request) -> web.Response:
             rpm_policy=account.rpm_policy,
             timezone=account.timezone,
             budget=account.budget,
+            model_limits=account.model_limits,
         ),
         remaining=_remaining(decision),
         allowed_models=[m.id for m in svc.config.catalog.listings(record)],
