@@ -28,13 +28,31 @@ from .conftest import MODELS, UPSTREAM_KEY
 _, _, IN_USD, OUT_USD = MODELS[0]
 
 
+def mock_model_toml(model: str, input_per_mtok: object, output_per_mtok: object) -> str:
+    """A ``[[models]]`` table for ``model`` on the mock upstream's provider."""
+    return f"""
+[[models]]
+id = "{model}"
+provider = "mock"
+input_per_mtok = {input_per_mtok}
+output_per_mtok = {output_per_mtok}
+"""
+
+
 def mock_gateway_toml(
-    upstream_url: str, storage_url: str, *, server: str = "", model_extra: str = ""
+    upstream_url: str,
+    storage_url: str,
+    *,
+    server: str = "",
+    model_extra: str = "",
+    models: str | None = None,
 ) -> str:
     """A gateway config: ``storage_url``, and gpt-4o-mini at its test prices on the mock
     upstream. ``server``: the lines of a [server] table; ``model_extra``: more lines for the
-    model's table."""
+    model's table; ``models``: other ``[[models]]`` tables instead (``mock_model_toml``)."""
     server_table = f"\n[server]\n{server}\n" if server else ""
+    if models is None:
+        models = mock_model_toml("gpt-4o-mini", IN_USD, OUT_USD)
     return f"""{server_table}
 [storage]
 url = "{storage_url}"
@@ -44,13 +62,7 @@ name = "mock"
 protocol = "openai"
 base_url = "{upstream_url}"
 api_key_env = "RLGW_TEST_UPSTREAM_KEY"
-
-[[models]]
-id = "gpt-4o-mini"
-provider = "mock"
-input_per_mtok = {IN_USD}
-output_per_mtok = {OUT_USD}
-{model_extra}"""
+{models}{model_extra}"""
 
 
 async def fresh_account_key(redis_url: str) -> str:

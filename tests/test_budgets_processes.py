@@ -15,7 +15,7 @@ from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import open_storage
 
 from .conftest import Upstream
-from .processes import gateway_processes, wait_ready
+from .processes import gateway_processes, mock_gateway_toml, mock_model_toml, wait_ready
 from .redis_process import RedisProcess
 
 pytestmark = pytest.mark.slow
@@ -23,29 +23,14 @@ pytestmark = pytest.mark.slow
 MESSAGES = [{"role": "user", "content": "hello there"}]
 # Output at $500 per Mtok and free input: a request capped at 20 tokens holds $0.01 and, with
 # the mock's 4 chunks of 5 tokens, really costs $0.01, so settlement frees nothing.
-PRICED = """
-[storage]
-url = "{redis_url}"
-
-[[providers]]
-name = "mock"
-protocol = "openai"
-base_url = "{upstream_url}"
-api_key_env = "RLGW_TEST_UPSTREAM_KEY"
-
-[[models]]
-id = "gpt-4o-mini"
-provider = "mock"
-input_per_mtok = 0
-output_per_mtok = 500
-"""
+PRICED_MODEL = mock_model_toml("gpt-4o-mini", 0, 500)
 
 
 async def test_a_daily_budget_is_exact_across_two_gateways(
     upstream: Upstream, redis_server: RedisProcess, tmp_path: Path
 ) -> None:
     config = tmp_path / "gateway.toml"
-    config.write_text(PRICED.format(redis_url=redis_server.url, upstream_url=upstream.url))
+    config.write_text(mock_gateway_toml(upstream.url, redis_server.url, models=PRICED_MODEL))
     storage = open_storage(StorageSettings(url=redis_server.url))
     await storage.call("FLUSHALL")
     accounts = AccountStore(storage)

@@ -15,40 +15,26 @@ from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import open_storage
 
 from .conftest import Upstream
-from .processes import fresh_account_key, gateway_processes, wait_ready
+from .processes import (
+    fresh_account_key,
+    gateway_processes,
+    mock_gateway_toml,
+    mock_model_toml,
+    wait_ready,
+)
 from .redis_process import RedisProcess
 
 pytestmark = pytest.mark.slow
 
 MESSAGES = [{"role": "user", "content": "hello there"}]
-CONFIG = """
-[storage]
-url = "{redis_url}"
-
-[[providers]]
-name = "mock"
-protocol = "openai"
-base_url = "{upstream_url}"
-api_key_env = "RLGW_TEST_UPSTREAM_KEY"
-{models}
-"""
-MODEL = """
-[[models]]
-id = "{id}"
-provider = "mock"
-input_per_mtok = 1
-output_per_mtok = 1
-"""
 
 
 async def test_a_key_pattern_is_exact_across_two_gateways(
     upstream: Upstream, redis_server: RedisProcess, tmp_path: Path
 ) -> None:
     config = tmp_path / "gateway.toml"
-    models = "".join(MODEL.format(id=m) for m in ("gpt-4o", "gpt-4o-mini", "o3-mini"))
-    config.write_text(
-        CONFIG.format(redis_url=redis_server.url, upstream_url=upstream.url, models=models)
-    )
+    models = "".join(mock_model_toml(m, 1, 1) for m in ("gpt-4o", "gpt-4o-mini", "o3-mini"))
+    config.write_text(mock_gateway_toml(upstream.url, redis_server.url, models=models))
     key = await fresh_account_key(redis_server.url)
     storage = open_storage(StorageSettings(url=redis_server.url))
     try:
