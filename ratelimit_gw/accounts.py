@@ -191,7 +191,7 @@ class AccountStore(KeyStore):
 
     async def update_account(self, account_id: str, changes: dict[str, Any]) -> Account:
         """Set or clear (None) limits, the rpm policy/override, whether it is prepaid, its
-        budget (budgets.budget_changes) and its time zone."""
+        budget (budgets.apply_budget_changes) and its time zone."""
         await self._open_account(account_id)
         unknown_fields(
             changes,
@@ -199,11 +199,7 @@ class AccountStore(KeyStore):
             | _BUDGET,
         )
         fields = FieldChanges()
-        budget_set, budget_cleared = budgets.budget_changes(changes)
-        for field_name, field_value in zip(budget_set[::2], budget_set[1::2], strict=True):
-            fields.set(field_name, field_value)
-        for field_name in budget_cleared:
-            fields.clear(field_name)
+        budgets.apply_budget_changes(fields, changes)
         for name, value in changes.items():
             if name in _BUDGET:
                 continue

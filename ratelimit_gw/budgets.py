@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
-from .management import AccountError, iso
+from .management import AccountError, FieldChanges, iso
 from .money import MoneyError, format_usd, parse_usd
 
 PERIODS = ("day", "week", "month", "custom")
@@ -140,6 +140,15 @@ def budget_changes(changes: dict[str, Any]) -> tuple[list[Any], list[str]]:
         )
     spec = period_spec(sent["budget_period"], sent.get("budget_period_s"))
     return ["budget_nano", nano, "budget_period", spec], []
+
+
+def apply_budget_changes(fields: FieldChanges, changes: dict[str, Any]) -> None:
+    """Add a PATCH's budget fields to ``fields`` (an account's or a key's hash changes)."""
+    budget_set, budget_cleared = budget_changes(changes)
+    for field_name, field_value in zip(budget_set[::2], budget_set[1::2], strict=True):
+        fields.set(field_name, field_value)
+    for field_name in budget_cleared:
+        fields.clear(field_name)
 
 
 def bounds(spec: str, timezone: str, now_ms: int) -> tuple[int, int]:

@@ -286,11 +286,7 @@ class KeyStore:
         if (await self.get_key(account_id, key_id)).revoked:
             raise AccountError(409, "key_revoked", f"key {key_id!r} is revoked")
         fields = FieldChanges()
-        budget_set, budget_cleared = budgets.budget_changes(changes)
-        for field_name, field_value in zip(budget_set[::2], budget_set[1::2], strict=True):
-            fields.set(field_name, field_value)
-        for field_name in budget_cleared:
-            fields.clear(field_name)
+        budgets.apply_budget_changes(fields, changes)
         for name, value in changes.items():
             if name in _BUDGET_CHANGES:
                 continue
