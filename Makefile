@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast lint typecheck pytest redis-server prometheus wrk cc bench clean
+.PHONY: run test test-fast lint typecheck pytest redis-server postgres prometheus wrk cc bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,23 @@ prometheus:
 	  command -v promtool >/dev/null 2>&1 || \
 	    echo "no promtool/prometheus: install Prometheus (Debian: apt-get install prometheus)"; }
 
+# The archive tests use the PostgreSQL server at RLGW_TEST_POSTGRES_URL (default: the local one,
+# user postgres); where none answers they start a private one (initdb in a temporary
+# directory) from Debian's binaries, installed here without starting the system's server.
+postgres:
+	@{ command -v pg_isready >/dev/null 2>&1 && \
+	   pg_isready -q -d "$${RLGW_TEST_POSTGRES_URL:-postgresql://postgres@127.0.0.1:5432/postgres}"; } || \
+	 command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$(SYSTEM_INSTALL)" != no ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "no PostgreSQL server answers: installing Debian's postgresql for a private test server"; \
+	    policy=; [ -e /usr/sbin/policy-rc.d ] || { policy=1; \
+	      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; }; \
+	    install="apt-get install -y -qq --no-install-recommends postgresql"; \
+	    (DEBIAN_FRONTEND=noninteractive $$install >/dev/null 2>&1 || (apt-get update -qq && \
+	     DEBIAN_FRONTEND=noninteractive $$install >/dev/null)) || true; \
+	    [ -z "$$policy" ] || rm -f /usr/sbin/policy-rc.d; \
+	  fi; }
+
 # The benchmark drives load with wrk (Debian's package); its smoke test runs in `make test`.
 wrk:
 	@command -v wrk >/dev/null 2>&1 || { \
@@ -76,7 +93,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) redis-server prometheus wrk cc
+pytest: $(STAMP) redis-server postgres prometheus wrk cc
 	$(BIN)/pytest
 
 test: lint typecheck pytest

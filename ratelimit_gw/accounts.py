@@ -277,7 +277,12 @@ class AccountStore(KeyStore):
                     ("HSETNX", keys.key(key_id), "revoked_ms", now_ms),
                 ]
             await self._storage.call_many(revocations, atomic=True)
-        await self._storage.call("SREM", keyspace.ACCOUNTS_SET, account_id)
+        await self._storage.call_many(
+            [
+                ("SADD", keyspace.DELETED_ACCOUNTS, account_id),  # still archived
+                ("SREM", keyspace.ACCOUNTS_SET, account_id),
+            ]
+        )
         return Deletion(
             forfeited_usd=format_usd(balance), account=await self.get_account(account_id)
         )

@@ -12,6 +12,10 @@ from prometheus_client import CollectorRegistry
 
 from . import admin
 from .accounts import AccountStore
+from .archive.archiver import Archiver, ArchiveRunner
+from .archive.database import ArchiveDatabase
+from .archive.lag import follow_lag
+from .archive.lease import Lease
 from .auth import KeyCache
 from .body import BodyReader
 from .budget_watch import BudgetWatch
@@ -44,7 +48,7 @@ from .webhook_outbox import AccountWebhooks
 
 log = logging.getLogger("ratelimit_gw")
 # How long shutdown waits for the background tasks (eviction guard, key-change feed, upstream
-# key probe, webhook delivery) to stop.
+# key probe, webhook delivery, archiver) to stop.
 WATCHER_STOP_S = 5.0
 
 
@@ -111,6 +115,7 @@ def create_app(
             client_addresses=ClientAddresses(settings.server.trusted_proxies),
             passthrough=passthrough,
             config_file=config_file,
+            archive=None if settings.archive is None else ArchiveDatabase(settings.archive.url),
         )
         show_config(metrics, digest)
         services = app[SERVICES]
@@ -127,10 +132,19 @@ def create_app(
             asyncio.create_task(probe.run()),
             asyncio.create_task(webhooks.run()),
         ]
+        archiver = _archive_runner(services)
+        if services.archive is not None and settings.archive is not None:
+            watchers.append(
+                asyncio.create_task(follow_lag(store, metrics, settings.archive.interval_s))
+            )
+        if archiver is not None:
+            watchers.append(asyncio.create_task(archiver.run()))
         yield
         keys.stop_following()
         probe.stop()
         webhooks.stop()
+        if archiver is not None:
+            archiver.stop()
         for watcher in watchers:
             watcher.cancel()
         # Bounded: a watcher that ignored its cancellation must not hold the shutdown hostage.
@@ -141,6 +155,8 @@ def create_app(
         await budgets.drain()  # budget readings (and their events) of the last settlements
         await events.drain()  # balance.low raises the last settlements started
         await upstream.close()
+        if services.archive is not None:
+            await services.archive.close()
         if own_storage:
             await store.close()
 
@@ -166,6 +182,15 @@ def create_app(
     app.on_shutdown.append(start_draining)
     admin.add_routes(app)
     return app
+
+
+def _archive_runner(services: Services) -> ArchiveRunner | None:
+    """The archiver of `serve` (docs/archive.md): with an [archive] that runs in serve."""
+    settings = services.config.settings.archive
+    if settings is None or services.archive is None or not settings.in_serve:
+        return None
+    archiver = Archiver(services.storage, services.archive, settings, services.metrics)
+    return ArchiveRunner(archiver, Lease(services.storage, settings.lease_s), settings)
 
 
 def add_converter_routes(app: web.Application) -> None:

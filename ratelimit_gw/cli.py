@@ -15,6 +15,7 @@ import msgspec
 from . import text_output
 from .account_webhooks import SetWebhookBody, WebhookChanges
 from .accounts import AccountStore
+from .archive import cli as archive_cli
 from .audit import cli_actor
 from .audited_changes import AuditedChanges
 from .budgets import PERIODS
@@ -434,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep no log of received requests (benchmark baseline)",
     )
 
+    archive_cli.add_parsers(sub)
     for group, verbs in (
         (
             "accounts",
@@ -670,6 +672,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             record_requests=not args.no_request_log,
         )
         run_mock_upstream(args.host, args.port, mock_settings)
+    elif args.command in archive_cli.COMMANDS:
+        return archive_cli.dispatch(args)
     else:
         operation = OPERATIONS[f"{args.command} {args.verb}"]
         _print(asyncio.run(_with_store(args, operation)), args.json)

@@ -38,6 +38,15 @@ ORPHAN_SETTLEMENTS = f"{PREFIX}:orphan-settlements"
 # The ids of keys whose record changed (updated, rotated): every gateway's key cache reads it
 # four times a second and forgets those keys (auth.py). Written after the key's own hash.
 KEY_CHANGES = f"{PREFIX}:key-changes"
+# Deleted accounts leave ACCOUNTS_SET; the archiver still copies what their ledgers gain
+# (forfeits, and the settlements of requests in flight at deletion), so they are listed here.
+DELETED_ACCOUNTS = f"{PREFIX}:accounts-deleted"
+# The ledger archive (docs/archive.md): the lease that makes one instance the archiver, and
+# how far it got (every instance's lag gauge reads it).
+ARCHIVE_LEASE = f"{PREFIX}:archive:lease"
+ARCHIVE_PROGRESS = f"{PREFIX}:archive:progress"
+# The orphan stream's archive epoch (AccountKeys.archive_epoch says what an epoch is).
+ORPHAN_ARCHIVE_EPOCH = f"{PREFIX}:orphan-settlements:archive-epoch"
 # Account and key ids appear inside key names and hash tags: keep them plain.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
@@ -91,6 +100,12 @@ class AccountKeys:
     @property
     def ledger(self) -> str:
         return f"{self.base}:ledger"
+
+    @property
+    def archive_epoch(self) -> str:
+        """A random marker the archiver sets once: its archived position in the ledger holds
+        only while the marker does (a wiped Redis loses both; the ledger is read anew)."""
+        return f"{self.base}:archive-epoch"
 
     @property
     def settled(self) -> str:

@@ -136,6 +136,11 @@ class Metrics:
     webhook_events_raised: Counter
     webhook_deliveries: Counter
     webhook_outbox_events: Gauge
+    archive_entries: Counter
+    archive_trimmed: Counter
+    archive_errors: Counter
+    archive_leader: Gauge
+    archive_lag: Gauge
     # Only with account_label (it is per account): None otherwise, and not exported.
     budget_spent_ratio: Gauge | None
 
@@ -331,6 +336,39 @@ def create_metrics(registry: CollectorRegistry | None, account_label: bool = Fal
             "Webhook events waiting in the outbox (due, leased or backing off), read from "
             "storage every few seconds",
             multiprocess_mode="livemostrecent",
+            registry=registry,
+        ),
+        archive_entries=Counter(
+            "rlgw_archive_entries",
+            "Ledger entries (and orphan settlements) this process wrote to the PostgreSQL "
+            "archive; an entry read again after a crash is not counted twice",
+            registry=registry,
+        ),
+        archive_trimmed=Counter(
+            "rlgw_archive_trimmed_entries",
+            "Archived ledger entries this process trimmed from Redis (only below what "
+            "Postgres has committed, after [archive] retention_s)",
+            registry=registry,
+        ),
+        archive_errors=Counter(
+            "rlgw_archive_errors",
+            "Archive passes that failed, by the store that failed them (redis, postgres); "
+            "the next pass retries from the last committed position",
+            ["stage"],
+            registry=registry,
+        ),
+        archive_leader=Gauge(
+            "rlgw_archive_leader",
+            "1 while this process holds the archiver's lease (one instance at a time), else 0",
+            multiprocess_mode="livesum",
+            registry=registry,
+        ),
+        archive_lag=Gauge(
+            "rlgw_archive_lag_seconds",
+            "How far the PostgreSQL archive is behind: now minus the time up to which it holds "
+            "every ledger entry (read from storage every [archive] interval_s by every instance "
+            "with an archive, so it grows when no archiver runs)",
+            multiprocess_mode="livemax",
             registry=registry,
         ),
         budget_spent_ratio=None

@@ -9,6 +9,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from .accounts import AccountStore
+from .archive.database import ArchiveDatabase
 from .auth import KeyCache
 from .body import BodyReader
 from .client_address import ClientAddresses
@@ -43,6 +44,8 @@ class Services:
     # The `serve --workers` parent of this worker process (None: not a worker): a reload asked
     # of one worker over the admin API is passed on to it, which sends SIGHUP to every worker.
     pool_parent_pid: int | None = None
+    # The PostgreSQL ledger archive ([archive]): usage reports and old ledger pages read it.
+    archive: ArchiveDatabase | None = None
     draining: bool = False  # set at shutdown: /readyz answers 503 so load balancers move on
     # The handler tasks of the requests being served (probes and scrapes excepted): bounded
     # by server.max_inflight, and what a graceful shutdown waits for (serve.py).

@@ -39,6 +39,7 @@ from ratelimit_gw.testing.mock_upstream import (
     start_mock_upstream,
 )
 
+from .postgres_process import database, postgres_server
 from .redis_process import RedisProcess, start_redis
 
 BACKENDS = ["memory", "redis"]
@@ -83,6 +84,64 @@ def redis_server() -> Iterator[RedisProcess]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> Iterator[str]:
+    """A PostgreSQL server to make databases on (tests/postgres_process.py)."""
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def archive_database(postgres_admin_url: str) -> Iterator[str]:
+    """This test run's own archive database, migrated; dropped at the end."""
+    from ratelimit_gw.archive.database import migrate, open_pool
+
+    async def migrated(url: str) -> None:
+        pool = await open_pool(url)
+        try:
+            await migrate(pool)
+        finally:
+            await pool.close()
+
+    with database(postgres_admin_url) as url:
+        asyncio.run(migrated(url))
+        yield url
+
+
+ARCHIVE_TABLES = (
+    "ledger_entries",
+    "orphan_settlements",
+    "archive_cursors",
+    "archive_progress",
+    "account_snapshots",
+    "key_snapshots",
+)
+
+
+@pytest.fixture
+async def archive_url(archive_database: str) -> str:
+    """The run's archive database, emptied for this test."""
+    import asyncpg
+
+    conn = await asyncpg.connect(archive_database)
+    try:
+        await conn.execute(f"TRUNCATE {', '.join(ARCHIVE_TABLES)}")
+    finally:
+        await conn.close()
+    return archive_database
+
+
+@pytest.fixture
+async def archive_pool(archive_url: str) -> AsyncIterator[Any]:
+    from ratelimit_gw.archive.database import open_pool
+
+    pool = await open_pool(archive_url)
+    try:
+        yield pool
+    finally:
+        await pool.close()
 
 
 @pytest.fixture(params=BACKENDS)

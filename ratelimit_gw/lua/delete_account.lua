@@ -28,7 +28,8 @@ if balance ~= '0' then
   local forfeited = '-' .. balance
   if string.sub(balance, 1, 1) == '-' then forfeited = string.sub(balance, 2) end
   redis.call('XADD', ledger_key, '*', 'type', 'forfeit', 'cost_nano', '0',
-    'amount_nano', forfeited, 'balance_nano', '0', 'reason', 'account deleted')
+    'amount_nano', forfeited, 'balance_nano', '0', 'reason', 'account deleted',
+    'deleted_ms', now_ms)
 end
 redis.call('HSET', account_key, 'status', 'deleted', 'deleted_ms', now_ms, 'balance_nano', 0,
   'prepaid', '0')

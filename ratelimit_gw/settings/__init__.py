@@ -8,8 +8,8 @@ operator can fix the file without reading code.
 One module per concern: :mod:`.schema` (the file as written), :mod:`.resolved` (what the
 gateway reads), :mod:`.checks` (the error and the checks sections share), :mod:`.providers`
 (providers, their key pools, models), :mod:`.endpoints` (custom endpoints),
-:mod:`.admin_tokens`, :mod:`.webhooks` (global webhooks, event types), and :mod:`.loading`
-(file → :class:`Settings`). Import from here.
+:mod:`.admin_tokens`, :mod:`.webhooks` (global webhooks, event types), :mod:`.archive` (the
+ledger archive's URL) and :mod:`.loading` (file → :class:`Settings`). Import from here.
 """
 
 from .checks import ConfigError, expand_env, usd_to_nano
@@ -19,6 +19,7 @@ from .loading import (
     build_settings,
     config_path,
     load_account_settings,
+    load_archive_settings,
     load_settings,
     load_storage_settings,
     parse_settings,
@@ -41,6 +42,7 @@ from .schema import (
     AdminAccess,
     AdminSettings,
     AdminTokenSettings,
+    ArchiveSettings,
     ChatCapField,
     CustomEndpointSettings,
     EndpointKeySettings,
@@ -72,6 +74,7 @@ __all__ = [
     "AdminSettings",
     "AdminToken",
     "AdminTokenSettings",
+    "ArchiveSettings",
     "ChatCapField",
     "ConfigError",
     "CustomEndpoint",
@@ -103,6 +106,7 @@ __all__ = [
     "config_path",
     "expand_env",
     "load_account_settings",
+    "load_archive_settings",
     "load_settings",
     "load_storage_settings",
     "parse_settings",

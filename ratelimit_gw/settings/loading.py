@@ -14,11 +14,18 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 
 from .admin_tokens import resolve_admin_tokens
+from .archive import resolve_archive
 from .checks import ConfigError, check_trusted_proxies, check_url
 from .endpoints import resolve_custom_endpoint
 from .providers import resolve_model, resolve_provider
 from .resolved import CustomEndpoint, Model, Provider, Settings
-from .schema import STORAGE_SCHEMES, AccountSettings, FileSettings, StorageSettings
+from .schema import (
+    STORAGE_SCHEMES,
+    AccountSettings,
+    ArchiveSettings,
+    FileSettings,
+    StorageSettings,
+)
 from .webhooks import check_delivery, resolve_webhooks
 
 _UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(.+)`")
@@ -125,6 +132,7 @@ def build_settings(raw: dict[str, Any], environ: Mapping[str, str] | None = None
         webhooks=resolve_webhooks(file.webhooks, env),
         webhook_delivery=file.webhook_delivery,
         accounts=file.accounts,
+        archive=resolve_archive(file.archive, env),
     )
 
 
@@ -189,6 +197,16 @@ def load_account_settings(path: str | Path | None = None) -> AccountSettings:
     """Only the ``[accounts]`` of ``path`` (else ``$RLGW_CONFIG``), as
     :func:`load_storage_settings` reads ``[storage]``."""
     return _decode_file(_read_config(path, NO_STORAGE)).accounts
+
+
+def load_archive_settings(
+    path: str | Path | None = None,
+) -> tuple[StorageSettings, ArchiveSettings | None]:
+    """``[storage]`` and ``[archive]`` (its URL's references expanded) of ``path`` (else
+    ``$RLGW_CONFIG``), as :func:`load_storage_settings`: the archive commands need no
+    provider secret."""
+    file = _decode_file(_read_config(path, NO_STORAGE))
+    return file.storage, resolve_archive(file.archive, os.environ)
 
 
 def load_storage_settings(path: str | Path | None = None) -> StorageSettings:

@@ -11,6 +11,7 @@ from ..client_headers import ClientHeaderPolicy
 from .schema import (
     AccountSettings,
     AdminAccess,
+    ArchiveSettings,
     LogSettings,
     MetricsSettings,
     ServerSettings,
@@ -161,6 +162,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         default_factory=WebhookDeliverySettings
     )
     accounts: AccountSettings = msgspec.field(default_factory=AccountSettings)
+    archive: ArchiveSettings | None = None  # no section: no archive (docs/archive.md)
 
     @property
     def admin_token(self) -> str | None:

@@ -252,6 +252,23 @@ class WebhookDeliverySettings(_Section):
     key_scan_interval_s: PositiveFloat = 60.0
 
 
+class ArchiveSettings(_Section):
+    """``[archive]``: the ledger's copy in PostgreSQL (docs/archive.md)."""
+
+    # postgresql://user:${RLGW_ARCHIVE_PASSWORD}@host:5432/db: a password only by reference.
+    url: str
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000  # entries a read/commit
+    # How long archived entries stay in Redis too (recent history, read without Postgres).
+    retention_s: Annotated[float, msgspec.Meta(ge=0)] = 86400.0
+    interval_s: PositiveFloat = 1.0  # how often the archiver looks for new entries
+    # Whether `serve` runs the archiver (one instance at a time holds its lease); false: run
+    # `ratelimit-gw archive run` beside the gateways instead.
+    in_serve: bool = True
+    lease_s: Annotated[float, msgspec.Meta(ge=1, le=600)] = 15.0
+    # How often account and key records (hashes only) are copied for `archive restore`.
+    snapshot_interval_s: PositiveFloat = 60.0
+
+
 class FileSettings(_Section):
     """The file as written; :func:`load_settings` turns it into :class:`Settings`."""
 
@@ -268,3 +285,4 @@ class FileSettings(_Section):
         default_factory=WebhookDeliverySettings
     )
     accounts: AccountSettings = msgspec.field(default_factory=AccountSettings)
+    archive: ArchiveSettings | None = None

@@ -19,6 +19,7 @@ SCRIPT_NAMES = (
     "pool_pick",
     "webhook_raise",
     "webhook_claim",
+    "archive_lease",
 )
 
 

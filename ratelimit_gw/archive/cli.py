@@ -1,0 +1,151 @@
+"""`ratelimit-gw archive …` (docs/archive.md): wiring only.
+
+Each verb reads ``[storage]`` and ``[archive]`` of the config (no provider secret needed);
+``--url`` names another database for this one command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import msgspec
+
+from .. import text_output
+from ..settings import ArchiveSettings, ConfigError, StorageSettings, load_archive_settings
+from ..settings.archive import shown_url
+from ..storage import Storage, open_storage
+from .archiver import Archiver, ArchiveRunner
+from .database import ArchiveDatabase, ArchiveUnavailable, migrate, open_pool
+from .lag import complete_until_ms
+from .lease import Lease
+
+COMMANDS = ("archive",)
+VERB_HELP = {
+    "migrate": "create or update the archive's tables in PostgreSQL (safe to run again)",
+    "run": "run the archiver here, instead of (or beside) `serve` (one holds the lease)",
+    "status": "show how far the archive is and which instance archives",
+}
+GROUP_HELP = "the PostgreSQL ledger archive (docs/archive.md)"
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    group = sub.add_parser("archive", help=GROUP_HELP, description=GROUP_HELP)
+    verbs = group.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb, verb_help in VERB_HELP.items():
+        p = verbs.add_parser(verb, help=verb_help, description=verb_help)
+        p.add_argument(
+            "--config", metavar="FILE", help="the config with [archive] (default: $RLGW_CONFIG)"
+        )
+        p.add_argument("--url", metavar="URL", help="this PostgreSQL database instead")
+        if verb in ("status",):
+            p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _settings(args: argparse.Namespace) -> tuple[StorageSettings, ArchiveSettings]:
+    storage, archive = load_archive_settings(args.config)
+    if args.url:
+        archive = (
+            ArchiveSettings(url=args.url)
+            if archive is None
+            else msgspec.structs.replace(archive, url=args.url)
+        )
+    if archive is None:
+        raise ConfigError("archive: the config has no [archive] section (and no --url given)")
+    return storage, archive
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(VERBS[args.verb](args))
+    except ArchiveUnavailable as exc:
+        print(f"archive error: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _migrate(args: argparse.Namespace) -> int:
+    _, archive = _settings(args)
+    pool = await open_pool(archive.url, max_size=1)
+    try:
+        applied = await migrate(pool)
+    finally:
+        await pool.close()
+    for m in applied:
+        print(f"applied {m.version:04d}_{m.name}")
+    print(f"{shown_url(archive.url)}: schema up to date")
+    return 0
+
+
+def _redis_storage(settings: StorageSettings) -> Storage:
+    if settings.url.startswith("memory://"):
+        raise ConfigError(
+            "storage.url: memory:// lives inside one gateway process; the archive commands "
+            "need the gateways' Redis"
+        )
+    return open_storage(settings)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    storage_settings, archive = _settings(args)
+    storage = _redis_storage(storage_settings)
+    database = ArchiveDatabase(archive.url, max_size=2)
+    runner = ArchiveRunner(
+        Archiver(storage, database, archive), Lease(storage, archive.lease_s), archive
+    )
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, runner.stop)
+    print(f"archiving to {shown_url(archive.url)} (lease {runner.lease.token})", file=sys.stderr)
+    try:
+        await runner.run()
+    finally:
+        await database.close()
+        await storage.close()
+    return 0
+
+
+async def _status(args: argparse.Namespace) -> int:
+    storage_settings, archive = _settings(args)
+    storage = _redis_storage(storage_settings)
+    database = ArchiveDatabase(archive.url, max_size=1)
+    try:
+        status = await archive_status(storage, database)
+    finally:
+        await database.close()
+        await storage.close()
+    if args.json:
+        sys.stdout.write(msgspec.json.encode(status).decode() + "\n")
+    else:
+        sys.stdout.write(text_output.render(status))
+    return 0
+
+
+async def archive_status(storage: Storage, database: ArchiveDatabase) -> dict[str, Any]:
+    from ..keyspace import ARCHIVE_LEASE
+    from ..management import iso
+
+    holder = await storage.call("GET", ARCHIVE_LEASE)
+    until_ms = await complete_until_ms(storage)
+    pool = await database.pool()
+    async with pool.acquire() as conn:
+        entries = await conn.fetchval("SELECT count(*) FROM ledger_entries")
+        streams = await conn.fetchval("SELECT count(*) FROM archive_cursors")
+        complete = await conn.fetchval("SELECT complete_until FROM archive_progress")
+    return {
+        "archiver": None if holder is None else str(holder),
+        "complete_until": None if complete is None else complete.isoformat(),
+        "complete_until_in_storage": None if until_ms is None else iso(until_ms),
+        "entries": entries,
+        "streams": streams,
+    }
+
+
+VERBS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
+    "migrate": _migrate,
+    "run": _run,
+    "status": _status,
+}
