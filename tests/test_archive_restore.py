@@ -4,7 +4,6 @@ the archive into an empty Redis, on both backends and through the CLI."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +13,14 @@ import pytest
 
 from ratelimit_gw.accounts import AccountStore
 from ratelimit_gw.archive.archiver import Archiver
-from ratelimit_gw.archive.database import ArchiveDatabase, open_pool
+from ratelimit_gw.archive.database import ArchiveDatabase
 from ratelimit_gw.archive.restore import RestoreRefused, restore
 from ratelimit_gw.archive.snapshots import snapshot_all
 from ratelimit_gw.keyspace import AccountKeys
 from ratelimit_gw.limits import Limits
 from ratelimit_gw.money import parse_usd
-from ratelimit_gw.settings import ArchiveSettings, StorageSettings
-from ratelimit_gw.storage import Storage, open_storage
+from ratelimit_gw.settings import ArchiveSettings
+from ratelimit_gw.storage import Storage
 from ratelimit_gw.webhook_outbox import AccountWebhook, AccountWebhooks
 
 from .cli_helpers import cli
@@ -229,32 +228,25 @@ async def test_a_snapshot_writes_only_what_changed(
     assert (changed.accounts, changed.keys) == (1, 0)
 
 
-def test_the_restore_command_rebuilds_an_empty_redis_and_refuses_a_second_time(
-    redis_url: str, archive_url: str, tmp_path: Path
+async def test_the_restore_command_rebuilds_an_empty_redis_and_refuses_a_second_time(
+    redis_storage: Storage, archive_url: str, archive_pool: Any, tmp_path: Path
 ) -> None:
     config = tmp_path / "gateway.toml"
-    config.write_text(f'[storage]\nurl = "{redis_url}"\n[archive]\nurl = "{archive_url}"\n')
+    config.write_text(f'[storage]\nurl = "{redis_storage.url}"\n[archive]\nurl = "{archive_url}"\n')
+    accounts = AccountStore(redis_storage)
+    await accounts.create_account("acme", balance_nano=parse_usd("4.50"))
+    secret = (await accounts.create_key("acme")).key
+    await archive_everything(redis_storage, archive_url, archive_pool)
+    await redis_storage.call("FLUSHALL")
 
-    async def workload_then_wipe() -> None:
-        storage = open_storage(StorageSettings(url=redis_url))
-        pool = await open_pool(archive_url)
-        try:
-            accounts = AccountStore(storage)
-            await accounts.create_account("acme", balance_nano=parse_usd("4.50"))
-            await accounts.create_key("acme")
-            await archive_everything(storage, archive_url, pool)
-            await storage.call("FLUSHALL")
-        finally:
-            await pool.close()
-            await storage.close()
-
-    asyncio.run(workload_then_wipe())
     done = cli("archive", "restore", "--config", str(config), "--json")
+
     assert done.returncode == 0, done.stderr
     report = msgspec.json.decode(done.stdout)
-    assert report["accounts"] == 1 and report["keys"] == 1
-    assert report["total_balance_usd"] == "4.50"
+    assert (report["accounts"], report["keys"], report["total_balance_usd"]) == (1, 1, "4.50")
     assert report["ledger_complete_until"] is not None
-    text = cli("archive", "restore", "--config", str(config))
-    assert text.returncode == 1
-    assert "already holds accounts" in text.stderr
+    assert report["webhooks_needing_new_secret"] == []
+    assert await accounts.find_key(secret) is not None
+    again = cli("archive", "restore", "--config", str(config))
+    assert again.returncode == 1
+    assert "already holds accounts" in again.stderr and not again.stdout

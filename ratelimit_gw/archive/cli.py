@@ -170,6 +170,12 @@ async def _restore(args: argparse.Namespace) -> int:
         sys.stdout.write(msgspec.json.encode(shown).decode() + "\n")
     else:
         sys.stdout.write(text_output.render(shown))
+        print(
+            f"Lost: ledger entries after {result.complete_until or 'the start'} (not archived "
+            f"yet) and account/key changes after {result.snapshot_at or 'the start'}; see "
+            "docs/archive-restore.md for what to do about each list above.",
+            file=sys.stderr,
+        )
     return 0
 
 
