@@ -250,3 +250,35 @@ async def test_the_restore_command_rebuilds_an_empty_redis_and_refuses_a_second_
     again = cli("archive", "restore", "--config", str(config))
     assert again.returncode == 1
     assert "already holds accounts" in again.stderr and not again.stdout
+
+
+async def test_restore_takes_the_ledgers_balance_and_names_what_it_could_not_restore(
+    storage: Storage, archive_url: str, archive_pool: Any
+) -> None:
+    accounts = AccountStore(storage)
+    await accounts.create_account("switched", balance_nano=parse_usd("2.00"))
+    await accounts.update_account("switched", {"prepaid": False})
+    names = AccountKeys("switched")
+    # What settle.lua writes for a postpaid account's charge: the balance stays, and the
+    # ledger's running balance says so.
+    charge = ["type", "charge", "settlement_id", "s1", "cost_nano", "500000000"]
+    await storage.call("XADD", names.ledger, "*", *charge, "balance_nano", "2000000000")
+    await storage.call("HINCRBY", names.account, "spent_nano", 500_000_000)
+    await accounts.update_account("switched", {"prepaid": True})
+    await archive_everything(storage, archive_url, archive_pool)
+    await accounts.create_account("late", balance_nano=parse_usd("1.00"))  # never snapshotted
+    database = ArchiveDatabase(archive_url)
+    try:
+        await Archiver(storage, database, ArchiveSettings(url=archive_url)).archive_once()
+    finally:
+        await database.close()
+    before = msgspec.to_builtins(await accounts.get_account("switched"))
+
+    await storage.call("FLUSHALL")
+    result = await restore(storage, archive_pool)
+
+    assert msgspec.to_builtins(await accounts.get_account("switched")) == before
+    assert before["balance_usd"] == "2.00" and before["spent_usd"] == "0.50"
+    assert result.balance_differs_from_sum == ["switched"]
+    assert result.accounts_without_snapshot == ["late"]
+    assert await accounts.list_accounts() == ["switched"]
