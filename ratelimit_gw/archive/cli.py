@@ -16,19 +16,29 @@ from typing import Any
 import msgspec
 
 from .. import text_output
-from ..settings import ArchiveSettings, ConfigError, StorageSettings, load_archive_settings
+from ..money import format_usd
+from ..settings import (
+    ArchiveSettings,
+    ConfigError,
+    StorageSettings,
+    load_account_settings,
+    load_archive_settings,
+)
 from ..settings.archive import shown_url
 from ..storage import Storage, open_storage
 from .archiver import Archiver, ArchiveRunner
-from .database import ArchiveDatabase, ArchiveUnavailable, migrate, open_pool
+from .database import ArchiveDatabase, ArchiveUnavailable, check_schema, migrate, open_pool
 from .lag import complete_until_ms
 from .lease import Lease
+from .restore import RestoreRefused, RestoreResult, restore
 
 COMMANDS = ("archive",)
 VERB_HELP = {
     "migrate": "create or update the archive's tables in PostgreSQL (safe to run again)",
     "run": "run the archiver here, instead of (or beside) `serve` (one holds the lease)",
     "status": "show how far the archive is and which instance archives",
+    "restore": "rebuild balances, spend and keys into an empty Redis from the archive "
+    "(docs/archive-restore.md)",
 }
 GROUP_HELP = "the PostgreSQL ledger archive (docs/archive.md)"
 
@@ -42,7 +52,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
             "--config", metavar="FILE", help="the config with [archive] (default: $RLGW_CONFIG)"
         )
         p.add_argument("--url", metavar="URL", help="this PostgreSQL database instead")
-        if verb in ("status",):
+        if verb in ("status", "restore"):
             p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -62,7 +72,7 @@ def _settings(args: argparse.Namespace) -> tuple[StorageSettings, ArchiveSetting
 def dispatch(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(VERBS[args.verb](args))
-    except ArchiveUnavailable as exc:
+    except (ArchiveUnavailable, RestoreRefused) as exc:
         print(f"archive error: {exc}", file=sys.stderr)
         return 1
 
@@ -144,8 +154,54 @@ async def archive_status(storage: Storage, database: ArchiveDatabase) -> dict[st
     }
 
 
+async def _restore(args: argparse.Namespace) -> int:
+    storage_settings, archive = _settings(args)
+    zone = load_account_settings(args.config).default_timezone
+    storage = _redis_storage(storage_settings)
+    pool = await open_pool(archive.url, max_size=1)
+    try:
+        await check_schema(pool)
+        result = await restore(storage, pool, default_timezone=zone)
+    finally:
+        await pool.close()
+        await storage.close()
+    shown = restore_report(result)
+    if args.json:
+        sys.stdout.write(msgspec.json.encode(shown).decode() + "\n")
+    else:
+        sys.stdout.write(text_output.render(shown))
+        print(
+            f"Lost: ledger entries after {result.complete_until or 'the start'} (not archived "
+            f"yet) and account/key changes after {result.snapshot_at or 'the start'}; see "
+            "docs/archive-restore.md for what to do about each list above.",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def restore_report(result: RestoreResult) -> dict[str, Any]:
+    """What was restored, and what was not (each list: what an operator must see to)."""
+    return {
+        "accounts": result.accounts,
+        "deleted_accounts": result.deleted_accounts,
+        "keys": result.keys,
+        "total_balance_usd": format_usd(result.balance_usd_nano),
+        "topup_idempotency_keys": result.topup_keys,
+        "budget_periods": result.budget_periods,
+        # Ledger entries after this were not archived when Redis was lost: they are gone.
+        "ledger_complete_until": result.complete_until,
+        # Account and key changes after this (new keys, rotations, limits) are gone.
+        "records_as_of": result.snapshot_at,
+        "not_restored_accounts_without_snapshot": result.accounts_without_snapshot,
+        "not_restored_keys_without_secret_hash": result.keys_without_secret_hash,
+        "webhooks_needing_new_secret": result.webhooks_needing_secret,
+        "prepaid_balance_differs_from_credits_less_charges": result.balance_differs_from_sum,
+    }
+
+
 VERBS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "migrate": _migrate,
     "run": _run,
     "status": _status,
+    "restore": _restore,
 }
