@@ -363,10 +363,28 @@ class AccountStore(KeyStore):
     async def ledger(self, account_id: str, limit: int = 100) -> list[LedgerEntry]:
         """The newest ``limit`` ledger entries, newest first (a deleted account's too)."""
         await self._account_status(account_id)
+        return [ledger_entry(i, f) for i, f in await self.ledger_fields(account_id, limit)]
+
+    async def ledger_fields(
+        self, account_id: str, limit: int, before: str | None = None
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Up to ``limit`` entries as Redis holds them (id, fields), newest first, older than
+        the entry id ``before`` if given; none for an account Redis does not know."""
+        newest = "+" if before is None else "(" + before
         rows = await self._storage.call(
-            "XREVRANGE", AccountKeys(account_id).ledger, "+", "-", "COUNT", limit
+            "XREVRANGE", AccountKeys(account_id).ledger, newest, "-", "COUNT", limit
         )
-        return [_ledger_entry(entry_id, _pairs(fields)) for entry_id, fields in rows]
+        return [(entry_id, _pairs(fields)) for entry_id, fields in rows]
+
+    async def account_exists(self, account_id: str) -> bool:
+        """Whether Redis knows the account (a deleted one's tombstone too)."""
+        try:
+            await self._account_status(account_id)
+        except AccountError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
 
     async def list_accounts(self) -> list[str]:
         """Every account but the deleted ones."""
@@ -401,7 +419,8 @@ def _usd(fields: dict[str, str], name: str) -> str | None:
     return format_usd(int(value)) if value not in (None, "") else None
 
 
-def _ledger_entry(entry_id: str, f: dict[str, str]) -> LedgerEntry:
+def ledger_entry(entry_id: str, f: dict[str, str]) -> LedgerEntry:
+    """The entry as the admin API and CLI show it, from its id and its fields."""
     entry_type = f.get("type", "")
     return LedgerEntry(
         id=entry_id,

@@ -22,7 +22,8 @@ from .account_webhooks import (
     set_account_webhook,
     show_account_webhook,
 )
-from .accounts import Account, AccountStore, Deletion, LedgerEntry, RpmPolicy
+from .accounts import Account, AccountStore, Deletion, RpmPolicy
+from .admin_archive import LEDGER_QUERY, USAGE_QUERY, ledger, usage
 from .admin_openapi import openapi_json
 from .admin_routes import (
     AccountId,
@@ -36,6 +37,8 @@ from .admin_routes import (
     register,
     route_body,
 )
+from .archive.history import LedgerPage
+from .archive.reports import UsageReport
 from .audit import admin_actor, record
 from .audited_changes import AuditedChanges
 from .budgets import MAX_CUSTOM_PERIOD_S
@@ -137,10 +140,6 @@ class RotateKeyBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class AccountIds(msgspec.Struct, kw_only=True):
     data: list[str]
-
-
-class Ledger(msgspec.Struct, kw_only=True):
-    data: list[LedgerEntry]  # newest first
 
 
 class Topup(msgspec.Struct, kw_only=True):
@@ -256,12 +255,6 @@ async def adjust(request: web.Request, accounts: AccountStore) -> web.Response:
         request.match_info["id"], amount, body.reason, body.idempotency_key
     )
     return _json(Adjustment(adjusted=adjusted, account=account))
-
-
-async def ledger(request: web.Request, accounts: AccountStore) -> web.Response:
-    limit = _query_int(request, "limit", 100)
-    entries = await accounts.ledger(request.match_info["id"], max(1, min(limit, 10_000)))
-    return _json(Ledger(data=entries))
 
 
 async def create_key(request: web.Request, accounts: AccountStore) -> web.Response:
@@ -422,10 +415,21 @@ ROUTES: tuple[AdminRoute, ...] = (
         "GET",
         "/admin/accounts/{id}/ledger",
         ledger,
-        "An account's ledger, newest first",
-        Ledger,
+        "An account's ledger, newest first, a page at a time: Redis's recent entries, then "
+        "the archive's older ones (with [archive])",
+        LedgerPage,
         path_types={"id": AccountId},
-        query=(QueryParam("limit", int, "entries to show, 1 to 10000 (default 100)"),),
+        query=LEDGER_QUERY,
+    ),
+    AdminRoute(
+        "GET",
+        "/admin/usage",
+        usage,
+        "A usage report from the ledger archive: requests, tokens and USD per group, with "
+        "exact totals and the time up to which the archive is complete",
+        UsageReport,
+        query=USAGE_QUERY,
+        csv=True,
     ),
     AdminRoute(
         "POST",

@@ -82,7 +82,9 @@ def openapi_document(routes: tuple[AdminRoute, ...]) -> dict[str, Any]:
 
 
 def _operation(route: AdminRoute, schemas: dict[Any, Any]) -> dict[str, Any]:
-    json_of = {"application/json": {"schema": schemas[route.answer]}}
+    json_of: dict[str, Any] = {"application/json": {"schema": schemas[route.answer]}}
+    if route.csv:
+        json_of["text/csv"] = {"schema": {"type": "string"}}
     responses: dict[str, Any] = {str(route.status): {"description": "OK", "content": json_of}}
     error = {"application/json": {"schema": schemas[AdminError]}}
     for status in _error_statuses(route):

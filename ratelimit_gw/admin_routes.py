@@ -82,7 +82,8 @@ class AdminRoute:
     field; the wire and the document have them flat); ``answer``: what a success carries;
     ``body_optional``: an empty body reads as ``{}`` (every field of ``body`` has a default);
     ``path_types``: the types of path parameters that are not any string (``{"id": KeyId}``);
-    ``errors``: statuses the route may answer beyond those every admin route may."""
+    ``errors``: statuses the route may answer beyond those every admin route may;
+    ``csv``: a success may be CSV instead (the route's ``format=csv``)."""
 
     method: str
     path: str
@@ -95,6 +96,7 @@ class AdminRoute:
     query: tuple[QueryParam, ...] = ()
     path_types: dict[str, Any] = field(default_factory=dict)
     errors: tuple[int, ...] = ()
+    csv: bool = False
 
     @property
     def changes_state(self) -> bool:

@@ -16,6 +16,7 @@ from . import text_output
 from .account_webhooks import SetWebhookBody, WebhookChanges
 from .accounts import AccountStore
 from .archive import cli as archive_cli
+from .archive.database import ArchiveUnavailable
 from .audit import cli_actor
 from .audited_changes import AuditedChanges
 from .budgets import PERIODS
@@ -28,6 +29,7 @@ from .settings import (
     StorageSettings,
     config_path,
     load_account_settings,
+    load_archive_settings,
     load_storage_settings,
 )
 from .storage import Storage, StorageError, open_storage
@@ -208,6 +210,15 @@ async def _accounts_adjust(store: AccountStore, a: argparse.Namespace) -> Any:
     return {"adjusted": adjusted, "account": after}
 
 
+async def _accounts_ledger(store: AccountStore, a: argparse.Namespace) -> Any:
+    # Only --storage: no config, so no archive; Redis's entries alone.
+    archive = None if a.storage and not a.config else load_archive_settings(a.config)[1]
+    try:
+        return (await archive_cli.ledger_page_of(store, a, archive)).data
+    except ArchiveUnavailable as exc:
+        raise SystemExit(f"archive error: {exc}") from None
+
+
 async def _accounts_set_disabled(store: AccountStore, a: argparse.Namespace) -> Any:
     return await _by_cli(store).set_disabled(a.id, a.verb == "disable")
 
@@ -287,7 +298,7 @@ OPERATIONS: dict[str, Operation] = {
     "accounts show": lambda s, a: s.get_account(a.id),
     "accounts update": _accounts_update,
     "accounts topup": _accounts_topup,
-    "accounts ledger": lambda s, a: s.ledger(a.id, a.limit),
+    "accounts ledger": _accounts_ledger,
     "accounts list": lambda s, a: s.list_accounts(),
     "accounts disable": _accounts_set_disabled,
     "accounts enable": _accounts_set_disabled,
@@ -535,6 +546,12 @@ def _add_verb_args(group: str, verb: str, p: argparse.ArgumentParser) -> None:
         elif verb == "ledger":
             p.add_argument(
                 "--limit", type=int, default=50, metavar="N", help="entries to show (default 50)"
+            )
+            p.add_argument(
+                "--before",
+                metavar="ENTRY_ID",
+                help="entries older than this one (the next before a page printed); with "
+                "[archive] in the config, pages go on into the archive",
             )
         elif verb == "delete":
             p.add_argument(

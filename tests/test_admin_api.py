@@ -90,16 +90,19 @@ def bearer(token: str) -> dict[str, str]:
 
 
 @pytest.fixture
-async def gw(upstream: Upstream, storage: Storage, tmp_path: Path) -> AsyncIterator[Gateway]:
+async def gw(
+    upstream: Upstream, storage: Storage, tmp_path: Path, archive_database: str
+) -> AsyncIterator[Gateway]:
     """A gateway whose admin API takes RLGW_ADMIN_TOKEN (``default``), ``ops`` and ``viewer``,
     with account ``acme`` ($10) and one key on it, made behind the API's back (no audit); its
-    config in a file, so it can reload."""
+    config in a file, so it can reload; with a ledger archive (the usage report reads it)."""
     runner, gateway = await start_gateway(
         upstream,
         storage,
         {"RLGW_ADMIN_TOKEN": ADMIN_TOKEN, **TOKENS_ENV},
         config_file=tmp_path / "gateway.toml",
         admin=TOKENS_CONFIG,
+        archive={"url": archive_database, "in_serve": False},
     )
     await gateway.accounts.create_account("acme", balance_nano=parse_usd("10.00"))
     try:

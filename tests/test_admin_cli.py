@@ -759,7 +759,12 @@ def test_cli_accounts_with_json_output(redis_url: str) -> None:
         ("topup", "2.50", "12.50", "inv-1"),
         ("topup", "10.00", "10.00", "rlgw:initial-balance:acme"),
     ]
-    assert len(cli_json("accounts", "ledger", "acme", "--limit", "1", *storage)) == 1
+    newest = cli("accounts", "ledger", "acme", "--limit", "1", "--json", *storage)
+    assert len(json.loads(newest.stdout)) == 1
+    # A full page: the next one starts before its last entry.
+    assert newest.stderr == f"next before: {json.loads(newest.stdout)[0]['id']}\n"
+    older = ("--before", json.loads(newest.stdout)[0]["id"])
+    assert cli_json("accounts", "ledger", "acme", *older, *storage) == ledger[1:]
 
     cli_json("accounts", "create", "beta", *storage)
     assert cli_json("accounts", "list", *storage) == ["acme", "beta"]

@@ -62,7 +62,7 @@ def _wait_ready(url: str, process: subprocess.Popen[Any], log: Path) -> None:
 
 @pytest.fixture(scope="module", params=["memory", "redis"])
 def served(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, archive_database: str
 ) -> Iterator[str]:
     """The base URL of a serve process with the admin API on, on each backend."""
     if request.param == "memory":
@@ -77,6 +77,8 @@ def served(
     config.write_text(
         f'[storage]\nurl = "{storage_url}"\n\n'
         '[[admin.tokens]]\nname = "fuzzer"\ntoken = "${RLGW_FUZZ_TOKEN}"\naccess = "full"\n'
+        # The usage report and old ledger pages read it (this run's, migrated).
+        f'\n[archive]\nurl = "{archive_database}"\nin_serve = false\n'
     )
     log = directory / "serve.log"
     port = free_port()

@@ -6,7 +6,8 @@ connects and applies the schema's migrations (:mod:`.migrations`, SQL files in o
 stream and trims what Postgres has committed, while holding the :mod:`.lease` that makes it
 the only archiver across instances; :mod:`.snapshots` copies account and key records;
 :mod:`.reports` answers usage questions; :mod:`.history` pages an account's ledger on into
-the archive; :mod:`.restore` rebuilds an empty Redis from it.
+the archive (both read through :mod:`.reading`); :mod:`.restore` rebuilds an empty Redis
+from it.
 
 asyncpg is an optional dependency (``pip install 'ratelimit-gw[archive]'``): a gateway
 without ``[archive]`` never imports it.

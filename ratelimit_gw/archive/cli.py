@@ -1,6 +1,7 @@
-"""`ratelimit-gw archive …` (docs/archive.md): wiring only.
+"""`ratelimit-gw archive …` and `ratelimit-gw usage` (docs/archive.md), and the archive's
+part of `accounts ledger`: wiring only.
 
-Each verb reads ``[storage]`` and ``[archive]`` of the config (no provider secret needed);
+Each reads ``[storage]`` and ``[archive]`` of the config (no provider secret needed);
 ``--url`` names another database for this one command.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 import msgspec
 
 from .. import text_output
+from ..accounts import AccountStore
 from ..money import format_usd
 from ..settings import (
     ArchiveSettings,
@@ -28,11 +30,13 @@ from ..settings.archive import shown_url
 from ..storage import Storage, open_storage
 from .archiver import Archiver, ArchiveRunner
 from .database import ArchiveDatabase, ArchiveUnavailable, check_schema, migrate, open_pool
+from .history import LedgerPage, ledger_page
 from .lag import complete_until_ms
 from .lease import Lease
+from .reports import UsageError, UsageQuery, report_csv, usage_report
 from .restore import RestoreRefused, RestoreResult, restore
 
-COMMANDS = ("archive",)
+COMMANDS = ("archive", "usage")
 VERB_HELP = {
     "migrate": "create or update the archive's tables in PostgreSQL (safe to run again)",
     "run": "run the archiver here, instead of (or beside) `serve` (one holds the lease)",
@@ -41,6 +45,10 @@ VERB_HELP = {
     "(docs/archive-restore.md)",
 }
 GROUP_HELP = "the PostgreSQL ledger archive (docs/archive.md)"
+USAGE_HELP = (
+    "a usage report from the ledger archive: requests, tokens and USD per hour, day, model, "
+    "key or account, with exact totals (docs/archive.md)"
+)
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,6 +62,31 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         p.add_argument("--url", metavar="URL", help="this PostgreSQL database instead")
         if verb in ("status", "restore"):
             p.add_argument("--json", action="store_true", help="print JSON")
+    _add_usage_parser(sub)
+
+
+def _add_usage_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("usage", help=USAGE_HELP, description=USAGE_HELP)
+    p.add_argument(
+        "--config", metavar="FILE", help="the config with [archive] (default: $RLGW_CONFIG)"
+    )
+    p.add_argument("--url", metavar="URL", help="this PostgreSQL database instead")
+    p.add_argument("--account", metavar="ID", help="only this account's entries")
+    p.add_argument("--key", metavar="KEY_ID", help="only this key's entries (key_…)")
+    p.add_argument("--model", metavar="MODEL", help="only this model's entries")
+    p.add_argument(
+        "--from", dest="start", metavar="TIME", help="from this RFC 3339 time or date (included)"
+    )
+    p.add_argument("--to", dest="end", metavar="TIME", help="to this time or date (excluded)")
+    p.add_argument(
+        "--group-by",
+        metavar="G,…",
+        help="one row per group: a comma list of hour, day (UTC), model, key, account "
+        "(default: one row, the total)",
+    )
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--csv", action="store_true", help="print CSV (one row per group)")
+    output.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _settings(args: argparse.Namespace) -> tuple[StorageSettings, ArchiveSettings]:
@@ -70,8 +103,9 @@ def _settings(args: argparse.Namespace) -> tuple[StorageSettings, ArchiveSetting
 
 
 def dispatch(args: argparse.Namespace) -> int:
+    command = _usage if args.command == "usage" else VERBS[args.verb]
     try:
-        return asyncio.run(VERBS[args.verb](args))
+        return asyncio.run(command(args))
     except (ArchiveUnavailable, RestoreRefused) as exc:
         print(f"archive error: {exc}", file=sys.stderr)
         return 1
@@ -197,6 +231,50 @@ def restore_report(result: RestoreResult) -> dict[str, Any]:
         "webhooks_needing_new_secret": result.webhooks_needing_secret,
         "prepaid_balance_differs_from_credits_less_charges": result.balance_differs_from_sum,
     }
+
+
+async def _usage(args: argparse.Namespace) -> int:
+    _, archive = _settings(args)
+    try:
+        query = UsageQuery.parse(
+            account=args.account,
+            key=args.key,
+            model=args.model,
+            start=args.start,
+            end=args.end,
+            group_by=args.group_by,
+        )
+    except UsageError as exc:
+        print(f"error: --{exc.field.replace('_', '-')}: {exc.message}", file=sys.stderr)
+        return 2
+    database = ArchiveDatabase(archive.url, max_size=1)
+    try:
+        report = await usage_report(database, query)
+    finally:
+        await database.close()
+    if args.csv:
+        sys.stdout.write(report_csv(report))
+    elif args.json:
+        sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
+    else:
+        sys.stdout.write(text_output.render(report))
+    return 0
+
+
+async def ledger_page_of(
+    store: AccountStore, args: argparse.Namespace, archive: ArchiveSettings | None
+) -> LedgerPage:
+    """`accounts ledger`: a page of the account's ledger, on into the archive when the
+    config has one (the cursor of the next page on stderr)."""
+    database = None if archive is None else ArchiveDatabase(archive.url, max_size=1)
+    try:
+        page = await ledger_page(store, database, args.id, args.limit, args.before)
+    finally:
+        if database is not None:
+            await database.close()
+    if page.next_before is not None:
+        print(f"next before: {page.next_before}", file=sys.stderr)
+    return page
 
 
 VERBS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
