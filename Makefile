@@ -103,7 +103,7 @@ test-fast: lint typecheck redis-server
 	$(BIN)/pytest -m "not slow and not ops"
 
 # The benchmark lives beside the package (benchmarks/, not shipped); options after ARGS=.
-bench: $(STAMP) redis-server wrk cc
+bench: $(STAMP) redis-server postgres wrk cc
 	$(BIN)/python -m benchmarks $(ARGS)
 
 clean:

@@ -11,7 +11,7 @@ from ratelimit_gw.serve import configure_logging, install_fast_loop
 
 from .bench import __doc__ as bench_doc
 from .bench import main as bench_main
-from .runs import SECTIONS, TARGET_RATE_RPS, BenchOptions
+from .runs import ARCHIVE_RATE_RPS, DEFAULT_SECTIONS, SECTIONS, TARGET_RATE_RPS, BenchOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,9 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SECTIONS,
         help=(
             "run one section: core ((a), (b), (c), many keys, fixed rates), converter "
-            "(an OpenAI caller, native vs an Anthropic-protocol model) or pools (a provider "
-            "with one upstream key vs one with a pool of four); default: all three"
+            "(an OpenAI caller, native vs an Anthropic-protocol model), pools (a provider "
+            "with one upstream key vs one with a pool of four) or archive (the ledger "
+            "archiver off vs on, on the PostgreSQL at $RLGW_BENCH_POSTGRES_URL); default: "
+            "the first three"
         ),
+    )
+    parser.add_argument(
+        "--archive-rate",
+        type=float,
+        default=ARCHIVE_RATE_RPS,
+        help="the archive section's fixed open-loop rate (req/s)",
     )
     parser.add_argument("--output", default="bench-results/bench.json")
     return parser
@@ -83,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             fixed_rate_duration_s=args.fixed_rate_duration,
             target_rate_rps=args.target_rate,
             output=Path(args.output),
-            sections=(args.only,) if args.only else SECTIONS,
+            sections=(args.only,) if args.only else DEFAULT_SECTIONS,
+            archive_rate_rps=args.archive_rate,
         )
     )
     return 0

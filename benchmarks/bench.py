@@ -43,6 +43,10 @@ key with its own ceilings against one whose provider holds four: pool_of_4/one_k
 beside its target (≥ 0.90) and the p50 the pool adds. ``--only core``, ``--only converter``
 or ``--only pools`` runs one section.
 
+Only when asked for (``--only archive``: it needs a PostgreSQL server), the archive section
+(``archive.py``): a gateway without ``[archive]`` and one archiving its ledger to PostgreSQL,
+at one fixed rate: CPU per request, latency, the archive's lag and rows.
+
 One table per section on stdout and a JSON file.
 """
 
@@ -60,6 +64,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from .accounts import create_keys
+from .archive import run_archive
 from .converter import run_converter
 from .load import fixed_rate_run, run_wrk
 from .local_redis import RedisProcess, free_port, start_redis
@@ -93,23 +99,6 @@ output_per_mtok = 0.60
     )
 
 
-async def create_keys(storage_url: str, count: int) -> list[str]:
-    """One bench account with generous limits (so every check runs and passes), and keys."""
-    from ratelimit_gw.accounts import AccountStore
-    from ratelimit_gw.limits import Limits
-    from ratelimit_gw.settings import StorageSettings
-    from ratelimit_gw.storage import open_storage
-
-    storage = open_storage(StorageSettings(url=storage_url, command_timeout_s=30))
-    try:
-        store = AccountStore(storage)
-        generous = Limits(rpm=10**9, tpm=10**12, concurrency=10**6)
-        await store.create_account("bench", balance_nano=10**15, limits=generous)
-        return await store.create_keys("bench", count, generous)
-    finally:
-        await storage.close()
-
-
 def fixed_rates(saturation_rps: float, target_rps: float) -> dict[str, float]:
     """The fixed rates of one kind of request, by label. A row is known by its rate, so the
     half-saturation one steps aside from the other two should it land on either."""
@@ -134,6 +123,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             result["converter"] = run_converter(opts, redis, keys[:10], work)
         if "pools" in opts.sections:
             result["pools"] = run_pools(opts, redis, keys[:10], work)
+        if "archive" in opts.sections:
+            result["archive"] = run_archive(opts, work)
     finally:
         redis.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -1,5 +1,5 @@
 """The core section's summary (its targets included), what the converter and pools sections say
-of their rows, and the printed report of every section."""
+of their rows, and the printed report of every section (the archive's from archive.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict
 from typing import Any
 
+from .archive import render_archive
 from .pair_report import FULL_MOCK, render_pair, summarise_pair
 from .rows import added_latency, combine, find_row, round_ratio, table
 from .runs import (
@@ -157,6 +158,8 @@ def render(result: dict[str, Any]) -> str:
         parts.append(_render_converter(result["converter"]))
     if "pools" in result:
         parts.append(_render_pools(result["pools"]))
+    if "archive" in result:
+        parts.append(render_archive(result["archive"]))
     return "\n\n".join(parts)
 
 

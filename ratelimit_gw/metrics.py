@@ -103,6 +103,8 @@ UPSTREAM_KEY_STATES = ("ok", "cooling", "unhealthy")
 # rlgw_webhook_deliveries_total{outcome}: what one delivery attempt of a webhook event came to.
 WEBHOOK_OUTCOMES = ("delivered", "failed", "dropped")
 UPSTREAM_KEY_CEILINGS = ("rpm", "tpm")
+# The store an archive pass failed on (rlgw_archive_errors_total{stage}).
+ARCHIVE_STAGES = ("redis", "postgres")
 
 
 @dataclass(frozen=True)
@@ -409,6 +411,8 @@ def _start_at_zero(metrics: Metrics) -> None:
         labelled(metrics.webhook_events_raised, event_type)
         for outcome in WEBHOOK_OUTCOMES:
             labelled(metrics.webhook_deliveries, event_type, outcome)
+    for stage in ARCHIVE_STAGES:
+        labelled(metrics.archive_errors, stage)
 
 
 @functools.lru_cache(maxsize=8192)

@@ -49,6 +49,7 @@ DASHBOARD_ROWS = [
     "Upstream keys",
     "Webhooks",
     "Budgets",
+    "Archive",
 ]
 
 

@@ -21,7 +21,7 @@ from benchmarks.converter import (
     round_order,
 )
 from benchmarks.report import render, summarise_converter
-from benchmarks.runs import SECTIONS, BenchOptions, Run
+from benchmarks.runs import DEFAULT_SECTIONS, SECTIONS, BenchOptions, Run
 from ratelimit_gw.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,7 +142,8 @@ def test_the_fixed_rate_is_the_targets_unless_half_the_slower_saturation_is_lowe
 def test_only_picks_a_section() -> None:
     assert build_parser().parse_args([]).only is None
     assert build_parser().parse_args(["--only", "converter"]).only == "converter"
-    assert SECTIONS == ("core", "converter", "pools")
+    assert SECTIONS == ("core", "converter", "pools", "archive")
+    assert DEFAULT_SECTIONS == ("core", "converter", "pools")  # the archive needs PostgreSQL
 
 
 def test_only_refuses_an_unknown_section(capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.__main__ import build_parser
-from benchmarks.bench import PLAIN_BODY, STREAM_BODY, create_keys
+from benchmarks.accounts import create_keys
+from benchmarks.bench import PLAIN_BODY, STREAM_BODY
 from benchmarks.local_redis import free_port, start_redis
 from benchmarks.pair import PairRuns, pair_rate, rows_in_order
 from benchmarks.pools import (
