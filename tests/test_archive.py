@@ -321,7 +321,7 @@ async def test_one_archiver_holds_the_lease_and_another_takes_over_when_it_stops
                 asyncio.gather(*(t for _, _, t in runners), return_exceptions=True), 10
             )
             for runner, _, _ in runners:
-                await runner.archiver._database.close()
+                await runner.archiver.database.close()
     identities = [(r["ref"], r["entry_type"]) for r in await archived(archive_pool)]
     assert len(identities) == len(set(identities)) == 4
 
@@ -409,3 +409,28 @@ def test_the_orphan_stream_has_a_name_no_account_can_have() -> None:
     from ratelimit_gw.keyspace import ID_PATTERN
 
     assert not ID_PATTERN.match(ORPHANS)
+
+
+async def test_the_runner_snapshots_accounts_and_keys_for_restore_while_it_archives(
+    storage: Storage, archive_url: str, archive_pool: Any
+) -> None:
+    accounts = AccountStore(storage)
+    await some_money(accounts, topups=1)
+    created = await accounts.create_key("acme", name="ci")
+    settings = ArchiveSettings(url=archive_url, interval_s=0.05, snapshot_interval_s=3600)
+    runner = ArchiveRunner(
+        archiver(storage, archive_url), Lease(storage, settings.lease_s), settings
+    )
+    task = asyncio.create_task(runner.run())
+    try:
+        for _ in range(200):
+            snapshots = await archive_pool.fetch("SELECT key_id FROM key_snapshots")
+            if snapshots:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, 10)
+    assert [row["key_id"] for row in snapshots] == [created.record.id]
+    account = await archive_pool.fetchval("SELECT record FROM account_snapshots")
+    assert "balance_nano" not in json.loads(account)["hash"]  # live state: from the ledger

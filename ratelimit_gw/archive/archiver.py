@@ -37,13 +37,15 @@ from ..storage import Storage, StorageError
 from .database import ArchiveDatabase, ArchiveUnavailable
 from .lease import Lease
 from .ledger_rows import (
-    COLUMN_TYPES,
-    COLUMNS,
-    ledger_row,
+    INSERT_ENTRIES,
+    INSERT_ORPHANS,
+    batch_document,
+    entry_item,
     next_stream_id,
-    orphan_row,
+    orphan_item,
     stream_position,
 )
+from .snapshots import snapshot_all
 
 if TYPE_CHECKING:
     import asyncpg
@@ -54,18 +56,9 @@ STREAMS_PER_ROUND_TRIP = 64
 # At most this often (and at least once a second) a stream is trimmed: retention moves on
 # continuously, and one XTRIM per stream per pass would be most of a pass's work.
 MAX_TRIM_STEP_S = 60.0
-_INSERT_ROWS = (
-    f"INSERT INTO ledger_entries ({', '.join(COLUMNS)}) "
-    f"SELECT {', '.join('to_timestamp(at / 1000.0)' if c == 'at' else c for c in COLUMNS)} "
-    f"FROM unnest({', '.join(f'${i}::{t}[]' for i, t in enumerate(COLUMN_TYPES, 1))}) "
-    f"AS t({', '.join(COLUMNS)}) ON CONFLICT DO NOTHING"
-)
-_INSERT_ORPHANS = (
-    "INSERT INTO orphan_settlements (account_id, settlement_id, stream_id, at, fields) "
-    "SELECT a, s, i, to_timestamp(ms / 1000.0), f FROM "
-    "unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::jsonb[]) AS t(a, s, i, ms, f) "
-    "ON CONFLICT DO NOTHING"
-)
+# Entries per INSERT: the gateway's event loop encodes each statement's document at once, so
+# a long batch is cut into pieces it can interleave with requests.
+ENTRIES_PER_STATEMENT = 250
 _SAVE_CURSORS = (
     "INSERT INTO archive_cursors (stream, epoch, last_id) "
     "SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) "
@@ -101,8 +94,9 @@ def _text(value: Any) -> str:
 
 
 def _pairs(fields: Any) -> dict[str, str]:
+    """An entry's fields as a dict of text (storage decodes replies; RESP2 lists pair up)."""
     if isinstance(fields, dict):
-        return {_text(k): _text(v) for k, v in fields.items()}
+        return fields
     return {_text(k): _text(v) for k, v in zip(fields[::2], fields[1::2], strict=True)}
 
 
@@ -116,8 +110,8 @@ class Archiver:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._storage = storage
-        self._database = database
+        self.storage = storage
+        self.database = database
         self._settings = settings
         self._metrics = metrics
         self._clock = clock
@@ -126,7 +120,7 @@ class Archiver:
         self.after_commit: Callable[[], Awaitable[None]] | None = None
 
     async def streams(self) -> list[Stream]:
-        live, deleted = await self._storage.call_many(
+        live, deleted = await self.storage.call_many(
             [("SMEMBERS", ACCOUNTS_SET), ("SMEMBERS", DELETED_ACCOUNTS)]
         )
         accounts = sorted({_text(a) for a in live} | {_text(a) for a in deleted})
@@ -137,7 +131,7 @@ class Archiver:
         """One pass over every stream (at most ``batch_size`` entries of each)."""
         result = PassResult(started_ms=int(self._clock() * 1000))
         streams = await self.streams()
-        pool = await self._database.pool()
+        pool = await self.database.pool()
         async with pool.acquire() as conn:
             cursors = {
                 row["stream"]: (row["epoch"], row["last_id"])
@@ -149,7 +143,7 @@ class Archiver:
             if result.complete:
                 await conn.execute(_SAVE_PROGRESS, result.started_ms)
         if result.complete:
-            await self._storage.call(
+            await self.storage.call(
                 "HSET", ARCHIVE_PROGRESS, "complete_until_ms", result.started_ms
             )
         if self._metrics is not None:
@@ -165,7 +159,7 @@ class Archiver:
                 ("SET", stream.epoch_key, secrets.token_hex(8), "NX"),
                 ("GET", stream.epoch_key),
             ]
-        replies = await self._storage.call_many(commands)
+        replies = await self.storage.call_many(commands)
         return [_text(reply) for reply in replies[1::2]]
 
     async def _archive_chunk(
@@ -182,9 +176,9 @@ class Archiver:
             cursor = cursors.get(stream.name)
             first = next_stream_id(cursor[1]) if cursor and cursor[0] == epoch else "-"
             reads.append(("XRANGE", stream.key, first, "+", "COUNT", batch))
-        replies = await self._storage.call_many(reads)
-        rows: list[tuple[Any, ...]] = []
-        orphans: list[tuple[Any, ...]] = []
+        replies = await self.storage.call_many(reads)
+        rows: list[list[Any]] = []
+        orphans: list[list[Any]] = []
         moved: list[tuple[str, str, str]] = []
         for stream, epoch, entries in zip(chunk, epochs, replies, strict=True):
             if not entries:
@@ -194,18 +188,17 @@ class Archiver:
             result.read += len(entries)
             for entry_id, fields in entries:
                 if stream.name == ORPHANS:
-                    orphans.append(orphan_row(_text(entry_id), _pairs(fields)))
+                    orphans.append(orphan_item(_text(entry_id), _pairs(fields)))
                 else:
-                    rows.append(ledger_row(stream.name, _text(entry_id), _pairs(fields)))
+                    rows.append(entry_item(stream.name, _text(entry_id), _pairs(fields)))
             moved.append((stream.name, epoch, _text(entries[-1][0])))
         if moved:
             async with conn.transaction():
-                if rows:
-                    status = await conn.execute(_INSERT_ROWS, *zip(*rows, strict=True))
-                    result.written += int(status.rsplit(" ", 1)[1])
-                if orphans:
-                    status = await conn.execute(_INSERT_ORPHANS, *zip(*orphans, strict=True))
-                    result.written += int(status.rsplit(" ", 1)[1])
+                for statement, items in ((INSERT_ENTRIES, rows), (INSERT_ORPHANS, orphans)):
+                    for offset in range(0, len(items), ENTRIES_PER_STATEMENT):
+                        piece = items[offset : offset + ENTRIES_PER_STATEMENT]
+                        status = await conn.execute(statement, batch_document(piece))
+                        result.written += int(status.rsplit(" ", 1)[1])
                 await conn.execute(_SAVE_CURSORS, *zip(*moved, strict=True))
             for name, epoch, last_id in moved:
                 cursors[name] = (epoch, last_id)
@@ -241,7 +234,7 @@ class Archiver:
                 trims.append((stream, below))
         if not trims:
             return
-        replies = await self._storage.call_many(
+        replies = await self.storage.call_many(
             [("XTRIM", s.key, "MINID", f"{ms}-{seq}") for s, (ms, seq) in trims]
         )
         for (stream, below), trimmed in zip(trims, replies, strict=True):
@@ -258,6 +251,7 @@ class ArchiveRunner:
         self._settings = settings
         self._metrics = archiver._metrics
         self._stopping = asyncio.Event()
+        self._next_snapshot = 0.0  # monotonic: the first pass as leader takes one
 
     def stop(self) -> None:
         self._stopping.set()
@@ -279,6 +273,7 @@ class ArchiveRunner:
     async def _one_pass(self, wait_s: float) -> float:
         try:
             result = await self.archiver.archive_once()
+            await self._snapshot_if_due()
         except StorageError as exc:
             self._failed("redis", exc)
             return wait_s
@@ -291,6 +286,14 @@ class ArchiveRunner:
             self._failed("postgres", exc)
             return wait_s
         return 0.0 if not result.complete else wait_s
+
+    async def _snapshot_if_due(self) -> None:
+        """Account and key records for `archive restore`, every snapshot_interval_s."""
+        now = time.monotonic()
+        if now < self._next_snapshot:
+            return
+        self._next_snapshot = now + self._settings.snapshot_interval_s
+        await snapshot_all(self.archiver.storage, await self.archiver.database.pool())
 
     def _failed(self, stage: str, exc: BaseException) -> None:
         log.warning("archive pass failed (%s): %s", stage, exc)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 # Any constant: the key of the advisory lock migrations run under.
 _MIGRATION_LOCK = 0x726C6777  # "rlgw"
 _MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+CONNECT_TIMEOUT_S = 5.0
 INSTALL_HINT = "the archive needs asyncpg: pip install 'ratelimit-gw[archive]'"
 
 
@@ -58,7 +59,12 @@ async def open_pool(url: str, *, max_size: int = 4) -> asyncpg.Pool:
     driver = _driver()
     try:
         pool: asyncpg.Pool = await driver.create_pool(
-            url, min_size=1, max_size=max_size, command_timeout=60
+            # A black-holed host answers in seconds, not asyncpg's default minute.
+            url,
+            min_size=1,
+            max_size=max_size,
+            command_timeout=60,
+            timeout=CONNECT_TIMEOUT_S,
         )
     except (OSError, driver.PostgresError) as exc:
         raise ArchiveUnavailable(f"cannot connect to {shown_url(url)}: {exc}") from None

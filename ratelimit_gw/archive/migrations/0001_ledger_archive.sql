@@ -32,6 +32,9 @@ CREATE TABLE ledger_entries (
 );
 CREATE INDEX ledger_entries_at ON ledger_entries (at);
 CREATE INDEX ledger_entries_account_at ON ledger_entries (account_id, at);
+-- Reports filtered by key or model across every account (docs/archive.md).
+CREATE INDEX ledger_entries_key_at ON ledger_entries (key_id, at);
+CREATE INDEX ledger_entries_model_at ON ledger_entries (model, at);
 CREATE INDEX ledger_entries_account_position
     ON ledger_entries (account_id, stream_ms DESC, stream_seq DESC);
 

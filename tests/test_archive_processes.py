@@ -1,0 +1,156 @@
+"""`ratelimit-gw archive run` as real processes, killed with SIGKILL (SPEC §16): killed at any
+moment, between a Postgres commit and the Redis trim included, a restarted archiver leaves
+no duplicate and no gap; of two, one archives at a time and the other takes over when the
+holder dies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from ratelimit_gw.accounts import AccountStore
+from ratelimit_gw.keyspace import ARCHIVE_LEASE, AccountKeys
+from ratelimit_gw.settings import StorageSettings
+from ratelimit_gw.storage import Storage, open_storage
+
+pytestmark = pytest.mark.slow
+
+ACCOUNTS = ("acme", "globex", "initech")
+
+
+def archive_config(tmp_path: Path, redis_url: str, archive_url: str) -> Path:
+    config = tmp_path / "archive.toml"
+    config.write_text(
+        f'[storage]\nurl = "{redis_url}"\n\n'
+        f'[archive]\nurl = "{archive_url}"\n'
+        # Small batches and no retention: many commits and trims to be killed between.
+        "batch_size = 7\nretention_s = 0\ninterval_s = 0.02\nlease_s = 2\n"
+    )
+    return config
+
+
+def start_archiver(config: Path, log: Path) -> subprocess.Popen[Any]:
+    with log.open("ab") as sink:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "ratelimit_gw", "archive", "run", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+        )
+
+
+def kill(process: subprocess.Popen[Any]) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+
+
+async def topups(storage: Storage, count: int, tag: str) -> int:
+    """``count`` top-ups spread over the accounts; how many ledger entries that made."""
+    accounts = AccountStore(storage)
+    for i in range(count):
+        await accounts.topup(ACCOUNTS[i % len(ACCOUNTS)], 1 + i, f"{tag}-{i}")
+        await asyncio.sleep(0.002)
+    return count
+
+
+async def wait_archived(archive_url: str, expected: int, timeout_s: float = 30) -> list[Any]:
+    conn = await asyncpg.connect(archive_url)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = await conn.fetch("SELECT account_id, ref, entry_type FROM ledger_entries")
+            if len(rows) >= expected or time.monotonic() > deadline:
+                return rows
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+
+
+async def left_in_redis(storage: Storage) -> int:
+    return sum([await storage.call("XLEN", AccountKeys(a).ledger) for a in ACCOUNTS])
+
+
+async def test_an_archiver_killed_at_random_moments_leaves_no_duplicate_and_no_gap(
+    tmp_path: Path, redis_url: str, archive_url: str
+) -> None:
+    storage = open_storage(StorageSettings(url=redis_url))
+    try:
+        accounts = AccountStore(storage)
+        for account in ACCOUNTS:
+            await accounts.create_account(account, balance_nano=10**9)
+        config = archive_config(tmp_path, redis_url, archive_url)
+        log = tmp_path / "archiver.log"
+        writing = asyncio.create_task(topups(storage, 1500, "load"))
+        rng = random.Random(23)
+        kills = 0
+        while not writing.done():
+            archiver = start_archiver(config, log)
+            await asyncio.sleep(rng.uniform(0.5, 1.0))  # start-up is ~0.3 s: mid-pass kills
+            kill(archiver)
+            kills += 1
+        written = await writing
+        assert kills >= 3, "the workload ended before the archiver was killed a few times"
+        before_the_last_start = len(await wait_archived(archive_url, 0, timeout_s=0))
+        assert before_the_last_start > 0, "the killed archivers never archived anything"
+
+        final = start_archiver(config, log)
+        try:
+            rows = await wait_archived(archive_url, len(ACCOUNTS) + written)
+        finally:
+            final.send_signal(signal.SIGTERM)
+            assert final.wait(timeout=20) == 0, log.read_text()[-2000:]
+        identities = [tuple(row) for row in rows]
+        assert len(identities) == len(set(identities)), "an entry was archived twice"
+        expected = {(a, f"rlgw:initial-balance:{a}", "topup") for a in ACCOUNTS} | {
+            (ACCOUNTS[i % len(ACCOUNTS)], f"load-{i}", "topup") for i in range(written)
+        }
+        assert set(identities) == expected, "an entry is missing (a gap) or unexpected"
+        assert await left_in_redis(storage) == 0  # everything archived was trimmed
+    finally:
+        await storage.close()
+
+
+async def test_one_of_two_archivers_archives_and_the_other_takes_over_when_it_is_killed(
+    tmp_path: Path, redis_url: str, archive_url: str
+) -> None:
+    storage = open_storage(StorageSettings(url=redis_url))
+    config = archive_config(tmp_path, redis_url, archive_url)
+    log = tmp_path / "archivers.log"
+    processes = [start_archiver(config, log), start_archiver(config, log)]
+    try:
+        accounts = AccountStore(storage)
+        for account in ACCOUNTS:
+            await accounts.create_account(account, balance_nano=10**9)
+        await wait_archived(archive_url, len(ACCOUNTS))
+        holder = str(await storage.call("GET", ARCHIVE_LEASE))
+        by_pid = {p.pid: p for p in processes}
+        leader = by_pid[int(holder.split(":")[1])]
+        other = next(p for p in processes if p is not leader)
+
+        kill(leader)  # no clean stop: the lease runs out on its own (lease_s = 2)
+        killed_at = time.monotonic()
+        written = await topups(storage, 30, "after-the-kill")
+        rows = await wait_archived(archive_url, len(ACCOUNTS) + written, timeout_s=20)
+        took_over_s = time.monotonic() - killed_at
+
+        assert len(rows) == len(ACCOUNTS) + written
+        assert len({tuple(r) for r in rows}) == len(rows)
+        new_holder = str(await storage.call("GET", ARCHIVE_LEASE))
+        assert int(new_holder.split(":")[1]) == other.pid
+        assert took_over_s < 15, f"took {took_over_s:.1f}s to take over a 2 s lease"
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=20)
+        await storage.close()
+    assert os.path.exists(log)
