@@ -434,3 +434,42 @@ async def test_the_runner_snapshots_accounts_and_keys_for_restore_while_it_archi
     assert [row["key_id"] for row in snapshots] == [created.record.id]
     account = await archive_pool.fetchval("SELECT record FROM account_snapshots")
     assert "balance_nano" not in json.loads(account)["hash"]  # live state: from the ledger
+
+
+async def test_a_running_archiver_notices_a_wiped_redis_at_the_first_new_entry_or_check(
+    storage: Storage, archive_url: str, archive_pool: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    accounts = AccountStore(storage)
+    await some_money(accounts, topups=1)
+    a = archiver(storage, archive_url, retention_s=3600)
+    await a.archive_once()
+    old = await ledger(storage, "acme")
+    last_ms = stream_position(old[-1][0])[0]
+
+    await storage.call("FLUSHALL")
+    # Redis came back with a clock behind: its first entry sorts before the archived position.
+    behind = {"type": "topup", "idempotency_key": "behind", "amount_nano": "1", "cost_nano": "0"}
+    await storage.call(
+        "XADD", AccountKeys("acme").ledger, f"{last_ms - 5}-0", *sum(behind.items(), ())
+    )
+    await storage.call("SADD", "rlgw:accounts", "acme")
+    idle = await a.archive_once()  # an idle stream is one XRANGE: nothing after the position
+    assert idle.read == 0
+
+    # Its next entry sorts after the position: the epoch is checked, the stream read anew.
+    after = {**behind, "idempotency_key": "after"}
+    await storage.call(
+        "XADD", AccountKeys("acme").ledger, f"{last_ms + 5}-0", *sum(after.items(), ())
+    )
+    caught_up = await a.archive_once()
+    assert caught_up.read == 2
+    refs = {r["ref"] for r in await archived(archive_pool, "acme")}
+    assert {"behind", "after"} <= refs
+
+    # And an idle wiped stream is found by the periodic check of every epoch.
+    await storage.call("FLUSHALL")
+    await storage.call("XADD", AccountKeys("acme").ledger, "1-1", *sum(behind.items(), ()))
+    await storage.call("SADD", "rlgw:accounts", "acme")
+    monkeypatch.setattr("ratelimit_gw.archive.archiver.EPOCH_CHECK_S", 0.0)
+    checked = await a.archive_once()
+    assert checked.read == 1 and checked.written == 0  # "behind" again: already archived

@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("ratelimit_gw.archive")
 ORPHANS = "*orphans"  # the orphan stream's name among the cursors (no account id has '*')
 STREAMS_PER_ROUND_TRIP = 64
+# How often every stream's epoch marker is read (otherwise only a stream with entries).
+EPOCH_CHECK_S = 60.0
 # At most this often (and at least once a second) a stream is trimmed: retention moves on
 # continuously, and one XTRIM per stream per pass would be most of a pass's work.
 MAX_TRIM_STEP_S = 60.0
@@ -116,6 +118,9 @@ class Archiver:
         self._metrics = metrics
         self._clock = clock
         self._trimmed_below: dict[str, tuple[int, int]] = {}
+        self._cursors: dict[str, tuple[str, str]] | None = None  # as committed; None: re-read
+        self._epochs: dict[str, str] = {}  # each stream's epoch marker, as last read
+        self._epochs_checked = -EPOCH_CHECK_S  # monotonic time of the last full check
         # Called after each chunk's commit, before its trim (tests stop the archiver there).
         self.after_commit: Callable[[], Awaitable[None]] | None = None
 
@@ -127,19 +132,30 @@ class Archiver:
         found = [Stream(a, AccountKeys(a).ledger, AccountKeys(a).archive_epoch) for a in accounts]
         return [*found, Stream(ORPHANS, ORPHAN_SETTLEMENTS, ORPHAN_ARCHIVE_EPOCH)]
 
+    def forget_positions(self) -> None:
+        """Read positions and epochs again from Postgres and Redis on the next pass (another
+        archiver may have moved them while this one did not hold the lease)."""
+        self._cursors = None
+        self._epochs.clear()
+        self._epochs_checked = -EPOCH_CHECK_S
+
     async def archive_once(self) -> PassResult:
         """One pass over every stream (at most ``batch_size`` entries of each)."""
         result = PassResult(started_ms=int(self._clock() * 1000))
         streams = await self.streams()
+        check_all = time.monotonic() - self._epochs_checked >= EPOCH_CHECK_S
+        if check_all:
+            self._epochs_checked = time.monotonic()
         pool = await self.database.pool()
         async with pool.acquire() as conn:
-            cursors = {
-                row["stream"]: (row["epoch"], row["last_id"])
-                for row in await conn.fetch("SELECT stream, epoch, last_id FROM archive_cursors")
-            }
+            cursors = self._cursors
+            if cursors is None:
+                rows = await conn.fetch("SELECT stream, epoch, last_id FROM archive_cursors")
+                cursors = {row["stream"]: (row["epoch"], row["last_id"]) for row in rows}
+                self._cursors = cursors
             for start in range(0, len(streams), STREAMS_PER_ROUND_TRIP):
                 chunk = streams[start : start + STREAMS_PER_ROUND_TRIP]
-                await self._archive_chunk(conn, chunk, cursors, result)
+                await self._archive_chunk(conn, chunk, cursors, result, check_all)
             if result.complete:
                 await conn.execute(_SAVE_PROGRESS, result.started_ms)
         if result.complete:
@@ -151,16 +167,31 @@ class Archiver:
             self._metrics.archive_trimmed.inc(result.trimmed)
         return result
 
-    async def _epochs(self, chunk: Sequence[Stream]) -> list[str]:
-        """Each stream's epoch marker, set now where it is missing (a new or wiped stream)."""
+    async def _check_epochs(self, streams: Sequence[Stream]) -> None:
+        """Each stream's epoch marker as Redis holds it now, set where it is missing (a new
+        or wiped stream)."""
         commands: list[tuple[Any, ...]] = []
-        for stream in chunk:
+        for stream in streams:
             commands += [
                 ("SET", stream.epoch_key, secrets.token_hex(8), "NX"),
                 ("GET", stream.epoch_key),
             ]
         replies = await self.storage.call_many(commands)
-        return [_text(reply) for reply in replies[1::2]]
+        for stream, epoch in zip(streams, replies[1::2], strict=True):
+            self._epochs[stream.name] = _text(epoch)
+
+    async def _read(
+        self, streams: Sequence[Stream], cursors: dict[str, tuple[str, str]]
+    ) -> list[Any]:
+        """Each stream's entries after its archived position, if that position belongs to the
+        stream's epoch (as last seen), else from its start."""
+        reads = []
+        for stream in streams:
+            cursor = cursors.get(stream.name)
+            same_epoch = cursor is not None and cursor[0] == self._epochs.get(stream.name)
+            first = next_stream_id(cursor[1]) if cursor is not None and same_epoch else "-"
+            reads.append(("XRANGE", stream.key, first, "+", "COUNT", self._settings.batch_size))
+        return await self.storage.call_many(reads)
 
     async def _archive_chunk(
         self,
@@ -168,19 +199,34 @@ class Archiver:
         chunk: Sequence[Stream],
         cursors: dict[str, tuple[str, str]],
         result: PassResult,
+        check_all: bool,
     ) -> None:
-        epochs = await self._epochs(chunk)
+        # A stream's epoch is checked when it is first seen, every EPOCH_CHECK_S, and whenever
+        # it has entries to archive or trim: an idle stream costs one XRANGE a pass. A wiped
+        # Redis whose new entries all sort before the old position is noticed at the next
+        # full check, or at its first entry after that position (read from the start then):
+        # late, never lost, since nothing is trimmed in an epoch not checked in this pass.
+        checked = [s for s in chunk if check_all or s.name not in self._epochs]
+        if checked:
+            await self._check_epochs(checked)
+        replies = await self._read(chunk, cursors)
+        seen = {s.name for s in checked}
+        suspects = [i for i, (s, r) in enumerate(zip(chunk, replies, strict=True)) if r]
+        suspects = [i for i in suspects if chunk[i].name not in seen]
+        if suspects:
+            assumed = {chunk[i].name: self._epochs[chunk[i].name] for i in suspects}
+            await self._check_epochs([chunk[i] for i in suspects])
+            seen.update(assumed)
+            changed = [i for i in suspects if self._epochs[chunk[i].name] != assumed[chunk[i].name]]
+            if changed:
+                again = await self._read([chunk[i] for i in changed], cursors)
+                for i, entries in zip(changed, again, strict=True):
+                    replies[i] = entries
         batch = self._settings.batch_size
-        reads = []
-        for stream, epoch in zip(chunk, epochs, strict=True):
-            cursor = cursors.get(stream.name)
-            first = next_stream_id(cursor[1]) if cursor and cursor[0] == epoch else "-"
-            reads.append(("XRANGE", stream.key, first, "+", "COUNT", batch))
-        replies = await self.storage.call_many(reads)
         rows: list[list[Any]] = []
         orphans: list[list[Any]] = []
         moved: list[tuple[str, str, str]] = []
-        for stream, epoch, entries in zip(chunk, epochs, replies, strict=True):
+        for stream, entries in zip(chunk, replies, strict=True):
             if not entries:
                 continue
             if len(entries) >= batch:
@@ -191,7 +237,7 @@ class Archiver:
                     orphans.append(orphan_item(_text(entry_id), _pairs(fields)))
                 else:
                     rows.append(entry_item(stream.name, _text(entry_id), _pairs(fields)))
-            moved.append((stream.name, epoch, _text(entries[-1][0])))
+            moved.append((stream.name, self._epochs[stream.name], _text(entries[-1][0])))
         if moved:
             async with conn.transaction():
                 for statement, items in ((INSERT_ENTRIES, rows), (INSERT_ORPHANS, orphans)):
@@ -204,7 +250,7 @@ class Archiver:
                 cursors[name] = (epoch, last_id)
             if self.after_commit is not None:
                 await self.after_commit()
-        await self._trim(chunk, epochs, cursors, result)
+        await self._trim([s for s in chunk if s.name in seen], cursors, result)
 
     def _trim_floor(self) -> tuple[int, int]:
         """The oldest id retention keeps, moved in steps (MAX_TRIM_STEP_S at most)."""
@@ -217,17 +263,17 @@ class Archiver:
 
     async def _trim(
         self,
-        chunk: Sequence[Stream],
-        epochs: Sequence[str],
+        streams: Sequence[Stream],
         cursors: dict[str, tuple[str, str]],
         result: PassResult,
     ) -> None:
-        """XTRIM each stream below both its committed position and the retention."""
+        """XTRIM each stream (its epoch checked in this pass) below both its committed
+        position and the retention."""
         floor = self._trim_floor()
         trims: list[tuple[Stream, tuple[int, int]]] = []
-        for stream, epoch in zip(chunk, epochs, strict=True):
+        for stream in streams:
             cursor = cursors.get(stream.name)
-            if cursor is None or cursor[0] != epoch:
+            if cursor is None or cursor[0] != self._epochs.get(stream.name):
                 continue  # nothing of this epoch is committed: keep everything
             below = min(stream_position(next_stream_id(cursor[1])), floor)
             if below > self._trimmed_below.get(stream.name, (0, 0)):
@@ -302,11 +348,14 @@ class ArchiveRunner:
 
     async def _keep_lease(self) -> None:
         while not self._stopping.is_set():
+            was_held = self.lease.held
             try:
                 held = await self.lease.hold()
             except StorageError as exc:
                 self._failed("redis", exc)
                 held = False
+            if held and not was_held:
+                self.archiver.forget_positions()  # another archiver may have moved them
             self._set_leader(held)
             await self._sleep(self._settings.lease_s / 3)
 
