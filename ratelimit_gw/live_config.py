@@ -24,7 +24,7 @@ from .settings import Settings, parse_settings, read_config_text
 # Sections a running process cannot take over (its listening socket, its storage client, the
 # label set of its metrics, the default time zone its limiter and account store were built
 # with): a reload keeps the running ones and names the change as needing a restart.
-RESTART_ONLY = ("server", "storage", "metrics", "accounts")
+RESTART_ONLY = ("server", "storage", "metrics", "accounts", "archive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +83,11 @@ def restart_only_changes(started: Settings, loaded: Settings) -> list[str]:
     file the process started with."""
     changed = []
     for section in RESTART_ONLY:
-        before = msgspec.structs.asdict(getattr(started, section))
-        after = msgspec.structs.asdict(getattr(loaded, section))
+        old, new = getattr(started, section), getattr(loaded, section)
+        if old is None or new is None:  # an optional section ([archive]) added or removed
+            changed += [section] if old is not new else []
+            continue
+        before, after = msgspec.structs.asdict(old), msgspec.structs.asdict(new)
         changed += [f"{section}.{name}" for name in before if before[name] != after[name]]
     return changed
 

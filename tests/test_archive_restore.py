@@ -1,4 +1,4 @@
-"""Disaster recovery from a lost Redis (docs/archive-restore.md): account and key snapshots,
+"""Disaster recovery from a lost Redis (docs/archive.md): account and key snapshots,
 and `archive restore` rebuilding balances, spend, budgets, keys and top-up idempotency from
 the archive into an empty Redis, on both backends and through the CLI."""
 

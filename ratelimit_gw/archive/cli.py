@@ -42,7 +42,7 @@ VERB_HELP = {
     "run": "run the archiver here, instead of (or beside) `serve` (one holds the lease)",
     "status": "show how far the archive is and which instance archives",
     "restore": "rebuild balances, spend and keys into an empty Redis from the archive "
-    "(docs/archive-restore.md)",
+    "(docs/archive.md)",
 }
 GROUP_HELP = "the PostgreSQL ledger archive (docs/archive.md)"
 USAGE_HELP = (
@@ -207,7 +207,7 @@ async def _restore(args: argparse.Namespace) -> int:
         print(
             f"Lost: ledger entries after {result.complete_until or 'the start'} (not archived "
             f"yet) and account/key changes after {result.snapshot_at or 'the start'}; see "
-            "docs/archive-restore.md for what to do about each list above.",
+            "docs/archive.md for what to do about each list above.",
             file=sys.stderr,
         )
     return 0

@@ -1,6 +1,6 @@
 """`ratelimit-gw archive restore`: an empty Redis rebuilt from the archive.
 
-docs/archive-restore.md is the operator's procedure.
+docs/archive.md (Recovering from a lost Redis) is the operator's procedure.
 
 What it promises:
 
