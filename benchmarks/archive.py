@@ -36,13 +36,13 @@ from .accounts import create_keys
 from .load import fixed_rate_run
 from .local_postgres import archive_database
 from .local_redis import RedisProcess, free_port, start_redis
-from .pair import gateway_header, rows_in_order
+from .pair import BENCH_MODEL, gateway_config, rows_in_order
 from .processes import CpuMeter, python_module, rss_mib, server_process
 from .rows import combine, table
 from .runs import ARCHIVE_ROWS, BenchOptions, Run, chat_body
 
 ROUTE = "/v1/chat/completions"
-MODEL = "gpt-4o-mini"
+MODEL = BENCH_MODEL
 BODY = chat_body(MODEL, stream=False)
 ACCOUNT = "bench"  # accounts.create_keys's
 SAMPLE_INTERVAL_S = 0.5
@@ -52,20 +52,7 @@ LAG = "rlgw_archive_lag_seconds"
 
 def archive_config(upstream: str, storage_url: str, port: int, archive_url: str | None) -> str:
     """A full-checks gateway on the mock; with ``archive_url``, archiving to it from serve."""
-    config = gateway_header(storage_url, port) + (
-        f"""
-[[providers]]
-name = "mock"
-protocol = "openai"
-base_url = "{upstream}"
-
-[[models]]
-id = "{MODEL}"
-provider = "mock"
-input_per_mtok = 0.15
-output_per_mtok = 0.60
-"""
-    )
+    config = gateway_config(upstream, storage_url, port)
     if archive_url is not None:
         config += f'\n[archive]\nurl = "{archive_url}"\n'
     return config

@@ -69,34 +69,16 @@ from .archive import run_archive
 from .converter import run_converter
 from .load import fixed_rate_run, run_wrk
 from .local_redis import RedisProcess, free_port, start_redis
-from .pair import gateway_header
+from .pair import BENCH_MODEL, gateway_config
 from .pools import run_pools
 from .processes import CpuMeter, gateway_workers, python_module, rss_mib, server_process
 from .report import render, summarise
 from .rows import is_row
 from .runs import IDLE_RATE_RPS, BenchOptions, Run, chat_body
 
-MODEL = "gpt-4o-mini"
+MODEL = BENCH_MODEL
 PLAIN_BODY = chat_body(MODEL, stream=False)
 STREAM_BODY = chat_body(MODEL, stream=True)
-
-
-def _gateway_config(upstream: str, storage_url: str, port: int) -> str:
-    return (
-        gateway_header(storage_url, port)
-        + f"""
-[[providers]]
-name = "mock"
-protocol = "openai"
-base_url = "{upstream}"
-
-[[models]]
-id = "{MODEL}"
-provider = "mock"
-input_per_mtok = 0.15
-output_per_mtok = 0.60
-"""
-    )
 
 
 def fixed_rates(saturation_rps: float, target_rps: float) -> dict[str, float]:
@@ -151,9 +133,9 @@ def run_core(
         mock = [*python_module("ratelimit_gw"), "mock-upstream", "--port", str(upstream_port)]
         mock.append("--no-request-log")
     passthrough_config = work / "passthrough.toml"
-    passthrough_config.write_text(_gateway_config(upstream, "memory://", passthrough_port))
+    passthrough_config.write_text(gateway_config(upstream, "memory://", passthrough_port))
     full_config = work / "full.toml"
-    full_config.write_text(_gateway_config(upstream, redis.url, full_port))
+    full_config.write_text(gateway_config(upstream, redis.url, full_port))
     passthrough = [
         *python_module("ratelimit_gw"),
         "serve",

@@ -59,6 +59,9 @@ class PairRuns:
     memory_mib: float  # the largest gateway worker's RSS at the end
 
 
+BENCH_MODEL = "gpt-4o-mini"  # the one model of the gateways the bench starts
+
+
 def gateway_header(storage_url: str, port: int) -> str:
     """The part of a pair's gateway config that is not about providers and models."""
     return f"""
@@ -72,6 +75,25 @@ url = "{storage_url}"
 [log]
 access_log = false
 """
+
+
+def gateway_config(upstream: str, storage_url: str, port: int) -> str:
+    """A full-checks gateway on the mock upstream (one model at the test prices)."""
+    return (
+        gateway_header(storage_url, port)
+        + f"""
+[[providers]]
+name = "mock"
+protocol = "openai"
+base_url = "{upstream}"
+
+[[models]]
+id = "{BENCH_MODEL}"
+provider = "mock"
+input_per_mtok = 0.15
+output_per_mtok = 0.60
+"""
+    )
 
 
 def rows_in_order(rows: tuple[str, str], index: int) -> tuple[str, str]:

@@ -133,6 +133,18 @@ async def archive_url(archive_database: str) -> str:
     return archive_database
 
 
+@pytest.fixture(name="database")
+async def archive_database_handle(archive_url: str) -> AsyncIterator[Any]:
+    """The archive as the gateway holds it (an ArchiveDatabase), closed after the test."""
+    from ratelimit_gw.archive.database import ArchiveDatabase
+
+    db = ArchiveDatabase(archive_url)
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
 @pytest.fixture
 async def archive_pool(archive_url: str) -> AsyncIterator[Any]:
     from ratelimit_gw.archive.database import open_pool

@@ -85,6 +85,15 @@ async def some_money(accounts: AccountStore, account: str = "acme", topups: int 
     await accounts.adjust(account, -250_000_000, "refund of a bad answer", f"{account}-adj-1")
 
 
+async def acme_archived(storage: Storage, url: str) -> tuple[AccountStore, Archiver]:
+    """acme with a little money, archived (kept in Redis for an hour): its archiver too."""
+    accounts = AccountStore(storage)
+    await some_money(accounts, topups=1)
+    a = archiver(storage, url, retention_s=3600)
+    await a.archive_once()
+    return accounts, a
+
+
 async def test_every_entry_is_archived_once_with_its_fields_and_identity(
     storage: Storage, archive_url: str, archive_pool: Any
 ) -> None:
@@ -239,10 +248,7 @@ async def test_redis_is_trimmed_only_below_what_postgres_committed_and_after_the
 async def test_a_wiped_redis_is_read_anew_and_a_new_entry_at_a_reused_stream_id_is_kept(
     storage: Storage, archive_url: str, archive_pool: Any
 ) -> None:
-    accounts = AccountStore(storage)
-    await some_money(accounts, topups=1)
-    a = archiver(storage, archive_url, retention_s=3600)
-    await a.archive_once()
+    await acme_archived(storage, archive_url)
     old = await ledger(storage, "acme")
 
     await storage.call("FLUSHALL")  # Redis lost; the same stream ids come back with new entries
@@ -266,10 +272,7 @@ async def test_a_wiped_redis_is_read_anew_and_a_new_entry_at_a_reused_stream_id_
 async def test_deleted_accounts_keep_being_archived(
     storage: Storage, archive_url: str, archive_pool: Any
 ) -> None:
-    accounts = AccountStore(storage)
-    await some_money(accounts, topups=1)
-    a = archiver(storage, archive_url, retention_s=3600)
-    await a.archive_once()
+    accounts, a = await acme_archived(storage, archive_url)
     await accounts.delete_account("acme", force=True)
     assert "acme" not in await accounts.list_accounts()
 
@@ -346,16 +349,7 @@ async def test_a_gateway_with_an_archive_archives_in_the_background_and_reports_
     archive = {"url": archive_url, "interval_s": 0.1, "retention_s": 0}
     runner, gw = await start_gateway(upstream, storage, archive=archive)
     try:
-        key = await gw.new_key("acme", balance_usd="5.00")
-        async with (
-            aiohttp.ClientSession() as http,
-            http.post(
-                gw.url + "/v1/chat/completions",
-                json=CHAT,
-                headers={"Authorization": f"Bearer {key}"},
-            ) as r,
-        ):
-            assert r.status == 200
+        await one_charged_request(gw)
         await gw.settled()
         await wait_for(lambda: len(archived_rows) == 2, archive_pool)  # the top-up, the charge
         await wait_trimmed(gw)
@@ -368,6 +362,18 @@ async def test_a_gateway_with_an_archive_archives_in_the_background_and_reports_
         await runner.cleanup()
     # A clean stop gives the lease up at once.
     assert await storage.call("GET", ARCHIVE_LEASE) is None
+
+
+async def one_charged_request(gw: Gateway) -> None:
+    """A prepaid account, acme, with one answered request on it."""
+    key = await gw.new_key("acme", balance_usd="5.00")
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            gw.url + "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key}"}
+        ) as r,
+    ):
+        assert r.status == 200
 
 
 async def wait_trimmed(gw: Gateway) -> None:
@@ -384,16 +390,7 @@ async def test_a_gateway_serves_while_postgres_is_unreachable_and_counts_the_fai
     archive = {"url": "postgresql://nobody@127.0.0.1:1/none", "interval_s": 0.05}
     runner, gw = await start_gateway(upstream, storage, archive=archive)
     try:
-        key = await gw.new_key("acme", balance_usd="5.00")
-        async with (
-            aiohttp.ClientSession() as http,
-            http.post(
-                gw.url + "/v1/chat/completions",
-                json=CHAT,
-                headers={"Authorization": f"Bearer {key}"},
-            ) as r,
-        ):
-            assert r.status == 200
+        await one_charged_request(gw)
         registry = gw.app[SERVICES].registry
         for _ in range(200):
             if registry.get_sample_value("rlgw_archive_errors_total", {"stage": "postgres"}):
@@ -439,10 +436,7 @@ async def test_the_runner_snapshots_accounts_and_keys_for_restore_while_it_archi
 async def test_a_running_archiver_notices_a_wiped_redis_at_the_first_new_entry_or_check(
     storage: Storage, archive_url: str, archive_pool: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    accounts = AccountStore(storage)
-    await some_money(accounts, topups=1)
-    a = archiver(storage, archive_url, retention_s=3600)
-    await a.archive_once()
+    _, a = await acme_archived(storage, archive_url)
     old = await ledger(storage, "acme")
     last_ms = stream_position(old[-1][0])[0]
 

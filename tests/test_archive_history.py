@@ -5,7 +5,6 @@ Redis no longer knows pages from the archive. Real PostgreSQL; memory:// and Red
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +25,6 @@ from .cli_helpers import cli
 from .conftest import ADMIN_TOKEN, Upstream, start_gateway
 
 DOWN = "postgresql://postgres@127.0.0.1:1/nowhere"  # nothing listens on port 1
-
-
-@pytest.fixture
-async def database(archive_url: str) -> AsyncIterator[ArchiveDatabase]:
-    db = ArchiveDatabase(archive_url)
-    try:
-        yield db
-    finally:
-        await db.close()
 
 
 async def split_history(storage: Storage, archive_url: str) -> list[LedgerEntry]:

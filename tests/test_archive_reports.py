@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -38,15 +37,6 @@ from .postgres_process import create_database, drop_database
 REQUEST_TYPES = ("charge", "release")
 CREDIT_TYPES = ("topup", "adjustment", "forfeit")
 TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
-
-
-@pytest.fixture
-async def database(archive_url: str) -> AsyncIterator[ArchiveDatabase]:
-    db = ArchiveDatabase(archive_url)
-    try:
-        yield db
-    finally:
-        await db.close()
 
 
 @pytest.fixture
