@@ -14,11 +14,16 @@ import aiohttp
 import pytest
 
 from ratelimit_gw.accounts import AccountStore
-from ratelimit_gw.archive.archiver import ORPHANS, Archiver, ArchiveRunner
+from ratelimit_gw.archive.archiver import DELETED_READ_S, ORPHANS, Archiver, ArchiveRunner
 from ratelimit_gw.archive.database import ArchiveDatabase, ArchiveUnavailable
 from ratelimit_gw.archive.lease import Lease
 from ratelimit_gw.archive.ledger_rows import stream_position
-from ratelimit_gw.keyspace import ARCHIVE_LEASE, ORPHAN_SETTLEMENTS, AccountKeys
+from ratelimit_gw.keyspace import (
+    ARCHIVE_LEASE,
+    DELETED_ACCOUNTS,
+    ORPHAN_SETTLEMENTS,
+    AccountKeys,
+)
 from ratelimit_gw.metrics import create_metrics
 from ratelimit_gw.services import SERVICES
 from ratelimit_gw.settings import ArchiveSettings
@@ -283,6 +288,14 @@ async def test_deleted_accounts_keep_being_archived(
     assert len(forfeit) == 1
     assert forfeit[0]["ref"].startswith("deleted:")
     assert sum(r["amount_nano"] for r in rows) == 0  # everything credited was forfeited
+    assert await storage.call("SISMEMBER", DELETED_ACCOUNTS, "acme")  # still read
+
+    # A day on, with nothing left to archive, its ledger is no longer read at every pass.
+    clock = Clock()
+    clock.now += DELETED_READ_S + 60
+    await archiver(storage, archive_url, clock=clock, retention_s=3600).archive_once()
+    assert not await storage.call("SISMEMBER", DELETED_ACCOUNTS, "acme")
+    assert len(await archived(archive_pool, "acme")) == len(rows)
 
 
 async def test_one_archiver_holds_the_lease_and_another_takes_over_when_it_stops(

@@ -20,7 +20,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..keyspace import (
@@ -55,6 +55,9 @@ ORPHANS = "*orphans"  # the orphan stream's name among the cursors (no account i
 STREAMS_PER_ROUND_TRIP = 64
 # How often every stream's epoch marker is read (otherwise only a stream with entries).
 EPOCH_CHECK_S = 60.0
+# How long a deleted account's ledger is still read: the settlements of requests in flight at
+# its deletion land in it (within minutes: a hold's lifetime), then nothing more can.
+DELETED_READ_S = 86400.0
 # At most this often (and at least once a second) a stream is trimmed: retention moves on
 # continuously, and one XTRIM per stream per pass would be most of a pass's work.
 MAX_TRIM_STEP_S = 60.0
@@ -80,6 +83,7 @@ class Stream:
     name: str  # the account id, or ORPHANS
     key: str  # the Redis stream
     epoch_key: str
+    deleted: bool = False  # a deleted account's (listed in DELETED_ACCOUNTS only)
 
 
 @dataclass
@@ -89,6 +93,8 @@ class PassResult:
     trimmed: int = 0  # entries trimmed from Redis
     complete: bool = True  # every stream was read to its end
     started_ms: int = 0
+    # Deleted accounts whose ledger had nothing left to archive, their epoch checked.
+    deleted_and_done: list[str] = field(default_factory=list)
 
 
 def _text(value: Any) -> str:
@@ -128,8 +134,12 @@ class Archiver:
         live, deleted = await self.storage.call_many(
             [("SMEMBERS", ACCOUNTS_SET), ("SMEMBERS", DELETED_ACCOUNTS)]
         )
-        accounts = sorted({_text(a) for a in live} | {_text(a) for a in deleted})
-        found = [Stream(a, AccountKeys(a).ledger, AccountKeys(a).archive_epoch) for a in accounts]
+        alive = {_text(a) for a in live}
+        accounts = sorted(alive | {_text(a) for a in deleted})
+        found = [
+            Stream(a, AccountKeys(a).ledger, AccountKeys(a).archive_epoch, a not in alive)
+            for a in accounts
+        ]
         return [*found, Stream(ORPHANS, ORPHAN_SETTLEMENTS, ORPHAN_ARCHIVE_EPOCH)]
 
     def forget_positions(self) -> None:
@@ -162,10 +172,23 @@ class Archiver:
             await self.storage.call(
                 "HSET", ARCHIVE_PROGRESS, "complete_until_ms", result.started_ms
             )
+        if result.deleted_and_done:
+            await self._forget_deleted(result.deleted_and_done)
         if self._metrics is not None:
             self._metrics.archive_entries.inc(result.written)
             self._metrics.archive_trimmed.inc(result.trimmed)
         return result
+
+    async def _forget_deleted(self, accounts: Sequence[str]) -> None:
+        """Stop reading the ledgers of accounts deleted over DELETED_READ_S ago with nothing
+        left to archive: no request admitted before a deletion settles that late."""
+        deleted_ms = await self.storage.call_many(
+            [("HGET", AccountKeys(a).account, "deleted_ms") for a in accounts]
+        )
+        cutoff_ms = (self._clock() - DELETED_READ_S) * 1000
+        done = [a for a, ms in zip(accounts, deleted_ms, strict=True) if ms and int(ms) < cutoff_ms]
+        if done:
+            await self.storage.call("SREM", DELETED_ACCOUNTS, *done)
 
     async def _check_epochs(self, streams: Sequence[Stream]) -> None:
         """Each stream's epoch marker as Redis holds it now, set where it is missing (a new
@@ -251,6 +274,11 @@ class Archiver:
             if self.after_commit is not None:
                 await self.after_commit()
         await self._trim([s for s in chunk if s.name in seen], cursors, result)
+        result.deleted_and_done += [
+            s.name
+            for s, entries in zip(chunk, replies, strict=True)
+            if s.deleted and not entries and s.name in seen
+        ]
 
     def _trim_floor(self) -> tuple[int, int]:
         """The oldest id retention keeps, moved in steps (MAX_TRIM_STEP_S at most)."""
