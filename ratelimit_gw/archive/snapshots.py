@@ -32,7 +32,9 @@ from ..storage import Storage
 if TYPE_CHECKING:
     import asyncpg
 
-ACCOUNTS_PER_ROUND_TRIP = 500
+# Small enough that one batch (its replies decoded, its records encoded) holds the event
+# loop of a serving gateway for a few milliseconds, not tens.
+ACCOUNTS_PER_ROUND_TRIP = 100
 # What requests change on their own, rebuilt (or restarted) by restore, never snapshotted:
 # the money (from the ledger), token buckets (restart full: a missing level is a full
 # bucket), and the counters of expired holds and overruns (counted from the ledger).
