@@ -205,7 +205,7 @@ class KeyStore:
 
     async def get_key(self, account_id: str, key_id: str) -> KeyRecord:
         raw = await self._storage.call("HGETALL", AccountKeys(account_id).key(key_id))
-        record = _record(account_id, key_id, raw)
+        record = key_from_hash(account_id, key_id, raw)
         if record is None:  # none, or a partial record: not a key
             raise _key_not_found(key_id)
         if raw.get("budget_nano"):
@@ -270,7 +270,7 @@ class KeyStore:
         shown = await self._with_budgets(keys, raws)
         records = []
         for (a, k), raw, budget in zip(keys, raws, shown, strict=True):
-            record = _record(a, k, raw)
+            record = key_from_hash(a, k, raw)
             if record is not None:
                 records.append(
                     record if budget is None else msgspec.structs.replace(record, budget=budget)
@@ -385,7 +385,7 @@ class KeyStore:
         if not keyspace.ID_PATTERN.match(account_id):
             return None
         raw = await self._storage.call("HGETALL", AccountKeys(account_id).key(key_id))
-        record = _record(account_id, key_id, raw)
+        record = key_from_hash(account_id, key_id, raw)
         current = raw.get("secret_sha256")
         if record is None or current is None or current == digest:
             return record
@@ -398,7 +398,9 @@ class KeyStore:
         return record
 
 
-def _record(account_id: str, key_id: str, raw: dict[str, str]) -> KeyRecord | None:
+def key_from_hash(account_id: str, key_id: str, raw: dict[str, str]) -> KeyRecord | None:
+    """A key's record from its hash as storage holds it (None: not a key, e.g. a partial
+    create); also how `archive restore` rebuilds a key's index entry."""
     if "created_ms" not in raw:
         return None
     expires = raw.get("expires_ms")

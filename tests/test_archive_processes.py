@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 
@@ -22,6 +23,8 @@ from ratelimit_gw.accounts import AccountStore
 from ratelimit_gw.keyspace import ARCHIVE_LEASE, AccountKeys
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import Storage, open_storage
+
+from .redis_process import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -39,13 +42,24 @@ def archive_config(tmp_path: Path, redis_url: str, archive_url: str) -> Path:
     return config
 
 
-def start_archiver(config: Path, log: Path) -> subprocess.Popen[Any]:
+def start_archiver(
+    config: Path, log: Path, metrics_port: int | None = None
+) -> subprocess.Popen[Any]:
+    command = [sys.executable, "-m", "ratelimit_gw", "archive", "run", "--config", str(config)]
+    if metrics_port is not None:
+        command += ["--metrics-port", str(metrics_port)]
     with log.open("ab") as sink:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            [sys.executable, "-m", "ratelimit_gw", "archive", "run", "--config", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=sink,
-        )
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=sink)
+
+
+async def scrape(port: int, name: str) -> float:
+    """One sample of an archiver's /metrics (unlabelled)."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        text = await response.text()
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
 def kill(process: subprocess.Popen[Any]) -> None:
@@ -125,12 +139,22 @@ async def test_one_of_two_archivers_archives_and_the_other_takes_over_when_it_is
     storage = open_storage(StorageSettings(url=redis_url))
     config = archive_config(tmp_path, redis_url, archive_url)
     log = tmp_path / "archivers.log"
-    processes = [start_archiver(config, log), start_archiver(config, log)]
+    ports = [free_port(), free_port()]
+    processes = [start_archiver(config, log, port) for port in ports]
     try:
         accounts = AccountStore(storage)
         for account in ACCOUNTS:
             await accounts.create_account(account, balance_nano=10**9)
         await wait_archived(archive_url, len(ACCOUNTS))
+        # Each exports its metrics: one leader between them, and it counted the entries.
+        leaders = [await scrape(port, "rlgw_archive_leader") for port in ports]
+        assert sorted(leaders) == [0.0, 1.0]
+        leader_port = ports[leaders.index(1.0)]
+        for _ in range(100):  # counted as its pass ends, a moment after the commit
+            if await scrape(leader_port, "rlgw_archive_entries_total") == 3:
+                break
+            await asyncio.sleep(0.05)
+        assert await scrape(leader_port, "rlgw_archive_entries_total") == 3
         holder = str(await storage.call("GET", ARCHIVE_LEASE))
         by_pid = {p.pid: p for p in processes}
         leader = by_pid[int(holder.split(":")[1])]

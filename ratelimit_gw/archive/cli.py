@@ -15,9 +15,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import msgspec
+from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from .. import text_output
 from ..accounts import AccountStore
+from ..metrics import StorageMetrics, create_metrics, exposition
 from ..money import format_usd
 from ..settings import (
     ArchiveSettings,
@@ -31,7 +34,7 @@ from ..storage import Storage, open_storage
 from .archiver import Archiver, ArchiveRunner
 from .database import ArchiveDatabase, ArchiveUnavailable, check_schema, migrate, open_pool
 from .history import LedgerPage, ledger_page
-from .lag import complete_until_ms
+from .lag import complete_until_ms, follow_lag
 from .lease import Lease
 from .reports import UsageError, UsageQuery, report_csv, usage_report
 from .restore import RestoreRefused, RestoreResult, restore
@@ -62,6 +65,16 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         p.add_argument("--url", metavar="URL", help="this PostgreSQL database instead")
         if verb in ("status", "restore"):
             p.add_argument("--json", action="store_true", help="print JSON")
+        if verb == "run":
+            p.add_argument(
+                "--metrics-port",
+                type=int,
+                metavar="PORT",
+                help="serve /metrics (the rlgw_archive_* and storage metrics) on this port",
+            )
+            p.add_argument(
+                "--metrics-host", default="127.0.0.1", help="its address (default 127.0.0.1)"
+            )
     _add_usage_parser(sub)
 
 
@@ -137,19 +150,44 @@ async def _run(args: argparse.Namespace) -> int:
     storage_settings, archive = _settings(args)
     storage = _redis_storage(storage_settings)
     database = ArchiveDatabase(archive.url, max_size=2)
+    registry = CollectorRegistry()
+    metrics = create_metrics(registry)
+    storage.observer = StorageMetrics(metrics)
     runner = ArchiveRunner(
-        Archiver(storage, database, archive), Lease(storage, archive.lease_s), archive
+        Archiver(storage, database, archive, metrics), Lease(storage, archive.lease_s), archive
     )
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, runner.stop)
     print(f"archiving to {shown_url(archive.url)} (lease {runner.lease.token})", file=sys.stderr)
+    exporter = None
+    if args.metrics_port is not None:
+        exporter = await _serve_metrics(registry, args.metrics_host, args.metrics_port)
+    lag = asyncio.create_task(follow_lag(storage, metrics, archive.interval_s))
     try:
         await runner.run()
     finally:
+        lag.cancel()
+        if exporter is not None:
+            await exporter.cleanup()
         await database.close()
         await storage.close()
     return 0
+
+
+async def _serve_metrics(registry: CollectorRegistry, host: str, port: int) -> web.AppRunner:
+    """/metrics of a standalone archiver: what the gateways' Archive row and alerts read."""
+
+    async def scrape(_: web.Request) -> web.Response:
+        body, content_type = exposition(registry)
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    app = web.Application()
+    app.router.add_get("/metrics", scrape)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
 
 
 async def _status(args: argparse.Namespace) -> int:

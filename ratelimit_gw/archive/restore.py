@@ -38,7 +38,7 @@ import msgspec
 
 from .. import budgets
 from ..account_webhooks import new_secret
-from ..keys import _record as key_from_hash
+from ..keys import key_from_hash
 from ..keyspace import (
     ACCOUNTS_SET,
     DELETED_ACCOUNTS,
