@@ -14,7 +14,13 @@ import aiohttp
 import pytest
 
 from ratelimit_gw.accounts import AccountStore
-from ratelimit_gw.archive.archiver import DELETED_READ_S, ORPHANS, Archiver, ArchiveRunner
+from ratelimit_gw.archive.archiver import (
+    DELETED_READ_S,
+    ORPHANS,
+    Archiver,
+    ArchiveRunner,
+    list_earlier_deletions,
+)
 from ratelimit_gw.archive.database import ArchiveDatabase, ArchiveUnavailable
 from ratelimit_gw.archive.lease import Lease
 from ratelimit_gw.archive.ledger_rows import stream_position
@@ -368,6 +374,10 @@ async def test_a_gateway_with_an_archive_archives_in_the_background_and_reports_
         await wait_trimmed(gw)
         registry = gw.app[SERVICES].registry
         assert registry.get_sample_value("rlgw_archive_leader") == 1
+        for _ in range(100):  # counted as the pass ends, a moment after its commit and trim
+            if registry.get_sample_value("rlgw_archive_entries_total") == 2:
+                break
+            await asyncio.sleep(0.05)
         assert registry.get_sample_value("rlgw_archive_entries_total") == 2
         lag = registry.get_sample_value("rlgw_archive_lag_seconds")
         assert lag is not None and 0 <= lag < 5
@@ -480,3 +490,19 @@ async def test_a_running_archiver_notices_a_wiped_redis_at_the_first_new_entry_o
     monkeypatch.setattr("ratelimit_gw.archive.archiver.EPOCH_CHECK_S", 0.0)
     checked = await a.archive_once()
     assert checked.read == 1 and checked.written == 0  # "behind" again: already archived
+
+
+async def test_accounts_deleted_before_the_archive_existed_are_listed_by_migrate(
+    storage: Storage, archive_url: str, archive_pool: Any
+) -> None:
+    accounts = AccountStore(storage)
+    await some_money(accounts, topups=1)
+    await accounts.create_account("globex")
+    await accounts.delete_account("acme", force=True)
+    # An earlier version deleted it: it never reached the list of deleted accounts.
+    await storage.call("SREM", DELETED_ACCOUNTS, "acme")
+
+    assert await list_earlier_deletions(storage) == 1
+    assert await list_earlier_deletions(storage) == 0  # a second run finds nothing new
+    await archiver(storage, archive_url).archive_once()
+    assert len(await archived(archive_pool, "acme")) == 4  # its ledger, the forfeit included

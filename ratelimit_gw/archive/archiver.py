@@ -108,6 +108,27 @@ def _pairs(fields: Any) -> dict[str, str]:
     return {_text(k): _text(v) for k, v in zip(fields[::2], fields[1::2], strict=True)}
 
 
+async def list_earlier_deletions(storage: Storage) -> int:
+    """Put accounts deleted before DELETED_ACCOUNTS existed on it, so their ledgers are
+    archived (and trimmed) too: one SCAN of the account hashes, run by `archive migrate`.
+    How many were listed now."""
+    found: list[str] = []
+    async for key in storage.client.scan_iter(match="rlgw:{a:*}:account", count=1000):
+        found.append(_text(key))
+    listed = 0
+    for start in range(0, len(found), 500):
+        names = found[start : start + 500]
+        statuses = await storage.call_many([("HGET", name, "status") for name in names])
+        deleted = [
+            name.split("{a:", 1)[1].rsplit("}:account", 1)[0]
+            for name, status in zip(names, statuses, strict=True)
+            if status == "deleted"
+        ]
+        if deleted:
+            listed += int(await storage.call("SADD", DELETED_ACCOUNTS, *deleted))
+    return listed
+
+
 class Archiver:
     def __init__(
         self,

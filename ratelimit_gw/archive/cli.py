@@ -31,7 +31,7 @@ from ..settings import (
 )
 from ..settings.archive import shown_url
 from ..storage import Storage, open_storage
-from .archiver import Archiver, ArchiveRunner
+from .archiver import Archiver, ArchiveRunner, list_earlier_deletions
 from .database import ArchiveDatabase, ArchiveUnavailable, check_schema, migrate, open_pool
 from .history import LedgerPage, ledger_page
 from .lag import complete_until_ms, follow_lag
@@ -125,7 +125,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 async def _migrate(args: argparse.Namespace) -> int:
-    _, archive = _settings(args)
+    storage_settings, archive = _settings(args)
     pool = await open_pool(archive.url, max_size=1)
     try:
         applied = await migrate(pool)
@@ -134,6 +134,16 @@ async def _migrate(args: argparse.Namespace) -> int:
     for m in applied:
         print(f"applied {m.version:04d}_{m.name}")
     print(f"{shown_url(archive.url)}: schema up to date")
+    if not storage_settings.url.startswith("memory://"):
+        storage = open_storage(storage_settings)
+        try:
+            listed = await list_earlier_deletions(storage)
+        finally:
+            await storage.close()
+        if listed:
+            print(
+                f"{listed} accounts deleted by an earlier version: their ledgers are archived too"
+            )
     return 0
 
 
