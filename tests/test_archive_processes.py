@@ -6,6 +6,7 @@ holder dies."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -17,13 +18,18 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import openai
 import pytest
 
 from ratelimit_gw.accounts import AccountStore
 from ratelimit_gw.keyspace import ARCHIVE_LEASE, AccountKeys
+from ratelimit_gw.money import parse_usd
 from ratelimit_gw.settings import StorageSettings
 from ratelimit_gw.storage import Storage, open_storage
 
+from .cli_helpers import cli
+from .conftest import Upstream
+from .processes import gateway_processes, mock_gateway_toml, wait_ready
 from .redis_process import free_port
 
 pytestmark = pytest.mark.slow
@@ -178,3 +184,93 @@ async def test_one_of_two_archivers_archives_and_the_other_takes_over_when_it_is
                 process.wait(timeout=20)
         await storage.close()
     assert os.path.exists(log)
+
+
+async def test_a_lost_redis_comes_back_from_what_serve_archived(
+    upstream: Upstream, redis_url: str, archive_url: str, tmp_path: Path
+) -> None:
+    """Two `serve` gateways archive in the background (one holds the lease); Redis is wiped;
+    `archive restore` brings back balances, spend and keys, and the caller's own key works
+    again through the same gateways (official SDK)."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        mock_gateway_toml(upstream.url, redis_url)
+        + f'\n[archive]\nurl = "{archive_url}"\ninterval_s = 0.1\nsnapshot_interval_s = 0.2\n'
+    )
+    storage = open_storage(StorageSettings(url=redis_url))
+    log = tmp_path / "serve.log"
+    try:
+        accounts = AccountStore(storage)
+        await accounts.create_account("acme", balance_nano=parse_usd("5.00"))
+        await accounts.topup("acme", parse_usd("1.25"), "invoice-7")
+        key = (await accounts.create_key("acme", name="ci")).key
+        with gateway_processes(config, 2, log) as urls:
+            await wait_ready(urls, log=log)
+            clients = [
+                openai.AsyncOpenAI(api_key=key, base_url=f"{url}/v1", max_retries=0) for url in urls
+            ]
+            try:
+                for i in range(10):
+                    await ask(clients[i % 2])
+                # Charges settle just after each answer; then the archive holds all 12.
+                rows = await wait_archived(archive_url, 12)
+                assert len(rows) == 12
+                before = await accounts.get_account("acme")
+                assert before.spent_usd != "0.00"
+                await wait_snapshotted(archive_url)
+                await asyncio.sleep(0.3)  # a snapshot taken after the last charge too
+
+                await storage.call("FLUSHALL")  # Redis is lost
+                with pytest.raises(openai.AuthenticationError):
+                    await ask(clients[0])
+                restored = cli("archive", "restore", "--config", str(config), "--json")
+                assert restored.returncode == 0, restored.stderr
+                report = json.loads(restored.stdout)
+                assert (report["accounts"], report["keys"]) == (1, 1)
+
+                after = await accounts.get_account("acme")
+                assert (after.balance_usd, after.spent_usd, after.topped_up_usd) == (
+                    before.balance_usd,
+                    before.spent_usd,
+                    before.topped_up_usd,
+                )
+                # The same key, through both gateways (their key cache forgets a refusal).
+                for client in clients:
+                    await eventually_answered(client)
+                retried = await accounts.topup("acme", parse_usd("1.25"), "invoice-7")
+                assert retried is False  # the idempotency key came back: nothing credited
+            finally:
+                for client in clients:
+                    await client.close()
+    finally:
+        await storage.close()
+
+
+async def ask(client: openai.AsyncOpenAI) -> None:
+    await client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=20,
+    )
+
+
+async def eventually_answered(client: openai.AsyncOpenAI, timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await ask(client)
+            return
+        except openai.AuthenticationError:
+            assert time.monotonic() < deadline, "the restored key never opened the gateway"
+            await asyncio.sleep(0.2)
+
+
+async def wait_snapshotted(archive_url: str, timeout_s: float = 20) -> None:
+    conn = await asyncpg.connect(archive_url)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not await conn.fetchval("SELECT count(*) FROM key_snapshots"):
+            assert time.monotonic() < deadline, "no key was snapshotted"
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
