@@ -506,3 +506,24 @@ async def test_accounts_deleted_before_the_archive_existed_are_listed_by_migrate
     assert await list_earlier_deletions(storage) == 0  # a second run finds nothing new
     await archiver(storage, archive_url).archive_once()
     assert len(await archived(archive_pool, "acme")) == 4  # its ledger, the forfeit included
+
+
+async def test_a_stream_that_came_back_lower_after_a_wipe_is_trimmed_again(
+    storage: Storage, archive_url: str, archive_pool: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    accounts = AccountStore(storage)
+    await some_money(accounts, topups=1)
+    a = archiver(storage, archive_url)  # no retention: trimmed as soon as archived
+    await a.archive_once()
+    assert await ledger(storage, "acme") == []
+
+    await storage.call("FLUSHALL")
+    stream = AccountKeys("acme").ledger
+    for n, entry_id in enumerate(("5-0", "6-0")):  # far below the trimmed-up-to mark
+        entry = {"type": "topup", "idempotency_key": f"low-{n}", "amount_nano": "1"}
+        await storage.call("XADD", stream, entry_id, *sum(entry.items(), ()))
+    await storage.call("SADD", "rlgw:accounts", "acme")
+    monkeypatch.setattr("ratelimit_gw.archive.archiver.EPOCH_CHECK_S", 0.0)  # check every one
+    result = await a.archive_once()
+    assert (result.written, result.trimmed) == (2, 2)
+    assert await ledger(storage, "acme") == []

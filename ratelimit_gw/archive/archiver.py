@@ -142,7 +142,7 @@ class Archiver:
         self.storage = storage
         self.database = database
         self._settings = settings
-        self._metrics = metrics
+        self.metrics = metrics
         self._clock = clock
         self._trimmed_below: dict[str, tuple[int, int]] = {}
         self._cursors: dict[str, tuple[str, str]] | None = None  # as committed; None: re-read
@@ -195,9 +195,9 @@ class Archiver:
             )
         if result.deleted_and_done:
             await self._forget_deleted(result.deleted_and_done)
-        if self._metrics is not None:
-            self._metrics.archive_entries.inc(result.written)
-            self._metrics.archive_trimmed.inc(result.trimmed)
+        if self.metrics is not None:
+            self.metrics.archive_entries.inc(result.written)
+            self.metrics.archive_trimmed.inc(result.trimmed)
         return result
 
     async def _forget_deleted(self, accounts: Sequence[str]) -> None:
@@ -221,8 +221,12 @@ class Archiver:
                 ("GET", stream.epoch_key),
             ]
         replies = await self.storage.call_many(commands)
-        for stream, epoch in zip(streams, replies[1::2], strict=True):
-            self._epochs[stream.name] = _text(epoch)
+        for stream, reply in zip(streams, replies[1::2], strict=True):
+            epoch = _text(reply)
+            if self._epochs.get(stream.name, epoch) != epoch:
+                # A new stream under the old name: its ids may sort below the old trim mark.
+                self._trimmed_below.pop(stream.name, None)
+            self._epochs[stream.name] = epoch
 
     async def _read(
         self, streams: Sequence[Stream], cursors: dict[str, tuple[str, str]]
@@ -344,7 +348,7 @@ class ArchiveRunner:
         self.archiver = archiver
         self.lease = lease
         self._settings = settings
-        self._metrics = archiver._metrics
+        self._metrics = archiver.metrics
         self._stopping = asyncio.Event()
         self._next_snapshot = 0.0  # monotonic: the first pass as leader takes one
 
