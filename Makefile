@@ -99,7 +99,7 @@ pytest: $(STAMP) redis-server postgres prometheus wrk cc
 test: lint typecheck pytest
 
 # The quick local loop: lint, types and the tests not marked slow or ops (pyproject).
-test-fast: lint typecheck redis-server
+test-fast: lint typecheck redis-server postgres
 	$(BIN)/pytest -m "not slow and not ops"
 
 # The benchmark lives beside the package (benchmarks/, not shipped); options after ARGS=.
