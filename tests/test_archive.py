@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -32,10 +33,12 @@ from ratelimit_gw.keyspace import (
 )
 from ratelimit_gw.metrics import create_metrics
 from ratelimit_gw.services import SERVICES
-from ratelimit_gw.settings import ArchiveSettings
-from ratelimit_gw.storage import Storage
+from ratelimit_gw.settings import ArchiveSettings, StorageSettings
+from ratelimit_gw.storage import Storage, open_storage
 
+from .cli_helpers import cli
 from .conftest import Gateway, Upstream, another_client, start_gateway
+from .postgres_process import create_database, drop_database
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -527,3 +530,45 @@ async def test_a_stream_that_came_back_lower_after_a_wipe_is_trimmed_again(
     result = await a.archive_once()
     assert (result.written, result.trimmed) == (2, 2)
     assert await ledger(storage, "acme") == []
+
+
+async def test_migrate_then_status_from_the_command_line(
+    postgres_admin_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    blank = await create_database(postgres_admin_url)
+    try:
+        config = tmp_path / "gateway.toml"
+        config.write_text(f'[storage]\nurl = "{redis_url}"\n\n[archive]\nurl = "{blank}"\n')
+        first = cli("archive", "migrate", "--config", str(config))
+        again = cli("archive", "migrate", "--config", str(config))
+        assert first.returncode == again.returncode == 0, first.stderr + again.stderr
+        assert "applied 0001_ledger_archive" in first.stdout
+        assert "applied" not in again.stdout and "schema up to date" in again.stdout
+        assert "postgres@" in first.stdout and blank.rsplit("/", 1)[1] in first.stdout
+
+        storage = open_storage(StorageSettings(url=redis_url))
+        try:
+            await some_money(AccountStore(storage), topups=1)
+            database = ArchiveDatabase(blank)
+            try:
+                settings = ArchiveSettings(url=blank)
+                await Archiver(storage, database, settings).archive_once()
+            finally:
+                await database.close()
+        finally:
+            await storage.close()
+        shown = cli("archive", "status", "--config", str(config), "--json")
+        assert shown.returncode == 0, shown.stderr
+        status = json.loads(shown.stdout)
+        assert (status["entries"], status["streams"]) == (3, 1)  # acme's three entries
+        assert status["complete_until"] is not None and status["archiver"] is None
+    finally:
+        await drop_database(postgres_admin_url, blank)
+
+
+def test_an_archive_command_without_an_archive_says_so(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('[storage]\nurl = "redis://127.0.0.1:1/0"\n')
+    answer = cli("archive", "status", "--config", str(config))
+    assert answer.returncode == 2
+    assert "no [archive] section" in answer.stderr
