@@ -33,8 +33,9 @@ async def _execute(url: str, statement: str) -> None:
         conn = await asyncpg.connect(url, timeout=10)
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
         raise RuntimeError(
-            f"no PostgreSQL server answers at {url} ({exc}): the archive section needs one "
-            f"(`make bench` installs Debian's postgresql; start it, or set {ADMIN_URL_ENV})"
+            f"no PostgreSQL server answers at {url} ({exc}): the archive needs one (`make "
+            f"bench` and `make test` install Debian's postgresql; start it, or set "
+            f"{ADMIN_URL_ENV})"
         ) from exc
     try:
         await conn.execute(statement)
@@ -42,7 +43,8 @@ async def _execute(url: str, statement: str) -> None:
         await conn.close()
 
 
-async def _migrate(url: str) -> None:
+async def migrate_database(url: str) -> None:
+    """The archive's schema, every migration applied."""
     from ratelimit_gw.archive.database import migrate, open_pool
 
     pool = await open_pool(url)
@@ -52,15 +54,27 @@ async def _migrate(url: str) -> None:
         await pool.close()
 
 
+async def create_database(admin: str, prefix: str = "rlgw_bench") -> str:
+    """A new empty database on the server of ``admin``, named uniquely: its URL."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    await _execute(admin, f'CREATE DATABASE "{name}"')
+    return with_database(admin, name)
+
+
+async def drop_database(admin: str, url: str) -> None:
+    name = url.rsplit("/", 1)[1]
+    await _execute(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @contextmanager
-def archive_database() -> Iterator[str]:
-    """The URL of a new database holding the archive's schema; dropped on the way out."""
-    admin = admin_url()
-    name = f"rlgw_bench_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_execute(admin, f'CREATE DATABASE "{name}"'))
+def archive_database(admin: str | None = None, prefix: str = "rlgw_bench") -> Iterator[str]:
+    """The URL of a new database holding the archive's schema; dropped on the way out.
+    ``admin``: the server to make it on (default: :func:`admin_url`). The tests' databases
+    come from here too (tests/postgres_process.py finds or starts their server)."""
+    admin = admin or admin_url()
+    url = asyncio.run(create_database(admin, prefix))
     try:
-        url = with_database(admin, name)
-        asyncio.run(_migrate(url))
+        asyncio.run(migrate_database(url))
         yield url
     finally:
-        asyncio.run(_execute(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(drop_database(admin, url))

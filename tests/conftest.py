@@ -39,7 +39,8 @@ from ratelimit_gw.testing.mock_upstream import (
     start_mock_upstream,
 )
 
-from .postgres_process import database, postgres_server
+from .postgres_process import archive_database as migrated_database
+from .postgres_process import postgres_server
 from .redis_process import RedisProcess, start_redis
 
 BACKENDS = ["memory", "redis"]
@@ -96,17 +97,7 @@ def postgres_admin_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def archive_database(postgres_admin_url: str) -> Iterator[str]:
     """This test run's own archive database, migrated; dropped at the end."""
-    from ratelimit_gw.archive.database import migrate, open_pool
-
-    async def migrated(url: str) -> None:
-        pool = await open_pool(url)
-        try:
-            await migrate(pool)
-        finally:
-            await pool.close()
-
-    with database(postgres_admin_url) as url:
-        asyncio.run(migrated(url))
+    with migrated_database(postgres_admin_url, prefix="rlgw_test") as url:
         yield url
 
 

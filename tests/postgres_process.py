@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,15 +22,15 @@ from pathlib import Path
 
 import asyncpg
 
+# Making, migrating and dropping a database is the benchmark's own (shared, not copied).
+from benchmarks.local_postgres import archive_database, create_database, drop_database
 from benchmarks.local_redis import free_port
+
+__all__ = ["archive_database", "create_database", "drop_database", "postgres_server"]
 
 ADMIN_URL = os.environ.get(
     "RLGW_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-
-
-def _with_database(url: str, name: str) -> str:
-    return url.rsplit("/", 1)[0] + "/" + name
 
 
 async def _answers(url: str) -> bool:
@@ -135,32 +134,3 @@ def postgres_server() -> Iterator[str]:
         yield private.url
     finally:
         private.stop()
-
-
-async def create_database(admin_url: str, prefix: str = "rlgw_test") -> str:
-    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return _with_database(admin_url, name)
-
-
-async def drop_database(admin_url: str, url: str) -> None:
-    name = url.rsplit("/", 1)[1]
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
-@contextmanager
-def database(admin_url: str, prefix: str = "rlgw_test") -> Iterator[str]:
-    """A new empty database for the duration of the block, dropped after it."""
-    url = asyncio.run(create_database(admin_url, prefix))
-    try:
-        yield url
-    finally:
-        asyncio.run(drop_database(admin_url, url))

@@ -535,7 +535,7 @@ async def test_a_stream_that_came_back_lower_after_a_wipe_is_trimmed_again(
 async def test_migrate_then_status_from_the_command_line(
     postgres_admin_url: str, redis_url: str, tmp_path: Path
 ) -> None:
-    blank = await create_database(postgres_admin_url)
+    blank = await create_database(postgres_admin_url, "rlgw_test")
     try:
         config = tmp_path / "gateway.toml"
         config.write_text(f'[storage]\nurl = "{redis_url}"\n\n[archive]\nurl = "{blank}"\n')

@@ -299,7 +299,7 @@ async def test_without_an_archive_the_report_is_404_and_with_postgres_down_503(
 async def test_a_schema_not_migrated_is_503(
     upstream: Upstream, storage: Storage, http: aiohttp.ClientSession, postgres_admin_url: str
 ) -> None:
-    blank = await create_database(postgres_admin_url)
+    blank = await create_database(postgres_admin_url, "rlgw_test")
     try:
         runner, gw = await start_gateway(
             upstream,
